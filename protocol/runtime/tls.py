@@ -1,0 +1,308 @@
+"""Mutual TLS 1.3 contexts, peer identities and operator-readable handshake failures.
+
+Both daemons build their `ssl.SSLContext` here so the two ends cannot drift apart. The rules
+(reliability-anchors §3.1):
+
+- TLS 1.3 only, on both ends; the private CA is the only trust anchor (no system store).
+- The server sets `CERT_REQUIRED` explicitly: for `PROTOCOL_TLS_SERVER` the default is
+  `CERT_NONE`, which does not even ask for a client certificate (bpo-31346).
+- No session tickets: a resumed TLS 1.3 handshake reuses the original authentication
+  (RFC 8446 §2.2), so a revoked client could come back in without a CRL check.
+- A CRL, when configured, is checked for the leaf. A missing, unparsable or stale CRL is a
+  setup error: OpenSSL would reject *every* client with it anyway, and an operator should
+  hear why at startup rather than from a flood of handshake failures (fail closed, loudly).
+- `VERIFY_X509_STRICT` is on whatever the Python version (3.13 turns it on by default), so a
+  certificate that works here keeps working after an upgrade.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ssl
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Protocol
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import NameOID
+
+from protocol.errors import TlsSetupError
+
+__all__ = [
+    "PeerIdentity",
+    "client_context",
+    "crl_problem",
+    "describe_handshake_error",
+    "peer_identity",
+    "peer_identity_from_der",
+    "server_context",
+]
+
+
+# --- contexts ---------------------------------------------------------------------------------
+
+
+def server_context(*, ca: Path, cert: Path, key: Path, crl: Path | None = None) -> ssl.SSLContext:
+    """The server's context: TLS 1.3 only, client certificate required, no tickets, optional CRL."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    _tls13_only(ctx)
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    # RFC 8446 §2.2: resumption skips client authentication, and so the CRL check.
+    ctx.options |= ssl.OP_NO_TICKET
+    ctx.num_tickets = 0
+    _load_ca(ctx, ca)
+    _load_own_cert(ctx, cert, key)
+    if crl is not None:
+        problem = crl_problem(crl, datetime.now(UTC), ca=ca)
+        if problem is not None:
+            raise TlsSetupError(f"{problem}; refusing to start without a usable crl (fail closed)")
+        try:
+            # cadata= does not accept CRLs (cpython #149679): it has to be a file.
+            ctx.load_verify_locations(cafile=str(crl))
+        except (OSError, ssl.SSLError) as exc:
+            raise TlsSetupError(f"crl {crl}: openssl could not load it: {exc}") from exc
+        ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+    return ctx
+
+
+def client_context(*, ca: Path, cert: Path, key: Path) -> ssl.SSLContext:
+    """The client's context: TLS 1.3 only, server hostname checked against the private CA only."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    _tls13_only(ctx)
+    ctx.check_hostname = True
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    _load_ca(ctx, ca)
+    _load_own_cert(ctx, cert, key)
+    return ctx
+
+
+def _tls13_only(ctx: ssl.SSLContext) -> None:
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_3
+    ctx.verify_flags |= ssl.VERIFY_X509_STRICT
+
+
+def _load_ca(ctx: ssl.SSLContext, ca: Path) -> None:
+    if not ca.is_file():
+        raise TlsSetupError(f"ca file {ca} not found; point tls.ca at the bridge's private ca certificate")
+    try:
+        x509.load_pem_x509_certificates(ca.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise TlsSetupError(f"ca file {ca} is not a pem certificate ({exc}); use the ca's .pem file") from exc
+    try:
+        # Only this file: never load_default_certs(), the CA must issue only bridge certificates.
+        ctx.load_verify_locations(cafile=str(ca))
+    except (OSError, ssl.SSLError) as exc:
+        raise TlsSetupError(f"ca file {ca}: openssl could not load it: {exc}") from exc
+
+
+def _load_own_cert(ctx: ssl.SSLContext, cert: Path, key: Path) -> None:
+    """Parse both files first so the error names the file at fault, then hand them to OpenSSL."""
+    for what, path in (("certificate", cert), ("key", key)):
+        if not path.is_file():
+            raise TlsSetupError(
+                f"{what} file {path} not found; create it or fix tls.{what[:4]} in the config"
+            )
+    try:
+        x509.load_pem_x509_certificates(cert.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise TlsSetupError(f"certificate file {cert} is not a pem certificate ({exc})") from exc
+    try:
+        serialization.load_pem_private_key(key.read_bytes(), password=None)
+    except TypeError as exc:
+        raise TlsSetupError(
+            f"key file {key} is encrypted; the daemon needs an unencrypted key readable only by its user"
+        ) from exc
+    except (OSError, ValueError) as exc:
+        raise TlsSetupError(f"key file {key} is not a pem private key ({exc})") from exc
+    try:
+        ctx.load_cert_chain(certfile=str(cert), keyfile=str(key))
+    except (OSError, ssl.SSLError) as exc:
+        raise TlsSetupError(
+            f"certificate {cert} and key {key} could not be loaded together ({exc}); "
+            "check that the key belongs to the certificate"
+        ) from exc
+
+
+# --- CRL --------------------------------------------------------------------------------------
+
+
+def crl_problem(crl_path: Path, now: datetime, *, ca: Path | None = None) -> str | None:
+    """Why this CRL would make OpenSSL reject every client, or None when it is usable.
+
+    The server calls this at startup and periodically, to warn before `next_update` passes.
+    With `ca`, the CRL's signature is checked too: a CRL from another CA matches no client.
+    """
+    try:
+        raw = crl_path.read_bytes()
+    except FileNotFoundError:
+        return f"crl {crl_path} not found"
+    except OSError as exc:
+        return f"crl {crl_path} could not be read: {exc.strerror or exc}"
+    try:
+        crl = x509.load_pem_x509_crl(raw)
+    except ValueError as exc:
+        return f"crl {crl_path} is not a pem crl: {exc}"
+    last_update = crl.last_update_utc
+    next_update = crl.next_update_utc
+    if last_update > now:
+        return f"crl {crl_path} is not yet valid: last update {last_update.isoformat()} is in the future"
+    if next_update is not None and next_update < now:
+        return f"crl {crl_path} is stale: next update was due {next_update.isoformat()}; publish a fresh crl"
+    if ca is not None:
+        return _crl_signature_problem(crl, crl_path, ca)
+    return None
+
+
+def _crl_signature_problem(crl: x509.CertificateRevocationList, crl_path: Path, ca: Path) -> str | None:
+    try:
+        ca_certs = x509.load_pem_x509_certificates(ca.read_bytes())
+    except (OSError, ValueError) as exc:
+        return f"ca file {ca} could not be read to check the crl: {exc}"
+    for ca_cert in ca_certs:
+        try:
+            if crl.issuer == ca_cert.subject and crl.is_signature_valid(ca_cert.public_key()):  # type: ignore[arg-type]
+                return None
+        except TypeError:  # a key type that cannot sign CRLs
+            continue
+    return f"crl {crl_path} is not signed by the ca in {ca}"
+
+
+# --- peer identity ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PeerIdentity:
+    """Who is on the other end, as the certificate says. Log `fingerprint_sha256` and `names`."""
+
+    name: str  # CN if present, else the first SAN DNS name
+    names: tuple[str, ...]  # CN, then every SAN DNS name and URI (for allow-lists)
+    fingerprint_sha256: str  # lowercase hex of SHA-256 over the whole DER certificate
+    not_after: datetime  # aware, UTC
+
+
+class _HasPeerCert(Protocol):
+    def getpeercert(self, binary_form: bool = ...) -> object: ...
+
+
+def peer_identity(ssl_object: _HasPeerCert) -> PeerIdentity:
+    """The identity of a handshaken peer (`ssl.SSLObject` or a `trio.SSLStream`)."""
+    der = ssl_object.getpeercert(binary_form=True)
+    if not isinstance(der, bytes) or not der:
+        raise TlsSetupError("peer presented no certificate; is the context built with CERT_REQUIRED?")
+    return peer_identity_from_der(der)
+
+
+def peer_identity_from_der(der: bytes) -> PeerIdentity:
+    cert = x509.load_der_x509_certificate(der)
+    names: list[str] = []
+    for attr in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME):
+        value = attr.value if isinstance(attr.value, str) else attr.value.decode("utf-8", "replace")
+        names.append(value)
+    has_cn = bool(names)
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        san = None
+    dns_names = san.get_values_for_type(x509.DNSName) if san is not None else []
+    uris = san.get_values_for_type(x509.UniformResourceIdentifier) if san is not None else []
+    names.extend(dns_names)
+    names.extend(uris)
+    if has_cn:
+        name = names[0]
+    elif dns_names:
+        name = dns_names[0]
+    elif uris:
+        name = uris[0]
+    else:
+        name = ""
+    return PeerIdentity(
+        name=name,
+        names=tuple(dict.fromkeys(names)),  # de-duplicated, order kept
+        fingerprint_sha256=hashlib.sha256(der).hexdigest(),
+        not_after=cert.not_valid_after_utc,
+    )
+
+
+# --- handshake failures -----------------------------------------------------------------------
+
+NOT_OUR_CA = "certificate unknown / not signed by our CA"
+EXPIRED = "certificate expired"
+REVOKED = "certificate revoked"
+NO_CLIENT_CERT = "no client certificate"
+PROTOCOL_VERSION = "protocol version (peer does not speak TLS 1.3)"
+HOSTNAME_MISMATCH = "hostname mismatch"
+
+# OpenSSL X509_V_ERR_* codes (x509_vfy.h) seen when *we* verify the peer.
+_VERIFY_CODES: dict[int, str] = {
+    2: NOT_OUR_CA,  # UNABLE_TO_GET_ISSUER_CERT
+    3: "no crl for the peer's ca (check the crl file)",  # UNABLE_TO_GET_CRL
+    7: NOT_OUR_CA,  # CERT_SIGNATURE_FAILURE
+    9: "certificate not yet valid (check clocks)",  # CERT_NOT_YET_VALID
+    10: EXPIRED,  # CERT_HAS_EXPIRED
+    11: "crl not yet valid (check clocks)",  # CRL_NOT_YET_VALID
+    12: "crl expired (publish a fresh crl)",  # CRL_HAS_EXPIRED
+    18: NOT_OUR_CA,  # DEPTH_ZERO_SELF_SIGNED_CERT
+    19: NOT_OUR_CA,  # SELF_SIGNED_CERT_IN_CHAIN
+    20: NOT_OUR_CA,  # UNABLE_TO_GET_ISSUER_CERT_LOCALLY
+    21: NOT_OUR_CA,  # UNABLE_TO_VERIFY_LEAF_SIGNATURE
+    23: REVOKED,  # CERT_REVOKED
+    26: "certificate not valid for this purpose (extended key usage)",  # INVALID_PURPOSE
+    62: HOSTNAME_MISMATCH,  # HOSTNAME_MISMATCH
+    64: HOSTNAME_MISMATCH,  # IP_ADDRESS_MISMATCH
+}
+
+# OpenSSL reason codes (ssl_err.h names, as Python puts them in SSLError.reason).
+_REASONS: dict[str, str] = {
+    "PEER_DID_NOT_RETURN_A_CERTIFICATE": NO_CLIENT_CERT,
+    "TLSV13_ALERT_CERTIFICATE_REQUIRED": NO_CLIENT_CERT,
+    "UNSUPPORTED_PROTOCOL": PROTOCOL_VERSION,
+    "NO_PROTOCOLS_AVAILABLE": PROTOCOL_VERSION,
+    "TLSV1_ALERT_PROTOCOL_VERSION": PROTOCOL_VERSION,
+    "WRONG_SSL_VERSION": PROTOCOL_VERSION,
+    "TLSV1_ALERT_UNKNOWN_CA": NOT_OUR_CA,
+    "SSLV3_ALERT_BAD_CERTIFICATE": NOT_OUR_CA,
+    "SSLV3_ALERT_CERTIFICATE_UNKNOWN": NOT_OUR_CA,
+    "SSLV3_ALERT_CERTIFICATE_EXPIRED": EXPIRED,
+    "SSLV3_ALERT_CERTIFICATE_REVOKED": REVOKED,
+    "WRONG_VERSION_NUMBER": "not tls (is the peer speaking plain tcp?)",
+    "HTTP_REQUEST": "not tls (the peer sent http)",
+}
+
+
+def describe_handshake_error(exc: BaseException) -> str:
+    """A short reason an operator can act on, for log lines and refusal reasons.
+
+    Accepts the `ssl.SSLError` itself or anything chaining to one (trio raises
+    `BrokenResourceError` from the `SSLError`). Alerts *received* from the peer mean the peer
+    refused us, and say so.
+    """
+    err = _find_ssl_error(exc)
+    if err is None:
+        return "connection closed during the tls handshake"
+    if isinstance(err, ssl.SSLCertVerificationError):
+        code = err.verify_code
+        known = _VERIFY_CODES.get(code)
+        return known if known is not None else f"certificate verify failed: {err.verify_message}"
+    if isinstance(err, ssl.SSLEOFError | ssl.SSLZeroReturnError):
+        return "connection closed during the tls handshake"
+    reason = err.reason or ""
+    known = _REASONS.get(reason)
+    if known is None:
+        return f"tls handshake failed: {reason.lower() or err}"
+    if "ALERT" in reason and known != PROTOCOL_VERSION:
+        return f"peer refused our certificate: {known}"
+    return known
+
+
+def _find_ssl_error(exc: BaseException) -> ssl.SSLError | None:
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, ssl.SSLError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
