@@ -1,0 +1,159 @@
+"""Bridge framing: the 6-byte header, the per-type limits and the frame decoder (docs/protocol.md §2).
+
+Theory of operation: a frame is `type:u8 flags:u8 length:u32be` and `length` payload bytes.
+`FrameDecoder` checks the type, the flags and the length against that type's named maximum as
+soon as the 6 header bytes are in, before any payload byte is kept, so a peer cannot make us
+hold more than one maximal frame. Message encoding/decoding is `protocol/wire.py`, which
+re-exports everything public here.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Final
+
+from protocol._sentinel import NEED_DATA, NeedData
+from protocol.errors import CloseCode, LocalProtocolError, MalformedFrameError
+
+HEADER_LEN: Final = 6
+MAX_CONTROL_PAYLOAD: Final = 16384
+"""Largest JSON payload: generous for the biggest message (admin result), small enough to hold."""
+CCID_PREFIX_LEN: Final = 6
+MIN_CCID_MESSAGE: Final = 10
+"""CCID Rev 1.1 §6.1: every bulk message starts with a 10-byte header."""
+MIN_INTERRUPT_MESSAGE: Final = 2
+"""CCID Rev 1.1 §6.3: interrupt-IN messages (NotifySlotChange 0x50, HardwareError 0x51) are short."""
+MAX_CCID_MESSAGE: Final = 10 + 65546
+"""CCID header + libccid's largest abData (an extended APDU with 64 KiB data and Le)."""
+MAX_CCID_PAYLOAD: Final = CCID_PREFIX_LEN + MAX_CCID_MESSAGE
+
+HEADER: Final = struct.Struct(">BBI")
+
+
+class FrameType(IntEnum):
+    """Frame type byte (docs/protocol.md §3)."""
+
+    WELCOME = 0x01
+    REFUSED = 0x02
+    CLIENT_HELLO = 0x03
+    TOKEN_STATUS = 0x10
+    LEASE_REQUEST = 0x20
+    LEASE_QUEUED = 0x21
+    LEASE_GRANTED = 0x22
+    LEASE_RELEASE = 0x23
+    LEASE_ENDED = 0x24
+    CCID = 0x30
+    PING = 0x40
+    PONG = 0x41
+    ERROR = 0x50
+    ADMIN_REQUEST = 0x60
+    ADMIN_RESPONSE = 0x61
+    GOODBYE = 0x7F
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionClosed:
+    """Event: the peer closed its end (EOF after a whole number of frames)."""
+
+
+def max_payload(frame_type: FrameType, *, max_control: int, max_ccid: int) -> int:
+    """The largest payload allowed for `frame_type` under the given limits."""
+    return max_ccid if frame_type is FrameType.CCID else max_control
+
+
+def frame_header(frame_type: FrameType, length: int) -> bytes:
+    """The 6 header bytes of a frame (flags are always 0: reserved)."""
+    return HEADER.pack(frame_type, 0, length)
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """One undecoded frame: its type and raw payload."""
+
+    frame_type: FrameType
+    payload: bytes
+
+
+class FrameDecoder:
+    """Split a byte stream into frames, checking each header before buffering its payload.
+
+    Feed bytes with `receive_data` (`b""` = EOF) and pull with `next_frame` until it returns
+    `NEED_DATA`. `receive_data` must only be called once `next_frame` has returned
+    `NEED_DATA` (or raised), so at most one incomplete frame plus the chunk being fed is held.
+    """
+
+    def __init__(
+        self, *, max_control_payload: int = MAX_CONTROL_PAYLOAD, max_ccid_payload: int = MAX_CCID_PAYLOAD
+    ):
+        if max_control_payload < 2 or max_ccid_payload < CCID_PREFIX_LEN + MIN_CCID_MESSAGE:
+            raise ValueError(f"limits too small: {max_control_payload=}, {max_ccid_payload=}")
+        self._max_control = max_control_payload
+        self._max_ccid = max_ccid_payload
+        self._buf = bytearray()
+        self._eof = False
+
+    @property
+    def buffered(self) -> int:
+        """How many received bytes are not yet returned as frames."""
+        return len(self._buf)
+
+    def receive_data(self, data: bytes) -> None:
+        """Add received bytes; `b""` means the peer closed its end.
+
+        Raises:
+            LocalProtocolError: data after EOF, or a whole frame (or a bad header) is still
+                waiting to be pulled with `next_frame`.
+        """
+        if self._eof:
+            raise LocalProtocolError(f"received {len(data)} bytes after eof")
+        if not data:
+            self._eof = True
+            return
+        try:
+            pending = self._frame_end() is not None
+        except MalformedFrameError:
+            pending = True  # a bad header is waiting to be reported by next_frame()
+        if pending:
+            raise LocalProtocolError("call next_frame() until NEED_DATA before receive_data()")
+        self._buf += data
+
+    def next_frame(self) -> Frame | ConnectionClosed | NeedData:
+        """Return the next whole frame, `ConnectionClosed` at a clean EOF, or `NEED_DATA`.
+
+        Raises:
+            MalformedFrameError: unknown type, nonzero flags, a length above the type's
+                maximum (close code FRAME_TOO_LARGE), or EOF in the middle of a frame.
+        """
+        end = self._frame_end()
+        if end is None:
+            if not self._eof:
+                return NEED_DATA
+            if self._buf:
+                raise MalformedFrameError(f"eof in the middle of a frame ({len(self._buf)} bytes buffered)")
+            return ConnectionClosed()
+        frame = Frame(FrameType(self._buf[0]), bytes(self._buf[HEADER_LEN:end]))
+        del self._buf[:end]
+        return frame
+
+    def _frame_end(self) -> int | None:
+        """End offset of the first buffered frame if it is whole, else None; checks the header."""
+        if len(self._buf) < HEADER_LEN:
+            return None
+        raw_type, flags, length = HEADER.unpack_from(self._buf)
+        if raw_type not in _FRAME_TYPES:
+            raise MalformedFrameError(f"unknown frame type 0x{raw_type:02x}")
+        if flags != 0:
+            raise MalformedFrameError(f"reserved flags must be 0, got 0x{flags:02x}")
+        limit = max_payload(FrameType(raw_type), max_control=self._max_control, max_ccid=self._max_ccid)
+        if length > limit:
+            name = FrameType(raw_type).name.lower()
+            raise MalformedFrameError(
+                f"{name} frame length {length} exceeds {limit}", CloseCode.FRAME_TOO_LARGE
+            )
+        end = HEADER_LEN + length
+        return end if len(self._buf) >= end else None
+
+
+_FRAME_TYPES: Final = frozenset(int(t) for t in FrameType)
