@@ -1,0 +1,87 @@
+"""Shared fixtures for tests that drive the real PC/SC stack (pcscd + vpcd + OpenSC).
+
+pcscd is one per machine (socket under /run/pcscd) and other test sessions may be using it, so:
+we start pcscd only when it is not running (and then stop only the one we started), we claim a
+vpcd slot with an advisory file lock *and* check that its reader shows no card, and we never
+kill processes we did not start. Helpers (wait_for, run, simulator_direct) live in e2e_stack.py.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from e2e_stack import (
+    LOCK_DIR,
+    VPCD_BASE_PORT,
+    VPCD_SLOTS,
+    SimulatorProcess,
+    VpcdSlot,
+    _pcscd_running,
+    card_present,
+    card_states,
+    reader_name,
+    simulator_direct,
+    wait_for,
+)
+
+
+@pytest.fixture(scope="session")
+def pcscd() -> Iterator[None]:
+    """Make sure pcscd runs with the vpcd readers; start (and later stop) it only if it was not running."""
+    for tool in ("pcscd", "opensc-tool", "pkcs11-tool"):
+        if shutil.which(tool) is None:
+            pytest.fail(f"{tool} is not installed; .ci/run installs pcscd, vsmartcard-vpcd and opensc")
+    started: subprocess.Popen[bytes] | None = None
+    if not _pcscd_running():
+        started = subprocess.Popen(
+            ["pcscd", "--foreground"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+    try:
+        wait_for(lambda: reader_name(0) in card_states(), timeout=20, what="pcscd to list the vpcd readers")
+        yield
+    finally:
+        if started is not None:
+            started.terminate()
+            try:
+                started.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                started.kill()
+                started.wait()
+
+
+@pytest.fixture
+def vpcd_slot(pcscd: None) -> Iterator[VpcdSlot]:
+    """A vpcd slot nobody else uses: locked against our other sessions and showing no card."""
+    deadline = time.monotonic() + 120
+    while True:
+        for index in VPCD_SLOTS:
+            lock = open(LOCK_DIR / f"tokenbridge-vpcd-slot-{index}.lock", "w")  # noqa: SIM115
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                lock.close()
+                continue
+            if card_present(index):  # someone outside our lock protocol holds it
+                lock.close()
+                continue
+            try:
+                yield VpcdSlot(index, VPCD_BASE_PORT + index, reader_name(index))
+            finally:
+                lock.close()
+            return
+        if time.monotonic() > deadline:
+            pytest.fail("no free vpcd slot (both readers show a card) after 120 s")
+        time.sleep(0.5)
+
+
+@pytest.fixture
+def direct_card(vpcd_slot: VpcdSlot, tmp_path: Path) -> Iterator[SimulatorProcess]:
+    """The default simulated token (safenet-5110) inserted straight into a free vpcd slot."""
+    with simulator_direct(vpcd_slot, tmp_path) as sim:
+        yield sim
