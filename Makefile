@@ -1,0 +1,42 @@
+# tokenbridge — the two commands a new user needs are `make demo` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.tokenbridge-installed
+PYTEST_ARGS ?=
+
+.PHONY: help deps system-deps test lint demo bench clean
+
+help:
+	@echo "make demo   - run the whole chain on a simulated token and sign a script"
+	@echo "make test   - set up and run the full test suite (unit, integration, real PC/SC stack)"
+	@echo "make lint   - ruff and mypy --strict on protocol/"
+	@echo "make bench  - measure latency/throughput against the budget (docs/performance.md)"
+
+system-deps:
+	@bash .ci/system-deps.sh
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -m pip install -q --upgrade pip
+	@$(PY) -m pip install -q -e '.[test]'
+	@touch $(STAMP)
+
+deps: system-deps $(STAMP)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check protocol bridge_server bridge_client tests bench
+	$(VENV)/bin/ruff format --check protocol bridge_server bridge_client tests bench
+	$(VENV)/bin/mypy
+
+test: deps lint
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: deps
+	$(VENV)/bin/tokenbridge demo
+
+bench: deps
+	$(PY) -m bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,85 @@
+"""tokenbridge-client's root: the tunnel, one vpcd link per reader, signals, readiness."""
+
+from __future__ import annotations
+
+import signal
+from dataclasses import dataclass, field
+
+import structlog
+import trio
+
+from bridge_client.backoff import Backoff
+from bridge_client.config import ClientConfig
+from bridge_client.tunnel import Tunnel
+from bridge_client.vpcd_link import VpcdLink
+from protocol.runtime.sdnotify import SystemdNotifier, run_watchdog
+from protocol.runtime.tls import client_context
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass
+class ClientApp:
+    """Everything one tokenbridge-client process runs; tests drive it in-process."""
+
+    config: ClientConfig
+    notifier: SystemdNotifier = field(default_factory=SystemdNotifier)
+
+    def __post_init__(self) -> None:
+        cfg = self.config
+        ctx = client_context(ca=cfg.tls.ca, cert=cfg.tls.cert, key=cfg.tls.key)
+        self.tunnel = Tunnel(
+            host=cfg.server_host,
+            port=cfg.server_port,
+            server_name=cfg.server_name,
+            ssl_context=ctx,
+            token_names=[r.token for r in cfg.readers],
+            backoff=Backoff(initial_s=cfg.reconnect_initial_s, max_s=cfg.reconnect_max_s),
+            connect_timeout_s=cfg.connect_timeout_s,
+        )
+        self.links = [
+            VpcdLink(self.tunnel, r.token, host=r.vpcd_host, port=r.vpcd_port, queue_timeout_s=cfg.queue_timeout_s)
+            for r in cfg.readers
+        ]
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.tunnel.run)
+            for link in self.links:
+                await nursery.start(link.run)
+            if self.config.status_socket is not None:
+                from bridge_client.status import serve_status
+
+                await nursery.start(serve_status, self, self.config.status_socket)
+            nursery.start_soon(run_watchdog, self.notifier)
+            nursery.start_soon(self._report_status)
+            self.notifier.notify(READY="1", STATUS=f"serving {len(self.links)} reader(s)")
+            log.info(
+                "client.started",
+                server=f"{self.config.server_host}:{self.config.server_port}",
+                readers=[f"{r.token}@{r.vpcd_host}:{r.vpcd_port}" for r in self.config.readers],
+            )
+            task_status.started()
+
+    async def _report_status(self) -> None:
+        last = ""
+        while True:
+            st = self.tunnel.status
+            text = f"tunnel {st.state}" + (f": {st.reason}" if st.reason else "")
+            if text != last:
+                self.notifier.notify(STATUS=text[:200])
+                last = text
+            await self.tunnel.wait_changed()
+
+
+async def main_async(config: ClientConfig) -> None:
+    app = ClientApp(config)
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(app.run)
+            async for signum in signals:
+                log.info("client.stopping", signal=signal.Signals(signum).name)
+                app.notifier.notify(STOPPING="1")
+                nursery.cancel_scope.cancel()
+                break
+    log.info("client.stopped")

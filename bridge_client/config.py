@@ -1,0 +1,154 @@
+"""/etc/tokenbridge/client.yaml, validated (pure: `parse_client_config(mapping, path)`).
+
+```yaml
+server: "tokenhost.example:7447"
+server_name: tokenhost.example        # optional: the name in the server certificate (default: host)
+tls: {ca: pki/ca.pem, cert: pki/build-vm-01.pem, key: pki/build-vm-01.key}
+readers:
+  - token: codesign
+    vpcd: {connect: "127.0.0.1:35963"}  # vpcd slot n listens on 35963+n
+lease: {queue_timeout_s: 900}
+reconnect: {initial_s: 0.5, max_s: 30}
+status: {socket: /run/tokenbridge/client.sock}
+```
+Relative paths resolve against the config file's folder. Durations are seconds.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from protocol.errors import ConfigError
+from protocol.runtime.config import (
+    load_yaml,
+    optional_float,
+    optional_mapping,
+    optional_str,
+    parse_hostport,
+    reject_unknown,
+    require_mapping,
+    require_str,
+    resolve_path,
+)
+
+DEFAULT_PORT = 7447
+VPCD_BASE_PORT = 35963
+DEFAULT_CONFIG = Path("/etc/tokenbridge/client.yaml")
+DEFAULT_STATUS_SOCKET = Path("/run/tokenbridge/client.sock")
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    ca: Path
+    cert: Path
+    key: Path
+
+
+@dataclass(frozen=True)
+class ReaderConfig:
+    token: str
+    vpcd_host: str
+    vpcd_port: int
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    path: Path
+    server_host: str
+    server_port: int
+    server_name: str
+    tls: TlsFiles
+    readers: tuple[ReaderConfig, ...]
+    queue_timeout_s: float = 900.0
+    reconnect_initial_s: float = 0.5
+    reconnect_max_s: float = 30.0
+    connect_timeout_s: float = 10.0
+    status_socket: Path | None = None
+
+
+def load_client_config(path: Path) -> ClientConfig:
+    return parse_client_config(load_yaml(path), path)
+
+
+def parse_client_config(raw: dict[str, Any], path: Path) -> ClientConfig:
+    reject_unknown(raw, ["server", "server_name", "tls", "readers", "lease", "reconnect", "status"], path)
+    server = require_str(raw, "server", path)
+    try:
+        host, port = parse_hostport(server, DEFAULT_PORT)
+    except ValueError as exc:
+        raise ConfigError(str(path), "server", str(exc)) from None
+    tls_raw = require_mapping(raw, "tls", path)
+    reject_unknown(tls_raw, ["ca", "cert", "key"], path, "tls")
+    tls = TlsFiles(
+        *(resolve_path(require_str(tls_raw, k, path, prefix="tls"), path) for k in ("ca", "cert", "key"))
+    )
+    lease = optional_mapping(raw, "lease", path) or {}
+    reject_unknown(lease, ["queue_timeout_s"], path, "lease")
+    reconnect = optional_mapping(raw, "reconnect", path) or {}
+    reject_unknown(reconnect, ["initial_s", "max_s", "connect_timeout_s"], path, "reconnect")
+    status = optional_mapping(raw, "status", path) or {}
+    reject_unknown(status, ["socket"], path, "status")
+    status_socket = optional_str(status, "socket", path, prefix="status")
+    initial = optional_float(reconnect, "initial_s", path, 0.5, prefix="reconnect", minimum=0.01)
+    maximum = optional_float(reconnect, "max_s", path, 30.0, prefix="reconnect", minimum=0.01)
+    assert initial is not None and maximum is not None
+    if maximum < initial:
+        raise ConfigError(str(path), "reconnect.max_s", f"must be at least reconnect.initial_s ({initial})")
+    return ClientConfig(
+        path=path,
+        server_host=host,
+        server_port=port,
+        server_name=optional_str(raw, "server_name", path) or host,
+        tls=tls,
+        readers=_parse_readers(raw, path),
+        queue_timeout_s=optional_float(lease, "queue_timeout_s", path, 900.0, prefix="lease") or 900.0,
+        reconnect_initial_s=initial,
+        reconnect_max_s=maximum,
+        connect_timeout_s=optional_float(reconnect, "connect_timeout_s", path, 10.0, prefix="reconnect",
+                                         minimum=0.1) or 10.0,
+        status_socket=resolve_path(status_socket, path) if status_socket else None,
+    )
+
+
+def _parse_readers(raw: dict[str, Any], path: Path) -> tuple[ReaderConfig, ...]:
+    items = raw.get("readers")
+    if not isinstance(items, list) or not items:
+        raise ConfigError(str(path), "readers", "must be a non-empty list of {token: NAME, vpcd: {connect: HOST:PORT}}")
+    readers: list[ReaderConfig] = []
+    for index, item in enumerate(items):
+        prefix = f"readers[{index}]"
+        if not isinstance(item, dict):
+            raise ConfigError(str(path), prefix, "must be a mapping with keys token and vpcd")
+        reject_unknown(item, ["token", "vpcd"], path, prefix)
+        token = require_str(item, "token", path, prefix=prefix)
+        vpcd = optional_mapping(item, "vpcd", path, prefix=prefix) or {}
+        reject_unknown(vpcd, ["connect"], path, f"{prefix}.vpcd")
+        text = optional_str(vpcd, "connect", path, prefix=f"{prefix}.vpcd") or f"127.0.0.1:{VPCD_BASE_PORT + index}"
+        try:
+            host, port = parse_hostport(text, VPCD_BASE_PORT + index)
+        except ValueError as exc:
+            raise ConfigError(str(path), f"{prefix}.vpcd.connect", str(exc)) from None
+        if not _is_loopback(host):
+            raise ConfigError(
+                str(path),
+                f"{prefix}.vpcd.connect",
+                f"{host} is not a loopback address: vpcd sees every APDU (PINs included) and must stay on "
+                "this host; use 127.0.0.1",
+            )
+        readers.append(ReaderConfig(token=token, vpcd_host=host, vpcd_port=port))
+    ports = [(r.vpcd_host, r.vpcd_port) for r in readers]
+    if len(set(ports)) != len(ports):
+        raise ConfigError(str(path), "readers", "two readers use the same vpcd slot; give each its own port")
+    return tuple(readers)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

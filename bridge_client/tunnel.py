@@ -1,0 +1,431 @@
+"""The client's tunnel to tokenbridge-server.
+
+Theory of operation
+-------------------
+`Tunnel.run` keeps one TLS 1.3 connection to the server for the life of the daemon. Each
+attempt: TCP connect, TLS handshake (our client certificate; the server's certificate and
+name are verified against the deployment CA before any frame is read), then the server's
+first frame says Welcome or Refused. After Welcome we send ClientHello and the connection is
+open. A failed attempt is logged with its reason in operator words and retried forever after
+a capped, jittered exponential backoff.
+
+While open, one receive loop owns the connection: it updates the token table from
+TokenStatus frames and completes the one pending operation a reader may have per token (a
+lease request, or one CCID exchange: vpcd is synchronous per slot, so there is never more
+than one). A heartbeat task sends Ping every interval the server gave us and drops the
+connection when nothing at all was heard for three intervals.
+
+When the connection ends, every pending operation fails with TunnelDown, every lease is
+forgotten and tokens are marked absent, so the vpcd links remove their cards: a dropped
+tunnel mid-APDU becomes a reader error on the build VM, never an invented status word.
+
+Readers wait for changes with `wait_changed()` (an Event swapped on every change).
+"""
+
+from __future__ import annotations
+
+import ssl
+import time
+from dataclasses import dataclass, field
+
+import structlog
+import trio
+
+from bridge_client.backoff import Backoff
+from bridge_client.errors import CardFailure, LeaseError, TunnelDown, TunnelRefused
+from protocol import ccid
+from protocol.connection import BridgeConnection, ConnectionClosed, Role
+from protocol.errors import RemoteProtocolError
+from protocol.runtime.framed import FramedConnection
+from protocol.runtime.tls import describe_handshake_error
+from protocol.wire import (
+    PROTOCOL_VERSION,
+    CcidFrame,
+    ClientHello,
+    ErrorMessage,
+    Goodbye,
+    LeaseEnded,
+    LeaseGranted,
+    LeaseQueued,
+    LeaseRelease,
+    LeaseRequest,
+    Ping,
+    Pong,
+    Refused,
+    TokenStatus,
+    Welcome,
+)
+
+log = structlog.get_logger(__name__)
+
+SOFTWARE = "tokenbridge-client/0.1.0"
+# Lease endings the client caused itself; any other ending invalidates what an application
+# on this VM believes about the card (login state), so the reader must show a removal.
+NORMAL_LEASE_ENDINGS = frozenset({"released", "linger_expired"})
+MISSED_HEARTBEATS = 3
+
+
+@dataclass
+class TokenState:
+    """What this client knows about one remote token."""
+
+    name: str
+    token_id: int | None = None
+    present: bool = False
+    allowed: bool = False
+    atr: bytes = b""
+    server_state: str = ""
+    epoch: int | None = None
+    queue_position: int | None = None
+    lease_since: float | None = None
+    # Incremented whenever a lease we held ended for a reason other than our own release.
+    lost_generation: int = 0
+
+    @property
+    def usable(self) -> bool:
+        return self.token_id is not None and self.present and self.allowed and 1 <= len(self.atr) <= 33
+
+
+class _Pending:
+    """One outstanding request answered by the receive loop."""
+
+    def __init__(self) -> None:
+        self._event = trio.Event()
+        self._value: object = None
+        self._error: BaseException | None = None
+
+    def resolve(self, value: object) -> None:
+        if not self._event.is_set():
+            self._value = value
+            self._event.set()
+
+    def fail(self, error: BaseException) -> None:
+        if not self._event.is_set():
+            self._error = error
+            self._event.set()
+
+    async def wait(self) -> object:
+        await self._event.wait()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
+@dataclass
+class TunnelStatus:
+    state: str = "starting"  # starting, connecting, connected, retrying, refused
+    reason: str = ""
+    server: str = ""
+    identity: str = ""
+    connected_since: float | None = None
+    rtt_ms: float | None = None
+    attempts: int = 0
+
+
+@dataclass
+class Tunnel:
+    """Keeps the connection to the server and serves the local readers."""
+
+    host: str
+    port: int
+    server_name: str
+    ssl_context: ssl.SSLContext
+    token_names: list[str]
+    backoff: Backoff = field(default_factory=Backoff)
+    connect_timeout_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        self.tokens: dict[str, TokenState] = {n: TokenState(n) for n in self.token_names}
+        self.status = TunnelStatus()
+        self._changed = trio.Event()
+        self._conn: FramedConnection | None = None
+        self._leases: dict[int, _Pending] = {}
+        self._exchanges: dict[int, _Pending] = {}
+        self._seq: dict[int, int] = {}
+        self._last_heard = 0.0
+        self._ping_sent: dict[int, float] = {}
+        self._nonce = 0
+
+    # -- state shared with readers -------------------------------------------------------
+    async def wait_changed(self) -> None:
+        """Return at the next change of tunnel or token state."""
+        await self._changed.wait()
+
+    def _notify(self) -> None:
+        event, self._changed = self._changed, trio.Event()
+        event.set()
+
+    @property
+    def connected(self) -> bool:
+        return self._conn is not None
+
+    def _by_id(self, token_id: int) -> TokenState | None:
+        for tok in self.tokens.values():
+            if tok.token_id == token_id:
+                return tok
+        return None
+
+    # -- the connection loop ---------------------------------------------------------------
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Connect, serve, and reconnect forever."""
+        task_status.started()
+        while True:
+            self.status.state = "connecting"
+            self.status.attempts += 1
+            self._notify()
+            try:
+                await self._connect_and_serve()
+                reason = "connection closed by server"
+            except TunnelRefused as exc:
+                reason = str(exc)
+                self.status.state = "refused"
+            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError) as exc:
+                reason = _describe_connect_error(exc, self.host, self.port)
+            except RemoteProtocolError as exc:
+                reason = f"protocol error from server: {exc}"
+            except TunnelDown as exc:
+                reason = str(exc)
+            delay = self.backoff.next_delay()
+            if self.status.state != "refused":
+                self.status.state = "retrying"
+            self.status.reason = reason
+            self._notify()
+            log.warning(
+                "tunnel.disconnected", peer=f"{self.host}:{self.port}", reason=reason, retry_in_s=round(delay, 2)
+            )
+            await trio.sleep(delay)
+
+    async def _connect_and_serve(self) -> None:
+        with trio.fail_after(self.connect_timeout_s):
+            tcp = await trio.open_tcp_stream(self.host, self.port)
+            stream = trio.SSLStream(tcp, self.ssl_context, server_hostname=self.server_name)
+            try:
+                await stream.do_handshake()
+            except (trio.BrokenResourceError, ssl.SSLError) as exc:
+                await trio.aclose_forcefully(stream)
+                cause = exc.__cause__ if isinstance(exc, trio.BrokenResourceError) else exc
+                raise TunnelDown(f"TLS handshake with {self.host}:{self.port} failed: "
+                                 f"{describe_handshake_error(cause)}") from exc
+            conn = FramedConnection(stream, BridgeConnection(Role.CLIENT))
+            try:
+                first = await conn.receive()
+            except BaseException:
+                await trio.aclose_forcefully(stream)
+                raise
+        try:
+            await self._serve(conn, first)
+        finally:
+            self._teardown()
+            await trio.aclose_forcefully(stream)
+
+    async def _serve(self, conn: FramedConnection, first: object) -> None:
+        if isinstance(first, Refused):
+            raise TunnelRefused(first.reason, first.message)
+        if not isinstance(first, Welcome):
+            raise TunnelDown(f"server's first frame was {type(first).__name__}, expected Welcome")
+        await conn.send(ClientHello(version=PROTOCOL_VERSION, software=SOFTWARE))
+        self._conn = conn
+        self._last_heard = trio.current_time()
+        self.backoff.reset()
+        self.status.state, self.status.reason = "connected", ""
+        self.status.server, self.status.identity = first.server, first.identity
+        self.status.connected_since = time.time()
+        self._notify()
+        log.info("tunnel.connected", peer=f"{self.host}:{self.port}", server=first.server,
+                 client_id=first.identity)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._heartbeat, conn, max(0.05, first.heartbeat_interval))
+            await self._receive_loop(conn)
+            nursery.cancel_scope.cancel()
+
+    def _teardown(self) -> None:
+        self._conn = None
+        self.status.connected_since = None
+        down = TunnelDown("tunnel to the server is down")
+        for pending in [*self._leases.values(), *self._exchanges.values()]:
+            pending.fail(down)
+        self._leases.clear()
+        self._exchanges.clear()
+        for tok in self.tokens.values():
+            if tok.epoch is not None:
+                tok.lost_generation += 1
+            tok.epoch = tok.token_id = tok.queue_position = tok.lease_since = None
+            tok.present = False
+        self._notify()
+
+    async def _heartbeat(self, conn: FramedConnection, interval: float) -> None:
+        while True:
+            await trio.sleep(interval)
+            silent = trio.current_time() - self._last_heard
+            if silent > MISSED_HEARTBEATS * interval:
+                log.warning("tunnel.heartbeat_lost", silent_s=round(silent, 2))
+                await conn.aclose()
+                return
+            self._nonce = (self._nonce + 1) % 2**64
+            self._ping_sent = {self._nonce: trio.current_time()}
+            await conn.send(Ping(nonce=self._nonce))
+
+    async def _receive_loop(self, conn: FramedConnection) -> None:
+        while True:
+            try:
+                msg = await conn.receive()
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+            self._last_heard = trio.current_time()
+            if isinstance(msg, ConnectionClosed):
+                return
+            if isinstance(msg, Goodbye):
+                log.info("tunnel.goodbye", code=int(msg.code), reason=msg.reason)
+                return
+            await self._dispatch(conn, msg)
+
+    async def _dispatch(self, conn: FramedConnection, msg: object) -> None:
+        if isinstance(msg, Ping):
+            await conn.send(Pong(nonce=msg.nonce))
+        elif isinstance(msg, Pong):
+            sent = self._ping_sent.pop(msg.nonce, None)
+            if sent is not None:
+                self.status.rtt_ms = round((trio.current_time() - sent) * 1000, 3)
+        elif isinstance(msg, TokenStatus):
+            self._on_token_status(msg)
+        elif isinstance(msg, LeaseQueued):
+            tok = self._by_id(msg.token_id)
+            if tok is not None:
+                tok.queue_position = msg.position
+                log.info("lease.queued", token=tok.name, position=msg.position)
+        elif isinstance(msg, LeaseGranted):
+            self._on_granted(msg)
+        elif isinstance(msg, LeaseEnded):
+            self._on_lease_ended(msg)
+        elif isinstance(msg, CcidFrame):
+            pending = self._exchanges.pop(msg.token_id, None)
+            if pending is not None:
+                pending.resolve(msg)
+        elif isinstance(msg, ErrorMessage):
+            self._on_error(msg)
+
+    def _on_token_status(self, msg: TokenStatus) -> None:
+        tok = self.tokens.get(msg.name)
+        if tok is None:
+            return  # a token no reader of ours is configured for
+        was_usable = tok.usable
+        tok.token_id, tok.present, tok.allowed = msg.token_id, msg.present, msg.allowed
+        tok.server_state = msg.state
+        if msg.atr:
+            tok.atr = bytes(msg.atr)
+        if not msg.present and tok.epoch is not None:
+            tok.epoch = None
+            tok.lost_generation += 1
+        if was_usable != tok.usable:
+            log.info("token.changed", token=tok.name, present=msg.present, allowed=msg.allowed)
+        self._notify()
+
+    def _on_granted(self, msg: LeaseGranted) -> None:
+        tok = self._by_id(msg.token_id)
+        pending = self._leases.pop(msg.token_id, None)
+        if tok is None:
+            return
+        tok.epoch, tok.queue_position, tok.lease_since = msg.epoch, None, time.time()
+        if msg.atr:
+            tok.atr = bytes(msg.atr)
+        log.info("lease.granted", token=tok.name, lease_epoch=msg.epoch)
+        if pending is not None:
+            pending.resolve(msg.epoch)
+        self._notify()
+
+    def _on_lease_ended(self, msg: LeaseEnded) -> None:
+        tok = self._by_id(msg.token_id)
+        if tok is None or tok.epoch != msg.epoch:
+            return
+        tok.epoch = tok.lease_since = None
+        if msg.reason not in NORMAL_LEASE_ENDINGS:
+            tok.lost_generation += 1
+        pending = self._exchanges.pop(msg.token_id, None)
+        if pending is not None:
+            pending.fail(LeaseError(msg.reason, "the lease ended during an exchange"))
+        log.info("lease.ended", token=tok.name, lease_epoch=msg.epoch, reason=msg.reason)
+        self._notify()
+
+    def _on_error(self, msg: ErrorMessage) -> None:
+        log.warning("server.error", code=msg.code, message=msg.message, token_id=msg.token_id)
+        if msg.token_id is None:
+            return
+        error = LeaseError(msg.code, msg.message)
+        for table in (self._leases, self._exchanges):
+            pending = table.pop(msg.token_id, None)
+            if pending is not None:
+                pending.fail(error)
+
+    # -- operations for readers --------------------------------------------------------------
+    def _require(self, name: str) -> tuple[FramedConnection, TokenState, int]:
+        conn, tok = self._conn, self.tokens[name]
+        if conn is None or tok.token_id is None:
+            raise TunnelDown("tunnel to the server is down")
+        return conn, tok, tok.token_id
+
+    async def acquire_lease(self, name: str) -> int:
+        """Return our lease epoch for token `name`, queueing for it if needed.
+
+        Callers bound the wait with `trio.fail_after(queue_timeout)`.
+        """
+        conn, tok, token_id = self._require(name)
+        if tok.epoch is not None:
+            return tok.epoch
+        pending = self._leases.get(token_id)
+        if pending is None:
+            pending = self._leases[token_id] = _Pending()
+            await conn.send(LeaseRequest(token_id=token_id))
+            log.info("lease.requested", token=name)
+        epoch = await pending.wait()
+        assert isinstance(epoch, int)
+        return epoch
+
+    async def release_lease(self, name: str) -> None:
+        """Give the lease back now (best effort)."""
+        conn, tok, token_id = self._require(name)
+        if tok.epoch is not None:
+            await conn.send(LeaseRelease(token_id=token_id, epoch=tok.epoch))
+
+    def next_seq(self, token_id: int) -> int:
+        seq = self._seq.get(token_id, 0)
+        self._seq[token_id] = (seq + 1) % 256
+        return seq
+
+    async def exchange(self, name: str, build: object) -> ccid.CcidMessage:
+        """Send one CCID command under our lease and return the server's CCID response.
+
+        `build` is a callable taking the bSeq and returning the CcidMessage to send.
+        Raises TunnelDown, LeaseError (lease lost) or CardFailure (reader-level failure).
+        """
+        conn, tok, token_id = self._require(name)
+        if tok.epoch is None:
+            raise LeaseError("lease_required", "no lease held for this token")
+        if token_id in self._exchanges:
+            raise CardFailure(f"an exchange with {name} is already in flight")
+        seq = self.next_seq(token_id)
+        command = build(seq)  # type: ignore[operator]
+        pending = self._exchanges[token_id] = _Pending()
+        await conn.send(CcidFrame(token_id=token_id, epoch=tok.epoch, message=command.encode()))
+        frame = await pending.wait()
+        assert isinstance(frame, CcidFrame)
+        try:
+            response = ccid.decode_message(frame.message)
+        except RemoteProtocolError as exc:
+            raise CardFailure(f"malformed CCID response from server: {exc}") from exc
+        if response.seq != seq:
+            raise CardFailure(f"CCID response bSeq {response.seq} does not match command bSeq {seq}")
+        if response.command_status != ccid.CommandStatus.OK:
+            raise CardFailure(f"reader error from server: bError 0x{response.error:02X}")
+        return response
+
+
+def _describe_connect_error(exc: BaseException, host: str, port: int) -> str:
+    if isinstance(exc, trio.TooSlowError):
+        return f"timed out connecting to {host}:{port} (server down or a firewall drops packets)"
+    if isinstance(exc, ConnectionRefusedError):
+        return f"connection refused by {host}:{port} (is tokenbridge-server running and listening there?)"
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"cannot reach {host}:{port}: {exc.strerror}"
+    if isinstance(exc, trio.BrokenResourceError) and exc.__cause__ is not None:
+        return f"connection to {host}:{port} broke: {describe_handshake_error(exc.__cause__)}"
+    return f"connection to {host}:{port} failed: {exc!r}"
