@@ -1,0 +1,441 @@
+"""USB transport for CCID tokens: the only module in tokenbridge that imports `usb` (pyusb).
+
+Theory of operation
+-------------------
+`UsbCcidDevice` is synchronous and thin: it finds the token (VID/PID/serial), finds its CCID
+interface and class descriptor the way libccid does (reference §1.7), claims the interface and
+moves whole CCID messages over the bulk pipes. Every pyusb/libusb exception is translated here
+into a `bridge_server.errors` type with a message an operator can act on (reference §3.2).
+
+`AsyncUsbDevice` is the trio face of it. Each blocking call runs in a worker thread through
+`trio.to_thread.run_sync(..., limiter=...)` with `abandon_on_cancel=False` (a USB transfer that
+is in flight must finish before we touch the handle again). Reads are issued with a short pyusb
+timeout and looped, so a caller's `trio.fail_after` lands within one poll period. The bulk pipes
+share one `CapacityLimiter(1)`; the interrupt pipe has its own, because libusb's synchronous API
+is safe across endpoints and a parked interrupt read must not add its poll period to every APDU.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import errno
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import structlog
+import trio
+import usb.core  # type: ignore[import-untyped]
+import usb.util  # type: ignore[import-untyped]
+
+from bridge_server.errors import (
+    DeviceBusyError,
+    DeviceError,
+    DeviceGoneError,
+    DeviceNotFoundError,
+    DevicePermissionError,
+    DeviceStallError,
+    DeviceTimeoutError,
+)
+from protocol.ccid import HEADER_LEN, MAX_DATA_LENGTH, CcidClassDescriptor
+from protocol.errors import MalformedCcidMessageError
+
+log = structlog.get_logger(__name__)
+
+CCID_INTERFACE_CLASS = 0x0B
+VENDOR_INTERFACE_CLASS = 0xFF
+CCID_DESCRIPTOR_LENGTH = 54  # CCID 1.1 §5.1: bLength 0x36
+CCID_DESCRIPTOR_TYPES = (0x21, 0xFF)  # 0xFF on old vendor-class devices (reference §1.7)
+# libccid reads every response into 10 + 65546 bytes (reference §1.3); never less than the device says.
+MIN_READ_BUFFER = HEADER_LEN + MAX_DATA_LENGTH
+MAX_INTERRUPT_READ = 64  # NotifySlotChange/HardwareError are ≤ 4 bytes for one slot (reference §1.5)
+
+PERMISSION_HINT = (
+    "install the udev rule systemd/70-tokenbridge.rules and add the service user to the tokenbridge group"
+)
+BUSY_HINT = (
+    "pcscd on this host holds the token: stop and mask pcscd.socket/pcscd.service or exclude the device"
+)
+
+
+@dataclass(frozen=True)
+class DeviceMatch:
+    """Which device a token entry means; None fields match anything."""
+
+    vid: int | None = None
+    pid: int | None = None
+    serial: str | None = None
+
+    def matches(self, info: DeviceInfo) -> bool:
+        if self.vid is not None and info.vid != self.vid:
+            return False
+        if self.pid is not None and info.pid != self.pid:
+            return False
+        # Serials are printed in upper or lower case by different tools; compare case-blind.
+        return self.serial is None or info.serial.strip().casefold() == self.serial.strip().casefold()
+
+    def describe(self) -> str:
+        parts = []
+        if self.vid is not None:
+            parts.append(f"vid=0x{self.vid:04x}")
+        if self.pid is not None:
+            parts.append(f"pid=0x{self.pid:04x}")
+        if self.serial is not None:
+            parts.append(f"serial={self.serial!r}")
+        return " ".join(parts) or "any ccid device"
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    vid: int
+    pid: int
+    serial: str
+    bcd_device: int
+    bus: int | None
+    address: int | None
+    product: str
+
+    def describe(self) -> str:
+        where = f" bus {self.bus} address {self.address}" if self.bus is not None else ""
+        return f"{self.vid:04x}:{self.pid:04x} serial {self.serial!r} {self.product!r}{where}"
+
+
+def select_device(match: DeviceMatch, seen: Sequence[DeviceInfo]) -> DeviceInfo:
+    """Pick the one device `match` means among `seen` CCID devices; pure, for tests."""
+    hits = [info for info in seen if match.matches(info)]
+    if len(hits) == 1:
+        return hits[0]
+    listing = "; ".join(info.describe() for info in seen) or "none"
+    if not hits:
+        raise DeviceNotFoundError(
+            f"no usb ccid device matches {match.describe()} (seen: {listing}); "
+            "check the token is plugged in and the token's match in the server config"
+        )
+    raise DeviceNotFoundError(
+        f"{len(hits)} usb ccid devices match {match.describe()} (seen: {listing}); "
+        "add the serial to the token's match in the server config"
+    )
+
+
+def translate_usb_error(exc: BaseException, what: str) -> DeviceError:
+    """Map a pyusb exception to our error tree (reference §3.2); `what` names device and action."""
+    code = getattr(exc, "errno", None)
+    if isinstance(exc, usb.core.USBTimeoutError) or code == errno.ETIMEDOUT:
+        return DeviceTimeoutError(f"{what}: timed out")
+    if code == errno.ENODEV:
+        return DeviceGoneError(f"{what}: device is gone (unplugged or reset)")
+    if code == errno.EACCES:
+        return DevicePermissionError(f"{what}: permission denied; {PERMISSION_HINT}")
+    if code == errno.EBUSY:
+        return DeviceBusyError(f"{what}: interface is busy; {BUSY_HINT}")
+    if code == errno.EPIPE:
+        return DeviceStallError(f"{what}: endpoint stalled")
+    return DeviceError(f"{what}: usb error {exc}")
+
+
+_T = TypeVar("_T")
+
+
+def _usb_call(what: str, fn: Callable[..., _T], *args: Any) -> _T:
+    try:
+        return fn(*args)
+    except usb.core.USBError as exc:
+        raise translate_usb_error(exc, what) from exc
+
+
+def _read_string(dev: Any, attr: str) -> str:
+    # String descriptors need an open handle: without permission they fail; keep going without them.
+    try:
+        value = getattr(dev, attr)
+    except (usb.core.USBError, ValueError, NotImplementedError):
+        return ""
+    return value or ""
+
+
+def _read_serial_strict(dev: Any, what: str) -> str:
+    if not dev.iSerialNumber:
+        return ""
+    try:
+        # pyusb turns a failed open into "no langid" (ValueError); ask for the langids ourselves
+        # so EACCES reaches the operator as a permission problem (USB 2.0 §9.6.7: string 0).
+        dev.ctrl_transfer(0x80, 0x06, 0x0300, 0, 4)
+    except usb.core.USBError as exc:
+        if exc.errno == errno.EPIPE:
+            return ""  # no string descriptors at all
+        raise translate_usb_error(exc, f"{what}: reading the serial number") from exc
+    try:
+        return str(usb.util.get_string(dev, dev.iSerialNumber) or "")
+    except usb.core.USBError as exc:
+        raise translate_usb_error(exc, f"{what}: reading the serial number") from exc
+    except (ValueError, NotImplementedError):
+        return ""
+
+
+def _device_info(dev: Any, *, serial: str | None = None) -> DeviceInfo:
+    return DeviceInfo(
+        vid=int(dev.idVendor),
+        pid=int(dev.idProduct),
+        serial=_read_string(dev, "serial_number") if serial is None else serial,
+        bcd_device=int(dev.bcdDevice),
+        bus=dev.bus,
+        address=dev.address,
+        product=_read_string(dev, "product"),
+    )
+
+
+def _descriptor_chain(extra: Iterable[int]) -> list[bytes]:
+    raw = bytes(extra)
+    out, pos = [], 0
+    while pos + 2 <= len(raw) and raw[pos] >= 2:
+        out.append(raw[pos : pos + raw[pos]])
+        pos += raw[pos]
+    return out
+
+
+def _class_descriptor_bytes(intf: Any) -> bytes | None:
+    """The 54-byte CCID descriptor of `intf` per libccid (reference §1.7), or None if not CCID."""
+    extra = bytes(intf.extra_descriptors or b"")
+    if not extra:
+        endpoints = list(intf)
+        # O2Micro/Reiner quirk: descriptor hangs off the last endpoint when the interface has none.
+        extra = bytes(endpoints[-1].extra_descriptors or b"") if endpoints else b""
+    for desc in _descriptor_chain(extra):
+        if len(desc) == CCID_DESCRIPTOR_LENGTH and desc[1] in CCID_DESCRIPTOR_TYPES:
+            return desc
+    return None
+
+
+def find_ccid_interface(dev: Any) -> tuple[Any, Any, bytes] | None:
+    """First (configuration, interface, descriptor) that is CCID: class 0x0B, or 0xFF with a descriptor."""
+    for cfg in dev:
+        for intf in cfg:
+            if intf.bAlternateSetting != 0:
+                continue
+            if intf.bInterfaceClass not in (CCID_INTERFACE_CLASS, VENDOR_INTERFACE_CLASS):
+                continue
+            raw = _class_descriptor_bytes(intf)
+            if raw is not None:
+                return cfg, intf, raw
+    return None
+
+
+def _enumerate(backend: object | None) -> list[Any]:
+    try:
+        return list(usb.core.find(find_all=True, backend=backend) or [])
+    except usb.core.NoBackendError as exc:
+        raise DeviceError("no usb backend available: install libusb-1.0 (Debian: libusb-1.0-0)") from exc
+    except usb.core.USBError as exc:
+        raise translate_usb_error(exc, "enumerating usb devices") from exc
+
+
+def list_ccid_devices(backend: object | None = None) -> list[DeviceInfo]:
+    """Every attached device with a CCID interface, for `status` and `doctor`."""
+    found = []
+    for dev in _enumerate(backend):
+        try:
+            if find_ccid_interface(dev) is not None:
+                found.append(_device_info(dev))
+        except usb.core.USBError:
+            log.debug("usb.device_skipped", vid=dev.idVendor, pid=dev.idProduct)
+    return found
+
+
+class UsbCcidDevice:
+    """A claimed CCID interface; synchronous, every timeout in milliseconds."""
+
+    def __init__(self, dev: Any, info: DeviceInfo, intf: Any, descriptor: CcidClassDescriptor) -> None:
+        self._dev = dev
+        self.info = info
+        self.descriptor = descriptor
+        self._intf_number = int(intf.bInterfaceNumber)
+        self._what = f"usb device {info.vid:04x}:{info.pid:04x} serial {info.serial!r}"
+        eps = list(intf)
+        self._bulk_out = _pick_endpoint(eps, usb.util.ENDPOINT_TYPE_BULK, usb.util.ENDPOINT_OUT)
+        self._bulk_in = _pick_endpoint(eps, usb.util.ENDPOINT_TYPE_BULK, usb.util.ENDPOINT_IN)
+        self._intr_in = _pick_endpoint(eps, usb.util.ENDPOINT_TYPE_INTR, usb.util.ENDPOINT_IN)
+        if self._bulk_out is None or self._bulk_in is None:
+            raise DeviceError(f"{self._what}: ccid interface {self._intf_number} lacks bulk endpoints")
+        self.has_interrupt = self._intr_in is not None
+        size = max(descriptor.max_ccid_message_length, MIN_READ_BUFFER)
+        self._buf = array.array("B", bytes(size))
+        self._intr_buf = array.array("B", bytes(MAX_INTERRUPT_READ))
+        self._closed = False
+
+    @classmethod
+    def open(cls, match: DeviceMatch, *, backend: object | None = None) -> UsbCcidDevice:
+        candidates = []
+        for dev in _enumerate(backend):
+            found = find_ccid_interface(dev)
+            if found is None:
+                continue
+            serial = None
+            if match.serial is not None and DeviceMatch(match.vid, match.pid).matches(
+                _device_info(dev, serial="")
+            ):
+                # The serial decides; an unreadable one must say why (EACCES) instead of "not found".
+                serial = _read_serial_strict(dev, f"usb device {dev.idVendor:04x}:{dev.idProduct:04x}")
+            candidates.append((dev, _device_info(dev, serial=serial), found))
+        info = select_device(match, [c[1] for c in candidates])
+        dev, _, (cfg, intf, raw) = next(c for c in candidates if c[1] is info)
+        try:
+            descriptor = CcidClassDescriptor.parse(raw)
+        except MalformedCcidMessageError as exc:
+            raise DeviceError(f"{info.describe()}: unusable ccid class descriptor: {exc}") from exc
+        what = f"opening {info.describe()}"
+        _claim(dev, cfg, int(intf.bInterfaceNumber), what)
+        device = cls(dev, info, intf, descriptor)
+        log.info("device.opened", device=info.describe(), interface=device._intf_number)
+        return device
+
+    def write(self, data: bytes, timeout_ms: int) -> None:
+        sent = self._transfer("writing", self._bulk_out, data, timeout_ms)
+        if sent != len(data):
+            raise DeviceError(f"{self._what}: short write ({sent} of {len(data)} bytes)")
+
+    def read(self, timeout_ms: int) -> bytes:
+        """One whole CCID message (the device ends each message with a short packet)."""
+        n = self._transfer("reading", self._bulk_in, self._buf, timeout_ms)
+        return bytes(self._buf[:n])
+
+    def read_interrupt(self, timeout_ms: int) -> bytes | None:
+        if self._intr_in is None:
+            raise DeviceError(f"{self._what}: no interrupt endpoint")
+        try:
+            n = self._transfer("reading interrupt", self._intr_in, self._intr_buf, timeout_ms)
+        except DeviceTimeoutError:
+            return None
+        return bytes(self._intr_buf[:n])
+
+    def _transfer(self, action: str, ep: Any, data: Any, timeout_ms: int) -> int:
+        if self._closed:
+            raise DeviceGoneError(f"{self._what}: closed")
+        try:
+            return int(ep.write(data, timeout_ms) if action == "writing" else ep.read(data, timeout_ms))
+        except usb.core.USBError as exc:
+            err = translate_usb_error(exc, f"{action} {self._what}")
+            if isinstance(err, DeviceStallError):
+                self._clear_halt(ep)
+            raise err from exc
+
+    def _clear_halt(self, ep: Any) -> None:
+        try:
+            ep.clear_halt()
+        except (usb.core.USBError, NotImplementedError):
+            log.warning("device.clear_halt_failed", device=self._what, endpoint=ep.bEndpointAddress)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        # A gone device cannot release; pyusb's dispose ignores this too (reference §3.3).
+        with contextlib.suppress(usb.core.USBError, NotImplementedError):
+            usb.util.release_interface(self._dev, self._intf_number)
+        usb.util.dispose_resources(self._dev)
+
+
+def _pick_endpoint(eps: Sequence[Any], ep_type: int, direction: int) -> Any | None:
+    for ep in eps:
+        attrs = int(ep.bmAttributes)
+        if (
+            usb.util.endpoint_type(attrs) == ep_type
+            and usb.util.endpoint_direction(ep.bEndpointAddress) == direction
+        ):
+            return ep
+    return None
+
+
+def _claim(dev: Any, cfg: Any, intf_number: int, what: str) -> None:
+    """Set configuration only when needed, detach a kernel driver from this interface only, claim it."""
+    try:
+        active = dev.get_active_configuration().bConfigurationValue
+    except usb.core.USBError as exc:
+        if exc.errno in (errno.EACCES, errno.ENODEV):
+            raise translate_usb_error(exc, what) from exc
+        active = None  # not configured yet
+    if active != cfg.bConfigurationValue:
+        # Re-setting the active configuration may reset the device (reference §3.4): only when needed.
+        _usb_call(what, dev.set_configuration, cfg.bConfigurationValue)
+    try:
+        if dev.is_kernel_driver_active(intf_number):
+            _usb_call(what, dev.detach_kernel_driver, intf_number)
+    except NotImplementedError:
+        pass  # no kernel-driver API on this platform/backend (reference §3.4)
+    except usb.core.USBError as exc:
+        raise translate_usb_error(exc, what) from exc
+    _usb_call(what, usb.util.claim_interface, dev, intf_number)
+
+
+class AsyncUsbDevice:
+    """trio adapter over `UsbCcidDevice`; reads wait until data arrives (bound them with fail_after)."""
+
+    def __init__(self, device: UsbCcidDevice, *, poll_ms: int = 250, write_timeout_ms: int = 5000) -> None:
+        self._device = device
+        self._poll_ms = poll_ms
+        self._write_timeout_ms = write_timeout_ms
+        self._limiter = trio.CapacityLimiter(1)
+        self._intr_limiter = trio.CapacityLimiter(1)
+
+    @classmethod
+    async def open(
+        cls, match: DeviceMatch, *, backend: object | None = None, poll_ms: int = 250
+    ) -> AsyncUsbDevice:
+        device = await trio.to_thread.run_sync(
+            lambda: UsbCcidDevice.open(match, backend=backend), abandon_on_cancel=False
+        )
+        return cls(device, poll_ms=poll_ms)
+
+    @property
+    def info(self) -> DeviceInfo:
+        return self._device.info
+
+    @property
+    def descriptor(self) -> CcidClassDescriptor:
+        return self._device.descriptor
+
+    @property
+    def has_interrupt(self) -> bool:
+        return self._device.has_interrupt
+
+    async def write(self, data: bytes) -> None:
+        await trio.to_thread.run_sync(
+            self._device.write, data, self._write_timeout_ms, limiter=self._limiter, abandon_on_cancel=False
+        )
+
+    async def read(self) -> bytes:
+        """Next CCID message from bulk-IN; loops short pyusb reads so cancellation lands promptly."""
+        while True:
+            started = time.monotonic()
+            try:
+                return await trio.to_thread.run_sync(
+                    self._device.read, self._poll_ms, limiter=self._limiter, abandon_on_cancel=False
+                )
+            except DeviceTimeoutError:
+                await self._pace(started)
+
+    async def read_interrupt(self) -> bytes:
+        """Next interrupt-IN message (NotifySlotChange / HardwareError)."""
+        while True:
+            started = time.monotonic()
+            raw = await trio.to_thread.run_sync(
+                self._device.read_interrupt,
+                self._poll_ms,
+                limiter=self._intr_limiter,
+                abandon_on_cancel=False,
+            )
+            if raw is not None:
+                return raw
+            await self._pace(started)
+
+    async def _pace(self, started: float) -> None:
+        # A backend that reports "timeout" without waiting must not turn this loop into a busy spin.
+        if time.monotonic() - started < self._poll_ms / 2000:
+            await trio.sleep(self._poll_ms / 4000)
+        else:
+            await trio.lowlevel.checkpoint()
+
+    async def aclose(self) -> None:
+        with trio.CancelScope(shield=True):
+            async with self._limiter, self._intr_limiter:
+                self._device.close()
