@@ -1,0 +1,168 @@
+"""The server's root: token tasks, the listener, signals and an orderly shutdown.
+
+Task tree (style-anchors §3.4):
+
+    root nursery
+    ├── watch_signals      SIGTERM/SIGINT -> request_shutdown()   (only from the CLI)
+    ├── TokenManager.run   one per token, started (device opened or known absent) before READY
+    └── run_listener       acceptors (cancelled first) + sessions nursery (deadline on shutdown)
+
+Shutdown order: STOPPING=1; stop accepting; every token ends its lease with `shutdown`
+(LeaseEnded goes to the holder after the exchange in flight, within the grace period),
+powers the card off and releases the device; every session gets `Goodbye(SHUTTING_DOWN)`;
+sessions still open when the grace period ends are cancelled; `server.stopped`.
+"""
+
+from __future__ import annotations
+
+import signal
+import ssl
+import time
+from collections.abc import Callable, Mapping
+from functools import partial
+from typing import Any
+
+import structlog
+import trio
+
+from bridge_server.config import ServerConfig
+from bridge_server.hub import Hub
+from bridge_server.leases import initial_epoch
+from bridge_server.listener import ConnectionHandler, run_listener
+from bridge_server.session import SessionContext
+from bridge_server.tokens import CardOpener, TokenManager
+from protocol import wire
+from protocol.errors import CloseCode
+from protocol.runtime.tls import server_context
+
+log = structlog.get_logger(__name__)
+
+
+class _NullNotifier:
+    def notify(self, **_kv: Any) -> None:
+        pass
+
+
+def _default_notifier() -> Any:
+    try:
+        from protocol.runtime.sdnotify import SystemdNotifier
+    except ImportError:  # the runtime piece is optional until it lands
+        return _NullNotifier()
+    return SystemdNotifier()
+
+
+class BridgeServer:
+    """One server process: build from a config, `await nursery.start(server.run)`."""
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        openers: Mapping[str, tuple[CardOpener, Any]] | None = None,
+        notifier: Any = None,
+        wall_time: Callable[[], float] = time.time,
+    ) -> None:
+        """Args:
+        openers: token name -> (opener, simulated token); by default built from the config
+            (`bridge_server.devices.card_opener`). Tests pass fakes.
+        """
+        self.config = config
+        self._ssl_context = ssl_context
+        self._notifier = notifier if notifier is not None else _default_notifier()
+        self.hub = Hub()
+        self.shutdown_requested = trio.Event()
+        self.tokens: list[TokenManager] = []
+        epoch = initial_epoch(wall_time())
+        for token_id, token in enumerate(config.tokens):
+            if openers is not None:
+                opener, simulated = openers[token.name]
+            else:
+                from bridge_server.devices import card_opener
+
+                opener, simulated = card_opener(token, config_path=str(config.path))
+            manager = TokenManager(
+                token_id, token, config.lease, self.hub, opener, first_epoch=epoch, simulated=simulated
+            )
+            self.tokens.append(manager)
+        self.listeners: list[trio.SocketListener] = []
+
+    def request_shutdown(self) -> None:
+        self.shutdown_requested.set()
+
+    def _context(self) -> ssl.SSLContext:
+        if self._ssl_context is None:
+            tls = self.config.tls
+            self._ssl_context = server_context(ca=tls.ca, cert=tls.cert, key=tls.key, crl=tls.crl)
+        return self._ssl_context
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Serve until `request_shutdown()`; `started()` gets the bound listeners."""
+        cfg = self.config
+        ctx = SessionContext(hub=self.hub, tokens=self.tokens, admins=cfg.admins, heartbeat_s=cfg.heartbeat_s)
+        handler = ConnectionHandler(lambda: self._context(), cfg.limits, ctx)
+        self._context()  # bad TLS material fails here, before anything is opened
+        async with trio.open_nursery() as root:
+            for token in self.tokens:
+                await root.start(token.run)
+            self.listeners = await root.start(
+                partial(
+                    run_listener,
+                    handler,
+                    host=cfg.host,
+                    port=cfg.port,
+                    shutdown=self.shutdown_requested,
+                    grace_period_s=cfg.limits.grace_period_s,
+                )
+            )
+            self._notifier.notify(READY=1, STATUS=f"serving {len(self.tokens)} token(s)")
+            log.info(
+                "server.ready", tokens=[t.name for t in self.tokens], present=[t.present for t in self.tokens]
+            )
+            task_status.started(self.listeners)
+            await self.shutdown_requested.wait()
+            self._notifier.notify(STOPPING=1)
+            await self._stop_tokens(cfg.limits.grace_period_s)
+            for sub in self.hub:
+                sub.push(wire.Goodbye(code=CloseCode.SHUTTING_DOWN, reason="server shutting down"))
+            # Whatever is still running after one more grace period (a token stuck in a card
+            # call) is cancelled; its own cleanup is shielded and bounded.
+            root.cancel_scope.deadline = trio.current_time() + cfg.limits.grace_period_s
+        log.info("server.stopped")
+
+    async def _stop_tokens(self, grace_period_s: float) -> None:
+        with trio.move_on_after(grace_period_s) as scope:
+            async with trio.open_nursery() as nursery:
+                for token in self.tokens:
+                    nursery.start_soon(token.shutdown)
+        if scope.cancelled_caught:
+            log.warning(
+                "server.tokens_slow", reason="an exchange was still running at the end of the grace period"
+            )
+
+
+async def watch_signals(
+    server: BridgeServer, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        task_status.started()
+        async for signum in signals:
+            log.info("server.signal_received", signal=signal.Signals(signum).name)
+            server.request_shutdown()
+            return
+
+
+async def serve_forever(config: ServerConfig) -> None:
+    """The CLI's entry: run the server with signal handling until SIGTERM/SIGINT."""
+    from protocol.runtime.sdnotify import SystemdNotifier, run_watchdog
+
+    notifier = SystemdNotifier()
+    server = BridgeServer(config, notifier=notifier)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(watch_signals, server)
+        if notifier.watchdog_interval is not None:
+            await nursery.start(run_watchdog, notifier)
+        await server.run()
+        nursery.cancel_scope.cancel()

@@ -1,0 +1,314 @@
+"""The server's configuration (DESIGN §6): frozen dataclasses parsed from YAML.
+
+`parse_server_config(mapping, path)` is pure: it takes the already-loaded mapping and the
+file's path (for error messages and for resolving relative paths against the file's folder)
+and raises `ConfigError(path, dotted_key, problem)` naming the first problem it finds. Unknown
+keys are errors, with the closest known key suggested, because a typo such as `idle_timeout`
+silently falling back to a default is how a lease policy quietly stops applying.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Final
+
+from protocol.errors import ConfigError
+
+DEFAULT_PORT: Final = 7447
+DEFAULT_HEARTBEAT_S: Final = 10.0
+# Token names travel in TokenStatus and log lines; keep them short and printable.
+MAX_TOKEN_NAME_LENGTH: Final = 64
+
+
+@dataclass(frozen=True, slots=True)
+class TlsConfig:
+    ca: Path
+    cert: Path
+    key: Path
+    crl: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TokenMatch:
+    """How a token is found: a USB device by VID/PID/serial, or a simulator profile."""
+
+    vid: int | None = None
+    pid: int | None = None
+    serial: str | None = None
+    simulate: str | None = None
+    state: Path | None = None  # simulator only: folder where the simulated card persists its state
+
+
+@dataclass(frozen=True, slots=True)
+class TokenConfig:
+    name: str
+    match: TokenMatch
+    allow: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseConfig:
+    linger_s: float = 2.0
+    idle_timeout_s: float = 60.0
+    max_hold_s: float = 1800.0
+    queue_timeout_s: float = 900.0
+
+
+@dataclass(frozen=True, slots=True)
+class PinGuardConfig:
+    min_retries_left: int = 2
+    max_failures: int = 1
+    state: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AuditConfig:
+    path: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ControlConfig:
+    socket: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    max_connections: int = 256
+    max_handshakes: int = 32
+    handshake_timeout_s: float = 10.0
+    grace_period_s: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    path: Path
+    host: str
+    port: int
+    tls: TlsConfig
+    tokens: tuple[TokenConfig, ...]
+    admins: tuple[str, ...] = ()
+    lease: LeaseConfig = LeaseConfig()
+    pin_guard: PinGuardConfig = PinGuardConfig()
+    audit: AuditConfig = AuditConfig()
+    control: ControlConfig = ControlConfig()
+    limits: LimitsConfig = LimitsConfig()
+    heartbeat_s: float = DEFAULT_HEARTBEAT_S
+
+    def with_listen(self, listen: str) -> ServerConfig:
+        """A copy listening on `listen` ("host:port"), as `--listen` asks."""
+        host, port = parse_listen(listen, str(self.path), "--listen")
+        return replace(self, host=host, port=port)
+
+    def with_simulated_tokens(self, profile: str) -> ServerConfig:
+        """A copy whose every token is the simulator `profile` (names and allow lists kept)."""
+        tokens = tuple(replace(t, match=TokenMatch(simulate=profile)) for t in self.tokens)
+        return replace(self, tokens=tokens)
+
+
+class _Section:
+    """One YAML mapping being read: remembers the dotted prefix and which keys were used."""
+
+    def __init__(self, raw: object, path: str, prefix: str, known: tuple[str, ...]) -> None:
+        if not isinstance(raw, Mapping):
+            raise ConfigError(path, prefix, f"expected a mapping, got {type(raw).__name__}")
+        self.raw: Mapping[Any, Any] = raw
+        self.path = path
+        self.prefix = prefix
+        self.known = known
+        for key in raw:
+            if key not in known:
+                hint = difflib.get_close_matches(str(key), known, n=1)
+                tip = f"; did you mean {hint[0]!r}?" if hint else f"; known keys: {', '.join(known)}"
+                raise ConfigError(path, self.key(str(key)), f"unknown key{tip}")
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}.{name}" if self.prefix else name
+
+    def error(self, name: str, problem: str) -> ConfigError:
+        return ConfigError(self.path, self.key(name), problem)
+
+    def get(self, name: str, required: bool = False) -> Any:
+        if name not in self.raw or self.raw[name] is None:
+            if required:
+                raise self.error(name, "is required")
+            return None
+        return self.raw[name]
+
+    def string(self, name: str, *, required: bool = False) -> str | None:
+        value = self.get(name, required)
+        if value is not None and (not isinstance(value, str) or not value):
+            raise self.error(name, f"expected a non-empty string, got {value!r}")
+        return value
+
+    def number(self, name: str, default: float, *, minimum: float = 0.0) -> float:
+        value = self.get(name)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise self.error(name, f"expected a number of seconds, got {value!r}")
+        if value <= minimum:
+            raise self.error(name, f"must be greater than {minimum:g}, got {value!r}")
+        return float(value)
+
+    def integer(self, name: str, default: int | None, *, low: int, high: int) -> int | None:
+        value = self.get(name)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.error(name, f"expected an integer, got {value!r}")
+        if not low <= value <= high:
+            raise self.error(name, f"must be between {low} and {high}, got {value!r}")
+        return value
+
+    def file(self, name: str, base: Path, *, required: bool = False) -> Path | None:
+        value = self.string(name, required=required)
+        if value is None:
+            return None
+        # DESIGN §6: relative paths resolve against the config file's folder, not the cwd.
+        return base / Path(value).expanduser()
+
+    def required_file(self, name: str, base: Path) -> Path:
+        value = self.file(name, base, required=True)
+        assert value is not None  # required=True raised otherwise
+        return value
+
+    def names(self, name: str) -> tuple[str, ...]:
+        value = self.get(name)
+        if value is None:
+            return ()
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            raise self.error(name, f"expected a list of identity names, got {value!r}")
+        return tuple(value)
+
+    def section(self, name: str, known: tuple[str, ...]) -> _Section:
+        value = self.get(name)
+        return _Section({} if value is None else value, self.path, self.key(name), known)
+
+
+def parse_listen(value: object, path: str, key: str) -> tuple[str, int]:
+    """Split "host:port" (IPv6 as "[::1]:7447"); a bare host gets the default port."""
+    if not isinstance(value, str) or not value:
+        raise ConfigError(path, key, f'expected "host:port", got {value!r}')
+    host, sep, port_text = value.rpartition(":")
+    if not sep or (value.startswith("[") and not host.endswith("]")):
+        host, port_text = value, str(DEFAULT_PORT)
+    host = host.removeprefix("[").removesuffix("]")
+    if not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ConfigError(path, key, f'expected "host:port" with a port 0-65535, got {value!r}')
+    return host, int(port_text)
+
+
+def _parse_match(sec: _Section, base: Path) -> TokenMatch:
+    profile = sec.string("simulate")
+    if profile is not None:
+        if any(sec.get(k) is not None for k in ("vid", "pid", "serial")):
+            raise sec.error("simulate", "cannot be combined with vid/pid/serial")
+        return TokenMatch(simulate=profile, state=sec.file("state", base))
+    if sec.get("state") is not None:
+        raise sec.error("state", "only applies to a simulated token (match.simulate)")
+    vid = sec.integer("vid", None, low=0, high=0xFFFF)
+    pid = sec.integer("pid", None, low=0, high=0xFFFF)
+    serial = sec.get("serial")
+    if isinstance(serial, int) and not isinstance(serial, bool):
+        serial = str(serial)  # YAML reads 12345678 as an int; a serial is text
+    if serial is not None and (not isinstance(serial, str) or not serial):
+        raise sec.error("serial", f"expected a string, got {serial!r}")
+    if vid is None and pid is None and serial is None:
+        raise ConfigError(sec.path, sec.prefix, "needs vid/pid/serial or simulate")
+    return TokenMatch(vid=vid, pid=pid, serial=serial)
+
+
+def _parse_tokens(root: _Section, base: Path) -> tuple[TokenConfig, ...]:
+    raw = root.get("tokens", required=True)
+    if not isinstance(raw, list) or not raw:
+        raise root.error("tokens", "expected a non-empty list of tokens")
+    tokens: list[TokenConfig] = []
+    for i, item in enumerate(raw):
+        sec = _Section(item, root.path, f"tokens[{i}]", ("name", "match", "allow"))
+        name = sec.string("name", required=True)
+        assert name is not None
+        if len(name) > MAX_TOKEN_NAME_LENGTH or not name.isprintable():
+            raise sec.error("name", f"must be printable and at most {MAX_TOKEN_NAME_LENGTH} characters")
+        if any(t.name == name for t in tokens):
+            raise sec.error("name", f"duplicate token name {name!r}")
+        sec.get("match", required=True)
+        match = _parse_match(sec.section("match", ("vid", "pid", "serial", "simulate", "state")), base)
+        tokens.append(TokenConfig(name=name, match=match, allow=sec.names("allow")))
+    return tuple(tokens)
+
+
+def _parse_tls(root: _Section, base: Path) -> TlsConfig:
+    root.get("tls", required=True)
+    sec = root.section("tls", ("ca", "cert", "key", "crl"))
+    ca, cert, key = (sec.required_file(k, base) for k in ("ca", "cert", "key"))
+    return TlsConfig(ca=ca, cert=cert, key=key, crl=sec.file("crl", base))
+
+
+def _parse_sections(root: _Section, base: Path) -> dict[str, Any]:
+    lease = root.section("lease", ("linger_s", "idle_timeout_s", "max_hold_s", "queue_timeout_s"))
+    guard = root.section("pin_guard", ("min_retries_left", "max_failures", "state"))
+    limits = root.section(
+        "limits", ("max_connections", "max_handshakes", "handshake_timeout_s", "grace_period_s")
+    )
+    d_lease, d_guard, d_limits = LeaseConfig(), PinGuardConfig(), LimitsConfig()
+    return {
+        "lease": LeaseConfig(**{k: lease.number(k, getattr(d_lease, k)) for k in lease.known}),
+        "pin_guard": PinGuardConfig(
+            min_retries_left=guard.integer("min_retries_left", d_guard.min_retries_left, low=0, high=15) or 0,
+            max_failures=guard.integer("max_failures", d_guard.max_failures, low=1, high=1000) or 1,
+            state=guard.file("state", base),
+        ),
+        "audit": AuditConfig(path=root.section("audit", ("path",)).file("path", base)),
+        "control": ControlConfig(socket=root.section("control", ("socket",)).file("socket", base)),
+        "limits": LimitsConfig(
+            max_connections=limits.integer("max_connections", 256, low=1, high=100_000) or 256,
+            max_handshakes=limits.integer("max_handshakes", 32, low=1, high=10_000) or 32,
+            handshake_timeout_s=limits.number("handshake_timeout_s", d_limits.handshake_timeout_s),
+            grace_period_s=limits.number("grace_period_s", d_limits.grace_period_s),
+        ),
+        "heartbeat_s": root.number("heartbeat_s", DEFAULT_HEARTBEAT_S),
+    }
+
+
+_TOP_LEVEL: Final = (
+    "listen", "tls", "admins", "tokens", "lease", "pin_guard", "audit", "control", "limits", "heartbeat_s",
+)  # fmt: skip
+
+
+def parse_server_config(mapping: object, path: Path | str) -> ServerConfig:
+    """Validate the loaded YAML `mapping` of the server config file at `path`.
+
+    Raises:
+        ConfigError: naming the file, the dotted key and the problem.
+    """
+    path = Path(path)
+    base = path.parent
+    root = _Section(mapping, str(path), "", _TOP_LEVEL)
+    listen = root.get("listen")
+    if listen is None:
+        host, port = "0.0.0.0", DEFAULT_PORT  # noqa: S104 - DESIGN §6: a token host serves the network
+    else:
+        host, port = parse_listen(listen, str(path), "listen")
+    return ServerConfig(
+        path=path,
+        host=host,
+        port=port,
+        tls=_parse_tls(root, base),
+        tokens=_parse_tokens(root, base),
+        admins=root.names("admins"),
+        **_parse_sections(root, base),
+    )
+
+
+def load_server_config(path: Path) -> ServerConfig:
+    """Read and validate the YAML file at `path`.
+
+    Raises:
+        ConfigError: the file is missing, is not YAML, or is not a valid server config.
+    """
+    from protocol.runtime.config import load_yaml  # the runtime's loader gives line numbers
+
+    return parse_server_config(load_yaml(path), path)

@@ -1,0 +1,427 @@
+"""Token manager: one task per configured token, the only code that touches its card.
+
+Theory of operation
+-------------------
+`TokenManager.run` is a single loop that owns the card driver, so card access is serialised
+by construction. Sessions hand it commands through one bounded inbox (lease request,
+release, CCID frame) and it answers by `push()`ing wire messages into the sessions' own
+bounded outboxes, never awaiting a client. Disconnects use `detach()`, which is sync and
+cannot be lost (a session's `finally` must not block): the loop applies pending detaches
+before anything else it does.
+
+Policy lives in `LeaseBook` (pure); this loop sleeps until the next lease deadline or the
+next presence poll (at most `POLL_INTERVAL_S`), whichever is first, and turns the book's
+events into card actions and messages:
+
+- `Granted`: cold-reset the card (power off, power on) so nothing from an earlier lease
+  survives (DESIGN §4 isolation, CVE-2023-40660), then send `LeaseGranted` with the fresh ATR;
+- `Ended`: send `LeaseEnded` and power the card off, so a verified PIN dies with the lease;
+- `Queued` / `Dequeued` / `Refusal`: tell the client.
+
+Presence: every poll asks the driver whether the slot is there; a `DeviceError` or an empty
+slot means the token is gone (the holder's lease ends with `token_gone`, every session that
+may see the token gets `TokenStatus(present=False)`). While absent, each poll tries to
+reopen the device; the same serial resumes, a different one is refused and logged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Final
+
+import structlog
+import trio
+
+from bridge_server.config import LeaseConfig, TokenConfig
+from bridge_server.errors import DeviceError, DeviceGoneError, DeviceNotFoundError
+from bridge_server.hub import Hub, Subscriber
+from bridge_server.leases import (
+    Dequeued,
+    Ended,
+    EndReason,
+    Granted,
+    LeaseBook,
+    LeaseEvent,
+    Queued,
+    Refusal,
+)
+from bridge_server.virtual_reader import CardDriver, VirtualReader
+from protocol import wire
+from protocol.ccid import MessageType, decode_message
+from protocol.errors import MalformedCcidMessageError
+
+log = structlog.get_logger(__name__)
+
+POLL_INTERVAL_S: Final = 1.0  # presence is checked at least this often (issue: unplug seen within 1 s)
+INBOX_CAPACITY: Final = 64
+CLEANUP_TIMEOUT_S: Final = 5.0
+
+
+@dataclass(slots=True)
+class OpenedCard:
+    driver: CardDriver
+    serial: str
+    close: Callable[[], Awaitable[None]]
+
+
+CardOpener = Callable[[], Awaitable[OpenedCard]]  # raises DeviceNotFoundError while absent
+
+
+@dataclass(frozen=True, slots=True)
+class _Command:
+    kind: str  # "request" | "release" | "frame" | "shutdown" | "wake"
+    sub: Subscriber | None = None
+    epoch: int = 0
+    raw: bytes = b""
+
+
+_WAKE: Final = _Command("wake")
+
+
+class TokenManager:
+    """One token: its device, its leases, its card. See the module docstring."""
+
+    def __init__(
+        self,
+        token_id: int,
+        config: TokenConfig,
+        lease: LeaseConfig,
+        hub: Hub,
+        opener: CardOpener,
+        *,
+        first_epoch: int,
+        simulated: Any = None,
+    ) -> None:
+        self.token_id = token_id
+        self.config = config
+        self.name = config.name
+        self.hub = hub
+        self.simulated = simulated  # SimulatedToken when `match.simulate`: evidence for tests
+        self.book = LeaseBook(
+            linger_s=lease.linger_s,
+            idle_timeout_s=lease.idle_timeout_s,
+            max_hold_s=lease.max_hold_s,
+            first_epoch=first_epoch,
+            present=False,
+        )
+        self.queue_timeout_s = lease.queue_timeout_s
+        self.atr = b""
+        self._opener = opener
+        self._card: OpenedCard | None = None
+        self._serial = config.match.serial
+        self._refused_serial: str | None = None
+        self._reader: VirtualReader | None = None
+        self._send, self._inbox = trio.open_memory_channel[_Command](INBOX_CAPACITY)
+        self._drops: dict[int, EndReason] = {}
+        self._status_changed = False
+        self._stopped = False
+
+    # -- session-facing API ----------------------------------------------------
+
+    @property
+    def present(self) -> bool:
+        return self._card is not None
+
+    def may_see(self, sub: Subscriber) -> bool:
+        return sub.admin or sub.may_use(self.config.allow)
+
+    def status_for(self, sub: Subscriber) -> wire.TokenStatus:
+        state = "absent" if not self.present else "leased" if self.book.holder else "free"
+        return wire.TokenStatus(
+            token_id=self.token_id,
+            name=self.name,
+            present=self.present,
+            allowed=sub.may_use(self.config.allow),
+            atr=self.atr if self.present else b"",
+            state=state,
+        )
+
+    async def request_lease(self, sub: Subscriber) -> None:
+        await self._send.send(_Command("request", sub))
+
+    async def release_lease(self, sub: Subscriber, epoch: int) -> None:
+        await self._send.send(_Command("release", sub, epoch))
+
+    async def submit_frame(self, sub: Subscriber, epoch: int, raw: bytes) -> None:
+        await self._send.send(_Command("frame", sub, epoch, raw))
+
+    def detach(self, conn_id: int, reason: EndReason = EndReason.DISCONNECTED) -> None:
+        """Forget a connection (sync, never lost): its lease ends and its queue slot goes."""
+        self._drops[conn_id] = reason
+        # If the inbox is full the loop still applies drops before its next command.
+        with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+            self._send.send_nowait(_WAKE)
+
+    async def shutdown(self) -> None:
+        """End every lease with `shutdown`, power the card off and make `run` return."""
+        await self._send.send(_Command("shutdown"))
+
+    def snapshot(self) -> dict[str, Any]:
+        holder = self.book.holder
+        return {
+            "token_id": self.token_id,
+            "present": self.present,
+            "serial": self._serial,
+            "atr": self.atr.hex(),
+            "holder": holder.identity if holder else None,
+            "epoch": holder.epoch if holder else None,
+            "apdus": holder.apdus if holder else 0,
+            "queue": len(self.book.waiting),
+        }
+
+    # -- the loop ----------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        await self._try_attach()
+        task_status.started()
+        try:
+            await self._loop()
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_TIMEOUT_S):
+                await self._stop()
+
+    async def _loop(self) -> None:
+        next_poll = trio.current_time() + POLL_INTERVAL_S
+        while not self._stopped:
+            await self._apply_drops()
+            await self._apply(self.book.tick(trio.current_time()))
+            deadline = self.book.next_deadline()
+            cmd: _Command | None = None
+            with trio.move_on_at(min(next_poll, math.inf if deadline is None else deadline)):
+                cmd = await self._inbox.receive()
+            if cmd is not None:
+                await self._handle(cmd)
+            if trio.current_time() >= next_poll:
+                await self._poll_presence()
+                next_poll = trio.current_time() + POLL_INTERVAL_S
+
+    async def _handle(self, cmd: _Command) -> None:
+        if cmd.kind == "shutdown":
+            await self._stop()
+            return
+        sub = cmd.sub
+        if sub is None or sub.closed or sub.conn_id in self._drops:
+            return  # wake-up, or a command that raced its session's end
+        now = trio.current_time()
+        if cmd.kind == "request":
+            if not sub.may_use(self.config.allow):
+                self._error(sub, "not_allowed", f"{sub.name!r} may not use token {self.name!r}")
+                return
+            events = self.book.request(sub.conn_id, sub.name, now, queue_timeout=self.queue_timeout_s)
+            await self._apply(events)
+        elif cmd.kind == "release":
+            await self._apply(self.book.release(sub.conn_id, cmd.epoch, now))
+        elif cmd.kind == "frame":
+            await self._frame(sub, cmd.epoch, cmd.raw)
+
+    async def _frame(self, sub: Subscriber, epoch: int, raw: bytes) -> None:
+        refusal = self.book.check_frame(sub.conn_id, epoch)
+        if refusal is not None:
+            self._error(sub, refusal, f"no lease with epoch {epoch} on token {self.name!r}")
+            return
+        try:
+            msg = decode_message(raw)
+        except MalformedCcidMessageError as exc:
+            self._error(sub, "bad_ccid", str(exc))
+            return
+        assert self._reader is not None  # a holder always has a reader (set on grant)
+        result = await self._reader.execute(msg)
+        now = trio.current_time()
+        self.book.note_frame(now, apdu=result.apdu)
+        sub.push(wire.CcidFrame(token_id=self.token_id, epoch=epoch, message=result.response.encode()))
+        if result.powered_off:
+            self.book.note_power_off(now)
+        if result.failure is not None:
+            await self._device_failed(result.failure, during=msg.msg_type)
+
+    # -- events -> actions -------------------------------------------------------
+
+    async def _apply(self, events: list[LeaseEvent]) -> None:
+        pending = list(events)
+        await self._run_events(pending)
+        if self._status_changed:  # after the LeaseEnded messages, so a client sees the cause first
+            self._status_changed = False
+            self._broadcast_status()
+
+    async def _run_events(self, pending: list[LeaseEvent]) -> None:
+        while pending:
+            event = pending.pop(0)
+            if isinstance(event, Granted):
+                pending += await self._grant(event)
+            elif isinstance(event, Ended):
+                pending += await self._ended(event)
+            elif isinstance(event, Queued):
+                self._push(event.conn_id, wire.LeaseQueued(token_id=self.token_id, position=event.position))
+            elif isinstance(event, Dequeued):
+                self._error_to(event.conn_id, str(event.reason), f"lease request for {self.name!r} ended")
+            elif isinstance(event, Refusal):
+                self._error_to(event.conn_id, event.code, f"lease rule on token {self.name!r}: {event.code}")
+
+    async def _grant(self, event: Granted) -> list[LeaseEvent]:
+        now = trio.current_time()
+        sub = self.hub.get(event.conn_id)
+        if sub is None or sub.closed or self._card is None:
+            return self.book.drop(event.conn_id, now, EndReason.DISCONNECTED)
+        driver = self._card.driver
+        try:
+            # DESIGN §4: cold reset before every grant; nothing crosses from one lease to the next.
+            await driver.power_off()
+            atr = await driver.power_on()
+        except DeviceError as exc:
+            return await self._device_failed(exc, during=None, apply=False)
+        self.atr = atr
+        self._reader = VirtualReader(driver, atr)
+        if self.simulated is not None:
+            self.simulated.current_epoch = event.epoch
+        sub.push(wire.LeaseGranted(token_id=self.token_id, epoch=event.epoch, atr=atr))
+        log.info(
+            "lease.granted",
+            token=self.name,
+            client_id=event.identity,
+            conn_id=event.conn_id,
+            lease_epoch=event.epoch,
+        )
+        return []
+
+    async def _ended(self, event: Ended) -> list[LeaseEvent]:
+        self._reader = None
+        if self.simulated is not None:
+            self.simulated.current_epoch = None
+        msg = wire.LeaseEnded(token_id=self.token_id, epoch=event.epoch, reason=str(event.reason))
+        self._push(event.conn_id, msg)
+        log.info(
+            "lease.ended",
+            token=self.name,
+            client_id=event.identity,
+            conn_id=event.conn_id,
+            lease_epoch=event.epoch,
+            duration_ms=round(event.held_s * 1000),
+            apdus=event.apdus,
+            reason=str(event.reason),
+        )
+        if self._card is not None and event.reason is not EndReason.TOKEN_GONE:
+            try:
+                await self._card.driver.power_off()  # the verified PIN dies with the lease
+            except DeviceError as exc:
+                return await self._device_failed(exc, during=None, apply=False)
+        return []
+
+    async def _device_failed(
+        self, exc: DeviceError, *, during: MessageType | None, apply: bool = True
+    ) -> list[LeaseEvent]:
+        """The card failed: end the lease; if the device is gone, mark the token absent."""
+        now = trio.current_time()
+        log.warning(
+            "device.failed", token=self.name, error=str(exc), msg_type=during.name if during else None
+        )
+        if isinstance(exc, DeviceGoneError):
+            events = await self._lose_card(str(exc))
+        else:
+            events = self.book.end(now, EndReason.DEVICE_ERROR)
+        if apply:
+            await self._apply(events)
+            return []
+        return events
+
+    # -- presence ----------------------------------------------------------------
+
+    async def _poll_presence(self) -> None:
+        if self._card is None:
+            await self._try_attach()
+            return
+        try:
+            present = await self._card.driver.slot_present()
+        except DeviceError as exc:
+            present, why = False, str(exc)
+        else:
+            why = "slot empty"
+        if not present:
+            await self._apply(await self._lose_card(why))
+
+    async def _lose_card(self, why: str) -> list[LeaseEvent]:
+        card, self._card = self._card, None
+        self._reader = None
+        if card is not None:
+            log.warning("device.gone", token=self.name, device=card.serial, reason=why)
+            await self._close_card(card)
+        self._status_changed = True
+        return self.book.set_present(False, trio.current_time())
+
+    async def _try_attach(self) -> None:
+        try:
+            card = await self._opener()
+        except DeviceNotFoundError:
+            return
+        except DeviceError as exc:
+            log.warning("device.open_failed", token=self.name, error=str(exc))
+            return
+        if self._serial is not None and card.serial.casefold() != self._serial.casefold():
+            if self._refused_serial != card.serial:
+                log.warning(
+                    "device.refused",
+                    token=self.name,
+                    device=card.serial,
+                    expected=self._serial,
+                    reason="a different token is plugged in where this one was",
+                )
+                self._refused_serial = card.serial
+            await self._close_card(card)
+            return
+        try:
+            atr = await card.driver.power_on()  # cache the ATR for TokenStatus
+            await card.driver.power_off()
+        except DeviceError as exc:
+            log.warning("device.open_failed", token=self.name, error=str(exc))
+            await self._close_card(card)
+            return
+        self._serial, self._refused_serial, self._card, self.atr = card.serial, None, card, atr
+        log.info("device.attached", token=self.name, device=card.serial, atr=atr.hex())
+        self._broadcast_status()
+        await self._apply(self.book.set_present(True, trio.current_time()))
+
+    async def _close_card(self, card: OpenedCard) -> None:
+        with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_TIMEOUT_S):
+            try:
+                await card.close()
+            except DeviceError as exc:
+                log.debug("device.close_failed", token=self.name, error=str(exc))
+
+    async def _stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        await self._apply(self.book.shutdown(trio.current_time()))
+        card, self._card = self._card, None
+        if card is not None:
+            try:
+                await card.driver.power_off()
+            except DeviceError as exc:
+                log.debug("device.power_off_failed", token=self.name, error=str(exc))
+            await self._close_card(card)
+        self._send.close()
+
+    # -- helpers -------------------------------------------------------------------
+
+    async def _apply_drops(self) -> None:
+        drops, self._drops = self._drops, {}
+        for conn_id, reason in drops.items():
+            await self._apply(self.book.drop(conn_id, trio.current_time(), reason))
+
+    def _broadcast_status(self) -> None:
+        for sub in self.hub:
+            if self.may_see(sub):
+                sub.push(self.status_for(sub))
+
+    def _push(self, conn_id: int, msg: object) -> None:
+        sub = self.hub.get(conn_id)
+        if sub is not None:
+            sub.push(msg)
+
+    def _error(self, sub: Subscriber, code: str, message: str) -> None:
+        sub.push(wire.ErrorMessage(code=code, message=message, token_id=self.token_id))
+
+    def _error_to(self, conn_id: int, code: str, message: str) -> None:
+        self._push(conn_id, wire.ErrorMessage(code=code, message=message, token_id=self.token_id))
