@@ -38,7 +38,9 @@ class ClientApp:
             connect_timeout_s=cfg.connect_timeout_s,
         )
         self.links = [
-            VpcdLink(self.tunnel, r.token, host=r.vpcd_host, port=r.vpcd_port, queue_timeout_s=cfg.queue_timeout_s)
+            VpcdLink(
+                self.tunnel, r.token, host=r.vpcd_host, port=r.vpcd_port, queue_timeout_s=cfg.queue_timeout_s
+            )
             for r in cfg.readers
         ]
 

@@ -34,16 +34,24 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="client config (default: %(default)s)")
     parser.add_argument(
-        "--log-level", default="info", choices=["debug", "info", "warning", "error"], help="default: %(default)s"
+        "--config", type=Path, default=DEFAULT_CONFIG, help="client config (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="default: %(default)s",
     )
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("run", help="run the client (the default)")
     status = sub.add_parser("status", help="show the running client's tunnel, readers and lease")
     status.add_argument("--json", action="store_true", help="machine-readable output")
-    status.add_argument("--socket", type=Path, help="status socket (default: from the config, else %s)"
-                        % DEFAULT_STATUS_SOCKET)
+    status.add_argument(
+        "--socket",
+        type=Path,
+        help=f"status socket (default: from the config, else {DEFAULT_STATUS_SOCKET})",
+    )
     sub.add_parser("check-config", help="validate the config file and exit")
     return parser
 
@@ -55,8 +63,10 @@ def main(argv: list[str] | None = None) -> int:
             return _status(args)
         config = load_client_config(args.config)
         if args.command == "check-config":
-            print(f"{args.config}: ok ({len(config.readers)} reader(s), server {config.server_host}:"
-                  f"{config.server_port})")
+            print(
+                f"{args.config}: ok ({len(config.readers)} reader(s), server {config.server_host}:"
+                f"{config.server_port})"
+            )
             return 0
         configure_logging(level=args.log_level)
         from bridge_client.app import main_async
@@ -82,8 +92,11 @@ def _status(args: argparse.Namespace) -> int:
     try:
         data = trio.run(fetch_status, path)
     except (OSError, trio.TooSlowError) as exc:
-        print(f"tokenbridge-client: cannot read status from {path}: {exc}. Is the client running, and does "
-              "its config set status.socket?", file=sys.stderr)
+        print(
+            f"tokenbridge-client: cannot read status from {path}: {exc}. Is the client running, and does "
+            "its config set status.socket?",
+            file=sys.stderr,
+        )
         return 1
     if args.json:
         print(json.dumps(data, indent=2))

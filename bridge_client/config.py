@@ -94,7 +94,8 @@ def parse_client_config(raw: dict[str, Any], path: Path) -> ClientConfig:
     status_socket = optional_str(status, "socket", path, prefix="status")
     initial = optional_float(reconnect, "initial_s", path, 0.5, prefix="reconnect", minimum=0.01)
     maximum = optional_float(reconnect, "max_s", path, 30.0, prefix="reconnect", minimum=0.01)
-    assert initial is not None and maximum is not None
+    assert initial is not None
+    assert maximum is not None
     if maximum < initial:
         raise ConfigError(str(path), "reconnect.max_s", f"must be at least reconnect.initial_s ({initial})")
     return ClientConfig(
@@ -107,8 +108,10 @@ def parse_client_config(raw: dict[str, Any], path: Path) -> ClientConfig:
         queue_timeout_s=optional_float(lease, "queue_timeout_s", path, 900.0, prefix="lease") or 900.0,
         reconnect_initial_s=initial,
         reconnect_max_s=maximum,
-        connect_timeout_s=optional_float(reconnect, "connect_timeout_s", path, 10.0, prefix="reconnect",
-                                         minimum=0.1) or 10.0,
+        connect_timeout_s=optional_float(
+            reconnect, "connect_timeout_s", path, 10.0, prefix="reconnect", minimum=0.1
+        )
+        or 10.0,
         status_socket=resolve_path(status_socket, path) if status_socket else None,
     )
 
@@ -116,7 +119,9 @@ def parse_client_config(raw: dict[str, Any], path: Path) -> ClientConfig:
 def _parse_readers(raw: dict[str, Any], path: Path) -> tuple[ReaderConfig, ...]:
     items = raw.get("readers")
     if not isinstance(items, list) or not items:
-        raise ConfigError(str(path), "readers", "must be a non-empty list of {token: NAME, vpcd: {connect: HOST:PORT}}")
+        raise ConfigError(
+            str(path), "readers", "must be a non-empty list of {token: NAME, vpcd: {connect: HOST:PORT}}"
+        )
     readers: list[ReaderConfig] = []
     for index, item in enumerate(items):
         prefix = f"readers[{index}]"
@@ -126,7 +131,10 @@ def _parse_readers(raw: dict[str, Any], path: Path) -> tuple[ReaderConfig, ...]:
         token = require_str(item, "token", path, prefix=prefix)
         vpcd = optional_mapping(item, "vpcd", path, prefix=prefix) or {}
         reject_unknown(vpcd, ["connect"], path, f"{prefix}.vpcd")
-        text = optional_str(vpcd, "connect", path, prefix=f"{prefix}.vpcd") or f"127.0.0.1:{VPCD_BASE_PORT + index}"
+        text = (
+            optional_str(vpcd, "connect", path, prefix=f"{prefix}.vpcd")
+            or f"127.0.0.1:{VPCD_BASE_PORT + index}"
+        )
         try:
             host, port = parse_hostport(text, VPCD_BASE_PORT + index)
         except ValueError as exc:

@@ -64,9 +64,7 @@ def snapshot(app: ClientApp) -> dict[str, Any]:
 async def serve_status(
     app: ClientApp, path: Path, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
 ) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.is_socket():
-        path.unlink()
+    _prepare_socket_path(path)
     sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
     await sock.bind(str(path))
     os.chmod(path, 0o660)
@@ -86,7 +84,17 @@ async def serve_status(
     try:
         await trio.serve_listeners(handle, [listener], task_status=task_status)
     finally:
-        path.unlink(missing_ok=True)
+        _remove_socket(path)
+
+
+def _prepare_socket_path(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_socket():  # a stale socket from a crashed run
+        path.unlink()
+
+
+def _remove_socket(path: Path) -> None:
+    path.unlink(missing_ok=True)
 
 
 async def fetch_status(path: Path) -> dict[str, Any]:

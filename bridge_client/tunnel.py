@@ -191,7 +191,10 @@ class Tunnel:
             self.status.reason = reason
             self._notify()
             log.warning(
-                "tunnel.disconnected", peer=f"{self.host}:{self.port}", reason=reason, retry_in_s=round(delay, 2)
+                "tunnel.disconnected",
+                peer=f"{self.host}:{self.port}",
+                reason=reason,
+                retry_in_s=round(delay, 2),
             )
             await trio.sleep(delay)
 
@@ -204,8 +207,9 @@ class Tunnel:
             except (trio.BrokenResourceError, ssl.SSLError) as exc:
                 await trio.aclose_forcefully(stream)
                 cause = exc.__cause__ if isinstance(exc, trio.BrokenResourceError) else exc
-                raise TunnelDown(f"TLS handshake with {self.host}:{self.port} failed: "
-                                 f"{describe_handshake_error(cause)}") from exc
+                raise TunnelDown(
+                    f"TLS handshake with {self.host}:{self.port} failed: {describe_handshake_error(cause)}"
+                ) from exc
             conn = FramedConnection(stream, BridgeConnection(Role.CLIENT))
             try:
                 first = await conn.receive()
@@ -231,8 +235,9 @@ class Tunnel:
         self.status.server, self.status.identity = first.server, first.identity
         self.status.connected_since = time.time()
         self._notify()
-        log.info("tunnel.connected", peer=f"{self.host}:{self.port}", server=first.server,
-                 client_id=first.identity)
+        log.info(
+            "tunnel.connected", peer=f"{self.host}:{self.port}", server=first.server, client_id=first.identity
+        )
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._heartbeat, conn, max(0.05, first.heartbeat_interval))
             await self._receive_loop(conn)

@@ -36,7 +36,7 @@ import trio
 
 from bridge_client.backoff import Backoff
 from bridge_client.errors import TunnelError
-from bridge_client.tunnel import Tunnel, TokenState
+from bridge_client.tunnel import TokenState, Tunnel
 from protocol import ccid
 from protocol._sentinel import NEED_DATA
 from protocol.apdu import redact
@@ -88,9 +88,16 @@ class VpcdLink:
             except OSError as exc:
                 delay = self.backoff.next_delay()
                 self.status.state = "vpcd_unreachable"
-                self.status.reason = f"cannot connect to vpcd at {self.host}:{self.port}: {exc.strerror or exc}"
-                log.warning("vpcd.unreachable", token=self.token, port=self.port, reason=self.status.reason,
-                            retry_in_s=round(delay, 2))
+                self.status.reason = (
+                    f"cannot connect to vpcd at {self.host}:{self.port}: {exc.strerror or exc}"
+                )
+                log.warning(
+                    "vpcd.unreachable",
+                    token=self.token,
+                    port=self.port,
+                    reason=self.status.reason,
+                    retry_in_s=round(delay, 2),
+                )
                 await trio.sleep(delay)
                 continue
             self.backoff.reset()
@@ -131,8 +138,11 @@ class VpcdLink:
             try:
                 await self._vpcd_loop(stream)
             except (TunnelError, trio.TooSlowError) as exc:
-                reason = f"exchange failed: {exc}" if not isinstance(exc, trio.TooSlowError) else (
-                    "gave up waiting in the lease queue")
+                reason = (
+                    f"exchange failed: {exc}"
+                    if not isinstance(exc, trio.TooSlowError)
+                    else ("gave up waiting in the lease queue")
+                )
             except (trio.BrokenResourceError, trio.ClosedResourceError, RemoteProtocolError) as exc:
                 reason = f"vpcd connection error: {exc}"
             nursery.cancel_scope.cancel()

@@ -15,7 +15,7 @@ DESCRIPTION = "Administer tokenbridge: try it on a simulated token, and set up t
 
 EPILOG = """\
 examples:
-  tokenbridge demo                                        sign a script through the whole chain, simulated token
+  tokenbridge demo                                        sign a script through the whole chain
   tokenbridge pki init --dir /etc/tokenbridge/pki          create the deployment CA and an empty CRL
   tokenbridge pki issue-server tokenhost.example 10.0.0.5  server certificate with those SANs
   tokenbridge pki issue-client build-vm-01 --server tokenhost.example:7447
@@ -29,15 +29,22 @@ DEFAULT_PKI = Path("/etc/tokenbridge/pki")
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="tokenbridge", description=DESCRIPTION, epilog=EPILOG,
+        prog="tokenbridge",
+        description=DESCRIPTION,
+        epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = sub.add_parser("demo", help="run server, client and a real signature on a simulated token")
-    demo.add_argument("--profile", default="safenet-5110",
-                      help="simulated token: safenet-5110, yubikey5, etoken-fusion, epass2003 (default: %(default)s)")
-    demo.add_argument("--keep", action="store_true", help="keep the demo folder (certificates, logs, signed file)")
+    demo.add_argument(
+        "--profile",
+        default="safenet-5110",
+        help="simulated token: safenet-5110, yubikey5, etoken-fusion, epass2003 (default: %(default)s)",
+    )
+    demo.add_argument(
+        "--keep", action="store_true", help="keep the demo folder (certificates, logs, signed file)"
+    )
     demo.add_argument("--json", action="store_true", help="print the step timings as JSON at the end")
 
     pki = sub.add_parser("pki", help="deployment CA, server and client certificates, revocation")
@@ -45,7 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     psub = pki.add_subparsers(dest="pki_command", required=True, metavar="PKI_COMMAND")
     p_init = psub.add_parser("init", help="create the CA and an empty CRL")
     p_init.add_argument("--name", default="tokenbridge deployment CA", help="CA common name")
-    p_init.add_argument("--force", action="store_true", help="replace an existing CA (invalidates every certificate)")
+    p_init.add_argument(
+        "--force", action="store_true", help="replace an existing CA (invalidates every certificate)"
+    )
     p_srv = psub.add_parser("issue-server", help="issue the server certificate")
     p_srv.add_argument("names", nargs="+", metavar="HOST", help="DNS names and IP addresses clients use")
     p_srv.add_argument("--days", type=int, default=397)
@@ -53,7 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_cli.add_argument("name", help="the client's identity (certificate CN), e.g. build-vm-01")
     p_cli.add_argument("--admin", action="store_true", help="mark it as an admin identity")
     p_cli.add_argument("--server", default="tokenhost.example:7447", help="server address for client.yaml")
-    p_cli.add_argument("--token", action="append", dest="tokens", help="token name(s) for client.yaml readers")
+    p_cli.add_argument(
+        "--token", action="append", dest="tokens", help="token name(s) for client.yaml readers"
+    )
     p_cli.add_argument("--days", type=int, default=397)
     p_cli.add_argument("--out", type=Path, help="bundle folder (default: DIR/clients/NAME)")
     p_rev = psub.add_parser("revoke", help="revoke every certificate of NAME and rewrite the CRL")
@@ -92,11 +103,14 @@ def _pki(args: argparse.Namespace) -> int:
         issued = pki.issue_server(args.names, days=args.days)
         print(f"server certificate {issued.cert} and key {issued.key} (SANs: {', '.join(args.names)})")
     elif cmd == "issue-client":
-        issued = pki.issue_client(args.name, admin=args.admin, days=args.days, out=args.out,
-                                  server=args.server, tokens=args.tokens)
+        issued = pki.issue_client(
+            args.name, admin=args.admin, days=args.days, out=args.out, server=args.server, tokens=args.tokens
+        )
         folder = issued.cert.parent
-        print(f"client bundle for {args.name} in {folder}: {issued.cert.name}, {issued.key.name}, ca.pem, "
-              "client.yaml")
+        print(
+            f"client bundle for {args.name} in {folder}: {issued.cert.name}, {issued.key.name}, ca.pem, "
+            "client.yaml"
+        )
         print(f"copy it to the build VM's /etc/tokenbridge/ and add '{args.name}' to the token's allow list")
     elif cmd == "revoke":
         serials = pki.revoke(args.name)

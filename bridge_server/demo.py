@@ -33,7 +33,7 @@ T = TypeVar("T")
 
 VPCD_BASE_PORT = 35963
 VPCD_SLOTS = (0, 1)
-LOCK_DIR = Path(os.environ.get("TOKENBRIDGE_E2E_LOCK_DIR", "/tmp"))
+LOCK_DIR = Path(os.environ.get("TOKENBRIDGE_E2E_LOCK_DIR", tempfile.gettempdir()))
 PIN = "123456"
 
 
@@ -43,9 +43,11 @@ class DemoError(BridgeError):
 
 def _multiarch() -> str:
     machine = platform.machine()
-    return {"x86_64": "x86_64-linux-gnu", "aarch64": "aarch64-linux-gnu", "armv7l": "arm-linux-gnueabihf"}.get(
-        machine, f"{machine}-linux-gnu"
-    )
+    return {
+        "x86_64": "x86_64-linux-gnu",
+        "aarch64": "aarch64-linux-gnu",
+        "armv7l": "arm-linux-gnueabihf",
+    }.get(machine, f"{machine}-linux-gnu")
 
 
 OPENSC_PKCS11 = Path(f"/usr/lib/{_multiarch()}/opensc-pkcs11.so")
@@ -118,7 +120,9 @@ def claim_vpcd_slot(timeout: float = 120.0) -> Iterator[int]:
                 lock.close()
             return
         if time.monotonic() > deadline:
-            raise DemoError("no free vpcd slot: both 'Virtual PCD' readers show a card (another user of pcscd?)")
+            raise DemoError(
+                "no free vpcd slot: both 'Virtual PCD' readers show a card (another user of pcscd?)"
+            )
         time.sleep(0.5)
 
 
@@ -177,13 +181,14 @@ class BridgeStack:
 
     def write_server_config(self, allow: list[str]) -> Path:
         tokens = "\n".join(
-            f"  - name: {name}\n    match: {{simulate: {profile}, state: state}}\n    allow: [{', '.join(allow)}]"
+            f"  - name: {name}\n    match: {{simulate: {profile}, state: state}}\n"
+            f"    allow: [{', '.join(allow)}]"
             for name, profile in zip(self.token_names, self.profiles, strict=True)
         )
         lease = ", ".join(f"{k}: {v}" for k, v in self.lease.items())
         path = self.workdir / "server.yaml"
         path.write_text(
-            f"listen: \"127.0.0.1:{self.server_port}\"\n"
+            f'listen: "127.0.0.1:{self.server_port}"\n'
             f"tls: {{ca: pki/ca.pem, cert: pki/localhost.pem, key: pki/localhost.key, crl: pki/crl.pem}}\n"
             f"heartbeat_s: {self.heartbeat_s}\n"
             f"tokens:\n{tokens}\n"
@@ -197,12 +202,12 @@ class BridgeStack:
     def write_client_config(self, name: str, slots: list[int]) -> Path:
         bundle = self.pki.folder / "clients" / name
         readers = "\n".join(
-            f"  - token: {tok}\n    vpcd: {{connect: \"127.0.0.1:{VPCD_BASE_PORT + slot}\"}}"
+            f'  - token: {tok}\n    vpcd: {{connect: "127.0.0.1:{VPCD_BASE_PORT + slot}"}}'
             for tok, slot in zip(self.token_names, slots, strict=False)
         )
         path = self.workdir / f"client-{name}.yaml"
         path.write_text(
-            f"server: \"127.0.0.1:{self.server_port}\"\n"
+            f'server: "127.0.0.1:{self.server_port}"\n'
             f"server_name: localhost\n"
             f"tls: {{ca: {bundle}/ca.pem, cert: {bundle}/{name}.pem, key: {bundle}/{name}.key}}\n"
             f"reconnect: {{initial_s: 0.2, max_s: 2}}\n"
@@ -221,8 +226,15 @@ class BridgeStack:
         return daemon
 
     def start_server(self, timeout: float = 30.0) -> Daemon:
-        cmd = [sys.executable, "-m", "bridge_server", "--config", str(self.workdir / "server.yaml"),
-               "--log-level", self.log_level]
+        cmd = [
+            sys.executable,
+            "-m",
+            "bridge_server",
+            "--config",
+            str(self.workdir / "server.yaml"),
+            "--log-level",
+            self.log_level,
+        ]
         self.server = daemon = self._spawn("server", cmd)
 
         def listening() -> bool:
@@ -258,7 +270,9 @@ class BridgeStack:
 # -- signing helpers (also used by the end-to-end tests) ------------------------------------
 
 
-def pkcs11(*args: str, slot: int, timeout: float = 120.0, check: bool = True) -> subprocess.CompletedProcess[str]:
+def pkcs11(
+    *args: str, slot: int, timeout: float = 120.0, check: bool = True
+) -> subprocess.CompletedProcess[str]:
     cmd = ["pkcs11-tool", "--module", str(OPENSC_PKCS11), "--slot-description", reader_name(slot), *args]
     return run(cmd, timeout=timeout, check=check)
 
@@ -281,13 +295,32 @@ def read_certificate_pem(slot: int, key_id: str, out: Path) -> Path:
     return out
 
 
-def osslsigncode_sign(slot: int, cert: Path, infile: Path, outfile: Path, *, key_id: str = "01",
-                      pin: str = PIN) -> subprocess.CompletedProcess[str]:
+def osslsigncode_sign(
+    slot: int, cert: Path, infile: Path, outfile: Path, *, key_id: str = "01", pin: str = PIN
+) -> subprocess.CompletedProcess[str]:
     serial = token_serial(slot)
     key_uri = f"pkcs11:serial={serial};id=%{key_id};type=private;pin-value={pin}"
     outfile.unlink(missing_ok=True)
-    return run(["osslsigncode", "sign", "-pkcs11engine", str(PKCS11_ENGINE), "-pkcs11module", str(OPENSC_PKCS11),
-                "-key", key_uri, "-certs", str(cert), "-h", "sha256", "-in", str(infile), "-out", str(outfile)])
+    return run(
+        [
+            "osslsigncode",
+            "sign",
+            "-pkcs11engine",
+            str(PKCS11_ENGINE),
+            "-pkcs11module",
+            str(OPENSC_PKCS11),
+            "-key",
+            key_uri,
+            "-certs",
+            str(cert),
+            "-h",
+            "sha256",
+            "-in",
+            str(infile),
+            "-out",
+            str(outfile),
+        ]
+    )
 
 
 def osslsigncode_verify(cert: Path, signed: Path) -> subprocess.CompletedProcess[str]:
@@ -321,12 +354,19 @@ def _check_tools() -> None:
     if not Path("/etc/reader.conf.d/vpcd").exists():
         missing.append("vsmartcard-vpcd (/etc/reader.conf.d/vpcd)")
     if missing:
-        raise DemoError(f"missing: {', '.join(missing)}; `make demo` installs them (or: apt-get install pcscd "
-                        "vsmartcard-vpcd opensc osslsigncode libengine-pkcs11-openssl)")
+        raise DemoError(
+            f"missing: {', '.join(missing)}; `make demo` installs them (or: apt-get install pcscd "
+            "vsmartcard-vpcd opensc osslsigncode libengine-pkcs11-openssl)"
+        )
     if not Path("/run/pcscd/pcscd.comm").exists():
-        raise DemoError("pcscd is not running; start it (`systemctl start pcscd` or `pcscd`) — `make demo` does")
-    wait_for(lambda: reader_name(0) in card_states(), timeout=20, what="pcscd to list the vpcd readers "
-             "(restart pcscd after installing vsmartcard-vpcd)")
+        raise DemoError(
+            "pcscd is not running; start it (`systemctl start pcscd` or `pcscd`) — `make demo` does"
+        )
+    wait_for(
+        lambda: reader_name(0) in card_states(),
+        timeout=20,
+        what="pcscd to list the vpcd readers (restart pcscd after installing vsmartcard-vpcd)",
+    )
 
 
 def run_demo(*, profile: str = "safenet-5110", keep: bool = False, as_json: bool = False) -> int:
@@ -342,7 +382,9 @@ def run_demo(*, profile: str = "safenet-5110", keep: bool = False, as_json: bool
             with n.step("Creating a throw-away CA, a server certificate and a client certificate"):
                 stack.make_pki(["demo-build-vm"])
                 stack.write_server_config(allow=["demo-build-vm"])
-            with n.step(f"Starting tokenbridge-server on 127.0.0.1:{stack.server_port} (simulated {profile})"):
+            with n.step(
+                f"Starting tokenbridge-server on 127.0.0.1:{stack.server_port} (simulated {profile})"
+            ):
                 stack.start_server()
             with n.step(f"Starting tokenbridge-client; waiting for the card in '{reader_name(slot)}'"):
                 client = stack.start_client("demo-build-vm", [slot])
@@ -363,15 +405,20 @@ def run_demo(*, profile: str = "safenet-5110", keep: bool = False, as_json: bool
     except (DemoError, BridgeError, subprocess.TimeoutExpired) as exc:
         print(f"\ntokenbridge demo failed: {exc}", file=sys.stderr)
         for daemon in stack.daemons:
-            print(f"\n--- last lines of {daemon.log_path} ---\n" + "\n".join(daemon.log_text().splitlines()[-25:]),
-                  file=sys.stderr)
+            print(
+                f"\n--- last lines of {daemon.log_path} ---\n"
+                + "\n".join(daemon.log_text().splitlines()[-25:]),
+                file=sys.stderr,
+            )
         stack.stop()
         print(f"\nlogs and files kept in {workdir}", file=sys.stderr)
         return 1
     finally:
         stack.stop()
-    print(f"\nDone in {time.monotonic() - total:.1f} s: a PowerShell script was signed with a key that never "
-          "left the (simulated) token, over mutual TLS, and the signature verifies.")
+    print(
+        f"\nDone in {time.monotonic() - total:.1f} s: a PowerShell script was signed with a key that never "
+        "left the (simulated) token, over mutual TLS, and the signature verifies."
+    )
     if as_json:
         print(json.dumps({"profile": profile, "steps": n.steps}, indent=2))
     if keep:
