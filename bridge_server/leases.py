@@ -30,24 +30,15 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import Final
+
+from protocol.wire import LeaseEndReason
 
 EPOCH_MAX: Final = 0xFFFFFFFF  # wire: epoch is u32be
 
 
-class EndReason(StrEnum):
-    RELEASED = "released"
-    LINGER_EXPIRED = "linger_expired"
-    IDLE_TIMEOUT = "idle_timeout"
-    MAX_HOLD = "max_hold"
-    DISCONNECTED = "disconnected"
-    HEARTBEAT_LOST = "heartbeat_lost"
-    TOKEN_GONE = "token_gone"  # noqa: S105 - a reason, not a secret
-    DEVICE_ERROR = "device_error"
-    REVOKED = "revoked"
-    QUEUE_TIMEOUT = "queue_timeout"
-    SHUTDOWN = "shutdown"
+# One vocabulary for the server's bookkeeping and the wire's LeaseEnded.reason.
+EndReason = LeaseEndReason
 
 
 def initial_epoch(wall_time: float) -> int:

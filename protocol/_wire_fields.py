@@ -64,7 +64,8 @@ def _int_in(value: object, high: int) -> int:
 
 
 def _text(value: object) -> str:
-    if type(value) is not str:
+    # isinstance, not type(): StrEnum members (wire.ErrorCode, wire.LeaseEndReason) are strings.
+    if not isinstance(value, str):
         raise ValueError(f"expected a string, got {type(value).__name__}")
     if len(value) > MAX_STRING_CHARS:
         raise ValueError(f"string of {len(value)} characters exceeds {MAX_STRING_CHARS}")

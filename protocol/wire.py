@@ -106,15 +106,23 @@ class ErrorCode(StrEnum):  # ruff S105 below: "token" in a name is a USB token, 
 
 
 class LeaseEndReason(StrEnum):
-    """Well-known `LeaseEnded.reason` values (docs/protocol.md §5)."""
+    """`LeaseEnded.reason` values the server sends (docs/protocol.md §5.3).
+
+    `released` and `linger_expired` are endings the client asked for; every other reason means
+    the card was taken away from a holder that may still believe it is logged in.
+    """
 
     RELEASED = "released"
-    POWERED_OFF = "powered_off"
+    LINGER_EXPIRED = "linger_expired"
     IDLE_TIMEOUT = "idle_timeout"
     MAX_HOLD = "max_hold"
-    REVOKED = "revoked"
+    DISCONNECTED = "disconnected"
+    HEARTBEAT_LOST = "heartbeat_lost"
     TOKEN_GONE = "token_gone"  # noqa: S105
-    SHUTTING_DOWN = "shutting_down"
+    DEVICE_ERROR = "device_error"
+    REVOKED = "revoked"
+    QUEUE_TIMEOUT = "queue_timeout"
+    SHUTDOWN = "shutdown"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
