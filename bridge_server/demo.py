@@ -131,6 +131,7 @@ class Daemon:
     name: str
     proc: subprocess.Popen[bytes]
     log_path: Path
+    log_offset: int = 0  # where this process's output starts in a log shared across restarts
 
     def stop(self, timeout: float = 15.0) -> int:
         if self.proc.poll() is None:
@@ -148,7 +149,11 @@ class Daemon:
             self.proc.wait()
 
     def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        if not self.log_path.exists():
+            return ""
+        with open(self.log_path, "rb") as fh:
+            fh.seek(self.log_offset)
+            return fh.read().decode(errors="replace")
 
 
 @dataclass
@@ -218,10 +223,11 @@ class BridgeStack:
 
     def _spawn(self, name: str, cmd: list[str]) -> Daemon:
         log_path = self.workdir / f"{name}.log"
+        offset = log_path.stat().st_size if log_path.exists() else 0
         log: IO[bytes]
         with open(log_path, "ab") as log:
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        daemon = Daemon(name, proc, log_path)
+        daemon = Daemon(name, proc, log_path, offset)
         self.daemons.append(daemon)
         return daemon
 
@@ -237,14 +243,14 @@ class BridgeStack:
         ]
         self.server = daemon = self._spawn("server", cmd)
 
-        def listening() -> bool:
+        def ready() -> bool:
             if daemon.proc.poll() is not None:
                 raise DemoError(f"tokenbridge-server exited ({daemon.proc.returncode}):\n{daemon.log_text()}")
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.server_port), 0.5):
-                return True
-            return False
+            # The server logs server.ready once it listens and its tokens are opened (a TCP probe
+            # would work too, but shows up in the server's log as a failed handshake).
+            return '"server.ready"' in daemon.log_text()
 
-        wait_for(listening, timeout=timeout, what="tokenbridge-server to listen")
+        wait_for(ready, timeout=timeout, what="tokenbridge-server to be ready")
         return daemon
 
     def start_client(self, name: str, slots: list[int]) -> Daemon:
