@@ -11,6 +11,7 @@ for p in "${PKGS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
 
+SUDO=()
 if ((${#missing[@]})); then
     if [[ $(id -u) -eq 0 ]]; then SUDO=(); elif command -v sudo >/dev/null; then SUDO=(sudo); else
         echo "tokenbridge: missing Debian packages: ${missing[*]}" >&2
@@ -20,6 +21,18 @@ if ((${#missing[@]})); then
     echo "tokenbridge: installing Debian packages: ${missing[*]}"
     "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq
     "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# pcscd reads /etc/reader.conf.d only at start: a pcscd that was running before vpcd was just
+# installed would not show the "Virtual PCD" readers, so restart it in that one case.
+if [[ " ${missing[*]} " == *" vsmartcard-vpcd "* ]] && pgrep -x pcscd >/dev/null; then
+    echo "tokenbridge: restarting pcscd so it loads the newly installed vpcd driver"
+    if command -v systemctl >/dev/null && [[ -d /run/systemd/system ]]; then
+        ${SUDO[@]+"${SUDO[@]}"} systemctl restart pcscd.service || true
+    else
+        ${SUDO[@]+"${SUDO[@]}"} pkill -x pcscd || true
+        for _ in $(seq 50); do pgrep -x pcscd >/dev/null || break; sleep 0.1; done
+    fi
 fi
 
 # pcscd is one per machine (socket under /run/pcscd); start it only if nobody runs it yet.
