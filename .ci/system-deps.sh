@@ -4,7 +4,7 @@
 set -euo pipefail
 
 PKGS=(pcscd vsmartcard-vpcd opensc opensc-pkcs11 osslsigncode libengine-pkcs11-openssl
-      libusb-1.0-0 openssl python3-venv procps iproute2)
+      libusb-1.0-0 openssl python3-venv procps iproute2 systemd)  # systemd: systemd-analyze for tests/systemd
 
 missing=()
 for p in "${PKGS[@]}"; do

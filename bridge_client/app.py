@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import structlog
 import trio
 
+from bridge_client import service
 from bridge_client.backoff import Backoff
 from bridge_client.config import ClientConfig
 from bridge_client.tunnel import Tunnel
@@ -54,8 +55,7 @@ class ClientApp:
 
                 await nursery.start(serve_status, self, self.config.status_socket)
             nursery.start_soon(run_watchdog, self.notifier)
-            nursery.start_soon(self._report_status)
-            self.notifier.notify(READY="1", STATUS=f"serving {len(self.links)} reader(s)")
+            nursery.start_soon(self._announce_ready)
             log.info(
                 "client.started",
                 server=f"{self.config.server_host}:{self.config.server_port}",
@@ -63,23 +63,27 @@ class ClientApp:
             )
             task_status.started()
 
-    async def _report_status(self) -> None:
-        last = ""
-        while True:
-            st = self.tunnel.status
-            text = f"tunnel {st.state}" + (f": {st.reason}" if st.reason else "")
-            if text != last:
-                self.notifier.notify(STATUS=text[:200])
-                last = text
-            await self.tunnel.wait_changed()
+    async def _announce_ready(self) -> None:
+        """READY=1 once the readers run and the first tunnel attempt ended (bridge_client.service)."""
+        await service.wait_first_attempt(self.tunnel)
+        self.notifier.notify(READY="1", STATUS=service.app_status(self))
+        await service.report_status(self)
+
+    def reload(self) -> bool:
+        """SIGHUP: new certificate, key and CA for the next connection; False keeps the old ones."""
+        return service.reload_tls(self)
 
 
 async def main_async(config: ClientConfig) -> None:
     app = ClientApp(config)
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(app.run)
             async for signum in signals:
+                if signum == signal.SIGHUP:
+                    log.info("client.reload_requested", signal="SIGHUP")
+                    app.reload()
+                    continue
                 log.info("client.stopping", signal=signal.Signals(signum).name)
                 app.notifier.notify(STOPPING="1")
                 nursery.cancel_scope.cancel()

@@ -119,7 +119,7 @@ def render_status(data: dict) -> str:  # type: ignore[type-arg]
         lease = "-" if r["lease"] is None else f"epoch {r['lease']['epoch']}"
         if r["queue_position"] is not None:
             lease = f"queued #{r['queue_position']}"
-        lines.append(f"{r['token']:<16} {r['vpcd']:<18} {r['card']:<18} {lease:<14} {r['reason']}")
+        lines.append(f"{r['token']:<16} {r['vpcd']:<18} {r['card']:<18} {lease:<14} {r['reason']}".rstrip())
     return "\n".join(lines)
 
 

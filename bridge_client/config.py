@@ -105,7 +105,7 @@ def parse_client_config(raw: dict[str, Any], path: Path) -> ClientConfig:
         server_name=optional_str(raw, "server_name", path) or host,
         tls=tls,
         readers=_parse_readers(raw, path),
-        queue_timeout_s=optional_float(lease, "queue_timeout_s", path, 900.0, prefix="lease") or 900.0,
+        queue_timeout_s=_queue_timeout(lease, path),
         reconnect_initial_s=initial,
         reconnect_max_s=maximum,
         connect_timeout_s=optional_float(
@@ -114,6 +114,12 @@ def parse_client_config(raw: dict[str, Any], path: Path) -> ClientConfig:
         or 10.0,
         status_socket=resolve_path(status_socket, path) if status_socket else None,
     )
+
+
+def _queue_timeout(lease: dict[str, Any], path: Path) -> float:
+    value = optional_float(lease, "queue_timeout_s", path, 900.0, prefix="lease", minimum=0.1)
+    assert value is not None
+    return value
 
 
 def _parse_readers(raw: dict[str, Any], path: Path) -> tuple[ReaderConfig, ...]:

@@ -12,8 +12,9 @@ a capped, jittered exponential backoff.
 While open, one receive loop owns the connection: it updates the token table from
 TokenStatus frames and completes the one pending operation a reader may have per token (a
 lease request, or one CCID exchange: vpcd is synchronous per slot, so there is never more
-than one). A heartbeat task sends Ping every interval the server gave us and drops the
-connection when nothing at all was heard for three intervals.
+than one). A heartbeat task sends Ping every interval the server gave us; the receive loop
+drops the connection (best-effort Goodbye) when nothing at all was heard for exactly three
+intervals (docs/protocol.md §6).
 
 When the connection ends, every pending operation fails with TunnelDown, every lease is
 forgotten and tokens are marked absent, so the vpcd links remove their cards: a dropped
@@ -24,8 +25,10 @@ Readers wait for changes with `wait_changed()` (an Event swapped on every change
 
 from __future__ import annotations
 
+import contextlib
 import ssl
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import structlog
@@ -35,9 +38,9 @@ from bridge_client.backoff import Backoff
 from bridge_client.errors import CardFailure, LeaseError, TunnelDown, TunnelRefused
 from protocol import ccid
 from protocol.connection import BridgeConnection, ConnectionClosed, Role
-from protocol.errors import RemoteProtocolError
+from protocol.errors import CloseCode, RemoteProtocolError
 from protocol.runtime.framed import FramedConnection
-from protocol.runtime.tls import describe_handshake_error
+from protocol.runtime.tls import HOSTNAME_MISMATCH, describe_handshake_error
 from protocol.wire import (
     PROTOCOL_VERSION,
     CcidFrame,
@@ -59,10 +62,19 @@ from protocol.wire import (
 log = structlog.get_logger(__name__)
 
 SOFTWARE = "tokenbridge-client/0.1.0"
-# Lease endings the client caused itself; any other ending invalidates what an application
-# on this VM believes about the card (login state), so the reader must show a removal.
+# Lease endings the client caused itself (docs/protocol.md §5.3; the server's reasons are
+# bridge_server.leases.EndReason). Any other ending (idle_timeout, max_hold, revoked,
+# token_gone, device_error, shutdown, ...) means the server powered the card off under the
+# application's feet: its login state is gone, so the reader must show a removal.
 NORMAL_LEASE_ENDINGS = frozenset({"released", "linger_expired"})
 MISSED_HEARTBEATS = 3
+GOODBYE_TIMEOUT_S = 1.0
+_SEND_FAILED = (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError)
+_DOWN = (TunnelDown, RemoteProtocolError, trio.BrokenResourceError, trio.ClosedResourceError)
+
+
+class _HeartbeatLost(TunnelDown):
+    """Nothing heard from the server for MISSED_HEARTBEATS intervals."""
 
 
 @dataclass
@@ -133,6 +145,8 @@ class Tunnel:
     token_names: list[str]
     backoff: Backoff = field(default_factory=Backoff)
     connect_timeout_s: float = 10.0
+    # How the TCP connection is opened; tests pass a memory-stream factory.
+    open_stream: Callable[[str, int], Awaitable[trio.abc.Stream]] = trio.open_tcp_stream
 
     def __post_init__(self) -> None:
         self.tokens: dict[str, TokenState] = {n: TokenState(n) for n in self.token_names}
@@ -142,7 +156,6 @@ class Tunnel:
         self._leases: dict[int, _Pending] = {}
         self._exchanges: dict[int, _Pending] = {}
         self._seq: dict[int, int] = {}
-        self._last_heard = 0.0
         self._ping_sent: dict[int, float] = {}
         self._nonce = 0
 
@@ -200,36 +213,59 @@ class Tunnel:
 
     async def _connect_and_serve(self) -> None:
         with trio.fail_after(self.connect_timeout_s):
-            tcp = await trio.open_tcp_stream(self.host, self.port)
-            stream = trio.SSLStream(tcp, self.ssl_context, server_hostname=self.server_name)
-            try:
-                await stream.do_handshake()
-            except (trio.BrokenResourceError, ssl.SSLError) as exc:
-                await trio.aclose_forcefully(stream)
-                cause = exc.__cause__ if isinstance(exc, trio.BrokenResourceError) else exc
-                raise TunnelDown(
-                    f"TLS handshake with {self.host}:{self.port} failed: {describe_handshake_error(cause)}"
-                ) from exc
-            conn = FramedConnection(stream, BridgeConnection(Role.CLIENT))
-            try:
-                first = await conn.receive()
-            except BaseException:
-                await trio.aclose_forcefully(stream)
-                raise
+            tcp = await self.open_stream(self.host, self.port)
+        stream = trio.SSLStream(tcp, self.ssl_context, server_hostname=self.server_name)
+        try:
+            with trio.fail_after(self.connect_timeout_s):
+                conn, first = await self._handshake(stream)
+        except BaseException:
+            await trio.aclose_forcefully(stream)
+            raise
         try:
             await self._serve(conn, first)
         finally:
             self._teardown()
             await trio.aclose_forcefully(stream)
 
+    async def _handshake(self, stream: trio.SSLStream[trio.abc.Stream]) -> tuple[FramedConnection, object]:
+        """TLS handshake (server certificate and name checked), then the server's first frame."""
+        where = f"{self.host}:{self.port}"
+        try:
+            await stream.do_handshake()
+        except (trio.BrokenResourceError, ssl.SSLError) as exc:
+            why = describe_handshake_error(exc)
+            if why == HOSTNAME_MISMATCH:
+                why += (
+                    f" (the server certificate does not name {self.server_name!r}; fix server or "
+                    "server_name in the client config)"
+                )
+            raise TunnelDown(f"TLS handshake with {where} failed: {why}") from exc
+        conn = FramedConnection(stream, BridgeConnection(Role.CLIENT))
+        try:
+            first = await conn.receive()
+        except trio.BrokenResourceError as exc:
+            # TLS 1.3: the server checks our certificate after our side of the handshake is
+            # done, so its verdict shows on this first read: an alert, or (trio) a bare close.
+            why = describe_handshake_error(exc)
+            if not why.startswith("peer refused our certificate"):
+                why = (
+                    "it closed the connection right after the TLS handshake, so it most likely "
+                    "refused our client certificate (another CA, expired or revoked; the server "
+                    "log's tls.handshake_failed line says which)"
+                )
+            raise TunnelDown(f"server {where} refused this client: {why}") from exc
+        return conn, first
+
     async def _serve(self, conn: FramedConnection, first: object) -> None:
         if isinstance(first, Refused):
             raise TunnelRefused(first.reason, first.message)
         if not isinstance(first, Welcome):
-            raise TunnelDown(f"server's first frame was {type(first).__name__}, expected Welcome")
+            raise TunnelDown(
+                f"server's first frame was {type(first).__name__}, expected Welcome (is "
+                f"{self.host}:{self.port} a tokenbridge-server of this version?)"
+            )
         await conn.send(ClientHello(version=PROTOCOL_VERSION, software=SOFTWARE))
         self._conn = conn
-        self._last_heard = trio.current_time()
         self.backoff.reset()
         self.status.state, self.status.reason = "connected", ""
         self.status.server, self.status.identity = first.server, first.identity
@@ -238,10 +274,23 @@ class Tunnel:
         log.info(
             "tunnel.connected", peer=f"{self.host}:{self.port}", server=first.server, client_id=first.identity
         )
+        interval = max(0.05, first.heartbeat_interval)
+        # Errors are caught inside the nursery body: trio's strict exception groups would
+        # otherwise wrap them and `run` could not tell a dropped tunnel from a bug.
+        error: BaseException | None = None
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._heartbeat, conn, max(0.05, first.heartbeat_interval))
-            await self._receive_loop(conn)
+            nursery.start_soon(self._heartbeat, conn, interval)
+            try:
+                await self._receive_loop(conn, interval)
+            except _DOWN as exc:
+                error = exc
             nursery.cancel_scope.cancel()
+        if isinstance(error, _HeartbeatLost):
+            # Only now, with the pinger stopped: nothing may follow a Goodbye on the wire.
+            with trio.move_on_after(GOODBYE_TIMEOUT_S), contextlib.suppress(*_SEND_FAILED):
+                await conn.send(Goodbye(code=CloseCode.HEARTBEAT_TIMEOUT, reason="heartbeat_lost"))
+        if error is not None:
+            raise error
 
     def _teardown(self) -> None:
         self._conn = None
@@ -259,24 +308,28 @@ class Tunnel:
         self._notify()
 
     async def _heartbeat(self, conn: FramedConnection, interval: float) -> None:
+        """Ping every interval; a broken send is left to the receive loop to notice."""
         while True:
             await trio.sleep(interval)
-            silent = trio.current_time() - self._last_heard
-            if silent > MISSED_HEARTBEATS * interval:
-                log.warning("tunnel.heartbeat_lost", silent_s=round(silent, 2))
-                await conn.aclose()
-                return
             self._nonce = (self._nonce + 1) % 2**64
             self._ping_sent = {self._nonce: trio.current_time()}
-            await conn.send(Ping(nonce=self._nonce))
-
-    async def _receive_loop(self, conn: FramedConnection) -> None:
-        while True:
             try:
-                msg = await conn.receive()
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                await conn.send(Ping(nonce=self._nonce))
+            except _SEND_FAILED:
                 return
-            self._last_heard = trio.current_time()
+
+    async def _receive_loop(self, conn: FramedConnection, interval: float) -> None:
+        silence = MISSED_HEARTBEATS * interval
+        while True:
+            msg: object = None
+            with trio.move_on_after(silence):
+                msg = await conn.receive()
+            if msg is None:
+                log.warning("tunnel.heartbeat_lost", peer=f"{self.host}:{self.port}", silent_s=silence)
+                raise _HeartbeatLost(
+                    f"heartbeat lost: nothing heard from the server for {silence:g} s "
+                    f"({MISSED_HEARTBEATS} heartbeat intervals); network or server stalled"
+                )
             if isinstance(msg, ConnectionClosed):
                 return
             if isinstance(msg, Goodbye):
@@ -318,9 +371,13 @@ class Tunnel:
         tok.server_state = msg.state
         if msg.atr:
             tok.atr = bytes(msg.atr)
-        if not msg.present and tok.epoch is not None:
-            tok.epoch = None
-            tok.lost_generation += 1
+        if not (msg.present and msg.allowed):
+            if tok.epoch is not None:
+                tok.epoch = tok.lease_since = None
+                tok.lost_generation += 1
+            # Nothing more will answer a request for an absent or forbidden token.
+            gone = LeaseError(msg.state or "token_absent", "the token is no longer usable")
+            self._fail_pending(msg.token_id, gone)
         if was_usable != tok.usable:
             log.info("token.changed", token=tok.name, present=msg.present, allowed=msg.allowed)
         self._notify()
@@ -355,9 +412,11 @@ class Tunnel:
         log.warning("server.error", code=msg.code, message=msg.message, token_id=msg.token_id)
         if msg.token_id is None:
             return
-        error = LeaseError(msg.code, msg.message)
+        self._fail_pending(msg.token_id, LeaseError(msg.code, msg.message))
+
+    def _fail_pending(self, token_id: int, error: BaseException) -> None:
         for table in (self._leases, self._exchanges):
-            pending = table.pop(msg.token_id, None)
+            pending = table.pop(token_id, None)
             if pending is not None:
                 pending.fail(error)
 
@@ -410,8 +469,14 @@ class Tunnel:
         seq = self.next_seq(token_id)
         command = build(seq)  # type: ignore[operator]
         pending = self._exchanges[token_id] = _Pending()
-        await conn.send(CcidFrame(token_id=token_id, epoch=tok.epoch, message=command.encode()))
-        frame = await pending.wait()
+        try:
+            await conn.send(CcidFrame(token_id=token_id, epoch=tok.epoch, message=command.encode()))
+            frame = await pending.wait()
+        finally:
+            # Cancelled (the reader went away): forget it, or the next exchange would be
+            # refused as "already in flight" until the tunnel reconnects.
+            if self._exchanges.get(token_id) is pending:
+                del self._exchanges[token_id]
         assert isinstance(frame, CcidFrame)
         try:
             response = ccid.decode_message(frame.message)
@@ -424,7 +489,22 @@ class Tunnel:
         return response
 
 
+def connect_error_cause(exc: BaseException) -> BaseException:
+    """The error worth reporting from a failed `trio.open_tcp_stream`.
+
+    trio raises OSError("all attempts to connect to ... failed") from a group of the
+    per-address errors (ConnectionRefusedError...): the first of those says what happened.
+    """
+    cause = exc.__cause__
+    if type(exc) is OSError and exc.strerror is None and isinstance(cause, BaseExceptionGroup):
+        leaves = [e for e in cause.exceptions if isinstance(e, OSError)]
+        if leaves:
+            return leaves[0]
+    return exc
+
+
 def _describe_connect_error(exc: BaseException, host: str, port: int) -> str:
+    exc = connect_error_cause(exc)
     if isinstance(exc, trio.TooSlowError):
         return f"timed out connecting to {host}:{port} (server down or a firewall drops packets)"
     if isinstance(exc, ConnectionRefusedError):

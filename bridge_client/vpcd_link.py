@@ -29,14 +29,15 @@ reset card.
 from __future__ import annotations
 
 import socket
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import structlog
 import trio
 
 from bridge_client.backoff import Backoff
-from bridge_client.errors import TunnelError
-from bridge_client.tunnel import TokenState, Tunnel
+from bridge_client.errors import CardFailure, TunnelError
+from bridge_client.tunnel import TokenState, Tunnel, connect_error_cause
 from protocol import ccid
 from protocol._sentinel import NEED_DATA
 from protocol.apdu import redact
@@ -66,6 +67,8 @@ class VpcdLink:
     port: int = 35963
     queue_timeout_s: float = 900.0
     backoff: Backoff = field(default_factory=lambda: Backoff(initial_s=0.25, max_s=5.0))
+    # How the vpcd connection is opened; tests pass a memory-stream factory.
+    open_stream: Callable[[str, int], Awaitable[trio.abc.Stream]] = trio.open_tcp_stream
 
     def __post_init__(self) -> None:
         self.status = ReaderStatus()
@@ -84,12 +87,15 @@ class VpcdLink:
                 self.status.state, self.status.reason = "waiting", self._why_unusable()
                 await self.tunnel.wait_changed()
             try:
-                stream = await trio.open_tcp_stream(self.host, self.port)
+                stream = await self.open_stream(self.host, self.port)
             except OSError as exc:
                 delay = self.backoff.next_delay()
                 self.status.state = "vpcd_unreachable"
+                cause = connect_error_cause(exc)
+                why = cause.strerror if isinstance(cause, OSError) and cause.strerror else str(cause)
                 self.status.reason = (
-                    f"cannot connect to vpcd at {self.host}:{self.port}: {exc.strerror or exc}"
+                    f"cannot connect to vpcd at {self.host}:{self.port}: {why} (is pcscd running "
+                    "with vsmartcard-vpcd, and is this the slot's port?)"
                 )
                 log.warning(
                     "vpcd.unreachable",
@@ -112,14 +118,17 @@ class VpcdLink:
         if not self.tunnel.connected:
             return f"tunnel down: {self.tunnel.status.reason or 'connecting'}"
         if tok.token_id is None:
-            return "server does not offer this token"
+            return (
+                f"the server offers no token named {self.token!r} to this client (check the name, "
+                "and that this client is on the token's allow list)"
+            )
         if not tok.present:
             return "token absent on the server"
         if not tok.allowed:
             return "this client is not allowed to use the token"
         return "token has no ATR yet"
 
-    async def _serve(self, stream: trio.SocketStream) -> None:
+    async def _serve(self, stream: trio.abc.Stream) -> None:
         generation = self._tok.lost_generation
         self.status.state, self.status.reason = "inserted", ""
         self.status.inserted_since = trio.current_time()
@@ -148,14 +157,14 @@ class VpcdLink:
             nursery.cancel_scope.cancel()
         log.info("reader.removed", token=self.token, port=self.port, reason=reason, apdus=self.status.apdus)
 
-    async def _vpcd_loop(self, stream: trio.SocketStream) -> None:
+    async def _vpcd_loop(self, stream: trio.abc.Stream) -> None:
         card = VpcdCardSide()
         while True:
             event = card.next_event()
             if event is NEED_DATA:
                 data = await stream.receive_some(RECEIVE_SIZE)
                 _quickack(stream)
-                card.receive_data(data)
+                card.receive_data(bytes(data))
                 continue
             if isinstance(event, Closed):
                 return
@@ -187,17 +196,21 @@ class VpcdLink:
             await self.tunnel.acquire_lease(self.token)
         log.debug("apdu.sent", token=self.token, apdu=redact(apdu))
         response = await self.tunnel.exchange(self.token, lambda seq: ccid.xfr_block(seq, apdu))
+        if len(response.data) < 2:
+            # vpcd needs an R-APDU with a status word; we never invent one.
+            raise CardFailure(f"server answered an APDU with {len(response.data)} bytes (no status word)")
         self.status.apdus += 1
         return response.data
 
 
-def _quickack(stream: trio.SocketStream) -> None:
+def _quickack(stream: trio.abc.Stream) -> None:
     """Acknowledge vpcd's writes at once.
 
     Measured with the simulator's direct mode: without it every APDU waits ~40 ms for our
     delayed ACK (vpcd's small writes are held back by Nagle until then). Linux clears
     TCP_QUICKACK after use, hence after every receive; other platforms lack the option.
     """
+    # PLATFORM: TCP_QUICKACK is Linux-only; getattr keeps Windows/macOS working without it.
     quickack = getattr(socket, "TCP_QUICKACK", None)
-    if quickack is not None:
+    if quickack is not None and isinstance(stream, trio.SocketStream):
         stream.setsockopt(socket.IPPROTO_TCP, quickack, 1)

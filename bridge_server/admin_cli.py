@@ -8,6 +8,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from bridge_server.admin_commands import COMMANDS as ADMIN_COMMANDS
+from bridge_server.admin_commands import add_admin_commands, run_admin_command
+from bridge_server.audit import add_audit_parser, run_audit
 from bridge_server.pki import Pki, PkiError
 from protocol.errors import BridgeError
 
@@ -22,6 +25,12 @@ examples:
                                                           key, certificate, CA and client.yaml for a build VM
   tokenbridge pki revoke build-vm-01                       revoke it (the server reloads the CRL)
   tokenbridge pki list --json
+  tokenbridge status [--json] [--watch 2]                  tokens, holders, queues, clients (control socket)
+  tokenbridge status --server tokenhost:7447 --bundle pki/clients/ops-admin   the same, remotely
+  tokenbridge lease revoke codesign                        take the token from its holder
+  tokenbridge pin-guard reset codesign                     clear the PIN guard (prints what to check first)
+  tokenbridge audit verify /var/lib/tokenbridge/audit.jsonl   check the audit log's hash chain
+  tokenbridge doctor --config /etc/tokenbridge/client.yaml preflight check on a build VM
 """
 
 DEFAULT_PKI = Path("/etc/tokenbridge/pki")
@@ -46,6 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--keep", action="store_true", help="keep the demo folder (certificates, logs, signed file)"
     )
     demo.add_argument("--json", action="store_true", help="print the step timings as JSON at the end")
+
+    svc = sub.add_parser("install-service", help="install systemd units, udev/polkit rules, example config")
+    svc.add_argument("role", choices=["server", "client"], help="server: token host; client: build VM")
+    svc.add_argument("--prefix", type=Path, default=Path("/"), help="install under this root (default: /)")
+    svc.add_argument("--dry-run", action="store_true", help="only print what would be written")
+    svc.add_argument("--config", type=Path, help="server config whose VID:PIDs go into the udev rule")
 
     pki = sub.add_parser("pki", help="deployment CA, server and client certificates, revocation")
     pki.add_argument("--dir", type=Path, default=DEFAULT_PKI, help="PKI folder (default: %(default)s)")
@@ -72,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_list = psub.add_parser("list", help="issued certificates and their state")
     p_list.add_argument("--json", action="store_true")
     psub.add_parser("crl", help="re-sign the CRL (run before it goes stale; the server refuses a stale CRL)")
+    add_admin_commands(sub)
+    add_audit_parser(sub)
     return parser
 
 
@@ -82,8 +99,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             from bridge_server.demo import run_demo
 
             return run_demo(profile=args.profile, keep=args.keep, as_json=args.json)
+        if args.command == "install-service":
+            from bridge_server.install import install
+
+            return install(args.role, prefix=args.prefix, dry_run=args.dry_run, config_path=args.config)
         if args.command == "pki":
             return _pki(args)
+        if args.command in ADMIN_COMMANDS:
+            return run_admin_command(args)
+        if args.command == "audit":
+            return run_audit(args)
     except BridgeError as exc:
         print(f"tokenbridge: {exc}", file=sys.stderr)
         return 2

@@ -25,17 +25,27 @@ from typing import Any
 import structlog
 import trio
 
+from bridge_server import service
+from bridge_server.admin import AdminDispatcher
+from bridge_server.audit import AuditLog
 from bridge_server.config import ServerConfig
+from bridge_server.control import serve_control
+from bridge_server.guardrails import Guardrails, open_guard, reset_guard
 from bridge_server.hub import Hub
 from bridge_server.leases import initial_epoch
 from bridge_server.listener import ConnectionHandler, run_listener
+from bridge_server.reload import TlsReloader
 from bridge_server.session import SessionContext
 from bridge_server.tokens import CardOpener, TokenManager
 from protocol import wire
 from protocol.errors import CloseCode
-from protocol.runtime.tls import server_context
 
 log = structlog.get_logger(__name__)
+
+
+def describe_peer_address(sockname: Any) -> str:
+    host, port = sockname[:2]
+    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
 
 
 class _NullNotifier:
@@ -74,6 +84,15 @@ class BridgeServer:
         self.shutdown_requested = trio.Event()
         self.tokens: list[TokenManager] = []
         epoch = initial_epoch(wall_time())
+        # Guardrails (docs/guardrails.md): one PIN guard and one audit log, shared by the tokens.
+        self.pin_guard, guard_store = open_guard(config)
+        self.audit = AuditLog(config.audit.path)
+        self.rails = {
+            t.name: Guardrails(
+                t.name, policy=t.policy, guard=self.pin_guard, store=guard_store, audit=self.audit
+            )
+            for t in config.tokens
+        }
         for token_id, token in enumerate(config.tokens):
             if openers is not None:
                 opener, simulated = openers[token.name]
@@ -82,31 +101,60 @@ class BridgeServer:
 
                 opener, simulated = card_opener(token, config_path=str(config.path))
             manager = TokenManager(
-                token_id, token, config.lease, self.hub, opener, first_epoch=epoch, simulated=simulated
-            )
+                token_id, token, config.lease, self.hub, opener, first_epoch=epoch, simulated=simulated,
+                guardrails=self.rails[token.name],
+            )  # fmt: skip
             self.tokens.append(manager)
         self.listeners: list[trio.SocketListener] = []
+        self.started_at = wall_time()
+        self.reloader = TlsReloader(config.tls, self.hub, context=ssl_context)
+        self.handler: ConnectionHandler | None = None
+        self.metrics_listeners: list[trio.SocketListener] = []
+
+    @property
+    def tls_refusals(self) -> Mapping[str, int]:
+        return self.handler.refusals if self.handler is not None else {}
+
+    def listen_addresses(self) -> list[str]:
+        return [describe_peer_address(lst.socket.getsockname()) for lst in self.listeners]
+
+    def reload_tls(self) -> bool:
+        """Re-read CA, certificate, key and CRL (SIGHUP, file change); False keeps the old ones."""
+        return self.reloader.reload()
 
     def request_shutdown(self) -> None:
         self.shutdown_requested.set()
 
+    def reset_pin_guard(self, token: str, actor: str) -> dict[str, Any]:
+        """Operator: clear `token`'s PIN guard (persisted, audited); the answer says what to check first.
+
+        Raises:
+            KeyError: no token of that name.
+        """
+        if token not in self.rails:
+            raise KeyError(f"no token named {token!r} (configured: {', '.join(self.rails)})")
+        return reset_guard(self.rails[token], actor)
+
     def _context(self) -> ssl.SSLContext:
-        if self._ssl_context is None:
-            tls = self.config.tls
-            self._ssl_context = server_context(ca=tls.ca, cert=tls.cert, key=tls.key, crl=tls.crl)
-        return self._ssl_context
+        return self.reloader.current()
 
     async def run(
         self, *, task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED
     ) -> None:
         """Serve until `request_shutdown()`; `started()` gets the bound listeners."""
         cfg = self.config
-        ctx = SessionContext(hub=self.hub, tokens=self.tokens, admins=cfg.admins, heartbeat_s=cfg.heartbeat_s)
-        handler = ConnectionHandler(lambda: self._context(), cfg.limits, ctx)
+        dispatcher = AdminDispatcher(self)
+        ctx = SessionContext(
+            hub=self.hub, tokens=self.tokens, admins=cfg.admins, heartbeat_s=cfg.heartbeat_s,
+            dispatcher=dispatcher, audit=self.audit,
+        )  # fmt: skip
+        handler = self.handler = ConnectionHandler(lambda: self._context(), cfg.limits, ctx)
         self._context()  # bad TLS material fails here, before anything is opened
         async with trio.open_nursery() as root:
             for token in self.tokens:
                 await root.start(token.run)
+            extras = trio.CancelScope()
+            await root.start(self._run_extras, dispatcher, extras)
             self.listeners = await root.start(
                 partial(
                     run_listener,
@@ -117,12 +165,15 @@ class BridgeServer:
                     grace_period_s=cfg.limits.grace_period_s,
                 )
             )
-            self._notifier.notify(READY=1, STATUS=f"serving {len(self.tokens)} token(s)")
+            # READY only now: listener bound, every token opened and reset or known absent.
+            self._notifier.notify(READY=1, STATUS=service.server_status(self))
             log.info(
                 "server.ready", tokens=[t.name for t in self.tokens], present=[t.present for t in self.tokens]
             )
+            await self.audit.record("server.started", tokens=[t.name for t in self.tokens])
             task_status.started(self.listeners)
             await self.shutdown_requested.wait()
+            extras.cancel()  # control socket, file watcher, metrics: nothing to drain
             self._notifier.notify(STOPPING=1)
             await self._stop_tokens(cfg.limits.grace_period_s)
             for sub in self.hub:
@@ -131,6 +182,27 @@ class BridgeServer:
             # call) is cancelled; its own cleanup is shielded and bounded.
             root.cancel_scope.deadline = trio.current_time() + cfg.limits.grace_period_s
         log.info("server.stopped")
+
+    async def _run_extras(
+        self,
+        dispatcher: AdminDispatcher,
+        scope: trio.CancelScope,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Control socket, TLS file watcher and metrics endpoint (each optional) until `scope` ends."""
+        with scope:
+            async with trio.open_nursery() as extras:
+                if self.config.control.socket is not None:
+                    await extras.start(serve_control, dispatcher, self.config.control.socket)
+                await extras.start(self.reloader.watch)
+                metrics = self.config.metrics
+                if metrics.listen is not None:
+                    from bridge_server.metrics import serve_metrics
+
+                    host, port = metrics.listen
+                    self.metrics_listeners = await extras.start(partial(serve_metrics, self, host, port))
+                task_status.started()
 
     async def _stop_tokens(self, grace_period_s: float) -> None:
         with trio.move_on_after(grace_period_s) as scope:
@@ -146,10 +218,13 @@ class BridgeServer:
 async def watch_signals(
     server: BridgeServer, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
 ) -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         task_status.started()
         async for signum in signals:
             log.info("server.signal_received", signal=signal.Signals(signum).name)
+            if signum == signal.SIGHUP:  # systemctl reload: TLS files and live config
+                service.reload_service(server, server._notifier)
+                continue
             server.request_shutdown()
             return
 
@@ -163,6 +238,11 @@ async def serve_forever(config: ServerConfig) -> None:
     async with trio.open_nursery() as nursery:
         await nursery.start(watch_signals, server)
         if notifier.watchdog_interval is not None:
-            await nursery.start(run_watchdog, notifier)
-        await server.run()
-        nursery.cancel_scope.cancel()
+            await nursery.start(run_watchdog, notifier)  # fed from this event loop
+
+        async def serve(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+            await server.run(task_status=task_status)
+            nursery.cancel_scope.cancel()
+
+        await nursery.start(serve)
+        nursery.start_soon(service.report_status, server, notifier)

@@ -138,7 +138,7 @@ class CcidDriver:
             log.debug("apdu.sent", apdu=redact(apdu))
             self._interrupted = True  # cleared only when the exchange ends, not when it is cancelled
             try:
-                rapdu = await self._transmit_level(apdu)
+                rapdu = await self._transmit_bounded(apdu)
             except DeviceGoneError:
                 self._forget_card()
                 raise
@@ -244,6 +244,16 @@ class CcidDriver:
                 f"{self._level.value} level (no chaining there)"
             )
 
+    async def _transmit_bounded(self, apdu: bytes) -> bytes:
+        """The whole APDU under one `max_wait_s` deadline: a token that keeps the exchange alive
+        with well-formed chatter (endless T=1 S(WTX), empty chained blocks) is cut off, not
+        served forever (found by tests/fuzz/test_ccid_driver_fuzz.py)."""
+        with trio.move_on_after(self._max_wait_s):
+            return await self._transmit_level(apdu)
+        raise DeviceTimeoutError(
+            f"{self._device.info.describe()}: apdu exchange not finished within {self._max_wait_s:g} s"
+        )
+
     async def _transmit_level(self, apdu: bytes) -> bytes:
         if self._level is ExchangeLevel.EXTENDED_APDU:
             return await self._transmit_extended(apdu)
@@ -343,7 +353,12 @@ class CcidDriver:
                 raise DeviceTimeoutError(
                     f"{self._device.info.describe()}: no ccid frame for bSeq {seq} within {wait_s:g} s"
                 )
-            resp = ccid.decode_message(raw)
+            try:
+                resp = ccid.decode_message(raw)
+            except MalformedCcidMessageError as exc:
+                # Callers (token manager, virtual reader) handle DeviceError: a token that sends
+                # garbage fails the exchange like any other card fault (found by tests/fuzz).
+                raise CardError(f"{self._device.info.describe()}: malformed ccid answer: {exc}") from exc
             if resp.seq != seq:
                 stale += 1
                 log.debug("ccid.stale_dropped", seq=resp.seq, expected_seq=seq)

@@ -43,10 +43,18 @@ class TokenMatch:
 
 
 @dataclass(frozen=True, slots=True)
+class PolicyConfig:
+    """Per-token command policy (docs/guardrails.md): who may run card-management commands."""
+
+    allow_management: tuple[str, ...] = ()  # identities besides `admins`
+
+
+@dataclass(frozen=True, slots=True)
 class TokenConfig:
     name: str
     match: TokenMatch
     allow: tuple[str, ...] = ()
+    policy: PolicyConfig = PolicyConfig()
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +83,11 @@ class ControlConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    listen: tuple[str, int] | None = None  # opt-in Prometheus endpoint (bridge_server/metrics.py)
+
+
+@dataclass(frozen=True, slots=True)
 class LimitsConfig:
     max_connections: int = 256
     max_handshakes: int = 32
@@ -95,6 +108,7 @@ class ServerConfig:
     audit: AuditConfig = AuditConfig()
     control: ControlConfig = ControlConfig()
     limits: LimitsConfig = LimitsConfig()
+    metrics: MetricsConfig = MetricsConfig()
     heartbeat_s: float = DEFAULT_HEARTBEAT_S
 
     def with_listen(self, listen: str) -> ServerConfig:
@@ -227,7 +241,7 @@ def _parse_tokens(root: _Section, base: Path) -> tuple[TokenConfig, ...]:
         raise root.error("tokens", "expected a non-empty list of tokens")
     tokens: list[TokenConfig] = []
     for i, item in enumerate(raw):
-        sec = _Section(item, root.path, f"tokens[{i}]", ("name", "match", "allow"))
+        sec = _Section(item, root.path, f"tokens[{i}]", ("name", "match", "allow", "policy"))
         name = sec.string("name", required=True)
         assert name is not None
         if len(name) > MAX_TOKEN_NAME_LENGTH or not name.isprintable():
@@ -236,7 +250,9 @@ def _parse_tokens(root: _Section, base: Path) -> tuple[TokenConfig, ...]:
             raise sec.error("name", f"duplicate token name {name!r}")
         sec.get("match", required=True)
         match = _parse_match(sec.section("match", ("vid", "pid", "serial", "simulate", "state")), base)
-        tokens.append(TokenConfig(name=name, match=match, allow=sec.names("allow")))
+        policy_sec = sec.section("policy", ("allow_management",))
+        policy = PolicyConfig(allow_management=policy_sec.names("allow_management"))
+        tokens.append(TokenConfig(name=name, match=match, allow=sec.names("allow"), policy=policy))
     return tuple(tokens)
 
 
@@ -270,11 +286,18 @@ def _parse_sections(root: _Section, base: Path) -> dict[str, Any]:
             grace_period_s=limits.number("grace_period_s", d_limits.grace_period_s),
         ),
         "heartbeat_s": root.number("heartbeat_s", DEFAULT_HEARTBEAT_S),
+        "metrics": _parse_metrics(root.section("metrics", ("listen",))),
     }
+
+
+def _parse_metrics(sec: _Section) -> MetricsConfig:
+    listen = sec.get("listen")
+    return MetricsConfig(listen=None if listen is None else parse_listen(listen, sec.path, sec.key("listen")))
 
 
 _TOP_LEVEL: Final = (
     "listen", "tls", "admins", "tokens", "lease", "pin_guard", "audit", "control", "limits", "heartbeat_s",
+    "metrics",
 )  # fmt: skip
 
 

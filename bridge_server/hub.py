@@ -11,6 +11,7 @@ counts connections for the listener's limit.
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Iterator
 from typing import Any, Protocol
 
@@ -35,11 +36,22 @@ class Subscriber:
     """One connected session as seen by the token tasks."""
 
     def __init__(
-        self, conn_id: int, identity: Identity, outbox: trio.MemorySendChannel[Any], *, admin: bool
+        self,
+        conn_id: int,
+        identity: Identity,
+        outbox: trio.MemorySendChannel[Any],
+        *,
+        admin: bool,
+        peer: str = "",
+        cert_serial: int | None = None,
     ) -> None:
         self.conn_id = conn_id
         self.identity = identity
         self.admin = admin
+        self.peer = peer  # "host:port", for `status`
+        self.cert_serial = cert_serial  # the client certificate's serial: a CRL reload drops revoked ones
+        self.since = time.time()  # wall time, for `status`
+        self.rtt_ms: float | None = None  # last heartbeat round trip (Ping -> Pong)
         self._outbox = outbox
         self.cancel_scope = trio.CancelScope()
         self.closed = False

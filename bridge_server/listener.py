@@ -15,6 +15,7 @@ handshake runs explicitly under its deadline and the limiter (reliability-anchor
 from __future__ import annotations
 
 import ssl
+from collections import Counter
 from collections.abc import Callable
 from functools import partial
 
@@ -22,7 +23,7 @@ import structlog
 import trio
 
 from bridge_server.config import LimitsConfig
-from bridge_server.session import SessionContext, send_refusal, serve_session
+from bridge_server.session import SessionContext, audit_event, send_refusal, serve_session
 from protocol.errors import CloseCode, TlsSetupError
 from protocol.runtime.tls import describe_handshake_error, peer_identity
 
@@ -38,6 +39,16 @@ def describe_peer(stream: trio.abc.Stream) -> str:
     return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
 
 
+def cert_serial(tls: trio.SSLStream[trio.abc.Stream]) -> int | None:
+    """The peer certificate's serial number (a CRL reload drops sessions by serial)."""
+    from cryptography import x509
+
+    der = tls.getpeercert(binary_form=True)
+    if not isinstance(der, bytes) or not der:
+        return None
+    return x509.load_der_x509_certificate(der).serial_number
+
+
 class ConnectionHandler:
     """The per-connection handler given to `trio.serve_listeners`."""
 
@@ -49,6 +60,7 @@ class ConnectionHandler:
         self._ctx = ctx
         self._handshakes = trio.CapacityLimiter(limits.max_handshakes)
         self.connections = 0
+        self.refusals: Counter[str] = Counter()  # failed handshakes by reason, for /metrics
 
     async def __call__(self, stream: trio.abc.Stream) -> None:
         peer = describe_peer(stream)
@@ -63,12 +75,15 @@ class ConnectionHandler:
                 log.warning(
                     "session.refused", peer=peer, client_id=identity.name, reason="too_many_connections"
                 )
+                await audit_event(
+                    self._ctx, "connection.refused", identity, peer=peer, reason="too_many_connections"
+                )
                 await send_refusal(
                     tls, CloseCode.TOO_MANY_CONNECTIONS, "too_many_connections",
                     f"the server already has {self._limits.max_connections} connections; retry later",
                 )  # fmt: skip
                 return
-            await serve_session(tls, identity, self._ctx, peer=peer)
+            await serve_session(tls, identity, self._ctx, peer=peer, cert_serial=cert_serial(tls))
         except TlsSetupError as exc:  # no peer certificate: cannot happen with CERT_REQUIRED
             log.warning("tls.handshake_failed", peer=peer, reason=str(exc))
         finally:
@@ -83,9 +98,12 @@ class ConnectionHandler:
                     await tls.do_handshake()
         except trio.TooSlowError:
             log.warning("tls.handshake_failed", peer=peer, reason="handshake timed out")
+            self.refusals["handshake timed out"] += 1
             return None
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            log.warning("tls.handshake_failed", peer=peer, reason=describe_handshake_error(exc))
+            reason = describe_handshake_error(exc)
+            log.warning("tls.handshake_failed", peer=peer, reason=reason)
+            self.refusals[reason] += 1
             return None
         return tls
 

@@ -34,6 +34,7 @@ from typing import Any, Final
 import structlog
 import trio
 
+from bridge_server.admin_wire import wire_result
 from bridge_server.hub import Hub, Identity, Subscriber
 from bridge_server.leases import EndReason
 from bridge_server.tokens import TokenManager
@@ -57,6 +58,21 @@ class SessionContext:
     tokens: Sequence[TokenManager]
     admins: tuple[str, ...] = ()
     heartbeat_s: float = 10.0
+    dispatcher: Any = None  # bridge_server.admin.AdminDispatcher: answers AdminRequest from admins
+    audit: Any = None  # bridge_server.audit.AuditLog: connection and admin events
+
+
+async def audit_event(
+    ctx: SessionContext, event: str, identity: Identity | None = None, **fields: Any
+) -> None:
+    """Append an audit line (docs/guardrails.md); shielded, so a closing session still records it."""
+    if ctx.audit is None:
+        return
+    if identity is not None:
+        fields.update(client_id=identity.name, names=list(identity.names))
+        fields["fingerprint"] = getattr(identity, "fingerprint_sha256", None)
+    with trio.CancelScope(shield=True):
+        await ctx.audit.record(event, **fields)
 
 
 def is_admin(identity: Identity, admins: tuple[str, ...]) -> bool:
@@ -85,6 +101,7 @@ class _Session:
         self.frames_out = 0
         self.ccid_frames = 0
         self._nonces = itertools.count(1)
+        self._ping_sent: tuple[int, float] | None = None  # (nonce, trio time) of the last Ping
 
     async def run(self, outbox: trio.MemoryReceiveChannel[Any]) -> None:
         hello_timeout = self.ctx.heartbeat_s * wire.HEARTBEAT_MISSES
@@ -138,7 +155,9 @@ class _Session:
     async def _pinger(self) -> None:
         while True:
             await trio.sleep(self.ctx.heartbeat_s)
-            self.sub.push(wire.Ping(nonce=next(self._nonces) & 0xFFFFFFFF))
+            nonce = next(self._nonces) & 0xFFFFFFFF
+            self._ping_sent = (nonce, trio.current_time())
+            self.sub.push(wire.Ping(nonce=nonce))
 
     async def _reader(self) -> None:
         silence = self.ctx.heartbeat_s * wire.HEARTBEAT_MISSES
@@ -171,7 +190,9 @@ class _Session:
         elif isinstance(event, wire.LeaseRequest | wire.LeaseRelease | wire.CcidFrame):
             await self._to_token(event)
         elif isinstance(event, wire.AdminRequest):
-            self.sub.push(self._admin(event))
+            self.sub.push(await self._admin(event))
+        elif isinstance(event, wire.Pong) and self._ping_sent and self._ping_sent[0] == event.nonce:
+            self.sub.rtt_ms = round((trio.current_time() - self._ping_sent[1]) * 1000, 1)
         elif isinstance(event, wire.ErrorMessage):
             log.warning("client.reported_error", code=event.code, error=event.message[:200])
         return True  # Pong: hearing it is all the heartbeat needs
@@ -203,12 +224,18 @@ class _Session:
                 )
             )
 
-    def _admin(self, req: wire.AdminRequest) -> wire.AdminResponse:
+    async def _admin(self, req: wire.AdminRequest) -> wire.AdminResponse:
         if not self.sub.admin:
             log.warning("admin.refused", action=req.action[:64])
             return wire.AdminResponse(
                 request_id=req.request_id, ok=False, result={}, error=f"{self.sub.name!r} is not an admin"
             )
+        if self.ctx.dispatcher is not None:
+            ok, result, error = await self.ctx.dispatcher.handle(req.action, req.args, actor=self.sub.name)
+            if req.action != "status":  # reads are not admin actions
+                await audit_event(self.ctx, "admin.action", self.sub.identity, action=req.action[:64], ok=ok)
+            ok, result, error = wire_result(ok, result, error)
+            return wire.AdminResponse(request_id=req.request_id, ok=ok, result=result, error=error)
         if req.action == "status":
             result = {
                 "tokens": {t.name: t.snapshot() for t in self.ctx.tokens},
@@ -224,23 +251,29 @@ class _Session:
 
 
 async def serve_session(
-    stream: trio.abc.Stream, identity: Identity, ctx: SessionContext, *, peer: str
+    stream: trio.abc.Stream,
+    identity: Identity,
+    ctx: SessionContext,
+    *,
+    peer: str,
+    cert_serial: int | None = None,
 ) -> None:
     """Run one authenticated connection to its end; never raises for a misbehaving client."""
     try:
-        await _serve_session(stream, identity, ctx, peer=peer)
+        await _serve_session(stream, identity, ctx, peer=peer, cert_serial=cert_serial)
     finally:
         await trio.aclose_forcefully(stream)  # the session owns its stream: EOF tells the client
 
 
 async def _serve_session(
-    stream: trio.abc.Stream, identity: Identity, ctx: SessionContext, *, peer: str
+    stream: trio.abc.Stream, identity: Identity, ctx: SessionContext, *, peer: str, cert_serial: int | None
 ) -> None:
     conn_id = ctx.hub.next_conn_id()
     with structlog.contextvars.bound_contextvars(conn_id=conn_id, peer=peer, client_id=identity.name):
         admin = is_admin(identity, ctx.admins)
         if not admin and not may_use_any(identity, ctx.tokens):
             log.warning("session.refused", reason="not_allowed", names=list(identity.names))
+            await audit_event(ctx, "connection.refused", identity, peer=peer, reason="not_allowed")
             await send_refusal(
                 stream,
                 CloseCode.NOT_AUTHORIZED,
@@ -250,10 +283,11 @@ async def _serve_session(
             )
             return
         send_channel, receive_channel = trio.open_memory_channel[Any](OUTBOX_CAPACITY)
-        sub = Subscriber(conn_id, identity, send_channel, admin=admin)
+        sub = Subscriber(conn_id, identity, send_channel, admin=admin, peer=peer, cert_serial=cert_serial)
         session = _Session(FramedConnection(stream, BridgeConnection(Role.SERVER)), sub, ctx)
         started = trio.current_time()
         reason = "closed"
+        await audit_event(ctx, "connection.accepted", identity, peer=peer, conn_id=conn_id, admin=admin)
         try:
             await session.run(receive_channel)
         except Exception as exc:  # the firewall: one client never takes the server down
@@ -274,6 +308,7 @@ async def _serve_session(
                 frames_out=session.frames_out,
                 ccid_frames=session.ccid_frames,
             )
+            await audit_event(ctx, "connection.closed", identity, conn_id=conn_id, reason=reason)
 
 
 def _leaves(exc: BaseException) -> list[BaseException]:

@@ -37,6 +37,7 @@ import trio
 
 from bridge_server.config import LeaseConfig, TokenConfig
 from bridge_server.errors import DeviceError, DeviceGoneError, DeviceNotFoundError
+from bridge_server.guardrails import Guardrails, Holder
 from bridge_server.hub import Hub, Subscriber
 from bridge_server.leases import (
     Dequeued,
@@ -48,6 +49,7 @@ from bridge_server.leases import (
     Queued,
     Refusal,
 )
+from bridge_server.metrics import TokenStats
 from bridge_server.virtual_reader import CardDriver, VirtualReader
 from protocol import wire
 from protocol.ccid import MessageType, decode_message
@@ -72,7 +74,7 @@ CardOpener = Callable[[], Awaitable[OpenedCard]]  # raises DeviceNotFoundError w
 
 @dataclass(frozen=True, slots=True)
 class _Command:
-    kind: str  # "request" | "release" | "frame" | "shutdown" | "wake"
+    kind: str  # "request" | "release" | "frame" | "shutdown" | "wake" | "revoke" | "reset"
     sub: Subscriber | None = None
     epoch: int = 0
     raw: bytes = b""
@@ -94,8 +96,12 @@ class TokenManager:
         *,
         first_epoch: int,
         simulated: Any = None,
+        guardrails: Guardrails | None = None,
     ) -> None:
         self.token_id = token_id
+        # Command policy, PIN guard and audit (bridge_server/guardrails.py); on by default.
+        self.rails = guardrails or Guardrails(config.name, policy=config.policy)
+        self._holder: Holder | None = None
         self.config = config
         self.name = config.name
         self.hub = hub
@@ -118,6 +124,7 @@ class TokenManager:
         self._drops: dict[int, EndReason] = {}
         self._status_changed = False
         self._stopped = False
+        self.stats = TokenStats()  # counters for `status` and /metrics (bridge_server/metrics.py)
 
     # -- session-facing API ----------------------------------------------------
 
@@ -159,6 +166,22 @@ class TokenManager:
         """End every lease with `shutdown`, power the card off and make `run` return."""
         await self._send.send(_Command("shutdown"))
 
+    async def revoke_lease(self) -> None:
+        """Admin: end the current lease with `revoked` (the card is powered off as usual)."""
+        await self._send.send(_Command("revoke"))
+
+    async def reset_token(self) -> None:
+        """Admin: end the lease, release the USB device and open it again (fresh power cycle)."""
+        await self._send.send(_Command("reset"))
+
+    def queue_view(self) -> list[tuple[int, str, float | None]]:
+        """The waiters in order: (conn_id, identity, queued since in trio time or None)."""
+        out = []
+        for conn_id in self.book.waiting:
+            sub = self.hub.get(conn_id)
+            out.append((conn_id, sub.name if sub else "?", self.stats.queued_since(conn_id)))
+        return out
+
     def snapshot(self) -> dict[str, Any]:
         holder = self.book.holder
         return {
@@ -170,6 +193,7 @@ class TokenManager:
             "epoch": holder.epoch if holder else None,
             "apdus": holder.apdus if holder else 0,
             "queue": len(self.book.waiting),
+            "pin_guard": self.rails.guard.status(self.name),
         }
 
     # -- the loop ----------------------------------------------------------------
@@ -195,12 +219,20 @@ class TokenManager:
             if cmd is not None:
                 await self._handle(cmd)
             if trio.current_time() >= next_poll:
+                await self.rails.audit.aretry()  # an unwritable audit log resumes by itself
                 await self._poll_presence()
                 next_poll = trio.current_time() + POLL_INTERVAL_S
 
     async def _handle(self, cmd: _Command) -> None:
         if cmd.kind == "shutdown":
             await self._stop()
+            return
+        if cmd.kind in ("revoke", "reset"):
+            await self._apply(self.book.end(trio.current_time(), EndReason.REVOKED))
+            if cmd.kind == "reset" and self._card is not None:
+                log.warning("token.reset", token=self.name, reason="admin request")
+                await self._apply(await self._lose_card("reset by an admin"))
+                await self._try_attach()
             return
         sub = cmd.sub
         if sub is None or sub.closed or sub.conn_id in self._drops:
@@ -210,6 +242,12 @@ class TokenManager:
             if not sub.may_use(self.config.allow):
                 self._error(sub, "not_allowed", f"{sub.name!r} may not use token {self.name!r}")
                 return
+            # DESIGN §4: no lease that the audit log cannot record (the line waits and is retried).
+            if not await self.rails.record("lease.requested", client_id=sub.name, conn_id=sub.conn_id):
+                msg = f"no new leases on {self.name!r}: {self.rails.audit.problem}; retried automatically"
+                self._error(sub, "audit_unavailable", msg)
+                return
+            self.stats.requested(sub.conn_id, now)
             events = self.book.request(sub.conn_id, sub.name, now, queue_timeout=self.queue_timeout_s)
             await self._apply(events)
         elif cmd.kind == "release":
@@ -231,7 +269,16 @@ class TokenManager:
         result = await self._reader.execute(msg)
         now = trio.current_time()
         self.book.note_frame(now, apdu=result.apdu)
+        if result.apdu:
+            self.stats.apdu(msg.data, result.response.data)
+        holder = self._holder or Holder(sub.name, sub.identity.names, sub.admin, epoch)
+        guard_events = self.rails.observe(msg.data, result.response.data, holder) if result.apdu else []
         sub.push(wire.CcidFrame(token_id=self.token_id, epoch=epoch, message=result.response.encode()))
+        if result.refused is not None:
+            code = "pin_guard" if result.refused.kind == "pin_guard" else "command_refused"
+            sub.push(wire.ErrorMessage(code=code, message=self.rails.notice(result.refused)))
+            await self.rails.record_refusal(result.refused, holder)
+        await self.rails.record_guard_events(guard_events, holder)
         if result.powered_off:
             self.book.note_power_off(now)
         if result.failure is not None:
@@ -256,6 +303,7 @@ class TokenManager:
             elif isinstance(event, Queued):
                 self._push(event.conn_id, wire.LeaseQueued(token_id=self.token_id, position=event.position))
             elif isinstance(event, Dequeued):
+                self.stats.forget(event.conn_id)
                 self._error_to(event.conn_id, str(event.reason), f"lease request for {self.name!r} ended")
             elif isinstance(event, Refusal):
                 self._error_to(event.conn_id, event.code, f"lease rule on token {self.name!r}: {event.code}")
@@ -273,10 +321,16 @@ class TokenManager:
         except DeviceError as exc:
             return await self._device_failed(exc, during=None, apply=False)
         self.atr = atr
-        self._reader = VirtualReader(driver, atr)
+        holder = self._holder = Holder(sub.name, sub.identity.names, sub.admin, event.epoch)
+        self.rails.private_key_ops = 0
+        self._reader = VirtualReader(driver, atr, screen=lambda raw: self.rails.screen(raw, holder))
         if self.simulated is not None:
             self.simulated.current_epoch = event.epoch
         sub.push(wire.LeaseGranted(token_id=self.token_id, epoch=event.epoch, atr=atr))
+        self.stats.granted(event.conn_id, now)
+        await self.rails.record(
+            "lease.granted", client_id=event.identity, conn_id=event.conn_id, lease_epoch=event.epoch
+        )
         log.info(
             "lease.granted",
             token=self.name,
@@ -292,6 +346,13 @@ class TokenManager:
             self.simulated.current_epoch = None
         msg = wire.LeaseEnded(token_id=self.token_id, epoch=event.epoch, reason=str(event.reason))
         self._push(event.conn_id, msg)
+        self.stats.ended(event.held_s, str(event.reason))
+        self._holder = None
+        await self.rails.record(
+            "lease.released", client_id=event.identity, conn_id=event.conn_id, lease_epoch=event.epoch,
+            reason=str(event.reason), duration_ms=round(event.held_s * 1000), apdus=event.apdus,
+            private_key_ops=self.rails.private_key_ops,
+        )  # fmt: skip
         log.info(
             "lease.ended",
             token=self.name,
@@ -346,6 +407,7 @@ class TokenManager:
         self._reader = None
         if card is not None:
             log.warning("device.gone", token=self.name, device=card.serial, reason=why)
+            await self.rails.record("token.gone", device=card.serial, reason=why)
             await self._close_card(card)
         self._status_changed = True
         return self.book.set_present(False, trio.current_time())
@@ -368,6 +430,7 @@ class TokenManager:
                     reason="a different token is plugged in where this one was",
                 )
                 self._refused_serial = card.serial
+                await self.rails.record("token.refused", device=card.serial, expected=self._serial)
             await self._close_card(card)
             return
         try:
@@ -379,6 +442,7 @@ class TokenManager:
             return
         self._serial, self._refused_serial, self._card, self.atr = card.serial, None, card, atr
         log.info("device.attached", token=self.name, device=card.serial, atr=atr.hex())
+        await self.rails.record("token.attached", device=card.serial, atr=atr.hex())
         self._broadcast_status()
         await self._apply(self.book.set_present(True, trio.current_time()))
 
@@ -408,6 +472,7 @@ class TokenManager:
     async def _apply_drops(self) -> None:
         drops, self._drops = self._drops, {}
         for conn_id, reason in drops.items():
+            self.stats.forget(conn_id)
             await self._apply(self.book.drop(conn_id, trio.current_time(), reason))
 
     def _broadcast_status(self) -> None:

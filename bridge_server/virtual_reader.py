@@ -23,8 +23,9 @@ card answer.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
 
 import structlog
 
@@ -66,6 +67,12 @@ class FrameResult:
     apdu: bool = False  # an XfrBlock reached the card (counted on the lease)
     powered_off: bool = False  # the client powered the card off: the linger starts
     failure: DeviceError | None = None  # the device failed: the lease must end
+    refused: Any = None  # what `screen` returned: answered without reaching the card
+
+
+# Called with each whole command APDU before the card sees it (bridge_server/guardrails.py):
+# None lets it through; anything with an `sw: int` is answered with that status word instead.
+Screen = Callable[[bytes], Any]
 
 
 def failure_error(exc: DeviceError) -> tuple[IccStatus, int]:
@@ -82,8 +89,9 @@ def failure_error(exc: DeviceError) -> tuple[IccStatus, int]:
 class VirtualReader:
     """Executes one lease's CCID commands against the card. See the module docstring."""
 
-    def __init__(self, driver: CardDriver, atr: bytes) -> None:
+    def __init__(self, driver: CardDriver, atr: bytes, *, screen: Screen | None = None) -> None:
         self._driver = driver
+        self._screen = screen
         self.atr = atr
         self.client_powered = True  # the grant's cold reset left the card active
         self._needs_reset = False  # set by a client power-off: the next power-on is a cold reset
@@ -125,6 +133,11 @@ class VirtualReader:
         if msg.level_parameter != 0:
             # Extended-APDU level with whole APDUs only: we never ask for chained blocks.
             return self._failed(msg, BAD_LEVEL_PARAMETER_OFFSET)
+        refused = self._screen(msg.data) if self._screen is not None else None
+        if refused is not None:
+            # Policy/PIN guard: a status word of our own, and the card never sees the command.
+            log.info("apdu.refused", apdu=redact(msg.data), sw=f"{refused.sw:04x}")
+            return FrameResult(data_block(msg.seq, refused.sw.to_bytes(2, "big")), refused=refused)
         started = time.perf_counter()
         try:
             rapdu = await self._driver.transmit(msg.data)

@@ -115,6 +115,10 @@ class Evidence:
         self._lock = threading.Lock()
         self._records: deque[ApduRecord] = deque(maxlen=max_records)
         self._counters = EvidenceCounters()
+        # One ordered log of what the card saw: ("apdu", epoch, ins), ("power_on", epoch, warm),
+        # ("power_off", epoch, 0) -- proves leases never overlapped and the card was reset between.
+        self._events: deque[tuple[str, int | None, int]] = deque(maxlen=max_records)
+        self._epoch: int | None = None  # the epoch of the last APDU, stamped on power events
 
     def record_apdu(self, apdu: bytes, epoch: int | None) -> None:
         if len(apdu) < 4:
@@ -122,6 +126,8 @@ class Evidence:
         cla, ins = apdu[0], apdu[1]
         with self._lock:
             self._records.append(ApduRecord(epoch, ins, cla))
+            self._events.append(("apdu", epoch, ins))
+            self._epoch = epoch
             self._counters.apdus += 1
             if ins == _INS_VERIFY and _has_command_data(apdu):
                 self._counters.pin_attempts += 1
@@ -132,17 +138,25 @@ class Evidence:
     def record_power_on(self, *, warm: bool) -> None:
         with self._lock:
             self._counters.power_ons += 1
+            self._events.append(("power_on", self._epoch, int(warm)))
             if warm:
                 self._counters.warm_resets += 1
 
     def record_power_off(self) -> None:
         with self._lock:
             self._counters.power_offs += 1
+            self._events.append(("power_off", self._epoch, 0))
 
     @property
     def apdus(self) -> list[ApduRecord]:
         with self._lock:
             return list(self._records)
+
+    @property
+    def events(self) -> list[tuple[str, int | None, int]]:
+        """The ordered log: ("apdu", epoch, ins) / ("power_on", last epoch, warm) / ("power_off", ...)."""
+        with self._lock:
+            return list(self._events)
 
     def epochs(self) -> list[int | None]:
         """The epoch of every recorded APDU, in order (for exclusivity checks)."""
@@ -182,4 +196,5 @@ class Evidence:
     def clear(self) -> None:
         with self._lock:
             self._records.clear()
+            self._events.clear()
             self._counters = EvidenceCounters()

@@ -1,0 +1,184 @@
+"""Running as a systemd service: STATUS= lines and the SIGHUP config reload.
+
+`status_line()` and `plan_reload()` are pure (sync-testable); `report_status()` and
+`reload_config()` apply them to a running `BridgeServer`.
+
+What SIGHUP can change without a restart (issue 8): each token's allow list, the admins, and
+the lease timings. Everything else in server.yaml (listen address, the tokens themselves and
+their `match`, pin_guard, audit, control, limits, heartbeat) is bound to open sockets, files
+or devices: a change is logged as `reload.needs_restart` and ignored until the next restart.
+The TLS material (certificate, key, CRL) is reloaded by `BridgeServer.reload_tls()`.
+The log level is the `--log-level` option, not part of the config file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Final
+
+import structlog
+import trio
+
+from bridge_server.config import ServerConfig, TokenConfig, load_server_config
+from protocol.errors import ConfigError
+
+log = structlog.get_logger(__name__)
+
+STATUS_INTERVAL_S: Final = 1.0  # how often the STATUS= line is recomputed (sent only on change)
+MAX_STATUS_LENGTH: Final = 200
+
+# Top-level sections that need a restart when they change (see the module docstring).
+_RESTART_SECTIONS: Final = ("pin_guard", "audit", "control", "limits", "heartbeat_s")
+
+
+def token_state(name: str, present: bool, holder: str | None) -> str:
+    if not present:
+        return f"{name} absent"
+    return f"{name} leased by {holder}" if holder else f"{name} free"
+
+
+def status_line(tokens: Iterable[tuple[str, bool, str | None]], connections: int) -> str:
+    """One STATUS= text: each token's state and the number of connections."""
+    parts = [token_state(*t) for t in tokens]
+    text = f"{'; '.join(parts)}; {connections} connection(s)"
+    return text if len(text) <= MAX_STATUS_LENGTH else text[: MAX_STATUS_LENGTH - 3] + "..."
+
+
+def server_status(server: Any) -> str:
+    tokens = [(t.name, t.present, t.book.holder.identity if t.book.holder else None) for t in server.tokens]
+    return status_line(tokens, sum(1 for _ in server.hub))
+
+
+async def report_status(server: Any, notifier: Any) -> None:
+    """Send `STATUS=` whenever the text changes (polled: token tasks have no change event)."""
+    last = server_status(server)  # READY=1 carried this one
+    while not server.shutdown_requested.is_set():
+        text = server_status(server)
+        if text != last:
+            notifier.notify(STATUS=text)
+            last = text
+        await trio.sleep(STATUS_INTERVAL_S)
+
+
+@dataclass
+class ReloadPlan:
+    """What a new config changes: applied live, or waiting for a restart."""
+
+    config: ServerConfig  # the running config with the live-applicable changes
+    applied: list[str] = field(default_factory=list)
+    needs_restart: list[str] = field(default_factory=list)
+
+
+def _token_changes(
+    old: Sequence[TokenConfig], new: Sequence[TokenConfig]
+) -> tuple[list[TokenConfig], list[str], list[str]]:
+    """The running tokens with new allow lists, what changed, what needs a restart."""
+    by_name = {t.name: t for t in new}
+    kept: list[TokenConfig] = []
+    applied: list[str] = []
+    restart: list[str] = []
+    for tok in old:
+        fresh = by_name.pop(tok.name, None)
+        if fresh is None:
+            restart.append(f"tokens: {tok.name} removed")
+            kept.append(tok)
+            continue
+        if fresh.match != tok.match:
+            restart.append(f"tokens: {tok.name}.match")
+        if fresh.allow != tok.allow:
+            applied.append(f"tokens: {tok.name}.allow")
+        kept.append(replace(fresh, match=tok.match))
+    restart.extend(f"tokens: {name} added" for name in by_name)
+    return kept, applied, restart
+
+
+def plan_reload(old: ServerConfig, new: ServerConfig) -> ReloadPlan:
+    """Compare the running config with the file's new content (pure)."""
+    tokens, applied, restart = _token_changes(old.tokens, new.tokens)
+    if (new.host, new.port) != (old.host, old.port):
+        restart.append("listen")
+    if new.admins != old.admins:
+        applied.append("admins")
+    if new.lease != old.lease:
+        applied.append("lease")
+    if new.tls != old.tls:
+        applied.append("tls (paths)")
+    restart.extend(s for s in _RESTART_SECTIONS if getattr(new, s) != getattr(old, s))
+    config = replace(old, tokens=tuple(tokens), admins=new.admins, lease=new.lease, tls=new.tls)
+    return ReloadPlan(config=config, applied=applied, needs_restart=restart)
+
+
+def apply_plan(server: Any, plan: ReloadPlan) -> None:
+    """Put the live-applicable part of `plan` into the running server's objects."""
+    cfg = plan.config
+    lease = cfg.lease
+    for manager, tok in zip(server.tokens, cfg.tokens, strict=True):
+        before = manager.config
+        manager.config = tok
+        book = manager.book
+        book.linger_s, book.idle_timeout_s, book.max_hold_s = (
+            lease.linger_s,
+            lease.idle_timeout_s,
+            lease.max_hold_s,
+        )
+        manager.queue_timeout_s = lease.queue_timeout_s
+        if before.allow != tok.allow:
+            _tell_sessions(server, manager, before)
+    handler = getattr(server, "handler", None)
+    if handler is not None and dataclasses.is_dataclass(handler._ctx):
+        # The listener hands this context to every new session; open sessions keep theirs.
+        handler._ctx = replace(handler._ctx, admins=cfg.admins)
+    reloader = getattr(server, "reloader", None)
+    if reloader is not None:
+        reloader.tls = cfg.tls  # reload_tls() reads the (possibly moved) files from here
+    server.config = cfg
+
+
+def _tell_sessions(server: Any, manager: Any, before: TokenConfig) -> None:
+    """Send the new TokenStatus (allowed or not) to everyone who could see the token."""
+    for sub in server.hub:
+        if sub.admin or sub.may_use(before.allow) or sub.may_use(manager.config.allow):
+            sub.push(manager.status_for(sub))
+    holder = manager.book.holder
+    if holder is not None and holder.identity not in manager.config.allow:
+        log.warning(
+            "reload.holder_not_allowed",
+            token=manager.name,
+            client_id=holder.identity,
+            reason="the current lease runs to its end; revoke it to end it now",
+        )
+
+
+def reload_config(server: Any) -> ReloadPlan | None:
+    """Re-read the server's config file and apply what can change live.
+
+    A file that does not parse or validate changes nothing and is logged as `reload.failed`.
+    """
+    path = server.config.path
+    try:
+        new = load_server_config(path)
+    except ConfigError as exc:
+        log.error("reload.failed", what="config", path=str(path), reason=str(exc), kept="the running config")
+        return None
+    plan = plan_reload(server.config, new)
+    apply_plan(server, plan)
+    if plan.needs_restart:
+        log.warning(
+            "reload.needs_restart",
+            path=str(path),
+            changed=plan.needs_restart,
+            reason="these settings apply at the next restart: systemctl restart tokenbridge-server",
+        )
+    log.info("reload.applied", what="config", path=str(path), changed=plan.applied)
+    return plan
+
+
+def reload_service(server: Any, notifier: Any) -> None:
+    """SIGHUP: the live part of the config, then certificate, key and CRL (`reload_tls`)."""
+    notifier.notify(RELOADING=1, MONOTONIC_USEC=time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000)
+    reload_config(server)
+    server.reload_tls()  # logs tls.reloaded, or tls.reload_failed and keeps the old context
+    notifier.notify(READY=1, STATUS=server_status(server))

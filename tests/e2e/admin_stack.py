@@ -1,0 +1,69 @@
+"""A real tokenbridge-server process with a control socket and an admin, for the admin e2e tests."""
+
+from __future__ import annotations
+
+import ssl
+import sys
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from bridge_server.demo import BridgeStack
+from protocol import wire
+from protocol.connection import BridgeConnection, Role
+from protocol.runtime.framed import FramedConnection
+from protocol.runtime.tls import client_context
+
+CLI = [sys.executable, "-m", "bridge_server.admin_cli"]
+
+
+@contextmanager
+def admin_stack(workdir: Path, clients: list[str], allow: list[str]) -> Iterator[BridgeStack]:
+    stack = BridgeStack(workdir, lease={"linger_s": 0.5, "idle_timeout_s": 60.0})
+    stack.make_pki(clients)
+    stack.pki.issue_client("ops", admin=True)
+    path = stack.write_server_config(allow)
+    path.write_text(path.read_text() + "admins: [ops]\n")
+    stack.start_server()
+    try:
+        yield stack
+    finally:
+        stack.stop()
+
+
+def client_ssl(stack: BridgeStack, name: str) -> ssl.SSLContext:
+    b = stack.pki.folder / "clients" / name
+    return client_context(ca=b / "ca.pem", cert=b / f"{name}.pem", key=b / f"{name}.key")
+
+
+@asynccontextmanager
+async def wire_client(stack: BridgeStack, name: str) -> AsyncIterator[FramedConnection]:
+    tcp = await trio.open_tcp_stream("127.0.0.1", stack.server_port)
+    tls = trio.SSLStream(tcp, client_ssl(stack, name), server_hostname="localhost")
+    try:
+        await tls.do_handshake()
+        framed = FramedConnection(tls, BridgeConnection(Role.CLIENT))
+        first = await framed.receive()
+        if not isinstance(first, wire.Welcome):
+            raise trio.BrokenResourceError(f"not welcomed: {first}")
+        await framed.send(wire.ClientHello(version=wire.PROTOCOL_VERSION, software="e2e-admin"))
+        yield framed
+    finally:
+        await trio.aclose_forcefully(tls)
+
+
+async def expect(client: FramedConnection, cls: type) -> Any:
+    while True:
+        msg = await client.receive()
+        if isinstance(msg, cls):
+            return msg
+        if isinstance(msg, wire.Ping):
+            await client.send(wire.Pong(nonce=msg.nonce))
+
+
+async def cli(*args: str) -> tuple[int, str]:
+    proc = await trio.run_process([*CLI, *args], capture_stdout=True, capture_stderr=True, check=False)
+    return proc.returncode, proc.stdout.decode() + proc.stderr.decode()
