@@ -1,38 +1,32 @@
 """How an admin answer travels in the wire's `AdminResponse` (docs/status.md, "over the wire").
 
-The wire caps control payloads at 16 KiB, JSON nesting at depth 4 and strings at 1024
-characters, and the status document is deeper than that. So the dispatcher's result travels
-JSON-encoded and cut into strings, `{"json": ["<part 1>", "<part 2>", ...]}`;
-`unwrap_result` joins and decodes it on the admin client.
+The wire carries an admin `result` as a bounded JSON document (protocol/_wire_fields.py:
+depth ≤ 8, ≤ 50,000 values, strings ≤ 1,024 characters; the frame ≤ 1 MiB). The dispatcher's
+answers fit those bounds; anything that does not is replaced by a clear error instead of
+breaking the admin's session.
 """
 
 from __future__ import annotations
 
-import json
-from typing import Any, Final
+from typing import Any
 
-# protocol.wire.MAX_CONTROL_PAYLOAD minus room for the envelope and JSON string escaping.
-MAX_WIRE_RESULT: Final = 12000
-CHUNK: Final = 1000  # < protocol/_wire_fields.py MAX_STRING_CHARS
+from protocol.errors import LocalProtocolError
+from protocol.wire import AdminResponse, encode_message
 
 
 def wire_result(ok: bool, result: dict[str, Any], error: str) -> tuple[bool, dict[str, Any], str]:
-    text = json.dumps(result, separators=(",", ":"), default=str)
-    if len(text) > MAX_WIRE_RESULT:
+    try:
+        encode_message(AdminResponse(request_id=0, ok=ok, result=result, error=error))
+    except LocalProtocolError as exc:
         return (
             False,
             {},
-            (
-                f"the answer is {len(text)} bytes, more than the wire carries ({MAX_WIRE_RESULT}); "
-                "run the command on the server host (control socket) instead"
-            ),
+            f"the answer does not fit in the wire's admin response ({exc}); "
+            "run the command on the server host (control socket) instead",
         )
-    return ok, {"json": [text[i : i + CHUNK] for i in range(0, len(text), CHUNK)]}, error
+    return ok, result, error
 
 
 def unwrap_result(result: dict[str, Any]) -> dict[str, Any]:
-    parts = result.get("json")
-    if not isinstance(parts, list):
-        return result
-    doc: dict[str, Any] = json.loads("".join(parts))
-    return doc
+    """The result as sent (kept for symmetry with `wire_result`)."""
+    return result

@@ -28,6 +28,9 @@ MIN_INTERRUPT_MESSAGE: Final = 2
 MAX_CCID_MESSAGE: Final = 10 + 65546
 """CCID header + libccid's largest abData (an extended APDU with 64 KiB data and Le)."""
 MAX_CCID_PAYLOAD: Final = CCID_PREFIX_LEN + MAX_CCID_MESSAGE
+MAX_ADMIN_RESPONSE_PAYLOAD: Final = 1 << 20
+"""An admin answer (e.g. `status` of a server with hundreds of clients) may be large; it only
+ever comes from the server, to an identity the server itself accepted as an admin."""
 
 HEADER: Final = struct.Struct(">BBI")
 
@@ -60,7 +63,11 @@ class ConnectionClosed:
 
 def max_payload(frame_type: FrameType, *, max_control: int, max_ccid: int) -> int:
     """The largest payload allowed for `frame_type` under the given limits."""
-    return max_ccid if frame_type is FrameType.CCID else max_control
+    if frame_type is FrameType.CCID:
+        return max_ccid
+    if frame_type is FrameType.ADMIN_RESPONSE:
+        return max(max_control, MAX_ADMIN_RESPONSE_PAYLOAD)
+    return max_control
 
 
 def frame_header(frame_type: FrameType, length: int) -> bytes:

@@ -24,6 +24,9 @@ MAX_HEARTBEAT_INTERVAL: Final = 3600.0
 MAX_JSON_DEPTH: Final = 4
 """Deepest nesting of an admin `args`/`result` object (the object itself is depth 1)."""
 MAX_JSON_NODES: Final = 256
+MAX_DOCUMENT_DEPTH: Final = 8
+"""Deepest nesting of an admin `result` (status: server > tokens > token > queue > waiter)."""
+MAX_DOCUMENT_NODES: Final = 50_000
 """Most values (keys not counted) in one admin `args`/`result` object, the object included."""
 
 _U16: Final = 0xFFFF
@@ -47,7 +50,8 @@ class Kind(Enum):
     ATR = "atr"  # [string] lowercase hex of 0..33 bytes
     INTERVAL = "interval"  # [number] seconds, 0 < x <= MAX_HEARTBEAT_INTERVAL
     CLOSE_CODE = "close_code"  # [number] a CloseCode value
-    OBJECT = "object"  # [object] bounded JSON object (admin args/result)
+    OBJECT = "object"  # [object] bounded JSON object (admin args)
+    DOCUMENT = "document"  # [object] larger bounded JSON object (admin result)
 
 
 def _show(value: object) -> str:
@@ -115,15 +119,22 @@ def _opt_u16(value: object) -> int | None:
 def _object(value: object) -> dict[str, object]:
     if type(value) is not dict:
         raise ValueError(f"expected an object, got {type(value).__name__}")
-    _walk_json(value, depth=1, budget=[MAX_JSON_NODES])
+    _walk_json(value, depth=1, budget=[MAX_JSON_NODES], max_depth=MAX_JSON_DEPTH)
     return value
 
 
-def _walk_json(value: object, *, depth: int, budget: list[int]) -> None:
+def _document(value: object) -> dict[str, object]:
+    if type(value) is not dict:
+        raise ValueError(f"expected an object, got {type(value).__name__}")
+    _walk_json(value, depth=1, budget=[MAX_DOCUMENT_NODES], max_depth=MAX_DOCUMENT_DEPTH)
+    return value
+
+
+def _walk_json(value: object, *, depth: int, budget: list[int], max_depth: int) -> None:
     """Check one JSON value of an admin object: bounded depth, size, strings and numbers."""
     budget[0] -= 1
     if budget[0] < 0:
-        raise ValueError(f"object has more than {MAX_JSON_NODES} values")
+        raise ValueError("object has too many values")
     if value is None or type(value) is bool:
         return
     if type(value) is int:
@@ -135,13 +146,13 @@ def _walk_json(value: object, *, depth: int, budget: list[int]) -> None:
     elif type(value) is str:
         _text(value)
     elif isinstance(value, list | dict):
-        if depth > MAX_JSON_DEPTH:
-            raise ValueError(f"object nesting exceeds depth {MAX_JSON_DEPTH}")
+        if depth > max_depth:
+            raise ValueError(f"object nesting exceeds depth {max_depth}")
         if isinstance(value, dict):
             for key in value:
                 _text(key)
         for item in value.values() if isinstance(value, dict) else value:
-            _walk_json(item, depth=depth + 1, budget=budget)
+            _walk_json(item, depth=depth + 1, budget=budget, max_depth=max_depth)
     else:
         raise ValueError(f"{type(value).__name__} is not a JSON value")
 
@@ -158,6 +169,7 @@ _CHECKS: Final[dict[Kind, Callable[[object], object]]] = {
     Kind.INTERVAL: _interval,
     Kind.CLOSE_CODE: _close_code,
     Kind.OBJECT: _object,
+    Kind.DOCUMENT: _document,
 }
 
 

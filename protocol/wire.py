@@ -286,7 +286,7 @@ _CONTROL: Final[dict[type[Message], tuple[FrameType, tuple[tuple[str, Kind], ...
     AdminRequest: (FrameType.ADMIN_REQUEST, (("request_id", _U32), ("action", _T), ("args", Kind.OBJECT))),
     AdminResponse: (
         FrameType.ADMIN_RESPONSE,
-        (("request_id", _U32), ("ok", Kind.BOOL), ("result", Kind.OBJECT), ("error", _T)),
+        (("request_id", _U32), ("ok", Kind.BOOL), ("result", Kind.DOCUMENT), ("error", _T)),
     ),
     Goodbye: (FrameType.GOODBYE, (("code", Kind.CLOSE_CODE), ("reason", _T))),
 }
@@ -315,6 +315,7 @@ def encode_message(
     else:
         raise LocalProtocolError(f"not a bridge message: {type(msg).__name__}")
     ftype = frame_type_of(type(msg))
+    limit = max_payload(ftype, max_control=max_control_payload, max_ccid=limit)
     if len(payload) > limit:
         raise LocalProtocolError(f"{ftype.name.lower()} payload of {len(payload)} bytes exceeds {limit}")
     return frame_header(ftype, len(payload)) + payload

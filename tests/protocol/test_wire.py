@@ -555,3 +555,48 @@ def test_decoder_meets_garbage_with_need_data_frames_or_remote_errors_only(garba
             decode_message(frame.frame_type, frame.payload)
     except RemoteProtocolError:
         pass
+
+
+def _nested(depth: int) -> dict[str, object]:
+    doc: dict[str, object] = {"leaf": 1}
+    for _ in range(depth - 1):
+        doc = {"x": doc}
+    return doc
+
+
+def test_admin_response_carries_a_large_status_document() -> None:
+    """An admin result the size of `status` with 400 clients fits the admin response frame."""
+    clients = [
+        {"identity": f"build-vm-{i:03d}", "peer": f"10.0.0.{i % 250}:5{i:04d}", "rtt_ms": 0.4}
+        for i in range(400)
+    ]
+    doc = {
+        "server": {"version": "0.1.0"},
+        "tokens": [{"name": "codesign", "queue": [{"identity": "a"}]}],
+        "clients": clients,
+    }
+    msg = AdminResponse(request_id=7, ok=True, result=doc, error="")
+    data = encode_message(msg)
+    assert len(data) > MAX_CONTROL_PAYLOAD
+    decoder = FrameDecoder()
+    decoder.receive_data(data)
+    frame = decoder.next_frame()
+    assert decode_message(frame.frame_type, frame.payload) == msg
+
+
+def test_admin_response_document_deeper_than_its_bound_is_refused() -> None:
+    encode_message(AdminResponse(request_id=1, ok=True, result=_nested(8), error=""))
+    with pytest.raises(LocalProtocolError, match="depth 8"):
+        encode_message(AdminResponse(request_id=1, ok=True, result=_nested(9), error=""))
+
+
+def test_admin_request_args_keep_the_small_bound() -> None:
+    with pytest.raises(LocalProtocolError, match="depth"):
+        encode_message(AdminRequest(request_id=1, action="status", args=_nested(5)))
+
+
+def test_admin_response_header_over_one_mebibyte_is_refused_before_buffering() -> None:
+    decoder = FrameDecoder()
+    decoder.receive_data(bytes([FrameType.ADMIN_RESPONSE, 0]) + ((1 << 20) + 1).to_bytes(4, "big"))
+    with pytest.raises(MalformedFrameError, match="exceeds"):
+        decoder.next_frame()
