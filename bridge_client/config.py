@@ -156,6 +156,12 @@ def _parse_readers(raw: dict[str, Any], path: Path) -> tuple[ReaderConfig, ...]:
     ports = [(r.vpcd_host, r.vpcd_port) for r in readers]
     if len(set(ports)) != len(ports):
         raise ConfigError(str(path), "readers", "two readers use the same vpcd slot; give each its own port")
+    tokens = [r.token for r in readers]
+    if len(set(tokens)) != len(tokens):
+        # One lease per token and client: a second reader for the same token could never be
+        # served while the first holds the lease, and OpenSC, which opens every reader, would
+        # wait on itself.
+        raise ConfigError(str(path), "readers", "two readers show the same token; list each token once")
     return tuple(readers)
 
 
