@@ -76,11 +76,13 @@ class ClientApp:
 
 async def main_async(config: ClientConfig) -> None:
     app = ClientApp(config)
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+    # SIGHUP (reload) exists on POSIX only; the client must keep starting on Windows agents.
+    wanted = [signal.SIGTERM, signal.SIGINT, *([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])]
+    with trio.open_signal_receiver(*wanted) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(app.run)
             async for signum in signals:
-                if signum == signal.SIGHUP:
+                if signum == getattr(signal, "SIGHUP", None):
                     log.info("client.reload_requested", signal="SIGHUP")
                     app.reload()
                     continue

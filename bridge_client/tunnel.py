@@ -36,6 +36,12 @@ import trio
 
 from bridge_client.backoff import Backoff
 from bridge_client.errors import CardFailure, LeaseError, TunnelDown, TunnelRefused
+from bridge_client.tunnel_state import (
+    Pending,
+    TokenState,
+    TunnelStatus,
+    describe_connect_error,
+)
 from protocol import ccid
 from protocol.connection import BridgeConnection, ConnectionClosed, Role
 from protocol.errors import CloseCode, RemoteProtocolError
@@ -71,67 +77,12 @@ MISSED_HEARTBEATS = 3
 GOODBYE_TIMEOUT_S = 1.0
 _SEND_FAILED = (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError)
 _DOWN = (TunnelDown, RemoteProtocolError, trio.BrokenResourceError, trio.ClosedResourceError)
+# ErrorMessage codes that answer a CCID frame; they must not fail a pending lease request.
+_FRAME_ERRORS = frozenset({"lease_required", "stale_epoch", "bad_ccid", "pin_guard", "command_refused"})
 
 
 class _HeartbeatLost(TunnelDown):
     """Nothing heard from the server for MISSED_HEARTBEATS intervals."""
-
-
-@dataclass
-class TokenState:
-    """What this client knows about one remote token."""
-
-    name: str
-    token_id: int | None = None
-    present: bool = False
-    allowed: bool = False
-    atr: bytes = b""
-    server_state: str = ""
-    epoch: int | None = None
-    queue_position: int | None = None
-    lease_since: float | None = None
-    # Incremented whenever a lease we held ended for a reason other than our own release.
-    lost_generation: int = 0
-
-    @property
-    def usable(self) -> bool:
-        return self.token_id is not None and self.present and self.allowed and 1 <= len(self.atr) <= 33
-
-
-class _Pending:
-    """One outstanding request answered by the receive loop."""
-
-    def __init__(self) -> None:
-        self._event = trio.Event()
-        self._value: object = None
-        self._error: BaseException | None = None
-
-    def resolve(self, value: object) -> None:
-        if not self._event.is_set():
-            self._value = value
-            self._event.set()
-
-    def fail(self, error: BaseException) -> None:
-        if not self._event.is_set():
-            self._error = error
-            self._event.set()
-
-    async def wait(self) -> object:
-        await self._event.wait()
-        if self._error is not None:
-            raise self._error
-        return self._value
-
-
-@dataclass
-class TunnelStatus:
-    state: str = "starting"  # starting, connecting, connected, retrying, refused
-    reason: str = ""
-    server: str = ""
-    identity: str = ""
-    connected_since: float | None = None
-    rtt_ms: float | None = None
-    attempts: int = 0
 
 
 @dataclass
@@ -153,8 +104,8 @@ class Tunnel:
         self.status = TunnelStatus()
         self._changed = trio.Event()
         self._conn: FramedConnection | None = None
-        self._leases: dict[int, _Pending] = {}
-        self._exchanges: dict[int, _Pending] = {}
+        self._leases: dict[int, Pending] = {}
+        self._exchanges: dict[int, Pending] = {}
         self._seq: dict[int, int] = {}
         self._ping_sent: dict[int, float] = {}
         self._nonce = 0
@@ -193,7 +144,7 @@ class Tunnel:
                 reason = str(exc)
                 self.status.state = "refused"
             except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError) as exc:
-                reason = _describe_connect_error(exc, self.host, self.port)
+                reason = describe_connect_error(exc, self.host, self.port)
             except RemoteProtocolError as exc:
                 reason = f"protocol error from server: {exc}"
             except TunnelDown as exc:
@@ -412,7 +363,15 @@ class Tunnel:
         log.warning("server.error", code=msg.code, message=msg.message, token_id=msg.token_id)
         if msg.token_id is None:
             return
-        self._fail_pending(msg.token_id, LeaseError(msg.code, msg.message))
+        error = LeaseError(msg.code, msg.message)
+        if msg.code in _FRAME_ERRORS:  # about a CCID frame (maybe a late one): not our lease request
+            pending = self._exchanges.pop(msg.token_id, None)
+            if pending is not None:
+                pending.fail(error)
+            return
+        if msg.code == "already_leased" and msg.token_id in self._leases:
+            return  # we are queued (or the grant is on its way): keep waiting for LeaseGranted
+        self._fail_pending(msg.token_id, error)
 
     def _fail_pending(self, token_id: int, error: BaseException) -> None:
         for table in (self._leases, self._exchanges):
@@ -437,7 +396,7 @@ class Tunnel:
             return tok.epoch
         pending = self._leases.get(token_id)
         if pending is None:
-            pending = self._leases[token_id] = _Pending()
+            pending = self._leases[token_id] = Pending()
             await conn.send(LeaseRequest(token_id=token_id))
             log.info("lease.requested", token=name)
         epoch = await pending.wait()
@@ -468,7 +427,7 @@ class Tunnel:
             raise CardFailure(f"an exchange with {name} is already in flight")
         seq = self.next_seq(token_id)
         command = build(seq)  # type: ignore[operator]
-        pending = self._exchanges[token_id] = _Pending()
+        pending = self._exchanges[token_id] = Pending()
         try:
             await conn.send(CcidFrame(token_id=token_id, epoch=tok.epoch, message=command.encode()))
             frame = await pending.wait()
@@ -487,30 +446,3 @@ class Tunnel:
         if response.command_status != ccid.CommandStatus.OK:
             raise CardFailure(f"reader error from server: bError 0x{response.error:02X}")
         return response
-
-
-def connect_error_cause(exc: BaseException) -> BaseException:
-    """The error worth reporting from a failed `trio.open_tcp_stream`.
-
-    trio raises OSError("all attempts to connect to ... failed") from a group of the
-    per-address errors (ConnectionRefusedError...): the first of those says what happened.
-    """
-    cause = exc.__cause__
-    if type(exc) is OSError and exc.strerror is None and isinstance(cause, BaseExceptionGroup):
-        leaves = [e for e in cause.exceptions if isinstance(e, OSError)]
-        if leaves:
-            return leaves[0]
-    return exc
-
-
-def _describe_connect_error(exc: BaseException, host: str, port: int) -> str:
-    exc = connect_error_cause(exc)
-    if isinstance(exc, trio.TooSlowError):
-        return f"timed out connecting to {host}:{port} (server down or a firewall drops packets)"
-    if isinstance(exc, ConnectionRefusedError):
-        return f"connection refused by {host}:{port} (is tokenbridge-server running and listening there?)"
-    if isinstance(exc, OSError) and exc.strerror:
-        return f"cannot reach {host}:{port}: {exc.strerror}"
-    if isinstance(exc, trio.BrokenResourceError) and exc.__cause__ is not None:
-        return f"connection to {host}:{port} broke: {describe_handshake_error(exc.__cause__)}"
-    return f"connection to {host}:{port} failed: {exc!r}"

@@ -37,12 +37,13 @@ import trio
 
 from bridge_client.backoff import Backoff
 from bridge_client.errors import CardFailure, TunnelError
-from bridge_client.tunnel import TokenState, Tunnel, connect_error_cause
+from bridge_client.tunnel import Tunnel
+from bridge_client.tunnel_state import TokenState, connect_error_cause
 from protocol import ccid
 from protocol._sentinel import NEED_DATA
 from protocol.apdu import redact
 from protocol.errors import RemoteProtocolError
-from protocol.vpcd import Apdu, Closed, Control, VpcdCardSide, VpcdControl
+from protocol.vpcd import MAX_ATR_LENGTH, Apdu, Closed, Control, VpcdCardSide, VpcdControl
 
 log = structlog.get_logger(__name__)
 
@@ -181,13 +182,16 @@ class VpcdLink:
         tok = self._tok
         if code == VpcdControl.GET_ATR:
             return card.send_atr(tok.atr)
+        log.debug("vpcd.control", token=self.token, code=code.name, leased=tok.epoch is not None)
         if tok.epoch is None:
             return b""
         if code == VpcdControl.POWER_OFF:
             await self.tunnel.exchange(self.token, lambda seq: ccid.icc_power_off(seq))
         else:  # POWER_ON / RESET under a lease: the server cold-resets the card
             response = await self.tunnel.exchange(self.token, lambda seq: ccid.icc_power_on(seq))
-            if response.data:
+            # Only a plausible ATR replaces the cached one: send_atr() refuses 0 or > 33 bytes, and
+            # that error would end the reader task (tests/fuzz ATR-length table, reliability §7.2 B4).
+            if 1 <= len(response.data) <= MAX_ATR_LENGTH:
                 tok.atr = response.data
         return b""
 

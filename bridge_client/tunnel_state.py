@@ -1,0 +1,97 @@
+"""What the tunnel knows (token table, its own status) and how connection failures read.
+
+Split out of tunnel.py so the connection loop stays readable; everything here is plain data
+or pure functions (`describe_connect_error` turns trio/OS errors into operator words).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import trio
+
+from protocol.runtime.tls import describe_handshake_error
+
+
+@dataclass
+class TokenState:
+    """What this client knows about one remote token."""
+
+    name: str
+    token_id: int | None = None
+    present: bool = False
+    allowed: bool = False
+    atr: bytes = b""
+    server_state: str = ""
+    epoch: int | None = None
+    queue_position: int | None = None
+    lease_since: float | None = None
+    # Incremented whenever a lease we held ended for a reason other than our own release.
+    lost_generation: int = 0
+
+    @property
+    def usable(self) -> bool:
+        return self.token_id is not None and self.present and self.allowed and 1 <= len(self.atr) <= 33
+
+
+class Pending:
+    """One outstanding request answered by the receive loop."""
+
+    def __init__(self) -> None:
+        self._event = trio.Event()
+        self._value: object = None
+        self._error: BaseException | None = None
+
+    def resolve(self, value: object) -> None:
+        if not self._event.is_set():
+            self._value = value
+            self._event.set()
+
+    def fail(self, error: BaseException) -> None:
+        if not self._event.is_set():
+            self._error = error
+            self._event.set()
+
+    async def wait(self) -> object:
+        await self._event.wait()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
+@dataclass
+class TunnelStatus:
+    state: str = "starting"  # starting, connecting, connected, retrying, refused
+    reason: str = ""
+    server: str = ""
+    identity: str = ""
+    connected_since: float | None = None
+    rtt_ms: float | None = None
+    attempts: int = 0
+
+
+def connect_error_cause(exc: BaseException) -> BaseException:
+    """The error worth reporting from a failed `trio.open_tcp_stream`.
+
+    trio raises OSError("all attempts to connect to ... failed") from a group of the
+    per-address errors (ConnectionRefusedError...): the first of those says what happened.
+    """
+    cause = exc.__cause__
+    if type(exc) is OSError and exc.strerror is None and isinstance(cause, BaseExceptionGroup):
+        leaves = [e for e in cause.exceptions if isinstance(e, OSError)]
+        if leaves:
+            return leaves[0]
+    return exc
+
+
+def describe_connect_error(exc: BaseException, host: str, port: int) -> str:
+    exc = connect_error_cause(exc)
+    if isinstance(exc, trio.TooSlowError):
+        return f"timed out connecting to {host}:{port} (server down or a firewall drops packets)"
+    if isinstance(exc, ConnectionRefusedError):
+        return f"connection refused by {host}:{port} (is tokenbridge-server running and listening there?)"
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"cannot reach {host}:{port}: {exc.strerror}"
+    if isinstance(exc, trio.BrokenResourceError) and exc.__cause__ is not None:
+        return f"connection to {host}:{port} broke: {describe_handshake_error(exc.__cause__)}"
+    return f"connection to {host}:{port} failed: {exc!r}"
