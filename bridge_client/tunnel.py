@@ -303,7 +303,11 @@ class Tunnel:
                 tok.queue_position = msg.position
                 log.info("lease.queued", token=tok.name, position=msg.position)
         elif isinstance(msg, LeaseGranted):
-            self._on_granted(msg)
+            if not self._on_granted(msg):
+                # Nobody waits any more (the reader gave up queueing): hand it straight back
+                # rather than sit on it until the server's idle timeout.
+                log.info("lease.returned_unused", token_id=msg.token_id, lease_epoch=msg.epoch)
+                await conn.send(LeaseRelease(token_id=msg.token_id, epoch=msg.epoch))
         elif isinstance(msg, LeaseEnded):
             self._on_lease_ended(msg)
         elif isinstance(msg, CcidFrame):
@@ -333,18 +337,19 @@ class Tunnel:
             log.info("token.changed", token=tok.name, present=msg.present, allowed=msg.allowed)
         self._notify()
 
-    def _on_granted(self, msg: LeaseGranted) -> None:
+    def _on_granted(self, msg: LeaseGranted) -> bool:
+        """Record a grant; False when no reader wants it any more."""
         tok = self._by_id(msg.token_id)
         pending = self._leases.pop(msg.token_id, None)
-        if tok is None:
-            return
+        if tok is None or pending is None:
+            return False
         tok.epoch, tok.queue_position, tok.lease_since = msg.epoch, None, time.time()
         if msg.atr:
             tok.atr = bytes(msg.atr)
         log.info("lease.granted", token=tok.name, lease_epoch=msg.epoch)
-        if pending is not None:
-            pending.resolve(msg.epoch)
+        pending.resolve(msg.epoch)
         self._notify()
+        return True
 
     def _on_lease_ended(self, msg: LeaseEnded) -> None:
         tok = self._by_id(msg.token_id)
@@ -399,7 +404,14 @@ class Tunnel:
             pending = self._leases[token_id] = Pending()
             await conn.send(LeaseRequest(token_id=token_id))
             log.info("lease.requested", token=name)
-        epoch = await pending.wait()
+        try:
+            epoch = await pending.wait()
+        except trio.Cancelled:
+            # The caller stopped waiting (queue deadline): forget the request so that a late
+            # grant is given back at once (see _dispatch).
+            if self._leases.get(token_id) is pending:
+                del self._leases[token_id]
+            raise
         assert isinstance(epoch, int)
         return epoch
 

@@ -333,6 +333,19 @@ async def test_a_lease_is_requested_queued_and_granted(
     assert await server.nothing_for(5) == []
 
 
+async def test_a_grant_arriving_after_the_reader_gave_up_is_handed_straight_back(
+    nursery: trio.Nursery, certs: Certs, autojump_clock: trio.testing.MockClock
+) -> None:
+    tunnel, server, _ = await open_tunnel(nursery, certs)
+    with trio.move_on_after(1) as waited:
+        await tunnel.acquire_lease("codesign")
+    assert waited.cancelled_caught
+    assert await server.expect(wire.LeaseRequest) == wire.LeaseRequest(token_id=0)
+    await server.send(wire.LeaseGranted(token_id=0, epoch=91, atr=ATR2))
+    assert await server.expect(wire.LeaseRelease) == wire.LeaseRelease(token_id=0, epoch=91)
+    assert tunnel.tokens["codesign"].epoch is None
+
+
 async def test_an_error_message_fails_the_pending_lease_request(
     nursery: trio.Nursery, certs: Certs, autojump_clock: trio.testing.MockClock
 ) -> None:
