@@ -355,6 +355,7 @@ class CcidDriver:
                 )
             try:
                 resp = ccid.decode_message(raw)
+                _ = resp.icc_status, resp.command_status  # RFU bStatus bits raise here, not later
             except MalformedCcidMessageError as exc:
                 # Callers (token manager, virtual reader) handle DeviceError: a token that sends
                 # garbage fails the exchange like any other card fault (found by tests/fuzz).

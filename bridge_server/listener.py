@@ -93,8 +93,10 @@ class ConnectionHandler:
     async def _handshake(self, stream: trio.abc.Stream, peer: str) -> trio.SSLStream[trio.abc.Stream] | None:
         tls = trio.SSLStream(stream, self._ssl_context(), server_side=True)
         try:
-            async with self._handshakes:
-                with trio.fail_after(self._limits.handshake_timeout_s):
+            # The deadline counts from accept, queueing for a slot included: otherwise a flood
+            # of silent connections is reaped only max_handshakes per timeout (B7).
+            with trio.fail_after(self._limits.handshake_timeout_s):
+                async with self._handshakes:
                     await tls.do_handshake()
         except trio.TooSlowError:
             log.warning("tls.handshake_failed", peer=peer, reason="handshake timed out")

@@ -120,7 +120,7 @@ class _Session:
         if event is None:
             self.reason = "hello_timeout"
             return
-        if isinstance(event, wire.ConnectionClosed):
+        if isinstance(event, wire.ConnectionClosed | wire.Goodbye):  # Goodbye may come first (tests/fuzz)
             self.reason = "closed_before_hello"
             return
         # The state machine guarantees the client's first frame is ClientHello.
@@ -146,6 +146,10 @@ class _Session:
 
     async def _writer(self, outbox: trio.MemoryReceiveChannel[Any]) -> None:
         async for msg in outbox:
+            if self.reason is not None:
+                # The session is ending (e.g. the reader is sending its heartbeat Goodbye): a
+                # Ping queued at the same instant must not follow the Goodbye (tests/fuzz).
+                return
             await self.framed.send(msg)
             self.frames_out += 1
             if isinstance(msg, wire.Goodbye):

@@ -173,11 +173,20 @@ def build_status(server: BridgeServer) -> dict[str, Any]:
             "started_at": _iso(server.started_at),
             "uptime_s": round(wall - server.started_at, 1),
             "listen": server.listen_addresses(),
+            "audit": server.audit.status(),  # docs/guardrails.md: why new leases are refused
         },
         "tokens": [_token(server, tok, now, wall) for tok in server.tokens],
         "clients": clients,
-        "warnings": certificate_warnings(server, dt.datetime.now(dt.UTC)),
+        "warnings": certificate_warnings(server, dt.datetime.now(dt.UTC)) + _audit_warning(server),
     }
+
+
+def _audit_warning(server: BridgeServer) -> list[dict[str, Any]]:
+    audit = server.audit
+    if audit.available:
+        return []
+    message = f"{audit.problem}; new leases are refused until it is writable (retried every second)"
+    return [{"subject": "audit log", "not_after": None, "days_left": None, "message": message}]
 
 
 # -- table -------------------------------------------------------------------------------------

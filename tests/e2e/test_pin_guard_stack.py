@@ -88,8 +88,10 @@ def test_wrong_pins_stop_at_the_floor_survive_a_restart_and_wait_for_the_operato
     assert card_pin_retries(stack) == 2
     status = tokenbridge(stack, "status", "--json")
     assert status.returncode == 0, status.stderr  # the control plane's status (docs/status.md)
-    (token,) = json.loads(status.stdout)["tokens"]
+    doc = json.loads(status.stdout)
+    (token,) = doc["tokens"]
     assert (token["state"], token["pin_guard"]["engaged"]) == ("guarded", True)
+    assert doc["server"]["audit"]["available"] is True
 
     reset = tokenbridge(stack, "pin-guard", "reset", "codesign", "--json")
     assert reset.returncode == 0, reset.stderr

@@ -4,11 +4,12 @@
 60 s). `TOKENBRIDGE_FUZZ_EXAMPLES=N` overrides every budget for a long run, e.g.
 `TOKENBRIDGE_FUZZ_EXAMPLES=20000 .venv/bin/python -m pytest tests/fuzz -q`. Crashers found
 are kept as `@example(...)` on the target, or as files in `tests/fuzz/corpus/<target>/`
-(replayed by test_corpus_replay.py).
+(replayed by the target's `test_corpus_*` test).
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 from pathlib import Path
 
@@ -52,7 +53,7 @@ def mutated(draw: st.DrawFn, seed: bytes, *, max_edits: int = 4) -> bytes:
 def chunks(data: bytes, cuts: list[int]) -> list[bytes]:
     """Split `data` at the given offsets (taken modulo its length, deduplicated, in order)."""
     points = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
-    return [data[a:b] for a, b in zip(points, points[1:], strict=False) if b > a]
+    return [data[a:b] for a, b in itertools.pairwise(points) if b > a]
 
 
 def corpus_files(target: str) -> list[Path]:

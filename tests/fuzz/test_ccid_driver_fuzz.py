@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import pytest
 import structlog
 import trio
 import trio.testing
@@ -20,7 +21,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bridge_server.ccid_driver import CcidDriver
-from bridge_server.errors import DeviceError
+from bridge_server.errors import DeviceError, DeviceTimeoutError
 from bridge_server.usb_transport import DeviceInfo
 from protocol import ccid
 from protocol.atr import Atr, Checksum
@@ -31,7 +32,10 @@ ETOKEN_ATR = bytes.fromhex("3B D5 18 00 81 31 FE 7D 80 73 C8 21 10 F4")
 YUBIKEY_ATR = bytes.fromhex("3B FD 13 00 00 81 31 FE 15 80 73 C0 21 C0 57 59 75 62 69 4B 65 79 40")
 T0_ATR = bytes.fromhex("3B 02 14 50")
 READERS = {  # name: (descriptor, atr)
-    "tpdu_t1": (CcidClassDescriptor(features=0x0001023C, max_ifsd=252, max_ccid_message_length=271), ETOKEN_ATR),
+    "tpdu_t1": (
+        CcidClassDescriptor(features=0x0001023C, max_ifsd=252, max_ccid_message_length=271),
+        ETOKEN_ATR,
+    ),
     "extended": (
         CcidClassDescriptor(features=0x000400FE, max_ifsd=3062, max_ccid_message_length=3072, protocols=2),
         YUBIKEY_ATR,
@@ -44,7 +48,23 @@ FRAME_TIMEOUT_S = 0.2
 MAX_WAIT_S = 1.0
 USB_ROUND_TRIP_S = 0.001
 MAX_TRANSFERS = 5000
-MODES = ("ok", "ok", "ok", "mutated", "garbage", "seq", "type", "status", "chain", "silent", "wtx", "wtx_forever")
+MODES = (
+    "ok",
+    "ok",
+    "ok",
+    "mutated",
+    "garbage",
+    "seq",
+    "type",
+    "status",
+    "chain",
+    "silent",
+    "wtx",
+    "wtx_forever",
+)
+
+
+INTERRUPT_TYPES = (MessageType.RDR_to_PC_NotifySlotChange, MessageType.RDR_to_PC_HardwareError)
 
 
 class Runaway(AssertionError):
@@ -80,10 +100,16 @@ class HostileDevice:
         elif mode == "garbage":
             self.queue.append(self.draw.draw(st.binary(max_size=40)))
         elif mode == "seq":
-            stray = CcidMessage(healthy.msg_type, (msg.seq - 1) & 0xFF, 0, healthy.b7, healthy.b8, 0, healthy.data)
+            stray = CcidMessage(
+                healthy.msg_type, (msg.seq - 1) & 0xFF, 0, healthy.b7, healthy.b8, 0, healthy.data
+            )
             self.queue += [stray.encode(), healthy.encode()]
         elif mode == "type":
-            other = self.draw.draw(st.sampled_from([t for t in MessageType if t != healthy.msg_type]))
+            other = self.draw.draw(
+                st.sampled_from(
+                    [t for t in MessageType if t != healthy.msg_type and t not in INTERRUPT_TYPES]
+                )
+            )
             self.queue.append(CcidMessage(other, msg.seq, 0, 0, 0, 0, healthy.data).encode())
         elif mode in ("status", "chain"):
             b7, b8, b9 = healthy.b7, healthy.b8, healthy.b9
@@ -192,3 +218,30 @@ def test_power_on_forwards_only_well_formed_atrs(data: st.DataObject, atr: bytes
     device = HostileDevice(READERS["short"][0], atr, data)
     with structlog.testing.capture_logs():
         trio.run(_exercise, device, [], clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+class _EndlessEmptyChain(HostileDevice):
+    """Regression (found by this fuzzer): an extended-level token that answers every XfrBlock with
+    an empty "more to come" DataBlock kept `transmit()` looping forever."""
+
+    async def write(self, data: bytes) -> None:
+        await trio.sleep(USB_ROUND_TRIP_S)
+        self._count()
+        msg = ccid.decode_message(data)
+        healthy = self._healthy(msg)
+        if msg.msg_type is MessageType.PC_to_RDR_XfrBlock:
+            healthy = ccid.data_block(msg.seq, b"", chain=0x01)
+        self.queue = [healthy.encode()]
+
+
+async def test_endless_empty_response_chain_ends_in_a_timeout_within_max_wait(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    descriptor, atr = READERS["extended"]
+    device = _EndlessEmptyChain(descriptor, atr, None)  # type: ignore[arg-type]
+    driver = CcidDriver(device, frame_timeout_s=FRAME_TIMEOUT_S, max_wait_s=MAX_WAIT_S)  # type: ignore[arg-type]
+    await driver.power_on()
+    started = trio.current_time()
+    with structlog.testing.capture_logs(), pytest.raises(DeviceTimeoutError):
+        await driver.transmit(b"\x00\xa4\x04\x00")
+    assert trio.current_time() - started < MAX_WAIT_S + 0.1

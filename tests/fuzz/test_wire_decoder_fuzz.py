@@ -25,7 +25,9 @@ CLIENT_SESSION = b"".join(
         wire.ClientHello(version=1, software="tokenbridge-client/0.1.0"),
         wire.LeaseRequest(token_id=0),
         wire.CcidFrame(token_id=0, epoch=1000, message=ccid.icc_power_on(0).encode()),
-        wire.CcidFrame(token_id=0, epoch=1000, message=ccid.xfr_block(1, bytes.fromhex("00a4040000")).encode()),
+        wire.CcidFrame(
+            token_id=0, epoch=1000, message=ccid.xfr_block(1, bytes.fromhex("00a4040000")).encode()
+        ),
         wire.LeaseRelease(token_id=0, epoch=1000),
         wire.Ping(nonce=7),
         wire.AdminRequest(request_id=1, action="status", args={"a": [1, {"b": None}]}),
@@ -37,7 +39,9 @@ SERVER_SESSION = b"".join(
     wire.encode_message(m)
     for m in (
         WELCOME,
-        wire.TokenStatus(token_id=0, name="codesign", present=True, allowed=True, atr=b"\x3b\x00", state="free"),
+        wire.TokenStatus(
+            token_id=0, name="codesign", present=True, allowed=True, atr=b"\x3b\x00", state="free"
+        ),
         wire.LeaseQueued(token_id=0, position=1),
         wire.LeaseGranted(token_id=0, epoch=1000, atr=b"\x3b\x00"),
         wire.CcidFrame(token_id=0, epoch=1000, message=ccid.data_block(0, b"\x90\x00").encode()),
