@@ -1,6 +1,9 @@
 """`make bench`: measure the bridge against DESIGN §9 and write bench/results/<time>.json.
 
-    .venv/bin/python -m bench [--apdus N] [--sign-runs K] [--clients 200] [--quick]
+    .venv/bin/python -m bench [--apdus N] [--sign-runs K] [--clients 200] [--quick] [--profiles ...]
+
+Each profile is compared against two direct baselines in turn: "card" (PIV card straight to vpcd)
+and "usb" (the same simulated USB token and host stack, no bridge; `simulator --via-usb`).
 
 Needs pcscd with both vpcd slots free (it claims them like the e2e tests do).
 """
@@ -15,105 +18,146 @@ from pathlib import Path
 
 from bench import run
 from bench.stats import machine, table
+from bridge_server.demo import BridgeStack
 
 RESULTS = Path(__file__).parent / "results"
 
 
+def _compare(args: argparse.Namespace, work: Path, direct_slot: int, bridge_slot: int) -> dict[str, object]:
+    """Latency, APDU/s and both signing tools: the direct baseline in slot A vs the bridge."""
+    entry: dict[str, object] = {"latency": run.interleaved_latency(direct_slot, bridge_slot, args.apdus)}
+    if not args.quick:
+        entry["pkcs11_sign"] = run.side_by_side(
+            run.pkcs11_sign, direct_slot, bridge_slot, work, args.sign_runs
+        )
+        entry["osslsigncode_sign"] = run.side_by_side(
+            run.ossl_sign, direct_slot, bridge_slot, work, args.sign_runs
+        )
+    return entry
+
+
 def _collect(args: argparse.Namespace, work: Path) -> dict[str, object]:
     out: dict[str, object] = {"machine": machine(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    profiles: dict[str, dict[str, object]] = {}
+    out["profiles"] = profiles
     with run.claim_vpcd_slot() as direct_slot, run.claim_vpcd_slot() as bridge_slot:
         out["slots"] = {"direct": direct_slot, "bridge": bridge_slot}
-        with run.direct_simulator(direct_slot, work), run.bridge(bridge_slot, work) as stack:
-            print("latency: direct vs bridge, interleaved ...", flush=True)
-            out["latency"] = run.interleaved_latency(direct_slot, bridge_slot, args.apdus)
-            if args.quick:
-                return out
-            print("pkcs11-tool --login --sign, side by side ...", flush=True)
-            out["pkcs11_sign"] = run.side_by_side(
-                run.pkcs11_sign, direct_slot, bridge_slot, work, args.sign_runs
-            )
-            print("osslsigncode sign, side by side ...", flush=True)
-            out["osslsigncode_sign"] = run.side_by_side(
-                run.ossl_sign, direct_slot, bridge_slot, work, args.sign_runs
-            )
-            print("round trips per signature ...", flush=True)
-            out["round_trips"] = run.round_trips(stack, bridge_slot, work, 4)
-            out["rss_idle"] = run.daemon_rss(stack)
-            print(f"{args.clients} idle clients ...", flush=True)
-            with run.swarm(stack, args.clients):
-                out["rss_with_clients"] = {**run.daemon_rss(stack), "clients": args.clients}
-                out["latency_with_clients"] = run.interleaved_latency(
-                    direct_slot, bridge_slot, args.apdus // 2
-                )
-            for delay in (0.0, 1.0, 10.0):
-                print(f"added network delay {delay:g} ms each way ...", flush=True)
-                with run.client_via_proxy(stack, bridge_slot, delay):
-                    entry = {"latency": run.interleaved_latency(direct_slot, bridge_slot, args.delay_apdus)}
-                    entry["pkcs11_sign"] = run.side_by_side(
-                        run.pkcs11_sign, direct_slot, bridge_slot, work, 1
-                    )
-                    out[f"delay_{delay:g}ms"] = entry
+        for profile in args.profiles:
+            per = profiles[profile] = {}
+            with run.bridge(bridge_slot, work, profile) as stack:
+                for baseline in run.BASELINES:
+                    print(f"{profile}: direct ({baseline}) vs bridge, interleaved ...", flush=True)
+                    with run.direct_simulator(direct_slot, work, profile, baseline):
+                        per[baseline] = _compare(args, work, direct_slot, bridge_slot)
+                if args.quick or profile != run.PROFILE:
+                    continue
+                with run.direct_simulator(direct_slot, work, profile, "usb"):
+                    _server_side(args, out, stack, work, direct_slot, bridge_slot)
     return out
 
 
-def _rows(r: dict) -> list[tuple[str, str, str, str]]:  # type: ignore[type-arg]
-    lat = r["latency"]
-    rows = [
-        ("added latency p50", f"{lat['added_p50_ms']:.3f} ms", "<= 0.5 ms", _ok(lat["added_p50_ms"] <= 0.5)),
-        ("added latency p99", f"{lat['added_p99_ms']:.3f} ms", "<= 2 ms", _ok(lat["added_p99_ms"] <= 2)),
-        ("direct p50 / p99", f"{lat['direct']['p50_ms']:.3f} / {lat['direct']['p99_ms']:.3f} ms", "-", ""),
-        ("bridge p50 / p99", f"{lat['bridge']['p50_ms']:.3f} / {lat['bridge']['p99_ms']:.3f} ms", "-", ""),
+def _server_side(
+    args: argparse.Namespace,
+    out: dict[str, object],
+    stack: BridgeStack,
+    work: Path,
+    direct: int,
+    bridged: int,
+) -> None:
+    """Round trips, RSS, idle clients and network delay (profile safenet-5110, usb baseline)."""
+    print("round trips per signature ...", flush=True)
+    out["round_trips"] = run.round_trips(stack, bridged, work, 4)
+    out["rss_idle"] = run.daemon_rss(stack)
+    print(f"{args.clients} idle clients ...", flush=True)
+    with run.swarm(stack, args.clients):
+        out["rss_with_clients"] = {**run.daemon_rss(stack), "clients": args.clients}
+        out["latency_with_clients"] = run.interleaved_latency(direct, bridged, args.apdus // 2)
+    for delay in (0.0, 1.0, 10.0):
+        print(f"added network delay {delay:g} ms each way ...", flush=True)
+        with run.client_via_proxy(stack, bridged, delay):
+            entry: dict[str, object] = {"latency": run.interleaved_latency(direct, bridged, args.delay_apdus)}
+            entry["pkcs11_sign"] = run.side_by_side(run.pkcs11_sign, direct, bridged, work, 1)
+            out[f"delay_{delay:g}ms"] = entry
+
+
+Row = tuple[str, str, str, str]
+
+
+def _latency_rows(tag: str, lat: dict) -> list[Row]:  # type: ignore[type-arg]
+    return [
+        (f"{tag} added p50", f"{lat['added_p50_ms']:.3f} ms", "<= 0.5 ms", _ok(lat["added_p50_ms"] <= 0.5)),
+        (f"{tag} added p99", f"{lat['added_p99_ms']:.3f} ms", "<= 2 ms", _ok(lat["added_p99_ms"] <= 2)),
         (
-            "APDU/s through one token",
+            f"{tag} direct / bridge p50",
+            f"{lat['direct']['p50_ms']:.3f} / {lat['bridge']['p50_ms']:.3f} ms",
+            "-",
+            "",
+        ),
+        (
+            f"{tag} APDU/s",
             f"{lat['bridge_apdu_per_s']} (direct {lat['direct_apdu_per_s']})",
             ">= 2000",
             _ok(lat["bridge_apdu_per_s"] >= 2000),
         ),
     ]
-    if "pkcs11_sign" in r:
-        p, o = r["pkcs11_sign"], r["osslsigncode_sign"]
-        rows += [
+
+
+def _sign_rows(tag: str, entry: dict) -> list[Row]:  # type: ignore[type-arg]
+    if "pkcs11_sign" not in entry:
+        return []
+    p, o = entry["pkcs11_sign"], entry["osslsigncode_sign"]
+    return [
+        (
+            f"{tag} pkcs11-tool --sign",
+            f"{p['bridge_s']:.3f} s vs {p['direct_s']:.3f} s = {p['ratio']}x",
+            "<= 1.25x",
+            _ok(p["ratio"] <= 1.25),
+        ),
+        (f"{tag} osslsigncode", f"{o['bridge_s']:.3f} s vs {o['direct_s']:.3f} s = {o['ratio']}x", "-", ""),
+    ]
+
+
+def _rows(r: dict) -> list[Row]:  # type: ignore[type-arg]
+    rows: list[Row] = []
+    for profile, per in r["profiles"].items():
+        for baseline, entry in per.items():
+            tag = f"{profile} vs {baseline}:"
+            rows += _latency_rows(tag, entry["latency"]) + _sign_rows(tag, entry)
+    if "round_trips" not in r:
+        return rows
+    rows.append(("round trips per sign", f"{r['round_trips']['round_trips_per_sign']}", "reported", ""))
+    idle, busy = r["rss_idle"], r["rss_with_clients"]
+    lw = r["latency_with_clients"]
+    rows += [
+        (
+            "RSS idle server/client",
+            f"{idle['server_mb']} / {idle['client_mb']} MB",
+            "< 60 MB",
+            _ok(max(idle.values()) < 60),
+        ),
+        (
+            f"RSS with {busy['clients']} clients",
+            f"{busy['server_mb']} / {busy['client_mb']} MB",
+            "< 60 MB",
+            _ok(max(busy["server_mb"], busy["client_mb"]) < 60),
+        ),
+        (
+            f"added p50 with {busy['clients']} clients (vs usb)",
+            f"{lw['added_p50_ms']:.3f} ms",
+            "< 1 ms",
+            _ok(lw["added_p50_ms"] < 1),
+        ),
+    ]
+    for key in ("delay_0ms", "delay_1ms", "delay_10ms"):
+        d = r[key]
+        rows.append(
             (
-                "pkcs11-tool --sign",
-                f"{p['bridge_s']:.3f} s vs {p['direct_s']:.3f} s = {p['ratio']}x",
-                "<= 1.25x",
-                _ok(p["ratio"] <= 1.25),
-            ),
-            ("osslsigncode sign", f"{o['bridge_s']:.3f} s vs {o['direct_s']:.3f} s = {o['ratio']}x", "-", ""),
-            ("round trips per sign", f"{r['round_trips']['round_trips_per_sign']}", "reported", ""),
-        ]
-        idle, busy = r["rss_idle"], r["rss_with_clients"]
-        lw = r["latency_with_clients"]
-        rows += [
-            (
-                "RSS idle server/client",
-                f"{idle['server_mb']} / {idle['client_mb']} MB",
-                "< 60 MB",
-                _ok(max(idle.values()) < 60),
-            ),
-            (
-                f"RSS with {busy['clients']} clients",
-                f"{busy['server_mb']} / {busy['client_mb']} MB",
-                "< 60 MB",
-                _ok(max(busy["server_mb"], busy["client_mb"]) < 60),
-            ),
-            (
-                f"added p50 with {busy['clients']} clients",
-                f"{lw['added_p50_ms']:.3f} ms",
-                "< 1 ms",
-                _ok(lw["added_p50_ms"] < 1),
-            ),
-        ]
-        for key in ("delay_0ms", "delay_1ms", "delay_10ms"):
-            d = r[key]
-            rows.append(
-                (
-                    f"{key}: added p50 / sign ratio",
-                    f"{d['latency']['added_p50_ms']:.2f} ms / {d['pkcs11_sign']['ratio']}x",
-                    "reported",
-                    "",
-                )
+                f"{key}: added p50 / sign ratio (vs usb)",
+                f"{d['latency']['added_p50_ms']:.2f} ms / {d['pkcs11_sign']['ratio']}x",
+                "reported",
+                "",
             )
+        )
     return rows
 
 
@@ -128,6 +172,13 @@ def main() -> None:
     p.add_argument("--sign-runs", type=int, default=5)
     p.add_argument("--clients", type=int, default=200)
     p.add_argument("--quick", action="store_true", help="latency only (the smoke test's mode)")
+    p.add_argument(
+        "--profiles",
+        nargs="+",
+        default=list(run.PROFILES),
+        choices=list(run.PROFILES),
+        help="simulated tokens to compare (default: safenet-5110 yubikey5)",
+    )
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="tokenbridge-bench-") as tmp:

@@ -1,8 +1,11 @@
 """The benchmark scenarios (DESIGN §9): direct simulator vs the bridge, side by side.
 
-Two vpcd slots are claimed: slot A shows the simulator straight through vpcd (the baseline),
-slot B the same simulated token through tokenbridge-client -> TLS -> tokenbridge-server. Every
-comparison alternates between the two in one run, so machine noise hits both alike.
+Two vpcd slots are claimed: slot A shows a direct baseline, slot B the same simulated token
+through tokenbridge-client -> TLS -> tokenbridge-server -> pyusb -> simulated USB token. Two
+baselines take turns in slot A: "card" (the PIV card straight to vpcd, no USB at all) and "usb"
+(`--via-usb`: the same simulated USB token and the server's own pyusb/CCID/T=1 host stack, without
+the bridge), so "bridge overhead" against "usb" is client + TLS + server only. Every comparison
+alternates between A and B in one run, so machine noise hits both alike.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ from bridge_server.demo import (
 
 REPO = Path(__file__).resolve().parents[1]
 PROFILE = "safenet-5110"
+PROFILES = ("safenet-5110", "yubikey5")  # TPDU T=1 and extended-APDU level
+BASELINES = ("card", "usb")
 CLIENT = "bench-vm"
 PIN = "123456"
 SELECT_PIV = bytes.fromhex("00A4040009A0000003080000100000")
@@ -46,8 +51,11 @@ class Direct:
 
 
 @contextlib.contextmanager
-def direct_simulator(slot: int, workdir: Path) -> Iterator[Direct]:
-    """`python -m bridge_server.simulator --vpcd` on `slot` (the baseline), zero card delay."""
+def direct_simulator(
+    slot: int, workdir: Path, profile: str = PROFILE, baseline: str = "card"
+) -> Iterator[Direct]:
+    """`python -m bridge_server.simulator --vpcd` on `slot` (the baseline), zero card delay;
+    baseline "usb" adds `--via-usb` (the same simulated USB token the bridge server drives)."""
     cmd = [
         sys.executable,
         "-m",
@@ -55,9 +63,10 @@ def direct_simulator(slot: int, workdir: Path) -> Iterator[Direct]:
         "--vpcd",
         f"127.0.0.1:{VPCD_BASE_PORT + slot}",
         "--profile",
-        PROFILE,
+        profile,
         "--state",
         str(workdir / "direct-state.json"),
+        *(["--via-usb"] if baseline == "usb" else []),
     ]
     with open(workdir / "direct.log", "ab") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=REPO)
@@ -71,8 +80,8 @@ def direct_simulator(slot: int, workdir: Path) -> Iterator[Direct]:
 
 
 @contextlib.contextmanager
-def bridge(slot: int, workdir: Path) -> Iterator[BridgeStack]:
-    stack = BridgeStack(workdir / "stack", profiles=[PROFILE], log_level="info")
+def bridge(slot: int, workdir: Path, profile: str = PROFILE) -> Iterator[BridgeStack]:
+    stack = BridgeStack(workdir / f"stack-{profile}", profiles=[profile], log_level="info")
     try:
         stack.make_pki([CLIENT])
         stack.write_server_config(allow=[CLIENT])

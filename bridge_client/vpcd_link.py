@@ -43,6 +43,7 @@ from protocol import ccid
 from protocol._sentinel import NEED_DATA
 from protocol.apdu import redact
 from protocol.errors import RemoteProtocolError
+from protocol.runtime.logging import debug_enabled
 from protocol.vpcd import MAX_ATR_LENGTH, Apdu, Closed, Control, VpcdCardSide, VpcdControl
 
 log = structlog.get_logger(__name__)
@@ -198,7 +199,8 @@ class VpcdLink:
     async def _on_apdu(self, apdu: bytes) -> bytes:
         with trio.fail_after(self.queue_timeout_s):
             await self.tunnel.acquire_lease(self.token)
-        log.debug("apdu.sent", token=self.token, apdu=redact(apdu))
+        if debug_enabled(__name__):  # per APDU: skip building the event at INFO
+            log.debug("apdu.sent", token=self.token, apdu=redact(apdu))
         response = await self.tunnel.exchange(self.token, lambda seq: ccid.xfr_block(seq, apdu))
         if len(response.data) < 2:
             # vpcd needs an R-APDU with a status word; we never invent one.

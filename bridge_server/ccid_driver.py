@@ -70,6 +70,7 @@ from protocol.ccid import (
     SlotError,
 )
 from protocol.errors import MalformedAtrError, MalformedCcidMessageError, T1Error
+from protocol.runtime.logging import debug_enabled
 from protocol.t1 import ApduComplete, SendBlock, T1Reader
 
 log = structlog.get_logger(__name__)
@@ -135,7 +136,9 @@ class CcidDriver:
             if self._atr is None:
                 raise CardError("the card is not powered on; power it on first")
             self._check_fits(apdu)
-            log.debug("apdu.sent", apdu=redact(apdu))
+            debug = debug_enabled(__name__)
+            if debug:
+                log.debug("apdu.sent", apdu=redact(apdu))
             self._interrupted = True  # cleared only when the exchange ends, not when it is cancelled
             try:
                 rapdu = await self._transmit_bounded(apdu)
@@ -151,7 +154,8 @@ class CcidDriver:
                     f"apdu exchange failed and the card was reset: {exc}", getattr(exc, "slot_error", None)
                 ) from exc
             self._interrupted = False
-            log.debug("apdu.received", sw=rapdu[-2:].hex(), length=len(rapdu))
+            if debug:
+                log.debug("apdu.received", sw=rapdu[-2:].hex(), length=len(rapdu))
             return rapdu
 
     async def watch_interrupts(
@@ -333,22 +337,27 @@ class CcidDriver:
         return seq
 
     async def _exchange(self, msg: CcidMessage, *, wait_multiplier: int = 1) -> CcidMessage:
-        await self._device.write(msg.encode())
         expected = ccid.response_type_for(msg.msg_type)
         with trio.move_on_after(self._max_wait_s) as total:
-            return await self._receive(msg.seq, expected, self._frame_timeout_s * wait_multiplier)
+            return await self._receive(msg, expected, self._frame_timeout_s * wait_multiplier)
         assert total.cancelled_caught
         raise DeviceTimeoutError(
             f"{self._device.info.describe()}: no final answer to {msg.msg_type.name} "
             f"(bSeq {msg.seq}) within {self._max_wait_s:g} s"
         )
 
-    async def _receive(self, seq: int, expected: ccid.MessageType, frame_timeout_s: float) -> CcidMessage:
+    async def _receive(
+        self, msg: CcidMessage, expected: ccid.MessageType, frame_timeout_s: float
+    ) -> CcidMessage:
+        """Send `msg` and read until its answer: the write and the first read are one
+        `transceive` (one worker-thread hop), later frames (stale, time extension) plain reads."""
+        seq, command = msg.seq, msg.encode()
         stale = 0
         wait_s = frame_timeout_s
         while True:
             with trio.move_on_after(wait_s) as frame:
-                raw = await self._device.read()
+                raw = await (self._device.transceive(command) if command else self._device.read())
+            command = b""  # sent; a cancelled transceive does not get here (it raises below)
             if frame.cancelled_caught:
                 raise DeviceTimeoutError(
                     f"{self._device.info.describe()}: no ccid frame for bSeq {seq} within {wait_s:g} s"

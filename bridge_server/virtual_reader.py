@@ -43,6 +43,7 @@ from protocol.ccid import (
     status_byte,
 )
 from protocol.errors import LocalProtocolError
+from protocol.runtime.logging import debug_enabled
 
 log = structlog.get_logger(__name__)
 
@@ -144,12 +145,13 @@ class VirtualReader:
         except DeviceError as exc:
             log.warning("apdu.failed", apdu=redact(msg.data), error=str(exc))
             return self._device_failed(msg, exc)
-        log.debug(
-            "apdu.exchanged",
-            apdu=redact(msg.data),
-            sw=rapdu[-2:].hex() if len(rapdu) >= 2 else "",
-            duration_ms=round((time.perf_counter() - started) * 1000, 3),
-        )
+        if debug_enabled(__name__):  # per APDU: skip building the event at INFO
+            log.debug(
+                "apdu.exchanged",
+                apdu=redact(msg.data),
+                sw=rapdu[-2:].hex() if len(rapdu) >= 2 else "",
+                duration_ms=round((time.perf_counter() - started) * 1000, 3),
+            )
         return FrameResult(data_block(msg.seq, rapdu), apdu=True)
 
     def _failed(self, msg: CcidMessage, error: int, *, icc: IccStatus | None = None) -> FrameResult:

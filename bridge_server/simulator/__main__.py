@@ -9,7 +9,7 @@ from pathlib import Path
 
 import trio
 
-from bridge_server.simulator.direct import DirectCard, main_async
+from bridge_server.simulator.direct import DirectCard, main_async, main_usb_async
 from bridge_server.simulator.piv import PivCard
 from bridge_server.simulator.profiles import PROFILES
 from protocol.runtime.logging import configure_logging
@@ -42,6 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--pin", default="123456", help="initial PIN of a new card (default 123456)")
     parser.add_argument("--puk", default="12345678", help="initial PUK of a new card (default 12345678)")
     parser.add_argument("--stats", type=Path, help="write APDU/PIN/signature counters here after each APDU")
+    parser.add_argument(
+        "--via-usb",
+        action="store_true",
+        help="put the card behind the simulated USB token and the server's pyusb/CCID host stack "
+        "(the benchmark's second baseline: the same token as through the bridge, minus the bridge)",
+    )
     parser.add_argument("--log-level", default="info", help="debug shows every APDU (PINs redacted)")
     return parser
 
@@ -53,8 +59,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     configure_logging(level=args.log_level)
     card = PivCard(state_path=args.state, pin=args.pin, puk=args.puk)
-    direct = DirectCard(card, PROFILES[args.profile].atr, stats_path=args.stats)
     host, port = args.vpcd
+    if args.via_usb:
+        trio.run(main_usb_async, card, PROFILES[args.profile], host, port, args.stats)
+        return 0
+    direct = DirectCard(card, PROFILES[args.profile].atr, stats_path=args.stats)
     trio.run(main_async, direct, host, port)
     return 0
 

@@ -1,32 +1,52 @@
 """Direct mode: expose a simulated PIV card straight to a vpcd reader, without the bridge.
 
 This is the baseline the bridge is measured against (DESIGN §9) and the quickest way to prove
-OpenSC compatibility. We connect to vpcd's slot port (vpcd listens; DESIGN §11); card presence
+OpenSC compatibility. `DirectCard` puts the PIV card itself behind vpcd; `UsbDirectCard` puts
+the same card behind the simulated USB token and the server's own host stack (pyusb backend,
+`AsyncUsbDevice`, `CcidDriver`, T=1 for TPDU profiles), so the bridge can also be measured
+against a baseline that pays the same simulated-USB cost and only the bridge differs.
+
+We connect to vpcd's slot port (vpcd listens; DESIGN §11); card presence
 is the open connection, so when vpcd closes it we reconnect after a short backoff.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import socket
 from dataclasses import asdict
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final, Protocol
 
 import structlog
 import trio
 
+from bridge_server.errors import DeviceError
 from bridge_server.simulator.piv import PivCard
 from protocol.apdu import redact
 from protocol.errors import RemoteProtocolError
 from protocol.vpcd import Apdu, Closed, Control, VpcdCardSide, VpcdControl
+
+if TYPE_CHECKING:
+    from bridge_server.ccid_driver import CcidDriver
+    from bridge_server.simulator.profiles import Profile
 
 log = structlog.get_logger(__name__)
 
 RECV_SIZE: Final = 65536
 RECONNECT_INITIAL_S: Final = 0.2
 RECONNECT_MAX_S: Final = 5.0
+
+
+class VpcdCard(Protocol):
+    """What one vpcd connection drives: the reply to each event, and the card leaving."""
+
+    card: PivCard
+
+    async def respond(self, event: Control | Apdu) -> bytes | None: ...
+    async def removed(self) -> None: ...
 
 
 class DirectCard:
@@ -54,14 +74,75 @@ class DirectCard:
         log.debug("card.power_changed", code=event.code.name)
         return None
 
+    async def respond(self, event: Control | Apdu) -> bytes | None:
+        return self.handle(event)
+
+    async def removed(self) -> None:
+        self.card.power_off()
+
     def _write_stats(self) -> None:
-        if self._stats_path is not None:
-            tmp = self._stats_path.with_name(self._stats_path.name + ".tmp")
-            tmp.write_text(json.dumps(asdict(self.card.counters)))
-            tmp.replace(self._stats_path)
+        _write_stats(self._stats_path, self.card)
 
 
-async def serve_connection(stream: trio.abc.Stream, direct: DirectCard) -> None:
+def _write_stats(path: Path | None, card: PivCard) -> None:
+    if path is not None:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(asdict(card.counters)))
+        tmp.replace(path)
+
+
+class UsbDirectCard:
+    """Glue between one vpcd connection and a card behind the server's USB/CCID host stack.
+
+    vpcd power on/reset cold-resets the card through the driver (as a bridge client's power
+    cycle does through the virtual reader), power off powers it off, APDUs go through
+    `CcidDriver.transmit`. `atr` is the answer of the last power-on (cached for GET_ATR)."""
+
+    def __init__(
+        self, driver: CcidDriver, card: PivCard, atr: bytes, *, stats_path: Path | None = None
+    ) -> None:
+        self.driver = driver
+        self.card = card
+        self.atr = atr
+        self._stats_path = stats_path
+
+    async def respond(self, event: Control | Apdu) -> bytes | None:
+        if isinstance(event, Apdu):
+            response = await self.driver.transmit(event.data)
+            _write_stats(self._stats_path, self.card)
+            return response
+        if event.code is VpcdControl.GET_ATR:
+            return self.atr
+        await self.driver.power_off()
+        if event.code is not VpcdControl.POWER_OFF:
+            self.atr = await self.driver.power_on()
+        return None
+
+    async def removed(self) -> None:
+        with trio.CancelScope(shield=True), contextlib.suppress(DeviceError):
+            await self.driver.power_off()
+
+
+async def main_usb_async(
+    card: PivCard, profile: Profile, host: str, port: int, stats_path: Path | None
+) -> None:
+    """`--via-usb`: the simulated USB token of `profile` opened like the server opens it, in vpcd."""
+    from bridge_server.ccid_driver import CcidDriver
+    from bridge_server.simulator.backend import SimulatorBackend
+    from bridge_server.simulator.usb_token import SimulatedToken
+    from bridge_server.usb_transport import AsyncUsbDevice, DeviceMatch
+
+    backend = SimulatorBackend([SimulatedToken(profile, card=card)])
+    device = await AsyncUsbDevice.open(DeviceMatch(vid=profile.vid, pid=profile.pid), backend=backend)
+    try:
+        driver = CcidDriver(device)
+        atr = await driver.power_on()
+        await main_async(UsbDirectCard(driver, card, atr, stats_path=stats_path), host, port)
+    finally:
+        await device.aclose()
+
+
+async def serve_connection(stream: trio.abc.Stream, direct: VpcdCard) -> None:
     """Answer vpcd on one connection until it closes."""
     vpcd = VpcdCardSide()
     while True:
@@ -69,7 +150,7 @@ async def serve_connection(stream: trio.abc.Stream, direct: DirectCard) -> None:
         if isinstance(event, Closed):
             return
         if isinstance(event, Control | Apdu):
-            reply = direct.handle(event)
+            reply = await direct.respond(event)
             if reply is not None:
                 out = vpcd.send_atr(reply) if isinstance(event, Control) else vpcd.send_response(reply)
                 await stream.send_all(out)
@@ -88,7 +169,7 @@ def _quickack(stream: trio.abc.Stream) -> None:
         stream.setsockopt(socket.IPPROTO_TCP, quickack, 1)
 
 
-async def run_direct(direct: DirectCard, host: str, port: int) -> None:
+async def run_direct(direct: VpcdCard, host: str, port: int) -> None:
     """Keep the card inserted in the vpcd slot at host:port until cancelled."""
     delay = RECONNECT_INITIAL_S
     while True:
@@ -105,14 +186,19 @@ async def run_direct(direct: DirectCard, host: str, port: int) -> None:
             try:
                 await serve_connection(stream, direct)
                 reason = "closed by vpcd"
-            except (trio.BrokenResourceError, trio.ClosedResourceError, RemoteProtocolError) as exc:
+            except (
+                trio.BrokenResourceError,
+                trio.ClosedResourceError,
+                RemoteProtocolError,
+                DeviceError,
+            ) as exc:
                 reason = str(exc) or type(exc).__name__
-        direct.card.power_off()  # the card left the reader
+        await direct.removed()  # the card left the reader
         log.info("vpcd.disconnected", peer=f"{host}:{port}", reason=reason, **asdict(direct.card.counters))
         await trio.sleep(RECONNECT_INITIAL_S)
 
 
-async def main_async(direct: DirectCard, host: str, port: int) -> None:
+async def main_async(direct: VpcdCard, host: str, port: int) -> None:
     """Run until SIGINT/SIGTERM."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:

@@ -1,6 +1,7 @@
 """One simulated USB token: what a pyusb handle on it can do, and its fault hooks.
 
-Theory of operation. Each `SimulatedToken` owns one `threading.Condition`. A bulk-OUT
+Theory of operation. Each `SimulatedToken` owns one lock with two `threading.Condition`s
+(bulk-IN and interrupt-IN, so a write wakes only the bulk reader). A bulk-OUT
 write hands the whole CCID message to `CcidDevice.handle` and queues the reply frames on
 bulk-IN; a bulk-IN read pops one frame (one CCID message per transfer, as libccid expects,
 reference §1.3), waiting on the condition up to the caller's timeout, so the server's
@@ -105,7 +106,11 @@ class SimulatedToken:
         self.serial = serial if serial is not None else profile.serial
         self.port = port
         self.configuration = ud.build_configuration(profile)
-        self._cond = threading.Condition()
+        # One lock, two conditions: a bulk-OUT write wakes only the bulk-IN reader, not the
+        # interrupt reader parked in its poll (an extra thread wake-up per CCID exchange).
+        lock = threading.RLock()
+        self._cond = threading.Condition(lock)
+        self._intr_cond = threading.Condition(lock)
         self._plugged = True
         self._generation = 1
         self._address = next(_ADDRESSES)
@@ -139,7 +144,7 @@ class SimulatedToken:
             self._bulk_in.clear()
             self._intr_in.clear()
             self._claims.clear()
-            self._cond.notify_all()
+            self._notify_all()
 
     def replug(self, *, serial: str | None = None) -> None:
         """Plug it back in (a new address; `serial` makes a different device appear)."""
@@ -154,7 +159,7 @@ class SimulatedToken:
             self._claims.clear()
             self._bulk_in.clear()
             self._intr_in = deque([self._inserted()])
-            self._cond.notify_all()
+            self._notify_all()
 
     # -- used by the backend ---------------------------------------------------------------
 
@@ -234,13 +239,15 @@ class SimulatedToken:
                 self._check_alive(handle.ref)
                 if endpoint == ud.EP_INTR_IN and self._intr_in:
                     return self._deliver(buff, self._intr_in.popleft())
-                self._wait_until(time.monotonic(), deadline, deadline)
+                self._wait_until(time.monotonic(), deadline, deadline, self._intr_cond)
 
-    def _wait_until(self, now: float, deadline: float | None, wake: float | None) -> None:
+    def _wait_until(
+        self, now: float, deadline: float | None, wake: float | None, cond: threading.Condition | None = None
+    ) -> None:
         """One wait on the condition; raises the libusb timeout once `deadline` passed."""
         if deadline is not None and now >= deadline:
             raise _timeout_error()
-        self._cond.wait(None if wake is None else max(0.0, wake - now))
+        (cond or self._cond).wait(None if wake is None else max(0.0, wake - now))
 
     def _deliver(self, buff: array[int], data: bytes) -> int:
         if len(data) > len(buff):
@@ -254,7 +261,11 @@ class SimulatedToken:
             self._check_alive(handle.ref)
             self.device.power_loss()
             self._bulk_in.clear()
-            self._cond.notify_all()
+            self._notify_all()
+
+    def _notify_all(self) -> None:
+        self._cond.notify_all()
+        self._intr_cond.notify_all()
 
     def strings(self) -> dict[int, str]:
         return {

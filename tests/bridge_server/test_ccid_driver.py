@@ -139,6 +139,10 @@ class FakeDevice:
     async def read(self) -> bytes:
         return await self._rx.receive()
 
+    async def transceive(self, data: bytes) -> bytes:  # AsyncUsbDevice: write, then read
+        await self.write(data)
+        return await self.read()
+
     async def read_interrupt(self) -> bytes:
         return await self._irq_rx.receive()
 

@@ -281,3 +281,55 @@ async def test_async_open_and_aclose_release_the_interface(sim) -> None:  # type
     await adev.aclose()
     again = await AsyncUsbDevice.open(match, backend=backend)  # not busy: released by aclose
     await again.aclose()
+
+
+async def test_async_transceive_answers_in_one_worker_thread_hop(sim, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    adev = AsyncUsbDevice(_open(sim, sim[1][0]), poll_ms=50)
+    hops: list[object] = []
+    real_run_sync = trio.to_thread.run_sync
+
+    async def counting(fn, *args, **kwargs):  # type: ignore[no-untyped-def]
+        hops.append(fn)
+        return await real_run_sync(fn, *args, **kwargs)
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", counting)
+    reply = await adev.transceive(bytes.fromhex("65000000000009000000"))  # GetSlotStatus, bSeq 9
+    assert reply[0] == 0x81 and reply[6] == 0x09
+    assert len(hops) == 1
+
+
+async def test_async_transceive_keeps_reading_when_the_answer_is_late() -> None:
+    class LateDevice:
+        """Sync-device stand-in: the first read inside transceive times out, the next one answers."""
+
+        def __init__(self) -> None:
+            self.written: list[bytes] = []
+
+        def transceive(self, data: bytes, write_timeout_ms: int, read_timeout_ms: int) -> bytes | None:
+            self.written.append(data)
+            return None
+
+        def read(self, timeout_ms: int) -> bytes:
+            return b"late answer"
+
+    dev = LateDevice()
+    adev = AsyncUsbDevice(dev, poll_ms=10)  # type: ignore[arg-type]
+    assert await adev.transceive(b"command") == b"late answer"
+    assert dev.written == [b"command"]
+
+
+def test_transceive_returns_none_when_no_answer_comes_and_raises_write_errors(sim) -> None:  # type: ignore[no-untyped-def]
+    token = sim[1][0]
+    dev = _open(sim, token)
+    assert dev.transceive(bytes.fromhex("65000000000003000000"), 1000, 1000)[6] == 0x03  # type: ignore[index]
+    token.faults.delay_next_s = 0.3  # the answer is held back; a time extension comes at once
+    first = dev.transceive(bytes.fromhex("65000000000004000000"), 1000, 20)
+    assert first is not None and first[6] == 0x04 and first[7] & 0xC0 == 0x80
+    token.faults.delay_next_s = 0.3  # an XfrBlock to an unpowered card: held, no time extension
+    assert dev.transceive(bytes.fromhex("6F0500000000050000000084000008"), 1000, 20) is None
+    while (late := dev.read(1000))[6] != 0x05:
+        pass  # the held GetSlotStatus answer first, then the XfrBlock's
+    assert late[0] == 0x80
+    token.faults.stall_next = True
+    with pytest.raises(DeviceStallError):
+        dev.transceive(bytes.fromhex("65000000000006000000"), 1000, 20)

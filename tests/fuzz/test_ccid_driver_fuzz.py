@@ -124,6 +124,10 @@ class HostileDevice:
         elif mode == "wtx_forever":
             self.endless_wtx = msg.seq
 
+    async def transceive(self, data: bytes) -> bytes:  # AsyncUsbDevice: write, then read
+        await self.write(data)
+        return await self.read()
+
     async def read(self) -> bytes:
         await trio.sleep(USB_ROUND_TRIP_S)
         self._count()

@@ -1,10 +1,11 @@
-"""Make tests/support importable (faultproxy, stack helpers)."""
+"""Make tests/support (faultproxy, inproc) and tests/bridge_server (server_fakes) importable."""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
-_SUPPORT = str(Path(__file__).resolve().parent.parent / "support")
-if _SUPPORT not in sys.path:
-    sys.path.insert(0, _SUPPORT)
+_TESTS = Path(__file__).resolve().parent.parent
+for _dir in (str(_TESTS / "support"), str(_TESTS / "bridge_server")):  # + server_fakes
+    if _dir not in sys.path:
+        sys.path.insert(0, _dir)

@@ -137,6 +137,10 @@ class FaultProxy:
             _rst(conn.server)
             conn.cancel.cancel()
 
+    def stream_offsets(self, direction: DirName) -> list[int]:
+        """Bytes received so far in `direction`, per open connection (to aim `flip_bits`)."""
+        return [conn.offsets[direction] for conn in self._conns]
+
     @property
     def open_connections(self) -> int:
         return len(self._conns)
@@ -192,8 +196,9 @@ class FaultProxy:
                         data = await src.receive_some(_CHUNK)
                     except (trio.BrokenResourceError, trio.ClosedResourceError):
                         data = b""
-                    if not data:  # peer closed: pass the FIN on once queued bytes went out
-                        await send.send((trio.current_time(), b"", True))
+                    if not data:  # peer closed: pass the FIN on once queued bytes went out ...
+                        if not direction.black_hole:  # ... unless it fell into the black hole
+                            await send.send((trio.current_time(), b"", True))
                         return
                     out, close = direction.filter(data, conn.offsets[name])
                     conn.offsets[name] += len(data)

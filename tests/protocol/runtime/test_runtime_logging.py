@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 import structlog
 
-from protocol.runtime.logging import configure_logging, is_secret_key
+from protocol.runtime.logging import configure_logging, debug_enabled, is_secret_key
 
 PIN = "31415926"
 
@@ -153,3 +153,12 @@ def test_reconfiguring_replaces_the_handler_instead_of_adding_one() -> None:
 def test_unknown_level_is_refused_with_the_choices() -> None:
     with pytest.raises(ValueError, match=r"unknown log level 'loud'.*debug"):
         configure_logging(level="loud")
+
+
+def test_debug_enabled_follows_the_configured_level_and_keeps_events_under_capture_logs() -> None:
+    configure_logging(level="info", json=True, stream=io.StringIO())
+    assert debug_enabled("bridge_server.ccid_driver") is False
+    with structlog.testing.capture_logs():  # tests capture every level: so must the guard
+        assert debug_enabled("bridge_server.ccid_driver") is True
+    configure_logging(level="debug", json=True, stream=io.StringIO())
+    assert debug_enabled("bridge_server.ccid_driver") is True

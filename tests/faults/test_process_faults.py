@@ -1,0 +1,258 @@
+"""Process-level faults (reliability-anchors §7.1 F7, F9, F10) against the real daemons.
+
+- The server is SIGKILLed at seeded random points KILLS times while a CCID-level harness signs
+  in a loop over mTLS (one lease per signature), and every REAL_EVERY cycles OpenSC signs
+  through the real client daemon, vpcd and pcscd. The test restarts the server each time (in
+  production systemd does). Per run the simulator's event log (control socket
+  `simulator.evidence`) must show no overlapping leases and a card reset between leases; the
+  card's PIN retry counter, the PIN guard's state file and the audit chain survive all kills.
+- The client daemon is SIGKILLed (FIN) or SIGSTOPped (silent peer) while holding the lease:
+  the server releases it within the heartbeat bound.
+- pcscd is restarted (only with CI=true or TOKENBRIDGE_TEST_RESTART_PCSCD=1: it is shared):
+  the reader comes back and signs again.
+
+`TOKENBRIDGE_LONG_TESTS=1` runs 200 kills (the anchors' F7 count for the mock).
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+from e2e_stack import VpcdSlot, card_states, reader_name
+from inproc import SELECT_PIV, apdu, open_lease, power_on
+from procstack import (
+    VERIFY_STATUS_QUERY,
+    SignerLog,
+    ccid_signer,
+    client_ssl,
+    connect,
+    control,
+    overlapping_leases,
+    read_json,
+    verify_signature,
+    wait_for,
+)
+
+from bridge_server.demo import BridgeStack, pkcs11, read_certificate_pem
+
+pytestmark = pytest.mark.e2e
+
+LONG = os.environ.get("TOKENBRIDGE_LONG_TESTS") == "1"
+KILLS = 200 if LONG else 50
+REAL_EVERY = 25
+HEARTBEAT_S = 0.5
+PIN = "123456"
+
+
+@pytest.fixture
+def stack(tmp_path: Path) -> Iterator[BridgeStack]:
+    s = BridgeStack(
+        tmp_path / "stack", profiles=["yubikey5"], heartbeat_s=HEARTBEAT_S,
+        lease={"linger_s": 0.5, "idle_timeout_s": 60.0},
+    )  # fmt: skip
+    s.make_pki(["build-vm-01"])
+    config = s.write_server_config(allow=["build-vm-01"])
+    with config.open("a") as fh:
+        fh.write("pin_guard: {state: pin_guard.json}\n")
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+def holder(stack: BridgeStack) -> object:
+    return control(stack, "status")["tokens"][0]["holder"]
+
+
+async def pin_retries(stack: BridgeStack) -> int:
+    """The card's PIN retry counter, from the empty VERIFY status query (spends no retry)."""
+    tls, client = await connect(client_ssl(stack), stack.server_port)
+    try:
+        with trio.fail_after(10):
+            granted = await open_lease(client)
+            await power_on(client, granted.epoch)
+            await apdu(client, granted.epoch, 1, SELECT_PIV)
+            sw = await apdu(client, granted.epoch, 2, VERIFY_STATUS_QUERY)
+    finally:
+        await trio.aclose_forcefully(tls)
+    assert sw[0] == 0x63 and sw[1] & 0xF0 == 0xC0, sw.hex()
+    return sw[1] & 0x0F
+
+
+def real_stack_sign(slot: VpcdSlot, tmp_path: Path, cert: Path, n: int) -> None:
+    """pkcs11-tool signs through client daemon + vpcd + pcscd; the signature verifies."""
+    data, sig = tmp_path / f"data{n}.bin", tmp_path / f"sig{n}.bin"
+    data.write_bytes(f"artefact {n}".encode() * 20)
+    pkcs11(
+        "--login", "--pin", PIN, "--sign", "--id", "01", "-m", "SHA256-RSA-PKCS",
+        "--input-file", str(data), "--output-file", str(sig), slot=slot.index, timeout=60,
+    )  # fmt: skip
+    verify_signature(cert, data.read_bytes(), sig.read_bytes())
+
+
+async def test_server_sigkilled_at_random_points_restarts_without_overlap_or_state_loss(
+    stack: BridgeStack, vpcd_slot: VpcdSlot, tmp_path: Path
+) -> None:
+    run = trio.to_thread.run_sync
+    await run(stack.start_server)
+    daemon = stack.start_client("build-vm-01", [vpcd_slot.index])
+    await run(lambda: stack.wait_card(vpcd_slot.index, daemon))
+    cert = await run(lambda: read_certificate_pem(vpcd_slot.index, "01", tmp_path / "cert.pem"))
+    retries_before = await pin_retries(stack)
+    rng = random.Random(20261126)
+    log = SignerLog()
+    problems: list[str] = []
+    real_signatures = 0
+    started = time.monotonic()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ccid_signer, client_ssl(stack), stack.server_port, log)
+        for cycle in range(KILLS):
+            log.run = cycle
+            if cycle:
+                await run(stack.start_server)
+            if cycle % REAL_EVERY == REAL_EVERY - 1:
+                await run(lambda: stack.wait_card(vpcd_slot.index, daemon, timeout=20))
+                await run(real_stack_sign, vpcd_slot, tmp_path, cert, cycle)
+                real_signatures += 1
+            # The kill point: seeded, anywhere in handshake / grant / APDU / release of the loop.
+            await trio.sleep(rng.uniform(0.02, 0.25))
+            evidence = await run(lambda: control(stack, "simulator.evidence", token="codesign"))
+            problems += [f"run {cycle}: {p}" for p in overlapping_leases(evidence["events"])]
+            await trio.sleep(rng.uniform(0.0, 0.05))
+            assert stack.server is not None
+            stack.server.proc.send_signal(signal.SIGKILL)
+            await run(stack.server.proc.wait)
+        log.run = KILLS
+        await run(stack.start_server)  # the restarted server must serve from the persisted state
+        before = log.signatures
+        await run(lambda: wait_for(lambda: log.signatures > before, within=10, what="a signature"))
+        nursery.cancel_scope.cancel()
+    elapsed = time.monotonic() - started
+    print(f"\n{KILLS} kills in {elapsed:.1f} s; {log.signatures} CCID-level signatures, "
+          f"{real_signatures} pkcs11-tool signatures, {log.connection_errors} reconnects")  # fmt: skip
+    assert problems == []
+    runs_that_signed = {g.run for g in log.grants if g.signed}
+    seen: dict[int, int] = {}
+    repeats = sum(1 for g in log.grants if seen.setdefault(g.epoch, g.run) != g.run)
+    print(f"epochs handed out again by a later server process: {repeats} (xfail test in test_network_faults)")
+    assert len(runs_that_signed) >= KILLS // 2, f"only {len(runs_that_signed)} runs signed: no reconnects?"
+    for r in runs_that_signed:
+        epochs = [g.epoch for g in log.grants if g.run == r]
+        assert epochs == sorted(set(epochs)), f"run {r}: epochs not strictly increasing: {epochs}"
+    # State that must survive 50 SIGKILLs: the card's PIN counter, the guard, the audit chain.
+    assert await pin_retries(stack) == retries_before
+    guard = read_json(stack.workdir / "pin_guard.json")
+    assert guard, "the PIN guard state file is empty"
+    assert not control(stack, "status")["tokens"][0]["pin_guard"].get("engaged")
+    audit = verify_audit(stack.workdir / "audit.jsonl")
+    assert audit.returncode == 0, audit.stdout + audit.stderr
+
+
+def verify_audit(path: Path) -> subprocess.CompletedProcess[str]:
+    """`tokenbridge audit verify` on the audit log (hash chain intact)."""
+    cmd = [sys.executable, "-m", "bridge_server.admin_cli", "audit", "verify", str(path)]
+    return subprocess.run(cmd, capture_output=True, text=True, check=False)
+
+
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGSTOP], ids=["sigkill", "sigstop"])
+def test_client_daemon_killed_while_holding_the_lease_is_released_within_the_heartbeat_bound(
+    tmp_path: Path, vpcd_slot: VpcdSlot, how: signal.Signals
+) -> None:
+    stack = BridgeStack(
+        tmp_path / "stack", profiles=["yubikey5"], heartbeat_s=HEARTBEAT_S,
+        lease={"linger_s": 60.0, "idle_timeout_s": 60.0},  # the lease stays held after OpenSC exits
+    )  # fmt: skip
+    try:
+        stack.make_pki(["build-vm-01"])
+        stack.write_server_config(allow=["build-vm-01"])
+        stack.start_server()
+        daemon = stack.start_client("build-vm-01", [vpcd_slot.index])
+        stack.wait_card(vpcd_slot.index, daemon)
+        pkcs11("-L", slot=vpcd_slot.index)  # OpenSC talks to the card: the client takes the lease
+        wait_for(lambda: holder(stack) is not None, within=10, what="the client to hold the lease")
+        os.kill(daemon.proc.pid, how)
+        took = wait_for(lambda: holder(stack) is None, within=10, what="the server to release the lease")
+        # SIGKILL closes the socket (FIN): immediate. SIGSTOP is a silent peer: 3 heartbeats.
+        assert took <= 3 * HEARTBEAT_S + 0.5, f"lease released after {took:.2f} s"
+    finally:
+        if how == signal.SIGSTOP:
+            os.kill(daemon.proc.pid, signal.SIGCONT)
+        stack.stop()
+
+
+def _restart_allowed() -> bool:
+    return os.environ.get("CI") == "true" or os.environ.get("TOKENBRIDGE_TEST_RESTART_PCSCD") == "1"
+
+
+def _alive(pid: int) -> bool:
+    """Running (not gone, not a zombie waiting for its parent)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def _parent(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def _running_pcscd() -> tuple[int, list[str]]:
+    """The live pcscd's pid and command line (zombies left by other test sessions skipped)."""
+    out = subprocess.run(["pgrep", "-x", "pcscd"], capture_output=True, text=True, check=False).stdout.split()
+    live = []
+    for pid in map(int, out):
+        if _alive(pid):
+            live.append(pid)
+    assert len(live) == 1, f"expected one running pcscd, found pids {live}"
+    argv = Path(f"/proc/{live[0]}/cmdline").read_bytes().rstrip(b"\0").split(b"\0")
+    return live[0], [a.decode() for a in argv]
+
+
+_RESTARTED: list[subprocess.Popen[bytes]] = []
+
+
+def restart_pcscd() -> None:
+    """Stop the running pcscd and start it again with the same command line."""
+    pid, argv = _running_pcscd()
+    if "pcscd.service" in Path(f"/proc/{pid}/cgroup").read_text():  # systemd runs it
+        subprocess.run(["systemctl", "restart", "pcscd.service"], check=True, timeout=30)
+        wait_for(lambda: reader_name(0) in card_states(), within=20, what="pcscd to list its readers again")
+        return
+    ours = _parent(pid) == os.getpid()  # the pcscd fixture started it for this session
+    os.kill(pid, signal.SIGTERM)
+    wait_for(lambda: not _alive(pid), within=10, what="pcscd to exit")
+    if "--foreground" in argv or "-f" in argv:
+        proc = subprocess.Popen(
+            argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
+        _RESTARTED.append(proc)  # kept: it outlives the test, as the pcscd it replaced would have ...
+        if ours:  # ... and ends with the session, as the fixture's would have
+            atexit.register(proc.terminate)
+    else:
+        subprocess.run(argv, check=True, timeout=10)  # pcscd daemonizes
+    wait_for(lambda: reader_name(0) in card_states(), within=20, what="pcscd to list its readers again")
+
+
+@pytest.mark.skipif(not _restart_allowed(), reason="restarts the shared pcscd: set CI=true or "
+                    "TOKENBRIDGE_TEST_RESTART_PCSCD=1")  # fmt: skip
+def test_pcscd_restart_brings_the_reader_back_and_it_signs_again(
+    stack: BridgeStack, vpcd_slot: VpcdSlot, tmp_path: Path
+) -> None:
+    stack.start_server()
+    daemon = stack.start_client("build-vm-01", [vpcd_slot.index])
+    stack.wait_card(vpcd_slot.index, daemon)
+    cert = read_certificate_pem(vpcd_slot.index, "01", tmp_path / "cert.pem")
+    restart_pcscd()
+    stack.wait_card(vpcd_slot.index, daemon, timeout=30)  # the client re-attached to vpcd
+    wait_for(lambda: holder(stack) is None, within=10, what="no lease held while pcscd was away")
+    real_stack_sign(vpcd_slot, tmp_path, cert, 0)
