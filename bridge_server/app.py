@@ -30,9 +30,9 @@ from bridge_server.admin import AdminDispatcher
 from bridge_server.audit import AuditLog
 from bridge_server.config import ServerConfig
 from bridge_server.control import serve_control
-from bridge_server.guardrails import Guardrails, open_guard, reset_guard
+from bridge_server.epochs import EpochStore, epoch_state_path
+from bridge_server.guardrails import Guardrails, guard_state_path, open_guard, reset_guard
 from bridge_server.hub import Hub
-from bridge_server.leases import initial_epoch
 from bridge_server.listener import ConnectionHandler, run_listener
 from bridge_server.reload import TlsReloader
 from bridge_server.session import SessionContext
@@ -83,7 +83,7 @@ class BridgeServer:
         self.hub = Hub()
         self.shutdown_requested = trio.Event()
         self.tokens: list[TokenManager] = []
-        epoch = initial_epoch(wall_time())
+        now_wall = wall_time()
         # Guardrails (docs/guardrails.md): one PIN guard and one audit log, shared by the tokens.
         self.pin_guard, guard_store = open_guard(config)
         self.audit = AuditLog(config.audit.path)
@@ -93,6 +93,7 @@ class BridgeServer:
             )
             for t in config.tokens
         }
+        self.epochs = EpochStore(epoch_state_path(guard_state_path(config)))
         for token_id, token in enumerate(config.tokens):
             if openers is not None:
                 opener, simulated = openers[token.name]
@@ -101,8 +102,9 @@ class BridgeServer:
 
                 opener, simulated = card_opener(token, config_path=str(config.path))
             manager = TokenManager(
-                token_id, token, config.lease, self.hub, opener, first_epoch=epoch, simulated=simulated,
-                guardrails=self.rails[token.name],
+                token_id, token, config.lease, self.hub, opener,
+                first_epoch=self.epochs.first_epoch(token.name, now_wall), simulated=simulated,
+                guardrails=self.rails[token.name], epochs=self.epochs,
             )  # fmt: skip
             self.tokens.append(manager)
         self.listeners: list[trio.SocketListener] = []

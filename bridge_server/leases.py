@@ -42,7 +42,8 @@ EndReason = LeaseEndReason
 
 
 def initial_epoch(wall_time: float) -> int:
-    """The first epoch of a token: whole seconds of wall time, so restarts never repeat one."""
+    """A lower bound for the first epoch: whole seconds of wall time (bridge_server/epochs.py adds the
+    persisted high-water mark that makes epochs unique across restarts)."""
     return max(1, int(wall_time) & EPOCH_MAX)
 
 

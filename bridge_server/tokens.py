@@ -36,6 +36,7 @@ import structlog
 import trio
 
 from bridge_server.config import LeaseConfig, TokenConfig
+from bridge_server.epochs import EpochStore
 from bridge_server.errors import DeviceError, DeviceGoneError, DeviceNotFoundError
 from bridge_server.guardrails import Guardrails, Holder
 from bridge_server.hub import Hub, Subscriber
@@ -97,8 +98,10 @@ class TokenManager:
         first_epoch: int,
         simulated: Any = None,
         guardrails: Guardrails | None = None,
+        epochs: EpochStore | None = None,
     ) -> None:
         self.token_id = token_id
+        self._epochs = epochs
         # Command policy, PIN guard and audit (bridge_server/guardrails.py); on by default.
         self.rails = guardrails or Guardrails(config.name, policy=config.policy)
         self._holder: Holder | None = None
@@ -314,6 +317,8 @@ class TokenManager:
         if sub is None or sub.closed or self._card is None:
             return self.book.drop(event.conn_id, now, EndReason.DISCONNECTED)
         driver = self._card.driver
+        if self._epochs is not None:
+            self._epochs.note_granted(self.name, event.epoch)  # persisted before any client sees it
         try:
             # DESIGN §4: cold reset before every grant; nothing crosses from one lease to the next.
             await driver.power_off()

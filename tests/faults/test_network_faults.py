@@ -264,18 +264,14 @@ async def test_fault_cycles_leave_no_file_descriptors_behind(tmp_path: Path) -> 
         await wait_until(lambda: open_fds() <= baseline, what=f"fds back to {baseline}", within=5)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: the first epoch after a restart is wall-clock seconds, so a server that granted "
-    "more than one lease per second of uptime hands the same epochs out again after a restart "
-    "(leases.initial_epoch docstring promises otherwise; anchors F7: lease epoch persisted)",
-)
 async def test_lease_epochs_are_never_repeated_across_a_restart(tmp_path: Path) -> None:
     pki = Pki(tmp_path)
     clock = [1_800_000_000.0]
     seen: list[int] = []
     for _restart in range(2):
-        config = server_config(tmp_path, heartbeat_s=HEARTBEAT_S, allow=("build-vm-01",))
+        config = server_config(
+            tmp_path, heartbeat_s=HEARTBEAT_S, allow=("build-vm-01",), audit={"path": "audit.jsonl"}
+        )
         server = BridgeServer(config, wall_time=lambda: clock[0])
         async with trio.open_nursery() as nursery:
             listeners = await nursery.start(server.run)
