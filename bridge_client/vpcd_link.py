@@ -36,7 +36,7 @@ import structlog
 import trio
 
 from bridge_client.backoff import Backoff
-from bridge_client.errors import CardFailure, TunnelError
+from bridge_client.errors import CardFailure, LeaseError, TunnelError
 from bridge_client.tunnel import Tunnel
 from bridge_client.tunnel_state import TokenState, connect_error_cause
 from protocol import ccid
@@ -186,14 +186,24 @@ class VpcdLink:
         log.debug("vpcd.control", token=self.token, code=code.name, leased=tok.epoch is not None)
         if tok.epoch is None:
             return b""
-        if code == VpcdControl.POWER_OFF:
-            await self.tunnel.exchange(self.token, lambda seq: ccid.icc_power_off(seq))
-        else:  # POWER_ON / RESET under a lease: the server cold-resets the card
+        generation = tok.lost_generation
+        try:
+            if code == VpcdControl.POWER_OFF:
+                await self.tunnel.exchange(self.token, lambda seq: ccid.icc_power_off(seq))
+                return b""
+            # POWER_ON / RESET under a lease: the server cold-resets the card
             response = await self.tunnel.exchange(self.token, lambda seq: ccid.icc_power_on(seq))
-            # Only a plausible ATR replaces the cached one: send_atr() refuses 0 or > 33 bytes, and
-            # that error would end the reader task (tests/fuzz ATR-length table, reliability §7.2 B4).
-            if 1 <= len(response.data) <= MAX_ATR_LENGTH:
-                tok.atr = response.data
+        except LeaseError:
+            if tok.epoch is None and tok.lost_generation == generation:
+                # The lease ended normally (its linger ran out) while this power event was on its
+                # way: nothing is lost, and the next APDU's new lease starts with a cold reset,
+                # which is what this power event asked for. Keep the card in the reader.
+                return b""
+            raise
+        # Only a plausible ATR replaces the cached one: send_atr() refuses 0 or > 33 bytes, and
+        # that error would end the reader task (tests/fuzz ATR-length table, reliability §7.2 B4).
+        if 1 <= len(response.data) <= MAX_ATR_LENGTH:
+            tok.atr = response.data
         return b""
 
     async def _on_apdu(self, apdu: bytes) -> bytes:

@@ -215,6 +215,25 @@ async def test_a_lease_that_lingered_out_after_power_off_keeps_the_card(
     assert not vnet.pending()
 
 
+async def test_a_power_on_racing_the_linger_expiry_keeps_the_card(
+    nursery: trio.Nursery, certs: Certs, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The lease lingers out while pcscd's power-on is on its way: a normal end, no removal."""
+    tunnel, server, _ = await open_tunnel(nursery, certs)
+    await hold_lease(tunnel, server, epoch=41)
+    _, vnet = await start_link(nursery, tunnel)
+    vpcd = await inserted(vnet)
+    with capture_logs() as logs:
+        await vpcd.control(VpcdControl.POWER_ON)
+        await server.expect(wire.CcidFrame)  # the server ended the lease before it got this
+        await server.send(wire.LeaseEnded(token_id=0, epoch=41, reason="linger_expired"))
+        await server.send(wire.ErrorMessage(code="stale_epoch", message="epoch 41 ended", token_id=0))
+        await trio.testing.wait_all_tasks_blocked()
+        assert await vpcd.get_atr() == ATR  # the same connection still answers: card kept
+    assert removals(logs) == []
+    assert tunnel.tokens["codesign"].epoch is None
+
+
 async def test_giving_up_in_the_lease_queue_after_queue_timeout_removes_the_card(
     nursery: trio.Nursery, certs: Certs, autojump_clock: trio.testing.MockClock
 ) -> None:
