@@ -41,6 +41,10 @@ class DemoError(BridgeError):
     """A demo step failed; the message says which and what to look at."""
 
 
+class WaitTimeout(DemoError, TimeoutError):
+    """A condition polled by `wait_for` did not come true before its deadline."""
+
+
 def _multiarch() -> str:
     machine = platform.machine()
     return {
@@ -54,7 +58,9 @@ OPENSC_PKCS11 = Path(f"/usr/lib/{_multiarch()}/opensc-pkcs11.so")
 PKCS11_ENGINE = Path(f"/usr/lib/{_multiarch()}/engines-3/pkcs11.so")
 
 
-def wait_for(condition: Callable[[], T], *, timeout: float, what: str, interval: float = 0.1) -> T:
+def wait_for(
+    condition: Callable[[], T], *, timeout: float = 15.0, what: str = "", interval: float = 0.1
+) -> T:
     """Poll `condition` until truthy; the deadline bounds the wait (polling, not synchronisation)."""
     deadline = time.monotonic() + timeout
     while True:
@@ -62,7 +68,7 @@ def wait_for(condition: Callable[[], T], *, timeout: float, what: str, interval:
         if result:
             return result
         if time.monotonic() >= deadline:
-            raise DemoError(f"timed out after {timeout:.0f} s waiting for {what}")
+            raise WaitTimeout(f"timed out after {timeout:.0f} s waiting for {what or condition!r}")
         time.sleep(interval)
 
 

@@ -8,27 +8,24 @@ kill processes we did not start. Helpers (wait_for, run, simulator_direct) live 
 
 from __future__ import annotations
 
-import fcntl
 import shutil
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from e2e_stack import (
-    LOCK_DIR,
     VPCD_BASE_PORT,
-    VPCD_SLOTS,
     SimulatorProcess,
     VpcdSlot,
     _pcscd_running,
-    card_present,
     card_states,
     reader_name,
     simulator_direct,
     wait_for,
 )
+
+from bridge_server.demo import claim_vpcd_slot
 
 
 @pytest.fixture(scope="session")
@@ -58,26 +55,8 @@ def pcscd() -> Iterator[None]:
 @pytest.fixture
 def vpcd_slot(pcscd: None) -> Iterator[VpcdSlot]:
     """A vpcd slot nobody else uses: locked against our other sessions and showing no card."""
-    deadline = time.monotonic() + 120
-    while True:
-        for index in VPCD_SLOTS:
-            lock = open(LOCK_DIR / f"tokenbridge-vpcd-slot-{index}.lock", "w")  # noqa: SIM115
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                lock.close()
-                continue
-            if card_present(index):  # someone outside our lock protocol holds it
-                lock.close()
-                continue
-            try:
-                yield VpcdSlot(index, VPCD_BASE_PORT + index, reader_name(index))
-            finally:
-                lock.close()
-            return
-        if time.monotonic() > deadline:
-            pytest.fail("no free vpcd slot (both readers show a card) after 120 s")
-        time.sleep(0.5)
+    with claim_vpcd_slot(timeout=120) as index:
+        yield VpcdSlot(index, VPCD_BASE_PORT + index, reader_name(index))
 
 
 @pytest.fixture

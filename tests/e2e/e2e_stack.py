@@ -11,14 +11,17 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
+
+# One implementation of these for the demo and the tests (bridge_server/demo.py).
+from bridge_server.demo import card_present, card_states, reader_name, run, wait_for
+
+__all__ = ["card_present", "card_states", "reader_name", "run", "wait_for"]
 
 REPO = Path(__file__).resolve().parents[2]
 OPENSC_PKCS11 = "/usr/lib/x86_64-linux-gnu/opensc-pkcs11.so"
@@ -29,46 +32,6 @@ PCSCD_SOCKET = Path("/run/pcscd/pcscd.comm")
 LOCK_DIR = Path(os.environ.get("TOKENBRIDGE_E2E_LOCK_DIR", "/tmp"))
 
 T = TypeVar("T")
-
-
-def wait_for(
-    condition: Callable[[], T], *, timeout: float = 15.0, interval: float = 0.1, what: str = ""
-) -> T:
-    """Poll `condition` until it returns something truthy or the deadline passes."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if result:
-            return result
-        if time.monotonic() >= deadline:
-            raise TimeoutError(f"timed out after {timeout} s waiting for {what or condition!r}")
-        time.sleep(interval)  # polling interval, not synchronisation: the deadline bounds the wait
-
-
-def run(cmd: list[str], *, timeout: float = 60.0, check: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=timeout, check=False)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{cmd[0]} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-    return proc
-
-
-def reader_name(slot: int) -> str:
-    return f"Virtual PCD 00 {slot:02d}"
-
-
-def card_states() -> dict[str, bool]:
-    """Reader name -> card present, as pcscd sees it (`opensc-tool -l`)."""
-    out = run(["opensc-tool", "-l"], check=False, timeout=20).stdout
-    states: dict[str, bool] = {}
-    for line in out.splitlines():
-        m = re.match(r"^\s*\d+\s+(Yes|No)\s+.*?(Virtual PCD \d\d \d\d)\s*$", line)
-        if m:
-            states[m.group(2)] = m.group(1) == "Yes"
-    return states
-
-
-def card_present(slot: int) -> bool:
-    return card_states().get(reader_name(slot), False)
 
 
 def _pcscd_running() -> bool:

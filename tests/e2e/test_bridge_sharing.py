@@ -25,7 +25,13 @@ from cryptography.hazmat.primitives.asymmetric import padding
 from e2e_stack import VpcdSlot
 
 from bench.pcsc import Card
-from bridge_server.demo import BridgeStack, card_present, read_certificate_pem, reader_name
+from bridge_server.demo import (
+    VPCD_BASE_PORT,
+    BridgeStack,
+    claim_vpcd_slot,
+    read_certificate_pem,
+    reader_name,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -86,26 +92,10 @@ def test_runs_by_epoch_detects_interleaving_and_missing_reset() -> None:
 
 @pytest.fixture
 def second_vpcd_slot(vpcd_slot: VpcdSlot) -> Iterator[VpcdSlot]:
-    """The other vpcd slot (the suite claims slots through the same file locks)."""
-    import fcntl
-
-    from e2e_stack import LOCK_DIR, VPCD_BASE_PORT, VPCD_SLOTS
-
-    other = next(i for i in VPCD_SLOTS if i != vpcd_slot.index)
-    deadline = time.monotonic() + 120
-    with open(LOCK_DIR / f"tokenbridge-vpcd-slot-{other}.lock", "w") as lock:
-        while True:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                if not card_present(other):
-                    break
-                fcntl.flock(lock, fcntl.LOCK_UN)
-            except BlockingIOError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"vpcd slot {other} stayed busy for 120 s")
-            time.sleep(0.5)
-        yield VpcdSlot(other, VPCD_BASE_PORT + other, reader_name(other))
+    """The other vpcd slot (its lock is taken per open file, so this cannot return `vpcd_slot`)."""
+    with claim_vpcd_slot(timeout=120) as index:
+        assert index != vpcd_slot.index
+        yield VpcdSlot(index, VPCD_BASE_PORT + index, reader_name(index))
 
 
 DIGEST_INFO_SHA256 = bytes.fromhex("3031300d060960864801650304020105000420")
