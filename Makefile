@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 help:
 	@echo "make demo   - run the whole chain on a simulated token and sign a script"
 	@echo "make test   - set up and run the full test suite (unit, integration, real PC/SC stack)"
-	@echo "make lint   - ruff and mypy --strict on protocol/"
+	@echo "make lint   - ruff, and mypy --strict on protocol/ and both daemons"
 	@echo "make bench  - measure latency/throughput against the budget (docs/performance.md)"
 
 system-deps:

@@ -22,7 +22,7 @@ class Backoff:
 
     def next_delay(self) -> float:
         """The delay before the next attempt; each call counts one more failure."""
-        nominal = min(self.max_s, self.initial_s * (2**self._failures))
+        nominal = min(self.max_s, self.initial_s * 2.0**self._failures)
         self._failures = min(self._failures + 1, 62)
         spread = nominal * self.jitter
         return max(0.0, nominal + self.rng.uniform(-spread, spread))

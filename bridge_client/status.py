@@ -62,7 +62,10 @@ def snapshot(app: ClientApp) -> dict[str, Any]:
 
 
 async def serve_status(
-    app: ClientApp, path: Path, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    app: ClientApp,
+    path: Path,
+    *,
+    task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     _prepare_socket_path(path)
     sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)

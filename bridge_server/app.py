@@ -242,7 +242,9 @@ async def serve_forever(config: ServerConfig) -> None:
         if notifier.watchdog_interval is not None:
             await nursery.start(run_watchdog, notifier)  # fed from this event loop
 
-        async def serve(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async def serve(
+            task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
+        ) -> None:
             await server.run(task_status=task_status)
             nursery.cancel_scope.cancel()
 

@@ -62,6 +62,15 @@ class ConnectionHandler:
         self.connections = 0
         self.refusals: Counter[str] = Counter()  # failed handshakes by reason, for /metrics
 
+    @property
+    def session_context(self) -> SessionContext:
+        """What every new session is given; open sessions keep the one they started with."""
+        return self._ctx
+
+    @session_context.setter
+    def session_context(self, ctx: SessionContext) -> None:
+        self._ctx = ctx
+
     async def __call__(self, stream: trio.abc.Stream) -> None:
         peer = describe_peer(stream)
         self.connections += 1

@@ -13,7 +13,6 @@ The log level is the `--log-level` option, not part of the config file.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -128,9 +127,9 @@ def apply_plan(server: Any, plan: ReloadPlan) -> None:
         if before.allow != tok.allow:
             _tell_sessions(server, manager, before)
     handler = getattr(server, "handler", None)
-    if handler is not None and dataclasses.is_dataclass(handler._ctx):
+    if handler is not None:
         # The listener hands this context to every new session; open sessions keep theirs.
-        handler._ctx = replace(handler._ctx, admins=cfg.admins)
+        handler.session_context = replace(handler.session_context, admins=cfg.admins)
     reloader = getattr(server, "reloader", None)
     if reloader is not None:
         reloader.tls = cfg.tls  # reload_tls() reads the (possibly moved) files from here

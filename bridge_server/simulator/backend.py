@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
 
-import usb.backend
+import usb.backend  # type: ignore[import-untyped]
 
 from . import usb_descriptors as ud
 from .usb_token import (

@@ -24,7 +24,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
-import usb.core
+import usb.core  # type: ignore[import-untyped]
 
 from protocol.ccid import NotifySlotChange
 
