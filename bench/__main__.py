@@ -44,15 +44,17 @@ def _collect(args: argparse.Namespace, work: Path) -> dict[str, object]:
         out["slots"] = {"direct": direct_slot, "bridge": bridge_slot}
         for profile in args.profiles:
             per = profiles[profile] = {}
-            with run.bridge(bridge_slot, work, profile) as stack:
+            pwork = work / profile  # own PIV keys and cached certificates per profile
+            pwork.mkdir()
+            with run.bridge(bridge_slot, pwork, profile) as stack:
                 for baseline in run.BASELINES:
                     print(f"{profile}: direct ({baseline}) vs bridge, interleaved ...", flush=True)
-                    with run.direct_simulator(direct_slot, work, profile, baseline):
-                        per[baseline] = _compare(args, work, direct_slot, bridge_slot)
+                    with run.direct_simulator(direct_slot, pwork, profile, baseline):
+                        per[baseline] = _compare(args, pwork, direct_slot, bridge_slot)
                 if args.quick or profile != run.PROFILE:
                     continue
-                with run.direct_simulator(direct_slot, work, profile, "usb"):
-                    _server_side(args, out, stack, work, direct_slot, bridge_slot)
+                with run.direct_simulator(direct_slot, pwork, profile, "usb"):
+                    _server_side(args, out, stack, pwork, direct_slot, bridge_slot)
     return out
 
 

@@ -33,8 +33,11 @@ def test_pcsc_binding_reports_an_unknown_reader_as_an_error(pcscd: None) -> None
         Card("no such reader 99")
 
 
-def test_direct_simulator_answers_timed_apdus_through_pcscd(pcscd: None, tmp_path: Path) -> None:
-    with run.claim_vpcd_slot() as slot, run.direct_simulator(slot, tmp_path):
+@pytest.mark.parametrize("baseline", run.BASELINES)  # "usb": simulator --via-usb
+def test_direct_simulator_answers_timed_apdus_through_pcscd(
+    pcscd: None, tmp_path: Path, baseline: str
+) -> None:
+    with run.claim_vpcd_slot() as slot, run.direct_simulator(slot, tmp_path, baseline=baseline):
         samples, rate = run.apdu_samples(slot, 30, warmup=3)
     assert len(samples) == 30
     assert all(0 < s < 1.0 for s in samples)
