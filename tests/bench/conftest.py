@@ -4,14 +4,9 @@ when it is not running, and stop only the one we started)."""
 from __future__ import annotations
 
 import subprocess
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parents[1] / "e2e"))
-
 from e2e_stack import _pcscd_running, card_states, reader_name, wait_for
 
 

@@ -10,11 +10,11 @@ from typing import Any
 
 import trio
 import trustme
+from inproc import open_wire_client
 
 from bridge_server.app import BridgeServer
 from bridge_server.config import parse_server_config
 from protocol import wire
-from protocol.connection import BridgeConnection, Role
 from protocol.runtime.framed import FramedConnection
 from protocol.runtime.tls import client_context
 
@@ -66,16 +66,10 @@ async def running(folder: Path, **kw: Any) -> AsyncIterator[tuple[BridgeServer, 
 
 @asynccontextmanager
 async def connect(certs: Certs, port: int, name: str) -> AsyncIterator[FramedConnection]:
-    tcp = await trio.open_tcp_stream("127.0.0.1", port)
-    tls = trio.SSLStream(tcp, certs.client(name), server_hostname="localhost")
-    await tls.do_handshake()
-    framed = FramedConnection(tls, BridgeConnection(Role.CLIENT))
-    try:
+    async with open_wire_client(certs.client(name), port) as framed:
         assert isinstance(await framed.receive(), wire.Welcome)
         await framed.send(wire.ClientHello(version=wire.PROTOCOL_VERSION, software="admin-test"))
         yield framed
-    finally:
-        await trio.aclose_forcefully(tls)
 
 
 async def expect(client: FramedConnection, cls: type) -> Any:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -10,15 +9,13 @@ from typing import Any
 
 import pytest
 import trio
-import trustme
+from inproc import Pki, apdu, expect, raw_client
 
 from bridge_server.app import BridgeServer
 from bridge_server.config import parse_server_config
 from protocol import ccid, wire
-from protocol.connection import BridgeConnection, Role
 from protocol.errors import CloseCode
 from protocol.runtime.framed import FramedConnection
-from protocol.runtime.tls import client_context
 
 PROFILES = ("safenet-5110", "yubikey5", "etoken-fusion", "epass2003")
 SELECT_PIV = bytes.fromhex("00A4040009A00000030800001000")
@@ -26,25 +23,6 @@ VERIFY_123456 = bytes.fromhex("0020008008313233343536FFFF")
 DIGEST = bytes(range(32))
 # SP 800-73-4 GENERAL AUTHENTICATE, P-256 key 9D: 7C { 82 00, 81 20 <digest> }
 SIGN_9D = bytes.fromhex("0087119D267C2482008120") + DIGEST + b"\x00"
-
-
-class Pki:
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        self.ca = trustme.CA()
-        self.ca.cert_pem.write_to_path(folder / "ca.pem")
-        self._issue("server", "localhost")
-        self._issue("build-vm-01", "build-vm-01")
-        self._issue("stranger", "stranger")
-
-    def _issue(self, stem: str, name: str) -> None:
-        leaf = self.ca.issue_cert(name, common_name=name)
-        leaf.cert_chain_pems[0].write_to_path(self.folder / f"{stem}.pem")
-        leaf.private_key_pem.write_to_path(self.folder / f"{stem}.key")
-
-    def client(self, stem: str) -> ssl.SSLContext:
-        f = self.folder
-        return client_context(ca=f / "ca.pem", cert=f / f"{stem}.pem", key=f / f"{stem}.key")
 
 
 def server_config(folder: Path, profile: str) -> Any:
@@ -70,29 +48,8 @@ async def running(folder: Path, profile: str) -> AsyncIterator[tuple[BridgeServe
 
 @asynccontextmanager
 async def connect(pki: Pki, port: int, stem: str) -> AsyncIterator[FramedConnection]:
-    tcp = await trio.open_tcp_stream("127.0.0.1", port)
-    tls = trio.SSLStream(tcp, pki.client(stem), server_hostname="localhost")
-    await tls.do_handshake()
-    framed = FramedConnection(tls, BridgeConnection(Role.CLIENT))
-    try:
-        yield framed
-    finally:
-        await trio.aclose_forcefully(tls)
-
-
-async def expect(client: FramedConnection, cls: type) -> Any:
-    while True:
-        msg = await client.receive()
-        if isinstance(msg, cls):
-            return msg
-        assert isinstance(msg, wire.TokenStatus | wire.Ping), msg
-
-
-async def apdu(client: FramedConnection, epoch: int, seq: int, command: bytes) -> bytes:
-    await client.send(wire.CcidFrame(token_id=0, epoch=epoch, message=ccid.xfr_block(seq, command).encode()))
-    resp = ccid.decode_message((await expect(client, wire.CcidFrame)).message)
-    assert resp.command_status is ccid.CommandStatus.OK, resp
-    return resp.data
+    async with raw_client(pki, port, stem) as client:
+        yield client
 
 
 async def open_lease(client: FramedConnection) -> wire.LeaseGranted:
@@ -135,7 +92,7 @@ async def test_sign_through_the_server_over_mutual_tls(profile: str, tmp_path: P
 
 
 async def test_valid_certificate_allowed_nowhere_gets_a_reasoned_refusal(tmp_path: Path) -> None:
-    pki = Pki(tmp_path)
+    pki = Pki(tmp_path, clients=("build-vm-01", "stranger"))
     with trio.fail_after(30):
         async with running(tmp_path, "yubikey5") as (_server, port), connect(pki, port, "stranger") as client:
             refused = await client.receive()

@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import trio
+from inproc import open_wire_client
 
 from bridge_server.demo import BridgeStack
 from protocol import wire
-from protocol.connection import BridgeConnection, Role
 from protocol.runtime.framed import FramedConnection
 from protocol.runtime.tls import client_context
 
@@ -41,18 +41,12 @@ def client_ssl(stack: BridgeStack, name: str) -> ssl.SSLContext:
 
 @asynccontextmanager
 async def wire_client(stack: BridgeStack, name: str) -> AsyncIterator[FramedConnection]:
-    tcp = await trio.open_tcp_stream("127.0.0.1", stack.server_port)
-    tls = trio.SSLStream(tcp, client_ssl(stack, name), server_hostname="localhost")
-    try:
-        await tls.do_handshake()
-        framed = FramedConnection(tls, BridgeConnection(Role.CLIENT))
+    async with open_wire_client(client_ssl(stack, name), stack.server_port) as framed:
         first = await framed.receive()
         if not isinstance(first, wire.Welcome):
             raise trio.BrokenResourceError(f"not welcomed: {first}")
         await framed.send(wire.ClientHello(version=wire.PROTOCOL_VERSION, software="e2e-admin"))
         yield framed
-    finally:
-        await trio.aclose_forcefully(tls)
 
 
 async def expect(client: FramedConnection, cls: type) -> Any:

@@ -1,15 +1,11 @@
-"""Make tests/support importable and lend the e2e fixtures (pcscd, vpcd_slot) to fault tests."""
+"""Lend the e2e fixtures (pcscd, vpcd_slot) to the fault tests (helpers: pyproject pythonpath)."""
 
 from __future__ import annotations
 
 import importlib.util
-import sys
 from pathlib import Path
 
 _TESTS = Path(__file__).resolve().parent.parent
-for _dir in (str(_TESTS / "support"), str(_TESTS / "e2e")):  # faultproxy, inproc; e2e_stack
-    if _dir not in sys.path:
-        sys.path.insert(0, _dir)
 
 # The e2e conftest's fixtures, loaded under another module name (pytest only reads conftest
 # files on the path of the collected tests).

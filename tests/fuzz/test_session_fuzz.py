@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import sys
 from functools import partial
-from pathlib import Path
 
 import structlog
 import trio
@@ -22,15 +20,13 @@ import trio.testing
 from fuzz_support import budget
 from hypothesis import example, given
 from hypothesis import strategies as st
+from server_fakes import FakeDevice, identity, make_manager
 
 from bridge_server.hub import Hub
 from bridge_server.session import SessionContext, serve_session
 from protocol import ccid, wire
 from protocol.connection import BridgeConnection, Role
 from protocol.runtime.framed import FramedConnection
-
-sys.path.insert(0, str(Path(__file__).parents[1] / "bridge_server"))
-from server_fakes import FakeDevice, identity, make_manager
 
 EPOCH = 1000  # make_manager's first epoch
 HEARTBEAT = 10.0

@@ -81,14 +81,21 @@ async def running_server(
 
 
 @asynccontextmanager
-async def raw_client(pki: Pki, port: int, stem: str = "build-vm-01") -> AsyncIterator[FramedConnection]:
+async def open_wire_client(ctx: ssl.SSLContext, port: int) -> AsyncIterator[FramedConnection]:
+    """A bare mutual-TLS bridge connection to 127.0.0.1:port, handshake done, nothing read yet."""
     tcp = await trio.open_tcp_stream("127.0.0.1", port)
-    tls = trio.SSLStream(tcp, pki.client(stem), server_hostname="localhost")
+    tls = trio.SSLStream(tcp, ctx, server_hostname="localhost")
     try:
         await tls.do_handshake()
         yield FramedConnection(tls, BridgeConnection(Role.CLIENT))
     finally:
         await trio.aclose_forcefully(tls)
+
+
+@asynccontextmanager
+async def raw_client(pki: Pki, port: int, stem: str = "build-vm-01") -> AsyncIterator[FramedConnection]:
+    async with open_wire_client(pki.client(stem), port) as client:
+        yield client
 
 
 async def expect(client: FramedConnection, cls: type) -> Any:
