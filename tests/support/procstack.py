@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, encode_ds
 from inproc import SELECT_PIV, SIGN_9D, VERIFY_123456, apdu, expect, hello, power_on
 
 from bridge_server.demo import BridgeStack
+from bridge_server.demo import wait_for as poll
 from protocol import wire
 from protocol.connection import BridgeConnection, Role
 from protocol.runtime.framed import FramedConnection
@@ -143,11 +144,9 @@ def overlapping_leases(events: list[list[Any]]) -> list[str]:
 
 
 def wait_for(predicate: Any, *, within: float, what: str, interval: float = 0.05) -> float:
+    """Poll until `predicate()` holds (bounded by `within`); return how long it took."""
     start = time.monotonic()
-    while not predicate():
-        if time.monotonic() - start > within:
-            raise AssertionError(f"timed out after {within} s waiting for {what}")
-        time.sleep(interval)
+    poll(predicate, timeout=within, what=what, interval=interval)
     return time.monotonic() - start
 
 

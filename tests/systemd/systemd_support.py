@@ -22,7 +22,7 @@ from pathlib import Path
 
 from cryptography import x509
 
-from bridge_server.demo import BridgeStack
+from bridge_server.demo import BridgeStack, wait_for
 
 HARNESS = Path(__file__).with_name("block_loop_harness.py")
 REPO = Path(__file__).resolve().parents[2]
@@ -112,15 +112,18 @@ class Proc:
 
     def wait_log(self, needle: str, *, timeout: float = 15.0, after: int = 0) -> str:
         """Poll the log (a real process: polling with a deadline) until `needle` shows up."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+
+        def seen() -> str | bool:
             text = self.log()[after:]
             if needle in text:
                 return text
             if self.proc.poll() is not None:
-                break
-            time.sleep(0.05)
-        raise AssertionError(f"{needle!r} not in the log within {timeout} s:\n{self.log()[-3000:]}")
+                raise AssertionError(f"process exited before {needle!r}:\n{self.log()[-3000:]}")
+            return False
+
+        found = wait_for(seen, timeout=timeout, what=f"{needle!r} in the log", interval=0.05)
+        assert isinstance(found, str)
+        return found
 
 
 def spawn(
@@ -159,9 +162,4 @@ def served_serial(stack: BridgeStack, client: str = "build-vm-01") -> int:
 
 
 def poll_until(condition: Callable[[], bool], *, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+    wait_for(condition, timeout=timeout, what=what, interval=0.05)
