@@ -9,13 +9,13 @@ silently falling back to a default is how a lease policy quietly stops applying.
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Final
 
 from protocol.errors import ConfigError
+from protocol.runtime.config import load_yaml, parse_hostport, reject_unknown
 
 DEFAULT_PORT: Final = 7447
 DEFAULT_HEARTBEAT_S: Final = 10.0
@@ -132,11 +132,7 @@ class _Section:
         self.path = path
         self.prefix = prefix
         self.known = known
-        for key in raw:
-            if key not in known:
-                hint = difflib.get_close_matches(str(key), known, n=1)
-                tip = f"; did you mean {hint[0]!r}?" if hint else f"; known keys: {', '.join(known)}"
-                raise ConfigError(path, self.key(str(key)), f"unknown key{tip}")
+        reject_unknown(raw, known, path, prefix)
 
     def key(self, name: str) -> str:
         return f"{self.prefix}.{name}" if self.prefix else name
@@ -206,13 +202,10 @@ def parse_listen(value: object, path: str, key: str) -> tuple[str, int]:
     """Split "host:port" (IPv6 as "[::1]:7447"); a bare host gets the default port."""
     if not isinstance(value, str) or not value:
         raise ConfigError(path, key, f'expected "host:port", got {value!r}')
-    host, sep, port_text = value.rpartition(":")
-    if not sep or (value.startswith("[") and not host.endswith("]")):
-        host, port_text = value, str(DEFAULT_PORT)
-    host = host.removeprefix("[").removesuffix("]")
-    if not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
-        raise ConfigError(path, key, f'expected "host:port" with a port 0-65535, got {value!r}')
-    return host, int(port_text)
+    try:
+        return parse_hostport(value, DEFAULT_PORT, listen=True)
+    except ValueError as exc:
+        raise ConfigError(path, key, str(exc)) from None
 
 
 def _parse_match(sec: _Section, base: Path) -> TokenMatch:
@@ -332,6 +325,5 @@ def load_server_config(path: Path) -> ServerConfig:
     Raises:
         ConfigError: the file is missing, is not YAML, or is not a valid server config.
     """
-    from protocol.runtime.config import load_yaml  # the runtime's loader gives line numbers
 
     return parse_server_config(load_yaml(path), path)

@@ -360,10 +360,11 @@ def resolve_path(value: str | Path, config_path: Path) -> Path:
     return config_path.parent / candidate
 
 
-def parse_hostport(value: str, default_port: int) -> tuple[str, int]:
+def parse_hostport(value: str, default_port: int, *, listen: bool = False) -> tuple[str, int]:
     """`host`, `host:port`, `[v6]`, `[v6]:port` or a bare IPv6 address -> (host, port).
 
-    Raises ValueError with the offending text; callers wrap it in a ConfigError naming the key.
+    With `listen`, port 0 (the kernel picks a free port) is allowed. Raises ValueError with the
+    offending text; callers wrap it in a ConfigError naming the key.
     """
     text = value.strip()
     if not text:
@@ -384,6 +385,7 @@ def parse_hostport(value: str, default_port: int) -> tuple[str, int]:
             raise ValueError(f"bad address {text!r}: missing host before ':'")
     if not has_port:
         return host, default_port
-    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
-        raise ValueError(f"bad port {port_text!r} in {text!r}: expected 1..65535")
+    lowest = 0 if listen else 1
+    if not port_text.isdigit() or not lowest <= int(port_text) <= 65535:
+        raise ValueError(f"bad port {port_text!r} in {text!r}: expected {lowest}..65535")
     return host, int(port_text)
