@@ -117,7 +117,8 @@ async def run_watchdog(
     """Ping `WATCHDOG=1` now and then every `watchdog_interval` seconds until cancelled.
 
     Returns at once (after `started()`) when there is no watchdog. Deadlines are absolute so
-    a slow ping does not push every later one back.
+    a slow ping does not push every later one back; after a stall (the loop was blocked) the
+    schedule restarts from now instead of sending a burst of the missed pings.
     """
     interval = notifier.watchdog_interval
     if interval is None or not notifier.enabled:
@@ -128,5 +129,7 @@ async def run_watchdog(
     deadline = trio.current_time()
     while True:
         deadline += interval
+        if deadline <= trio.current_time():  # we were stalled: one ping now, then back on schedule
+            deadline = trio.current_time() + interval
         await trio.sleep_until(deadline)
         notifier.watchdog()

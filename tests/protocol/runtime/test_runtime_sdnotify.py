@@ -116,6 +116,24 @@ async def test_run_watchdog_pings_at_half_the_interval(
     assert _drain(sock) == [b"WATCHDOG=1"] * 5
 
 
+async def test_run_watchdog_sends_one_ping_after_a_stall_not_a_burst(
+    listener: tuple[socket.socket, str], mock_clock: trio.testing.MockClock
+) -> None:
+    """A loop that was blocked for five intervals owes systemd one ping, not five in a row."""
+    sock, path = listener
+    notifier = SystemdNotifier({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "2000000"})
+    async with trio.open_nursery() as nursery:
+        await nursery.start(run_watchdog, notifier)
+        _drain(sock)
+        mock_clock.jump(5.0)  # as if the loop had been stuck for 5 s (5 intervals of 1 s)
+        await trio.testing.wait_all_tasks_blocked()
+        assert _drain(sock) == [b"WATCHDOG=1"]
+        mock_clock.jump(1.0)
+        await trio.testing.wait_all_tasks_blocked()
+        assert _drain(sock) == [b"WATCHDOG=1"]
+        nursery.cancel_scope.cancel()
+
+
 async def test_run_watchdog_returns_at_once_without_a_watchdog(listener: tuple[socket.socket, str]) -> None:
     sock, path = listener
     async with trio.open_nursery() as nursery:
