@@ -36,7 +36,8 @@ from bridge_server.hub import Hub
 from bridge_server.listener import ConnectionHandler, run_listener
 from bridge_server.reload import TlsReloader
 from bridge_server.session import SessionContext
-from bridge_server.tokens import CardOpener, TokenManager
+from bridge_server.token_device import CardOpener
+from bridge_server.tokens import TokenManager
 from protocol import wire
 from protocol.errors import CloseCode
 

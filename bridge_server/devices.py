@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from bridge_server.config import TokenConfig
-from bridge_server.tokens import CardOpener, OpenedCard
+from bridge_server.token_device import CardOpener, OpenedCard
 from bridge_server.usb_transport import AsyncUsbDevice, DeviceMatch
 from protocol.errors import ConfigError
 

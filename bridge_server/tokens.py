@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -37,7 +36,7 @@ import trio
 
 from bridge_server.config import LeaseConfig, TokenConfig
 from bridge_server.epochs import EpochStore
-from bridge_server.errors import DeviceError, DeviceGoneError, DeviceNotFoundError
+from bridge_server.errors import DeviceError, DeviceGoneError
 from bridge_server.guardrails import Guardrails, Holder
 from bridge_server.hub import Hub, Subscriber
 from bridge_server.leases import (
@@ -51,7 +50,8 @@ from bridge_server.leases import (
     Refusal,
 )
 from bridge_server.metrics import TokenStats
-from bridge_server.virtual_reader import CardDriver, VirtualReader
+from bridge_server.token_device import CardOpener, OpenedCard, TokenDevice
+from bridge_server.virtual_reader import VirtualReader
 from protocol import wire
 from protocol.ccid import MessageType, decode_message
 from protocol.errors import MalformedCcidMessageError
@@ -61,16 +61,6 @@ log = structlog.get_logger(__name__)
 POLL_INTERVAL_S: Final = 1.0  # presence is checked at least this often (issue: unplug seen within 1 s)
 INBOX_CAPACITY: Final = 64
 CLEANUP_TIMEOUT_S: Final = 5.0
-
-
-@dataclass(slots=True)
-class OpenedCard:
-    driver: CardDriver
-    serial: str
-    close: Callable[[], Awaitable[None]]
-
-
-CardOpener = Callable[[], Awaitable[OpenedCard]]  # raises DeviceNotFoundError while absent
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,16 +108,17 @@ class TokenManager:
         )
         self.queue_timeout_s = lease.queue_timeout_s
         self.atr = b""
-        self._opener = opener
-        self._card: OpenedCard | None = None
-        self._serial = config.match.serial
-        self._refused_serial: str | None = None
+        self.device = TokenDevice(config.name, opener, config.match.serial, self.rails)
         self._reader: VirtualReader | None = None
         self._send, self._inbox = trio.open_memory_channel[_Command](INBOX_CAPACITY)
         self._drops: dict[int, EndReason] = {}
         self._status_changed = False
         self._stopped = False
         self.stats = TokenStats()  # counters for `status` and /metrics (bridge_server/metrics.py)
+
+    @property
+    def _card(self) -> OpenedCard | None:
+        return self.device.card
 
     # -- session-facing API ----------------------------------------------------
 
@@ -190,7 +181,7 @@ class TokenManager:
         return {
             "token_id": self.token_id,
             "present": self.present,
-            "serial": self._serial,
+            "serial": self.device.serial,
             "atr": self.atr.hex(),
             "holder": holder.identity if holder else None,
             "epoch": holder.epoch if holder else None,
@@ -398,78 +389,30 @@ class TokenManager:
         if self._card is None:
             await self._try_attach()
             return
-        try:
-            present = await self._card.driver.slot_present()
-        except DeviceError as exc:
-            present, why = False, str(exc)
-        else:
-            why = "slot empty"
-        if not present:
+        why = await self.device.probe()
+        if why is not None:
             await self._apply(await self._lose_card(why))
 
     async def _lose_card(self, why: str) -> list[LeaseEvent]:
-        card, self._card = self._card, None
         self._reader = None
-        if card is not None:
-            log.warning("device.gone", token=self.name, device=card.serial, reason=why)
-            await self.rails.record("token.gone", device=card.serial, reason=why)
-            await self._close_card(card)
+        await self.device.forget(why)
         self._status_changed = True
         return self.book.set_present(False, trio.current_time())
 
     async def _try_attach(self) -> None:
-        try:
-            card = await self._opener()
-        except DeviceNotFoundError:
+        atr = await self.device.attach()
+        if atr is None:
             return
-        except DeviceError as exc:
-            log.warning("device.open_failed", token=self.name, error=str(exc))
-            return
-        if self._serial is not None and card.serial.casefold() != self._serial.casefold():
-            if self._refused_serial != card.serial:
-                log.warning(
-                    "device.refused",
-                    token=self.name,
-                    device=card.serial,
-                    expected=self._serial,
-                    reason="a different token is plugged in where this one was",
-                )
-                self._refused_serial = card.serial
-                await self.rails.record("token.refused", device=card.serial, expected=self._serial)
-            await self._close_card(card)
-            return
-        try:
-            atr = await card.driver.power_on()  # cache the ATR for TokenStatus
-            await card.driver.power_off()
-        except DeviceError as exc:
-            log.warning("device.open_failed", token=self.name, error=str(exc))
-            await self._close_card(card)
-            return
-        self._serial, self._refused_serial, self._card, self.atr = card.serial, None, card, atr
-        log.info("device.attached", token=self.name, device=card.serial, atr=atr.hex())
-        await self.rails.record("token.attached", device=card.serial, atr=atr.hex())
+        self.atr = atr
         self._broadcast_status()
         await self._apply(self.book.set_present(True, trio.current_time()))
-
-    async def _close_card(self, card: OpenedCard) -> None:
-        with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_TIMEOUT_S):
-            try:
-                await card.close()
-            except DeviceError as exc:
-                log.debug("device.close_failed", token=self.name, error=str(exc))
 
     async def _stop(self) -> None:
         if self._stopped:
             return
         self._stopped = True
         await self._apply(self.book.shutdown(trio.current_time()))
-        card, self._card = self._card, None
-        if card is not None:
-            try:
-                await card.driver.power_off()
-            except DeviceError as exc:
-                log.debug("device.power_off_failed", token=self.name, error=str(exc))
-            await self._close_card(card)
+        await self.device.shut_down()
         self._send.close()
 
     # -- helpers -------------------------------------------------------------------

@@ -101,7 +101,8 @@ CRASH = textwrap.dedent(
     from protocol.runtime.logging import configure_logging
     from bridge_server.config import LeaseConfig, TokenConfig, TokenMatch
     from bridge_server.hub import Hub, Subscriber
-    from bridge_server.tokens import OpenedCard, TokenManager
+    from bridge_server.token_device import OpenedCard
+    from bridge_server.tokens import TokenManager
     from protocol import ccid
     from protocol.runtime.tls import PeerIdentity
     from datetime import UTC, datetime
