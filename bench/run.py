@@ -29,10 +29,12 @@ from bridge_server.demo import (
     card_present,
     claim_vpcd_slot,
     osslsigncode_sign,
-    pkcs11,
     read_certificate_pem,
     reader_name,
     wait_for,
+)
+from bridge_server.demo import (
+    pkcs11_sign as run_pkcs11_sign,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -181,21 +183,7 @@ def pkcs11_sign(slot: int, workdir: Path) -> float:
     data = workdir / "data.bin"
     data.write_bytes(b"benchmark input " * 64)
     t0 = time.perf_counter()
-    pkcs11(
-        "--login",
-        "--pin",
-        PIN,
-        "--sign",
-        "--id",
-        "01",
-        "-m",
-        "SHA256-RSA-PKCS",
-        "--input-file",
-        str(data),
-        "--output-file",
-        str(workdir / f"sig-{slot}.bin"),
-        slot=slot,
-    )
+    run_pkcs11_sign(slot, data, workdir / f"sig-{slot}.bin")
     return time.perf_counter() - t0
 
 

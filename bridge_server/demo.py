@@ -289,6 +289,23 @@ def pkcs11(
     return run(cmd, timeout=timeout, check=check)
 
 
+def pkcs11_sign(
+    slot: int,
+    infile: Path,
+    outfile: Path,
+    *,
+    key_id: str = "01",
+    pin: str = PIN,
+    timeout: float = 120.0,
+    check: bool = True,
+) -> subprocess.CompletedProcess[str]:
+    """`pkcs11-tool --login --sign` (RSA PKCS#1 v1.5 over SHA-256) with key `key_id` in reader `slot`."""
+    return pkcs11(
+        "--login", "--pin", pin, "--sign", "--id", key_id, "-m", "SHA256-RSA-PKCS",
+        "--input-file", str(infile), "--output-file", str(outfile), slot=slot, timeout=timeout, check=check,
+    )  # fmt: skip
+
+
 def token_serial(slot: int) -> str:
     out = pkcs11("-L", slot=slot).stdout
     m = re.search(r"serial num\s*:\s*(\S+)", out)

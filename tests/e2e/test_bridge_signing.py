@@ -22,6 +22,7 @@ from bridge_server.demo import (
     osslsigncode_sign,
     osslsigncode_verify,
     pkcs11,
+    pkcs11_sign,
     read_certificate_pem,
 )
 
@@ -76,21 +77,7 @@ def test_pkcs11_tool_lists_and_signs_through_the_bridge(
     data.write_bytes(b"release artefact digest input " * 10)
     cert = read_certificate_pem(vpcd_slot.index, "01", tmp_path / "cert01.pem")
     sig = tmp_path / "sig.bin"
-    pkcs11(
-        "--login",
-        "--pin",
-        PIN,
-        "--sign",
-        "--id",
-        "01",
-        "-m",
-        "SHA256-RSA-PKCS",
-        "--input-file",
-        str(data),
-        "--output-file",
-        str(sig),
-        slot=vpcd_slot.index,
-    )
+    pkcs11_sign(vpcd_slot.index, data, sig)
     verify_signature(cert, data.read_bytes(), sig.read_bytes())
 
     # A tampered input must not verify: proves the check above can fail.

@@ -18,7 +18,7 @@ import pytest
 from e2e_stack import VpcdSlot
 
 from bridge_server.audit import verify_file
-from bridge_server.demo import PIN, BridgeStack, pkcs11
+from bridge_server.demo import PIN, BridgeStack, pkcs11, pkcs11_sign
 
 pytestmark = pytest.mark.e2e
 
@@ -101,10 +101,7 @@ def test_wrong_pins_stop_at_the_floor_survive_a_restart_and_wait_for_the_operato
 
     data = tmp_path / "data.bin"
     data.write_bytes(b"after the operator cleared the guard")
-    signed = pkcs11(
-        "--login", "--pin", PIN, "--sign", "--id", "01", "-m", "SHA256-RSA-PKCS",
-        "--input-file", str(data), "--output-file", str(tmp_path / "sig.bin"), slot=slot, check=False,
-    )  # fmt: skip
+    signed = pkcs11_sign(slot, data, tmp_path / "sig.bin", check=False)
     assert signed.returncode == 0, signed.stderr
     assert card_pin_retries(stack) == 3  # a correct PIN restores the card's counter
 

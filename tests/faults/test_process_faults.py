@@ -43,7 +43,7 @@ from procstack import (
     wait_for,
 )
 
-from bridge_server.demo import BridgeStack, pkcs11, read_certificate_pem
+from bridge_server.demo import BridgeStack, pkcs11, pkcs11_sign, read_certificate_pem
 
 pytestmark = pytest.mark.e2e
 
@@ -93,10 +93,7 @@ def real_stack_sign(slot: VpcdSlot, tmp_path: Path, cert: Path, n: int) -> None:
     """pkcs11-tool signs through client daemon + vpcd + pcscd; the signature verifies."""
     data, sig = tmp_path / f"data{n}.bin", tmp_path / f"sig{n}.bin"
     data.write_bytes(f"artefact {n}".encode() * 20)
-    pkcs11(
-        "--login", "--pin", PIN, "--sign", "--id", "01", "-m", "SHA256-RSA-PKCS",
-        "--input-file", str(data), "--output-file", str(sig), slot=slot.index, timeout=60,
-    )  # fmt: skip
+    pkcs11_sign(slot.index, data, sig, timeout=60)
     verify_signature(cert, data.read_bytes(), sig.read_bytes())
 
 
