@@ -36,6 +36,7 @@ from bridge_server.demo import (
 from bridge_server.demo import (
     pkcs11_sign as run_pkcs11_sign,
 )
+from bridge_server.signing_tools import minimal_pe
 
 REPO = Path(__file__).resolve().parents[1]
 PROFILE = "safenet-5110"
@@ -191,10 +192,10 @@ def ossl_sign(slot: int, workdir: Path) -> float:
     cert = workdir / f"cert-{slot}.pem"
     if not cert.exists():
         read_certificate_pem(slot, "01", cert)
-    script = workdir / "script.ps1"
-    script.write_text("Write-Output 'tokenbridge benchmark'\n" * 20)
+    program = workdir / "program.exe"
+    program.write_bytes(minimal_pe(b"\xc3 tokenbridge benchmark" * 20))
     t0 = time.perf_counter()
-    osslsigncode_sign(slot, cert, script, workdir / f"signed-{slot}.ps1")
+    osslsigncode_sign(slot, cert, program, workdir / f"signed-{slot}.exe")
     return time.perf_counter() - t0
 
 

@@ -13,7 +13,6 @@ import contextlib
 import fcntl
 import json
 import os
-import platform
 import re
 import shutil
 import socket
@@ -27,6 +26,13 @@ from pathlib import Path
 from typing import IO, TypeVar
 
 from bridge_server.pki import Pki
+from bridge_server.signing_tools import (
+    OPENSC_PKCS11,
+    PKCS11_ENGINE,
+    minimal_pe,
+    osslsigncode_sign_command,
+    osslsigncode_verify_command,
+)
 from protocol.errors import BridgeError
 
 T = TypeVar("T")
@@ -43,19 +49,6 @@ class DemoError(BridgeError):
 
 class WaitTimeout(DemoError, TimeoutError):
     """A condition polled by `wait_for` did not come true before its deadline."""
-
-
-def _multiarch() -> str:
-    machine = platform.machine()
-    return {
-        "x86_64": "x86_64-linux-gnu",
-        "aarch64": "aarch64-linux-gnu",
-        "armv7l": "arm-linux-gnueabihf",
-    }.get(machine, f"{machine}-linux-gnu")
-
-
-OPENSC_PKCS11 = Path(f"/usr/lib/{_multiarch()}/opensc-pkcs11.so")
-PKCS11_ENGINE = Path(f"/usr/lib/{_multiarch()}/engines-3/pkcs11.so")
 
 
 def wait_for(
@@ -330,30 +323,11 @@ def osslsigncode_sign(
     serial = token_serial(slot)
     key_uri = f"pkcs11:serial={serial};id=%{key_id};type=private;pin-value={pin}"
     outfile.unlink(missing_ok=True)
-    return run(
-        [
-            "osslsigncode",
-            "sign",
-            "-pkcs11engine",
-            str(PKCS11_ENGINE),
-            "-pkcs11module",
-            str(OPENSC_PKCS11),
-            "-key",
-            key_uri,
-            "-certs",
-            str(cert),
-            "-h",
-            "sha256",
-            "-in",
-            str(infile),
-            "-out",
-            str(outfile),
-        ]
-    )
+    return run(osslsigncode_sign_command(key_uri, cert, infile, outfile))
 
 
 def osslsigncode_verify(cert: Path, signed: Path) -> subprocess.CompletedProcess[str]:
-    return run(["osslsigncode", "verify", "-CAfile", str(cert), "-in", str(signed)])
+    return run(osslsigncode_verify_command(cert, signed))
 
 
 # -- the narrated demo -----------------------------------------------------------------------
@@ -420,11 +394,11 @@ def run_demo(*, profile: str = "safenet-5110", keep: bool = False, as_json: bool
                 stack.wait_card(slot, client)
             with n.step("Reading the signing certificate from the remote token (pkcs11-tool)"):
                 cert = read_certificate_pem(slot, "01", workdir / "signing-cert.pem")
-            script = workdir / "hello.ps1"
-            script.write_text('Write-Output "Signed through tokenbridge"\r\n')
-            signed = workdir / "hello-signed.ps1"
-            with n.step("Signing hello.ps1 with osslsigncode through the bridge (PIN login on the token)"):
-                osslsigncode_sign(slot, cert, script, signed)
+            program = workdir / "hello.exe"
+            program.write_bytes(minimal_pe(b"\xc3 signed through tokenbridge"))
+            signed = workdir / "hello-signed.exe"
+            with n.step("Signing hello.exe with osslsigncode through the bridge (PIN login on the token)"):
+                osslsigncode_sign(slot, cert, program, signed)
             with n.step("Verifying the Authenticode signature (osslsigncode verify)"):
                 out = osslsigncode_verify(cert, signed).stdout
                 if "Signature verification: ok" not in out:
@@ -445,13 +419,13 @@ def run_demo(*, profile: str = "safenet-5110", keep: bool = False, as_json: bool
     finally:
         stack.stop()
     print(
-        f"\nDone in {time.monotonic() - total:.1f} s: a PowerShell script was signed with a key that never "
+        f"\nDone in {time.monotonic() - total:.1f} s: a Windows program was signed with a key that never "
         "left the (simulated) token, over mutual TLS, and the signature verifies."
     )
     if as_json:
         print(json.dumps({"profile": profile, "steps": n.steps}, indent=2))
     if keep:
-        print(f"Files kept in {workdir} (server.yaml, client-*.yaml, pki/, *.log, hello-signed.ps1)")
+        print(f"Files kept in {workdir} (server.yaml, client-*.yaml, pki/, *.log, hello-signed.exe)")
     else:
         shutil.rmtree(workdir, ignore_errors=True)
     return 0

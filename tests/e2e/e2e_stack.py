@@ -20,12 +20,11 @@ from typing import TypeVar
 
 # One implementation of these for the demo and the tests (bridge_server/demo.py).
 from bridge_server.demo import card_present, card_states, reader_name, run, wait_for
+from bridge_server.signing_tools import OPENSC_PKCS11
 
-__all__ = ["card_present", "card_states", "reader_name", "run", "wait_for"]
+__all__ = ["OPENSC_PKCS11", "card_present", "card_states", "reader_name", "run", "wait_for"]
 
 REPO = Path(__file__).resolve().parents[2]
-OPENSC_PKCS11 = "/usr/lib/x86_64-linux-gnu/opensc-pkcs11.so"
-PKCS11_ENGINE = "/usr/lib/x86_64-linux-gnu/engines-3/pkcs11.so"
 VPCD_BASE_PORT = 35963
 VPCD_SLOTS = (0, 1)
 PCSCD_SOCKET = Path("/run/pcscd/pcscd.comm")

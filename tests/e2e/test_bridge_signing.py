@@ -25,6 +25,7 @@ from bridge_server.demo import (
     pkcs11_sign,
     read_certificate_pem,
 )
+from bridge_server.signing_tools import minimal_pe
 
 pytestmark = pytest.mark.e2e
 
@@ -86,20 +87,20 @@ def test_pkcs11_tool_lists_and_signs_through_the_bridge(
 
 
 @pytest.mark.parametrize("profile", ["safenet-5110", "yubikey5"])
-def test_osslsigncode_signs_and_verifies_a_script_through_the_bridge(
+def test_osslsigncode_signs_and_verifies_a_program_through_the_bridge(
     stack: BridgeStack, vpcd_slot: VpcdSlot, tmp_path: Path, profile: str
 ) -> None:
     start_bridge(stack, vpcd_slot, profile)
     cert = read_certificate_pem(vpcd_slot.index, "01", tmp_path / "cert.pem")
-    script = tmp_path / "build.ps1"
-    script.write_text('Write-Output "release build"\r\n')
-    signed = tmp_path / "build-signed.ps1"
-    osslsigncode_sign(vpcd_slot.index, cert, script, signed)
+    program = tmp_path / "build.exe"
+    program.write_bytes(minimal_pe(b"\xc3 release build"))
+    signed = tmp_path / "build-signed.exe"
+    osslsigncode_sign(vpcd_slot.index, cert, program, signed)
     out = osslsigncode_verify(cert, signed).stdout
     assert "Signature verification: ok" in out
 
     # The signature covers the content: a modified copy fails verification.
-    tampered = tmp_path / "tampered.ps1"
+    tampered = tmp_path / "tampered.exe"
     tampered.write_bytes(signed.read_bytes().replace(b"release build", b"evil builds!!"))
     from bridge_server.demo import DemoError
 
@@ -119,8 +120,8 @@ def test_client_reconnects_after_server_restart_and_signs_again(
 
     stack.start_server()
     stack.wait_card(vpcd_slot.index, client, present=True, timeout=20)
-    script = tmp_path / "again.ps1"
-    script.write_text("Write-Output 'after restart'\r\n")
-    signed = tmp_path / "again-signed.ps1"
-    osslsigncode_sign(vpcd_slot.index, cert, script, signed)
+    program = tmp_path / "again.exe"
+    program.write_bytes(minimal_pe(b"\xc3 after restart"))
+    signed = tmp_path / "again-signed.exe"
+    osslsigncode_sign(vpcd_slot.index, cert, program, signed)
     assert "Signature verification: ok" in osslsigncode_verify(cert, signed).stdout

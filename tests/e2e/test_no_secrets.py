@@ -26,6 +26,7 @@ from bridge_server.demo import (
     pkcs11,
     read_certificate_pem,
 )
+from bridge_server.signing_tools import minimal_pe
 from bridge_server.simulator.piv import PivCard
 from bridge_server.simulator.profiles import PROFILES
 
@@ -64,10 +65,10 @@ def test_a_canary_pin_through_login_and_sign_is_found_nowhere(
     stack.wait_card(slot, client)
 
     cert = read_certificate_pem(slot, "01", tmp_path / "cert.pem")
-    script = tmp_path / "build.ps1"
-    script.write_text('Write-Output "canary build"\r\n')
-    signed = tmp_path / "signed.ps1"
-    osslsigncode_sign(slot, cert, script, signed, pin=CANARY)
+    program = tmp_path / "build.exe"
+    program.write_bytes(minimal_pe(b"\xc3 canary build"))
+    signed = tmp_path / "signed.exe"
+    osslsigncode_sign(slot, cert, program, signed, pin=CANARY)
     assert "Signature verification: ok" in osslsigncode_verify(cert, signed).stdout
     wrong = pkcs11("--login", "--pin", CANARY[::-1], "--list-objects", slot=slot, check=False)
     assert wrong.returncode != 0  # a wrong PIN too: failure paths log more

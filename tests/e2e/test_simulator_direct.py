@@ -18,11 +18,17 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from e2e_stack import (
     OPENSC_PKCS11,
-    PKCS11_ENGINE,
     SimulatorProcess,
     VpcdSlot,
     run,
     simulator_direct,
+)
+
+from bridge_server.signing_tools import (
+    certificate_table,
+    minimal_pe,
+    osslsigncode_sign_command,
+    osslsigncode_verify_command,
 )
 
 pytestmark = pytest.mark.e2e
@@ -105,35 +111,27 @@ def test_wrong_pin_is_refused_and_counted(direct_card: SimulatorProcess, tmp_pat
     assert stats["signatures"] == 0
 
 
-def osslsigncode_sign(key_uri: str, cert_pem: Path, src: Path, dst: Path) -> None:
-    """The incantation that works with osslsigncode 2.9 + libengine-pkcs11-openssl on Debian 12."""
-    run([
-        "osslsigncode", "sign", "-pkcs11engine", PKCS11_ENGINE, "-pkcs11module", OPENSC_PKCS11,
-        "-key", key_uri, "-certs", str(cert_pem), "-h", "sha256", "-in", str(src), "-out", str(dst),
-    ])  # fmt: skip
-
-
-def test_osslsigncode_signs_powershell_script(direct_card: SimulatorProcess, tmp_path: Path) -> None:
+def test_osslsigncode_signs_a_program(direct_card: SimulatorProcess, tmp_path: Path) -> None:
     from cryptography.hazmat.primitives.serialization import Encoding
 
     cert_pem = tmp_path / "cert.pem"
     cert_pem.write_bytes(read_cert(direct_card, "01", tmp_path).public_bytes(Encoding.PEM))
-    script, signed = tmp_path / "script.ps1", tmp_path / "signed.ps1"
-    script.write_bytes(b'Write-Host "hello from tokenbridge"\r\n')
+    program, signed = tmp_path / "program.exe", tmp_path / "signed.exe"
+    program.write_bytes(minimal_pe(b"\xc3 hello from tokenbridge"))
     # The token serial (from the CHUID GUID) is unique per simulated card, unlike the label.
     key_uri = f"pkcs11:serial={token_serial(direct_card)};id=%01;type=private;pin-value={PIN}"
     before = direct_card.stats()
-    osslsigncode_sign(key_uri, cert_pem, script, signed)
+    run(osslsigncode_sign_command(key_uri, cert_pem, program, signed))
     after = direct_card.stats()
     print(f"osslsigncode sign: {after['apdus'] - before['apdus']} APDUs")
     assert after["signatures"] - before["signatures"] == 1
-    assert b"# SIG # Begin signature block" in signed.read_bytes()
-    out = run(["osslsigncode", "verify", "-CAfile", str(cert_pem), "-in", str(signed)]).stdout
+    assert certificate_table(signed.read_bytes())[1] > 0  # an Authenticode signature was embedded
+    out = run(osslsigncode_verify_command(cert_pem, signed)).stdout
     assert "Signature verification: ok" in out
     # Tampering with the script must break the signature (so the check above can fail).
-    tampered = tmp_path / "tampered.ps1"
+    tampered = tmp_path / "tampered.exe"
     tampered.write_bytes(signed.read_bytes().replace(b"hello", b"HELLO"))
-    bad = run(["osslsigncode", "verify", "-CAfile", str(cert_pem), "-in", str(tampered)], check=False)
+    bad = run(osslsigncode_verify_command(cert_pem, tampered), check=False)
     assert bad.returncode != 0
 
 
