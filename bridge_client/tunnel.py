@@ -192,19 +192,22 @@ class Tunnel:
                 )
             raise TunnelDown(f"TLS handshake with {where} failed: {why}") from exc
         conn = FramedConnection(stream, BridgeConnection(Role.CLIENT))
+        # TLS 1.3: the server checks our certificate after our side of the handshake is done,
+        # so its verdict shows on this first read: an alert, a cut connection or a plain close.
+        closed_early = (
+            "it closed the connection right after the TLS handshake, so it most likely refused "
+            "our client certificate (another CA, expired or revoked; the server log's "
+            "tls.handshake_failed line says which)"
+        )
         try:
             first = await conn.receive()
         except trio.BrokenResourceError as exc:
-            # TLS 1.3: the server checks our certificate after our side of the handshake is
-            # done, so its verdict shows on this first read: an alert, or (trio) a bare close.
             why = describe_handshake_error(exc)
             if not why.startswith("peer refused our certificate"):
-                why = (
-                    "it closed the connection right after the TLS handshake, so it most likely "
-                    "refused our client certificate (another CA, expired or revoked; the server "
-                    "log's tls.handshake_failed line says which)"
-                )
+                why = closed_early
             raise TunnelDown(f"server {where} refused this client: {why}") from exc
+        if isinstance(first, ConnectionClosed):
+            raise TunnelDown(f"server {where} refused this client: {closed_early}")
         return conn, first
 
     async def _serve(self, conn: FramedConnection, first: object) -> None:

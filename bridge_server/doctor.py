@@ -187,6 +187,15 @@ async def probe_server(config: Any) -> tuple[Check, dict[str, Any]]:
                         f"{where} refused this identity: {first.reason}: {first.message}",
                         "ask an operator to add this certificate's name to the token's allow list",
                     ), {}
+                if isinstance(first, wire.ConnectionClosed):
+                    return Check(
+                        "server",
+                        "fail",
+                        f"{where} closed the connection right after the TLS handshake: it refused "
+                        "this certificate (another CA, expired or revoked; its log says which)",
+                        "the server must trust this certificate's CA; a revoked or expired "
+                        "certificate needs a new bundle",
+                    ), {}
                 if not isinstance(first, wire.Welcome):
                     return Check(
                         "server", "fail", f"{where} sent {type(first).__name__} instead of Welcome"

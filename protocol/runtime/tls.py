@@ -13,6 +13,8 @@ Both daemons build their `ssl.SSLContext` here so the two ends cannot drift apar
   hear why at startup rather than from a flood of handshake failures (fail closed, loudly).
 - `VERIFY_X509_STRICT` is on whatever the Python version (3.13 turns it on by default), so a
   certificate that works here keeps working after an upgrade.
+- `OP_IGNORE_UNEXPECTED_EOF` is off whatever the build's default, so a connection cut without
+  close_notify is reported as lost, the same on every Python a user may run.
 """
 
 from __future__ import annotations
@@ -82,6 +84,10 @@ def _tls13_only(ctx: ssl.SSLContext) -> None:
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     ctx.maximum_version = ssl.TLSVersion.TLSv1_3
     ctx.verify_flags |= ssl.VERIFY_X509_STRICT
+    # A TCP close without close_notify is a cut connection, never a clean end (RFC 8446 §6.1).
+    # Some builds set this option by default (Debian 12's Python 3.11.2 does; 3.11.7 built
+    # from source does not): with it, truncation and a refused certificate both read as EOF.
+    ctx.options &= ~ssl.OP_IGNORE_UNEXPECTED_EOF
 
 
 def _load_ca(ctx: ssl.SSLContext, ca: Path) -> None:

@@ -100,7 +100,9 @@ async def test_a_refusal_is_logged_with_its_reason_and_retried_after_the_backoff
     assert not tunnel.connected
 
 
-async def tls_failure(certs: Certs, server_ctx: Any, **tunnel_kwargs: Any) -> str:
+async def tls_failure(
+    certs: Certs, server_ctx: Any, *, close_notify: bool = False, **tunnel_kwargs: Any
+) -> str:
     """Run one connection attempt against a server with `server_ctx`; the logged reason."""
     net = MemoryNet()
     tunnel = make_tunnel(certs, net, **tunnel_kwargs)
@@ -110,7 +112,10 @@ async def tls_failure(certs: Certs, server_ctx: Any, **tunnel_kwargs: Any) -> st
             tls = trio.SSLStream(await net.accept(), server_ctx, server_side=True)
             with contextlib.suppress(trio.BrokenResourceError):
                 await tls.do_handshake()
-            await trio.aclose_forcefully(tls)
+            if close_notify:
+                await tls.aclose()  # an orderly TLS close, and not one frame first
+            else:
+                await trio.aclose_forcefully(tls)
             await wait_until(tunnel, lambda: bool(disconnects(logs)))
             nursery.cancel_scope.cancel()
     assert tunnel.status.state == "retrying"
@@ -141,6 +146,15 @@ async def test_a_server_that_rejects_our_certificate_is_reported_as_refusing_it(
     reason = await tls_failure(certs, certs.server_ctx(ca=certs.foreign_ca))
     assert reason.startswith(f"server {PEER} refused this client: ")
     assert "refused our client certificate" in reason
+
+
+async def test_a_server_that_closes_cleanly_before_its_first_frame_is_reported_as_refusing_us(
+    certs: Certs, autojump_clock: trio.testing.MockClock
+) -> None:
+    # What a refusal looks like when the TLS stack reads the close as an orderly end of stream
+    # (Debian 12's Python 3.11.2 did, for cut connections too): never "expected Welcome".
+    reason = await tls_failure(certs, certs.server_ctx(), close_notify=True)
+    assert reason.startswith(f"server {PEER} refused this client: it closed the connection right after")
 
 
 @pytest.mark.parametrize(

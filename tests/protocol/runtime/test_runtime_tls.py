@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import ssl
+import types
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from cryptography.x509.oid import NameOID
 from runtime_tls_helpers import CertFiles, Pki, handshake
 
 from protocol.errors import TlsSetupError
+from protocol.runtime import tls as tls_module
 from protocol.runtime.tls import (
     EXPIRED,
     HOSTNAME_MISMATCH,
@@ -353,3 +355,45 @@ def test_alerts_received_from_the_peer_say_the_peer_refused_us(reason: str, expe
 
 def test_plain_eof_during_handshake_is_described_as_closed() -> None:
     assert describe_handshake_error(ConnectionResetError()) == "connection closed during the tls handshake"
+
+
+@pytest.fixture
+def eof_tolerant_ssl(monkeypatch: pytest.MonkeyPatch) -> list[ssl.SSLContext]:
+    """Contexts built with Debian 12's Python 3.11.2 default: OP_IGNORE_UNEXPECTED_EOF set."""
+    made: list[ssl.SSLContext] = []
+
+    def debian_default_context(protocol: ssl._SSLMethod) -> ssl.SSLContext:
+        ctx = ssl.SSLContext(protocol)
+        ctx.options |= ssl.OP_IGNORE_UNEXPECTED_EOF
+        made.append(ctx)
+        return ctx
+
+    fake_ssl = types.SimpleNamespace(**vars(ssl))
+    fake_ssl.SSLContext = debian_default_context
+    monkeypatch.setattr(tls_module, "ssl", fake_ssl)
+    return made
+
+
+def test_contexts_never_treat_a_cut_connection_as_a_clean_close(
+    pki: Pki, eof_tolerant_ssl: list[ssl.SSLContext]
+) -> None:
+    contexts = [_server(pki), _client(pki)]
+    assert contexts == eof_tolerant_ssl  # the build default really was in force
+    for ctx in contexts:
+        assert not ctx.options & ssl.OP_IGNORE_UNEXPECTED_EOF
+
+
+@pytest.mark.usefixtures("eof_tolerant_ssl")
+async def test_tcp_close_without_close_notify_reads_as_a_broken_connection(pki: Pki) -> None:
+    server_raw, client_raw = trio.testing.memory_stream_pair()
+    server = trio.SSLStream(server_raw, _server(pki), server_side=True)
+    client = trio.SSLStream(client_raw, _client(pki), server_hostname="bridge.example")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(client.do_handshake)
+        await server.do_handshake()
+    await client.send_all(b"partial frame")
+    await client_raw.aclose()  # the TCP connection ends, no TLS close_notify
+    assert await server.receive_some() == b"partial frame"
+    with pytest.raises(trio.BrokenResourceError):
+        await server.receive_some()
+    await trio.aclose_forcefully(server)
