@@ -3,7 +3,7 @@
 # sure pcscd runs. Used by `make test`, `make demo` and `.ci/run`. Idempotent.
 set -euo pipefail
 
-PKGS=(pcscd vsmartcard-vpcd opensc opensc-pkcs11 osslsigncode libengine-pkcs11-openssl
+PKGS=(ca-certificates pcscd vsmartcard-vpcd opensc opensc-pkcs11 osslsigncode libengine-pkcs11-openssl
       libusb-1.0-0 openssl python3-venv procps iproute2 systemd)  # systemd: systemd-analyze for tests/systemd
 
 missing=()

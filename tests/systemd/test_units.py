@@ -32,6 +32,10 @@ pytestmark = pytest.mark.skipif(
 
 def analyze(*args: str, debug: bool = False) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, SYSTEMD_LOG_LEVEL="debug" if debug else "info")
+    if args[0] == "verify":
+        # verify runs `man` for every Documentation=man:... line (pcscd.service has one); a fresh
+        # Debian root has no man-db, and whether man pages exist says nothing about the units.
+        args = ("verify", "--man=no", *args[1:])
     return subprocess.run(["systemd-analyze", *args], capture_output=True, text=True, env=env, timeout=60)
 
 
