@@ -46,13 +46,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from protocol.apdu import PIN_INS, SW_AUTH_BLOCKED, retries_left
+from protocol.apdu import PIN_INS, SW_AUTH_BLOCKED, SW_CHAINING_NOT_SUPPORTED, retries_left
 
 # What a refused PIN command gets (docs/guardrails.md): 6983 "authentication method blocked",
 # which OpenSC maps to SC_ERROR_AUTH_METHOD_BLOCKED -> CKR_PIN_LOCKED, so middleware and CI
 # tools stop at once instead of asking for the PIN again (63C0 would read as CKR_PIN_INCORRECT,
 # telling the user their correct PIN is wrong).
 REFUSAL_SW: Final = SW_AUTH_BLOCKED
+# What a chained PIN command gets (DESIGN §4: never judged per chunk): 6884 "command chaining not
+# supported", an error to middleware that is about the encoding, not the PIN or the guard's state.
+CHAINING_REFUSAL_SW: Final = SW_CHAINING_NOT_SUPPORTED
 STATE_VERSION: Final = 1
 _VERIFY_INS: Final = frozenset({0x20, 0x21})
 _RESET_INS: Final = frozenset({0x2C, 0x2D})
@@ -111,9 +114,10 @@ def is_status_query(ins: int, has_data: bool) -> bool:
     return ins in _VERIFY_INS and not has_data
 
 
-def _outcome(sw: int) -> str:
+def _outcome(sw: int, *, chained: bool = False) -> str:
     if sw == 0x9000 or sw >> 8 == 0x61:
-        return "ok"
+        # A card answers 9000 to a chain link before it has seen the whole PIN: no verdict.
+        return "failed" if chained else "ok"
     if sw == SW_AUTH_BLOCKED:
         return "blocked"
     if sw >> 4 == 0x63C:
@@ -160,17 +164,38 @@ class PinGuard:
 
     # -- the two hooks ----------------------------------------------------------------------
 
-    def check(self, token: str, ins: int, p2: int, has_data: bool) -> int | None:
-        """None if the command may reach the card, else the status word to answer instead."""
-        if ins not in PIN_INS or is_status_query(ins, has_data):
+    def check(self, token: str, ins: int, p2: int, has_data: bool, *, chained: bool = False) -> int | None:
+        """None if the command may reach the card, else the status word to answer instead.
+
+        `chained`: the CLA says more links follow (`protocol.apdu.is_chained`). A link is never
+        judged on its own ("has data" and the SW belong to the whole command), so it is refused.
+        """
+        if ins not in PIN_INS:
+            return None
+        if chained:
+            return CHAINING_REFUSAL_SW
+        if is_status_query(ins, has_data):
             return None
         state = self.tokens.get(token, {}).get(reference_key(ins, p2))
         return REFUSAL_SW if state is not None and state.engaged else None
 
     def observe(
-        self, token: str, ins: int, p2: int, has_data: bool, sw: int, *, holder: str, now: float
+        self,
+        token: str,
+        ins: int,
+        p2: int,
+        has_data: bool,
+        sw: int,
+        *,
+        holder: str,
+        now: float,
+        chained: bool = False,
     ) -> list[GuardEvent]:
-        """Learn from the card's answer to a PIN command; returns what the audit should record."""
+        """Learn from the card's answer to a PIN command; returns what the audit should record.
+
+        `check` refuses chain links, so `chained` is only ever True if a link reached the card
+        some other way: then the answer is no verdict and is counted as a failure (fail closed).
+        """
         if ins not in PIN_INS:
             return []
         key = reference_key(ins, p2)
@@ -179,8 +204,8 @@ class PinGuard:
         if left is not None:
             state.retries_left = left
         events: list[GuardEvent] = []
-        if not is_status_query(ins, has_data):
-            events.append(self._attempt(state, key, ins, sw, holder=holder, now=now))
+        if chained or not is_status_query(ins, has_data):
+            events.append(self._attempt(state, key, ins, sw, holder=holder, now=now, chained=chained))
         if sw == SW_AUTH_BLOCKED:
             state.locked = True
         reason = self._engage_reason(state)
@@ -189,8 +214,10 @@ class PinGuard:
             events.append(Engaged(key, reason, state.retries_left, state.failures))
         return events
 
-    def _attempt(self, state: RefState, key: str, ins: int, sw: int, *, holder: str, now: float) -> Attempt:
-        outcome = _outcome(sw)
+    def _attempt(
+        self, state: RefState, key: str, ins: int, sw: int, *, holder: str, now: float, chained: bool
+    ) -> Attempt:
+        outcome = _outcome(sw, chained=chained)
         if outcome == "ok":
             state.failures = 0
             if ins in _VERIFY_INS:

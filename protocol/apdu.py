@@ -65,6 +65,8 @@ INS_PSO: Final = 0x2A
 PSO_PRIVATE_KEY_P1P2: Final[frozenset[int]] = frozenset({0x9E9A, 0x8086})
 # GENERATE ASYMMETRIC KEY PAIR 46/47, PUT DATA DA/DB, DELETE FILE E4, CREATE FILE E0.
 MANAGEMENT_INS: Final[frozenset[int]] = frozenset({0x46, 0x47, 0xDA, 0xDB, 0xE0, 0xE4})
+# ISO 7816-4 §5.4.1: CLA bit b5 means "command chaining: more to come".
+CLA_CHAINING: Final = 0x10
 
 
 def _check_byte(name: str, value: int) -> None:
@@ -164,6 +166,17 @@ class CommandApdu:
         if self.ne is not None:
             body += (self.ne % MAX_EXTENDED_NE).to_bytes(2, "big")
         return body
+
+
+def is_chained(cla: int) -> bool:
+    """Whether a command is a link of a chain that is not the last one (ISO 7816-4 §5.4.1).
+
+    b5 (0x10) marks chaining in the first interindustry classes (0x00-0x1F, whatever their
+    secure-messaging and channel bits) and in the further ones (0x40-0x7F). Classes 0x20-0x3F
+    (reserved) and the proprietary 0x80-0xFF are read the same way on purpose: most proprietary
+    classes copy the layout, and taking a link for a whole command is the unsafe mistake.
+    """
+    return bool(cla & CLA_CHAINING)
 
 
 def classify(apdu: CommandApdu) -> ApduClass:
