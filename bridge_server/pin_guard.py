@@ -13,17 +13,28 @@ reset code's (PUK's) counter rather than the PIN's. For each reference it rememb
 consecutive failures (across leases and restarts), the retries the card last reported
 (63Cx) and, once engaged, why and since when.
 
-It engages for a reference when
-- the card reports x ≤ `min_retries_left` retries (63Cx, also from the empty-VERIFY status
-  query, so a token that is already low is guarded before anyone tries a PIN);
-- consecutive failures reach `max_failures` (the card's own counter may be unreadable:
+Per card: which references share one retry counter is the card's business (OpenPGP VERIFY 81
+and 82 both spend PW1's; PIV 00 and 80 are two PINs), so the guard counts and engages for the
+whole card. Its failures are the sum of the references' consecutive failures; a success clears
+only its own reference's (a correct PIN does not restore the PUK's counter). The sum is never
+below what any one counter of the card spent since its last reset, so `max_failures` bounds each
+of them whatever the aliasing. An engaged reference refuses PIN commands for all references.
+
+It engages when
+- the card reports x ≤ `min_retries_left` retries for a reference (63Cx, also from the
+  empty-VERIFY status query, so a token that is already low is guarded before anyone tries a PIN);
+- the card's failures reach `max_failures` (the card's own counter may be unreadable:
   anchors §4.1 "the guard must also keep its own counter");
 - the card answers 6983 (authentication blocked): the token is locked (`locked: true`).
 
-While engaged, VERIFY-class commands carrying data for that reference are refused without
-reaching the card, answered with `REFUSAL_SW`. The empty-data VERIFY (the ISO 7816-4 / SP
-800-73-4 status query, which never spends a retry) still passes, so middleware can show the
-card's real counter. Only an operator clears the state (`reset`).
+While engaged, VERIFY-class commands carrying data are refused without reaching the card,
+answered with `REFUSAL_SW`. The empty-data VERIFY (the ISO 7816-4 / SP 800-73-4 status query,
+which never spends a retry) still passes, so middleware can show the card's real counter. Only
+an operator clears the state (`reset`).
+
+Chained PIN commands (CLA b5, ISO 7816-4 §5.4.1) are refused with `CHAINING_REFUSAL_SW`, engaged
+or not: "has data" and the status word only mean something for a whole command (a card answers
+9000 to a link and compares the PIN when the data-less last link arrives).
 
 Counted as a failure: any answer to a data-carrying PIN command other than 9000/61xx, except
 the status words that say the card never compared a PIN (wrong length, wrong P1/P2, unknown
@@ -129,7 +140,7 @@ def _outcome(sw: int, *, chained: bool = False) -> str:
 
 @dataclass(slots=True)
 class PinGuard:
-    """Per token, per reference PIN guard. See the module docstring."""
+    """Per token PIN guard, with per-reference details. See the module docstring."""
 
     min_retries_left: int = 2
     max_failures: int = 1
@@ -140,8 +151,15 @@ class PinGuard:
     def refs(self, token: str) -> dict[str, RefState]:
         return self.tokens.setdefault(token, {})
 
+    def failures(self, token: str) -> int:
+        """The card's failures: the sum over its references (see "Per card" above)."""
+        return sum(r.failures for r in self.tokens.get(token, {}).values())
+
     def engaged(self, token: str) -> bool:
-        return any(r.engaged for r in self.tokens.get(token, {}).values())
+        """Whether PIN commands carrying data are refused on the whole card."""
+        refs = self.tokens.get(token, {}).values()
+        # The second test matters only for a state saved per reference, or a lowered max_failures.
+        return any(r.engaged for r in refs) or self.failures(token) >= self.max_failures
 
     def status(self, token: str) -> dict[str, Any]:
         """For `status`/metrics: no PIN material here, only counters, reasons and identities."""
@@ -150,12 +168,16 @@ class PinGuard:
         engaged = [(k, r) for k, r in sorted(refs.items()) if r.engaged]
         known = [r.retries_left for r in refs.values() if r.retries_left is not None]
         last = max(refs.values(), key=lambda r: r.last_failure_at or 0.0, default=None)
+        failures = self.failures(token)
+        reasons = [f"{k}: {r.reason}" for k, r in engaged]
+        if not engaged and failures >= self.max_failures:
+            reasons.append("card: max_failures")
         return {
-            "engaged": bool(engaged),
+            "engaged": self.engaged(token),
             "locked": any(r.locked for r in refs.values()),
-            "reason": ", ".join(f"{k}: {r.reason}" for k, r in engaged),
+            "reason": ", ".join(reasons),
             "since": min((r.engaged_at for _, r in engaged if r.engaged_at is not None), default=None),
-            "failures": max((r.failures for r in refs.values()), default=0),
+            "failures": failures,
             "retries_left": min(known) if known else None,
             "last_failure_by": last.last_failure_by if last is not None else "",
             "min_retries_left": self.min_retries_left,
@@ -169,6 +191,7 @@ class PinGuard:
 
         `chained`: the CLA says more links follow (`protocol.apdu.is_chained`). A link is never
         judged on its own ("has data" and the SW belong to the whole command), so it is refused.
+        `p2` does not matter: the guard engages per card.
         """
         if ins not in PIN_INS:
             return None
@@ -176,8 +199,8 @@ class PinGuard:
             return CHAINING_REFUSAL_SW
         if is_status_query(ins, has_data):
             return None
-        state = self.tokens.get(token, {}).get(reference_key(ins, p2))
-        return REFUSAL_SW if state is not None and state.engaged else None
+        # Per card: which references share a retry counter is the card's secret (p2 does not say).
+        return REFUSAL_SW if self.engaged(token) else None
 
     def observe(
         self,
@@ -205,20 +228,22 @@ class PinGuard:
             state.retries_left = left
         events: list[GuardEvent] = []
         if chained or not is_status_query(ins, has_data):
-            events.append(self._attempt(state, key, ins, sw, holder=holder, now=now, chained=chained))
+            self._attempt(state, ins, sw, holder=holder, now=now, chained=chained)
+            events.append(
+                Attempt(key, ins, sw, _outcome(sw, chained=chained), state.retries_left, self.failures(token))
+            )
         if sw == SW_AUTH_BLOCKED:
             state.locked = True
-        reason = self._engage_reason(state)
+        reason = self._engage_reason(token, state)
         if reason and not state.engaged:
             state.engaged, state.reason, state.engaged_at = True, reason, now
-            events.append(Engaged(key, reason, state.retries_left, state.failures))
+            events.append(Engaged(key, reason, state.retries_left, self.failures(token)))
         return events
 
-    def _attempt(
-        self, state: RefState, key: str, ins: int, sw: int, *, holder: str, now: float, chained: bool
-    ) -> Attempt:
+    def _attempt(self, state: RefState, ins: int, sw: int, *, holder: str, now: float, chained: bool) -> None:
         outcome = _outcome(sw, chained=chained)
         if outcome == "ok":
+            # Only this reference's failures: a correct PIN does not restore the PUK's counter.
             state.failures = 0
             if ins in _VERIFY_INS:
                 state.retries_left = None  # a success resets the card's counter to its maximum
@@ -226,16 +251,16 @@ class PinGuard:
         elif outcome != "not_checked":
             state.failures += 1
             state.last_failure_by, state.last_failure_at, state.last_failure_sw = holder, now, f"{sw:04X}"
-        return Attempt(key, ins, sw, outcome, state.retries_left, state.failures)
 
-    def _engage_reason(self, state: RefState) -> str:
+    def _engage_reason(self, token: str, state: RefState) -> str:
         if state.locked:
             return "locked"
         left, acked = state.retries_left, state.acknowledged_retries
         if left is not None and left <= self.min_retries_left and (acked is None or left < acked):
             return "retries_low"
-        if state.failures >= self.max_failures:
-            return "max_failures"
+        refs = self.tokens.get(token, {}).values()
+        if self.failures(token) >= self.max_failures and not any(r.engaged for r in refs):
+            return "max_failures"  # once per card, on the reference whose failure crossed the line
         return ""
 
     # -- operator ----------------------------------------------------------------------------
