@@ -10,6 +10,7 @@ from protocol.apdu import (
     ResponseApdu,
     classify,
     describe_sw,
+    is_chained,
     redact,
     retries_left,
 )
@@ -196,6 +197,12 @@ def test_redact_shows_the_data_of_reading_commands_truncated() -> None:
     assert redact(bytes.fromhex("00 B1 00 00 04 54 02 01 00 00")).startswith("00 B1 00 00 Lc=04 54 02 01 00")
     long = redact(bytes.fromhex("00 CB 3F FF 20") + bytes(range(32)))
     assert long.endswith("0F ...(+16)")
+
+
+def test_is_chained_reads_b5_in_every_class_byte() -> None:
+    # ISO 7816-4 §5.4.1: first interindustry (with SM 0C and channel 03 bits), further, proprietary.
+    assert [c for c in (0x00, 0x0C, 0x03, 0x40, 0x6F, 0x80) if is_chained(c)] == []
+    assert all(is_chained(c) for c in (0x10, 0x1F, 0x50, 0x7F, 0x90, 0xFF))
 
 
 CANARY_KEY = bytes.fromhex("C0FFEE5EC2E7A11CE0")
