@@ -11,7 +11,10 @@ The token task owns one `Guardrails`. For every command APDU of a lease:
 3. `record(events)` (async, after the answer went back): audit lines.
 
 Only the command header, "has data" and the status word are looked at here; no APDU data is
-kept, logged or audited (DESIGN §4).
+kept, logged or audited (DESIGN §4). "Has data" and the SW only say something about a whole
+command, so a chained PIN command (CLA b5, ISO 7816-4 §5.4.1) is refused before anything else,
+for admins too: the card would compare the PIN at the end of the chain, while each link looks
+like a success (9000) or a status query (no data) on its own.
 """
 
 from __future__ import annotations
@@ -28,12 +31,11 @@ from bridge_server.audit import AuditLog
 from bridge_server.command_policy import check_command, may_manage
 from bridge_server.config import PolicyConfig, ServerConfig
 from bridge_server.pin_guard import Attempt, Engaged, PinGuard, PinGuardStore, checklist
-from protocol.apdu import PIN_INS, ApduClass, CommandApdu, classify, describe_sw
+from protocol.apdu import PIN_INS, ApduClass, CommandApdu, classify, describe_sw, is_chained
 from protocol.errors import ConfigError, MalformedApduError
 
 log = structlog.get_logger(__name__)
 
-_CLA_CHAINING: Final = 0x10
 _INTERESTING: Final = PIN_INS | {0x47, 0xDA, 0xDB, 0xE4, 0x86, 0x87, 0x88, 0x2A}
 
 
@@ -52,7 +54,7 @@ class Screened:
     """A command refused before the card: the SW the client gets and why."""
 
     sw: int
-    kind: str  # "policy" | "pin_guard"
+    kind: str  # "policy" | "pin_guard" | "pin_chaining"
     ins: int
     detail: str
 
@@ -64,6 +66,10 @@ class _Header:
     p2: int
     has_data: bool
     kind: ApduClass
+
+    @property
+    def chained(self) -> bool:
+        return is_chained(self.cla)
 
 
 def _header(raw: bytes) -> _Header | None:
@@ -102,34 +108,38 @@ class Guardrails:
         head = _header(raw)
         if head is None:
             return None
+        if head.chained and head.ins in PIN_INS:
+            return self._check_pin(head)  # before the policy: the same answer for everybody
         manager = may_manage(holder.names, admin=holder.admin, allow_management=self.policy.allow_management)
         refusal = check_command(head.ins, manager=manager)
         if refusal is not None:
             return Screened(
                 refusal.sw, "policy", head.ins, f"{refusal.command} is not allowed for {holder.name!r}"
             )
-        sw = self.guard.check(self.token, head.ins, head.p2, head.has_data)
-        if sw is not None:
-            return Screened(sw, "pin_guard", head.ins, "the PIN guard is engaged")
-        return None
+        return self._check_pin(head)
+
+    def _check_pin(self, head: _Header) -> Screened | None:
+        sw = self.guard.check(self.token, head.ins, head.p2, head.has_data, chained=head.chained)
+        if sw is None:
+            return None
+        if head.chained:
+            return Screened(sw, "pin_chaining", head.ins, "a chained PIN command is refused")
+        return Screened(sw, "pin_guard", head.ins, "the PIN guard is engaged")
 
     def observe(self, raw: bytes, rapdu: bytes, holder: Holder) -> list[Attempt | Engaged]:
         head = _header(raw)
         if head is None or len(rapdu) < 2:
             return []
         sw = rapdu[-2] << 8 | rapdu[-1]
-        if (
-            head.kind is ApduClass.PRIVATE_KEY
-            and not head.cla & _CLA_CHAINING
-            and (sw == 0x9000 or sw >> 8 == 0x61)
-        ):
+        if head.kind is ApduClass.PRIVATE_KEY and not head.chained and (sw == 0x9000 or sw >> 8 == 0x61):
             self.private_key_ops += 1
         if head.ins not in PIN_INS:
             return []
         before = self.guard.to_json()
         events = self.guard.observe(
-            self.token, head.ins, head.p2, head.has_data, sw, holder=holder.name, now=self._wall()
-        )
+            self.token, head.ins, head.p2, head.has_data, sw, holder=holder.name, now=self._wall(),
+            chained=head.chained,
+        )  # fmt: skip
         if self.guard.to_json() != before:
             self.save()
         return events
@@ -188,6 +198,13 @@ class Guardrails:
                 f"(answered {describe_sw(refused.sw)}) so the card cannot lock; "
                 "fix the PIN in the CI secret, "
                 f"then an operator runs `tokenbridge pin-guard reset {self.token}`"
+            )
+        if refused.kind == "pin_chaining":
+            return (
+                f"a chained PIN command (ISO 7816-4 command chaining, CLA bit 0x10) on token "
+                f"{self.token!r} is refused by the server (answered {describe_sw(refused.sw)}) and never "
+                "reached the card; send VERIFY/CHANGE REFERENCE DATA/RESET RETRY COUNTER as one APDU "
+                "(extended length if it does not fit)"
             )
         return (
             f"{refused.detail} on token {self.token!r} (answered {describe_sw(refused.sw)}); "

@@ -13,17 +13,28 @@ reset code's (PUK's) counter rather than the PIN's. For each reference it rememb
 consecutive failures (across leases and restarts), the retries the card last reported
 (63Cx) and, once engaged, why and since when.
 
-It engages for a reference when
-- the card reports x ≤ `min_retries_left` retries (63Cx, also from the empty-VERIFY status
-  query, so a token that is already low is guarded before anyone tries a PIN);
-- consecutive failures reach `max_failures` (the card's own counter may be unreadable:
+Per card: which references share one retry counter is the card's business (OpenPGP VERIFY 81
+and 82 both spend PW1's; PIV 00 and 80 are two PINs), so the guard counts and engages for the
+whole card. Its failures are the sum of the references' consecutive failures; a success clears
+only its own reference's (a correct PIN does not restore the PUK's counter). The sum is never
+below what any one counter of the card spent since its last reset, so `max_failures` bounds each
+of them whatever the aliasing. An engaged reference refuses PIN commands for all references.
+
+It engages when
+- the card reports x ≤ `min_retries_left` retries for a reference (63Cx, also from the
+  empty-VERIFY status query, so a token that is already low is guarded before anyone tries a PIN);
+- the card's failures reach `max_failures` (the card's own counter may be unreadable:
   anchors §4.1 "the guard must also keep its own counter");
 - the card answers 6983 (authentication blocked): the token is locked (`locked: true`).
 
-While engaged, VERIFY-class commands carrying data for that reference are refused without
-reaching the card, answered with `REFUSAL_SW`. The empty-data VERIFY (the ISO 7816-4 / SP
-800-73-4 status query, which never spends a retry) still passes, so middleware can show the
-card's real counter. Only an operator clears the state (`reset`).
+While engaged, VERIFY-class commands carrying data are refused without reaching the card,
+answered with `REFUSAL_SW`. The empty-data VERIFY (the ISO 7816-4 / SP 800-73-4 status query,
+which never spends a retry) still passes, so middleware can show the card's real counter. Only
+an operator clears the state (`reset`).
+
+Chained PIN commands (CLA b5, ISO 7816-4 §5.4.1) are refused with `CHAINING_REFUSAL_SW`, engaged
+or not: "has data" and the status word only mean something for a whole command (a card answers
+9000 to a link and compares the PIN when the data-less last link arrives).
 
 Counted as a failure: any answer to a data-carrying PIN command other than 9000/61xx, except
 the status words that say the card never compared a PIN (wrong length, wrong P1/P2, unknown
@@ -46,13 +57,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from protocol.apdu import PIN_INS, SW_AUTH_BLOCKED, retries_left
+from protocol.apdu import PIN_INS, SW_AUTH_BLOCKED, SW_CHAINING_NOT_SUPPORTED, retries_left
 
 # What a refused PIN command gets (docs/guardrails.md): 6983 "authentication method blocked",
 # which OpenSC maps to SC_ERROR_AUTH_METHOD_BLOCKED -> CKR_PIN_LOCKED, so middleware and CI
 # tools stop at once instead of asking for the PIN again (63C0 would read as CKR_PIN_INCORRECT,
 # telling the user their correct PIN is wrong).
 REFUSAL_SW: Final = SW_AUTH_BLOCKED
+# What a chained PIN command gets (DESIGN §4: never judged per chunk): 6884 "command chaining not
+# supported", an error to middleware that is about the encoding, not the PIN or the guard's state.
+CHAINING_REFUSAL_SW: Final = SW_CHAINING_NOT_SUPPORTED
 STATE_VERSION: Final = 1
 _VERIFY_INS: Final = frozenset({0x20, 0x21})
 _RESET_INS: Final = frozenset({0x2C, 0x2D})
@@ -111,9 +125,10 @@ def is_status_query(ins: int, has_data: bool) -> bool:
     return ins in _VERIFY_INS and not has_data
 
 
-def _outcome(sw: int) -> str:
+def _outcome(sw: int, *, chained: bool = False) -> str:
     if sw == 0x9000 or sw >> 8 == 0x61:
-        return "ok"
+        # A card answers 9000 to a chain link before it has seen the whole PIN: no verdict.
+        return "failed" if chained else "ok"
     if sw == SW_AUTH_BLOCKED:
         return "blocked"
     if sw >> 4 == 0x63C:
@@ -125,7 +140,7 @@ def _outcome(sw: int) -> str:
 
 @dataclass(slots=True)
 class PinGuard:
-    """Per token, per reference PIN guard. See the module docstring."""
+    """Per token PIN guard, with per-reference details. See the module docstring."""
 
     min_retries_left: int = 2
     max_failures: int = 1
@@ -136,8 +151,15 @@ class PinGuard:
     def refs(self, token: str) -> dict[str, RefState]:
         return self.tokens.setdefault(token, {})
 
+    def failures(self, token: str) -> int:
+        """The card's failures: the sum over its references (see "Per card" above)."""
+        return sum(r.failures for r in self.tokens.get(token, {}).values())
+
     def engaged(self, token: str) -> bool:
-        return any(r.engaged for r in self.tokens.get(token, {}).values())
+        """Whether PIN commands carrying data are refused on the whole card."""
+        refs = self.tokens.get(token, {}).values()
+        # The second test matters only for a state saved per reference, or a lowered max_failures.
+        return any(r.engaged for r in refs) or self.failures(token) >= self.max_failures
 
     def status(self, token: str) -> dict[str, Any]:
         """For `status`/metrics: no PIN material here, only counters, reasons and identities."""
@@ -146,12 +168,16 @@ class PinGuard:
         engaged = [(k, r) for k, r in sorted(refs.items()) if r.engaged]
         known = [r.retries_left for r in refs.values() if r.retries_left is not None]
         last = max(refs.values(), key=lambda r: r.last_failure_at or 0.0, default=None)
+        failures = self.failures(token)
+        reasons = [f"{k}: {r.reason}" for k, r in engaged]
+        if not engaged and failures >= self.max_failures:
+            reasons.append("card: max_failures")
         return {
-            "engaged": bool(engaged),
+            "engaged": self.engaged(token),
             "locked": any(r.locked for r in refs.values()),
-            "reason": ", ".join(f"{k}: {r.reason}" for k, r in engaged),
+            "reason": ", ".join(reasons),
             "since": min((r.engaged_at for _, r in engaged if r.engaged_at is not None), default=None),
-            "failures": max((r.failures for r in refs.values()), default=0),
+            "failures": failures,
             "retries_left": min(known) if known else None,
             "last_failure_by": last.last_failure_by if last is not None else "",
             "min_retries_left": self.min_retries_left,
@@ -160,17 +186,39 @@ class PinGuard:
 
     # -- the two hooks ----------------------------------------------------------------------
 
-    def check(self, token: str, ins: int, p2: int, has_data: bool) -> int | None:
-        """None if the command may reach the card, else the status word to answer instead."""
-        if ins not in PIN_INS or is_status_query(ins, has_data):
+    def check(self, token: str, ins: int, p2: int, has_data: bool, *, chained: bool = False) -> int | None:
+        """None if the command may reach the card, else the status word to answer instead.
+
+        `chained`: the CLA says more links follow (`protocol.apdu.is_chained`). A link is never
+        judged on its own ("has data" and the SW belong to the whole command), so it is refused.
+        `p2` does not matter: the guard engages per card.
+        """
+        if ins not in PIN_INS:
             return None
-        state = self.tokens.get(token, {}).get(reference_key(ins, p2))
-        return REFUSAL_SW if state is not None and state.engaged else None
+        if chained:
+            return CHAINING_REFUSAL_SW
+        if is_status_query(ins, has_data):
+            return None
+        # Per card: which references share a retry counter is the card's secret (p2 does not say).
+        return REFUSAL_SW if self.engaged(token) else None
 
     def observe(
-        self, token: str, ins: int, p2: int, has_data: bool, sw: int, *, holder: str, now: float
+        self,
+        token: str,
+        ins: int,
+        p2: int,
+        has_data: bool,
+        sw: int,
+        *,
+        holder: str,
+        now: float,
+        chained: bool = False,
     ) -> list[GuardEvent]:
-        """Learn from the card's answer to a PIN command; returns what the audit should record."""
+        """Learn from the card's answer to a PIN command; returns what the audit should record.
+
+        `check` refuses chain links, so `chained` is only ever True if a link reached the card
+        some other way: then the answer is no verdict and is counted as a failure (fail closed).
+        """
         if ins not in PIN_INS:
             return []
         key = reference_key(ins, p2)
@@ -179,19 +227,23 @@ class PinGuard:
         if left is not None:
             state.retries_left = left
         events: list[GuardEvent] = []
-        if not is_status_query(ins, has_data):
-            events.append(self._attempt(state, key, ins, sw, holder=holder, now=now))
+        if chained or not is_status_query(ins, has_data):
+            self._attempt(state, ins, sw, holder=holder, now=now, chained=chained)
+            events.append(
+                Attempt(key, ins, sw, _outcome(sw, chained=chained), state.retries_left, self.failures(token))
+            )
         if sw == SW_AUTH_BLOCKED:
             state.locked = True
-        reason = self._engage_reason(state)
+        reason = self._engage_reason(token, state)
         if reason and not state.engaged:
             state.engaged, state.reason, state.engaged_at = True, reason, now
-            events.append(Engaged(key, reason, state.retries_left, state.failures))
+            events.append(Engaged(key, reason, state.retries_left, self.failures(token)))
         return events
 
-    def _attempt(self, state: RefState, key: str, ins: int, sw: int, *, holder: str, now: float) -> Attempt:
-        outcome = _outcome(sw)
+    def _attempt(self, state: RefState, ins: int, sw: int, *, holder: str, now: float, chained: bool) -> None:
+        outcome = _outcome(sw, chained=chained)
         if outcome == "ok":
+            # Only this reference's failures: a correct PIN does not restore the PUK's counter.
             state.failures = 0
             if ins in _VERIFY_INS:
                 state.retries_left = None  # a success resets the card's counter to its maximum
@@ -199,16 +251,16 @@ class PinGuard:
         elif outcome != "not_checked":
             state.failures += 1
             state.last_failure_by, state.last_failure_at, state.last_failure_sw = holder, now, f"{sw:04X}"
-        return Attempt(key, ins, sw, outcome, state.retries_left, state.failures)
 
-    def _engage_reason(self, state: RefState) -> str:
+    def _engage_reason(self, token: str, state: RefState) -> str:
         if state.locked:
             return "locked"
         left, acked = state.retries_left, state.acknowledged_retries
         if left is not None and left <= self.min_retries_left and (acked is None or left < acked):
             return "retries_low"
-        if state.failures >= self.max_failures:
-            return "max_failures"
+        refs = self.tokens.get(token, {}).values()
+        if self.failures(token) >= self.max_failures and not any(r.engaged for r in refs):
+            return "max_failures"  # once per card, on the reference whose failure crossed the line
         return ""
 
     # -- operator ----------------------------------------------------------------------------

@@ -7,7 +7,8 @@ Lc and Le). `CommandApdu` normalises itself so that `extended` is True whenever 
 cannot be encoded short, which makes `parse(encode(x)) == x` hold for every valid value.
 
 `classify()` is what the server's policy, PIN guard and audit rely on; `redact()` is the only
-way an APDU may reach a log: it never shows the data of a PIN-class command.
+way an APDU may reach a log: it shows the header and length of every command, and the data only
+of the few reading commands in `SHOWN_DATA_INS`.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ MAX_SHORT_NE: Final = 256  # ISO 7816-4 §5.1: short Le 00 means 256
 MAX_EXTENDED_LC: Final = 65535
 MAX_EXTENDED_NE: Final = 65536  # ISO 7816-4 §5.1: extended Le 0000 means 65536
 MAX_APDU_LENGTH: Final = HEADER_LEN + 3 + MAX_EXTENDED_LC + 2
-# redact() shows at most this many data bytes of a non-PIN command, so a log line stays short.
+# redact() shows at most this many data bytes of an allow-listed command, so a log line stays short.
 REDACT_SHOWN_BYTES: Final = 16
 
 SW_OK: Final = 0x9000
@@ -65,6 +66,8 @@ INS_PSO: Final = 0x2A
 PSO_PRIVATE_KEY_P1P2: Final[frozenset[int]] = frozenset({0x9E9A, 0x8086})
 # GENERATE ASYMMETRIC KEY PAIR 46/47, PUT DATA DA/DB, DELETE FILE E4, CREATE FILE E0.
 MANAGEMENT_INS: Final[frozenset[int]] = frozenset({0x46, 0x47, 0xDA, 0xDB, 0xE0, 0xE4})
+# ISO 7816-4 §5.4.1: CLA bit b5 means "command chaining: more to come".
+CLA_CHAINING: Final = 0x10
 
 
 def _check_byte(name: str, value: int) -> None:
@@ -166,6 +169,17 @@ class CommandApdu:
         return body
 
 
+def is_chained(cla: int) -> bool:
+    """Whether a command is a link of a chain that is not the last one (ISO 7816-4 §5.4.1).
+
+    b5 (0x10) marks chaining in the first interindustry classes (0x00-0x1F, whatever their
+    secure-messaging and channel bits) and in the further ones (0x40-0x7F). Classes 0x20-0x3F
+    (reserved) and the proprietary 0x80-0xFF are read the same way on purpose: most proprietary
+    classes copy the layout, and taking a link for a whole command is the unsafe mistake.
+    """
+    return bool(cla & CLA_CHAINING)
+
+
 def classify(apdu: CommandApdu) -> ApduClass:
     """Which policy class a command belongs to; the CLA (chaining, channel, proprietary) is ignored."""
     if apdu.ins in PIN_INS:
@@ -179,42 +193,51 @@ def classify(apdu: CommandApdu) -> ApduClass:
     return ApduClass.OTHER
 
 
+# The commands whose data a log may show (docs/guardrails.md "No secrets anywhere"): enough to
+# follow a session, nothing that can carry a secret. SELECT A4 (an AID, file id or path), READ
+# BINARY B0/B1 (B1: an offset object), READ RECORD B2/B3 (a record reference), GET DATA CA/CB (a
+# tag list). Everything else is redacted: VERIFY-class commands, ENVELOPE C2/C3 (it may wrap any
+# of them), PUT DATA, keys imported or set by vendor instructions (YubiKey FE/FF), authentication
+# cryptograms (86/87/88), the data to sign (2A) and whatever a card defines beyond ISO.
+SHOWN_DATA_INS: Final[frozenset[int]] = frozenset({0xA4, 0xB0, 0xB1, 0xB2, 0xB3, 0xCA, 0xCB})
+
+
+def _plain_interindustry(cla: int) -> bool:
+    """ISO 7816-4 §5.4.1: an interindustry class without secure messaging.
+
+    Proprietary classes (0x80-0xFF) may give the same INS another meaning (GlobalPlatform's
+    80 D8 PUT KEY sits among them), and secure-messaging data (bits 0x0C of 0x00-0x1F, bit 0x20
+    of 0x40-0x7F) is cryptograms: neither is shown.
+    """
+    if cla < 0x20:
+        return not cla & 0x0C
+    return 0x40 <= cla < 0x80 and not cla & 0x20
+
+
 def redact(raw: bytes) -> str:
-    """Log-safe rendering of a command APDU. Never shows PIN-class data; never raises."""
+    """Log-safe rendering of a command APDU: data only for `SHOWN_DATA_INS`; never raises."""
     try:
         raw = bytes(raw)
-        if len(raw) >= HEADER_LEN and raw[1] in PIN_INS:
-            # Decide on the INS byte before parsing, so even a malformed VERIFY stays hidden.
-            return _redact_pin(raw)
         try:
             apdu = CommandApdu.parse(raw)
         except MalformedApduError:
-            return f"<malformed apdu, {len(raw)} bytes>"
-        return _render(apdu)
+            if len(raw) < HEADER_LEN:
+                return f"<malformed apdu, {len(raw)} bytes>"
+            header = raw[:HEADER_LEN].hex(" ").upper()
+            return f"{header} <malformed, {len(raw) - HEADER_LEN} bytes redacted>"
+        return _render(apdu, show=apdu.ins in SHOWN_DATA_INS and _plain_interindustry(apdu.cla))
     except Exception:  # pragma: no cover - defensive: a logging helper must not raise
         return "<unrenderable apdu>"
 
 
-def _redact_pin(raw: bytes) -> str:
-    header = raw[:HEADER_LEN].hex(" ").upper()
-    try:
-        apdu = CommandApdu.parse(raw)
-    except MalformedApduError:
-        return f"{header} <malformed, {len(raw) - HEADER_LEN} bytes redacted>"
-    text = header
-    if apdu.data:
-        text += f" Lc={len(apdu.data):02X} <{len(apdu.data)} bytes redacted>"
-    if apdu.ne is not None:
-        text += f" Le={apdu.ne}"
-    return text
-
-
-def _render(apdu: CommandApdu) -> str:
+def _render(apdu: CommandApdu, *, show: bool) -> str:
     text = bytes((apdu.cla, apdu.ins, apdu.p1, apdu.p2)).hex(" ").upper()
-    if apdu.data:
+    if apdu.data and show:
         shown = apdu.data[:REDACT_SHOWN_BYTES].hex(" ").upper()
         more = "" if len(apdu.data) <= REDACT_SHOWN_BYTES else f" ...(+{len(apdu.data) - REDACT_SHOWN_BYTES})"
         text += f" Lc={len(apdu.data):02X} {shown}{more}"
+    elif apdu.data:
+        text += f" Lc={len(apdu.data):02X} <{len(apdu.data)} bytes redacted>"
     if apdu.ne is not None:
         text += f" Le={apdu.ne}"
     return text

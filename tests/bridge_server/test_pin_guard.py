@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import structlog
 import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from rails_fakes import CANARY, STATUS_QUERY, PivDevice, apdu, lease, make_manager, make_rails, verify_apdu
 from server_fakes import Client
 
@@ -89,12 +91,84 @@ def test_format_errors_do_not_count_as_spent_retries() -> None:
     assert not guard.engaged(T)
 
 
-def test_reset_code_attempts_are_kept_apart_from_the_pin() -> None:
+def test_an_engaged_reference_engages_the_whole_card() -> None:
     guard = PinGuard(min_retries_left=1, max_failures=5)
-    observe(guard, 0x63C1, ins=0x2C)  # RESET RETRY COUNTER: the PUK's counter
+    observe(guard, 0x63C1, ins=0x2C)  # RESET RETRY COUNTER: the PUK's counter is low
     assert guard.check(T, 0x2C, 0x80, True) == REFUSAL_SW
-    assert guard.check(T, 0x20, 0x80, True) is None
-    assert guard.check(T, 0x20, 0x81, True) is None  # another reference is not affected
+    assert guard.check(T, 0x20, 0x80, True) == REFUSAL_SW  # the card's other references too
+    assert guard.check(T, 0x20, 0x81, True) == REFUSAL_SW
+    assert guard.check(T, 0x20, 0x81, False) is None  # status queries still pass
+    assert guard.status(T)["reason"] == "80/reset: retries_low"
+
+
+def test_failures_add_up_per_card_across_references() -> None:
+    guard = PinGuard(min_retries_left=0, max_failures=2)
+    # OpenPGP: VERIFY 81 and 82 both present PW1 and spend its one counter.
+    guard.observe(T, 0x20, 0x81, True, 0x63C2, holder="vm1", now=1.0)
+    assert guard.check(T, 0x20, 0x82, True) is None
+    events = guard.observe(T, 0x20, 0x82, True, 0x63C1, holder="vm1", now=2.0)
+    assert [(type(e).__name__, getattr(e, "failures", None)) for e in events] == [
+        ("Attempt", 2),
+        ("Engaged", 2),
+    ]
+    assert guard.check(T, 0x20, 0x81, True) == REFUSAL_SW
+    assert guard.status(T)["failures"] == 2
+    # Engaged once: a later status query of another reference is no second engagement.
+    assert guard.observe(T, 0x20, 0x83, False, 0x63C3, holder="vm1", now=3.0) == []
+    assert guard.status(T)["reason"] == "82: max_failures"
+
+
+def test_a_correct_pin_does_not_forgive_failures_of_another_reference() -> None:
+    guard = PinGuard(min_retries_left=0, max_failures=2)
+    observe(guard, 0x63C2, ins=0x2C)  # a wrong PUK: its own counter, which the PIN does not restore
+    observe(guard, 0x9000)  # the correct PIN
+    assert guard.status(T)["failures"] == 1
+    observe(guard, 0x63C1, ins=0x2C)
+    assert guard.engaged(T)
+
+
+def test_a_state_file_written_per_reference_loads_and_is_judged_per_card() -> None:
+    def saved(refs: dict[str, dict[str, object]]) -> str:
+        return json.dumps({"version": 1, "tokens": {T: refs}})
+
+    guard = PinGuard(min_retries_left=0, max_failures=2)
+    guard.load_json(saved({"81": {"failures": 2, "engaged": True, "reason": "max_failures"}}))
+    assert guard.check(T, 0x20, 0x80, True) == REFUSAL_SW
+    # Failures that engaged nothing per reference reach max_failures per card: refused.
+    guard.load_json(saved({"81": {"failures": 1}, "82": {"failures": 1}}))
+    assert guard.engaged(T)
+    assert guard.check(T, 0x20, 0x82, True) == REFUSAL_SW
+    assert guard.status(T)["engaged"] is True
+    assert json.loads(guard.to_json())["tokens"][T]["81"]["failures"] == 1  # the same format
+
+
+# A card with OpenPGP-like references: VERIFY 81 and 82 share PW1, 83 is PW3, and RESET RETRY
+# COUNTER (2C, P2 81) spends the reset code's counter and, when right, restores PW1's.
+_COUNTER = {(0x20, 0x81): "pw1", (0x20, 0x82): "pw1", (0x20, 0x83): "pw3", (0x2C, 0x81): "rc"}
+_attempts = st.lists(st.tuples(st.sampled_from(sorted(_COUNTER)), st.booleans()), max_size=40)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_attempts, st.integers(min_value=1, max_value=4))
+def test_no_card_counter_spends_more_than_max_failures_before_the_guard_engages(
+    attempts: list[tuple[tuple[int, int], bool]], max_failures: int
+) -> None:
+    guard = PinGuard(min_retries_left=0, max_failures=max_failures)
+    left = dict.fromkeys(_COUNTER.values(), 8)
+    for now, ((ins, p2), right) in enumerate(attempts):
+        if guard.check(T, ins, p2, True) is not None:
+            continue
+        counter = _COUNTER[ins, p2]
+        if right:
+            left[counter] = 8
+            if counter == "rc":
+                left["pw1"] = 8
+            sw = 0x9000
+        else:
+            left[counter] -= 1
+            sw = 0x63C0 | left[counter]
+        guard.observe(T, ins, p2, True, sw, holder="vm1", now=float(now))
+        assert min(left.values()) >= 8 - max_failures
 
 
 def test_after_a_reset_the_acknowledged_counter_passes_and_the_next_failure_engages_again() -> None:

@@ -10,6 +10,7 @@ from protocol.apdu import (
     ResponseApdu,
     classify,
     describe_sw,
+    is_chained,
     redact,
     retries_left,
 )
@@ -187,11 +188,81 @@ def test_redact_renders_verify_header_and_length() -> None:
     )
 
 
-def test_redact_shows_non_pin_data_truncated() -> None:
+def test_redact_shows_the_data_of_reading_commands_truncated() -> None:
     text = redact(bytes.fromhex("00 A4 04 00 09 A0 00 00 03 08 00 00 10 00 00"))
     assert text == "00 A4 04 00 Lc=09 A0 00 00 03 08 00 00 10 00 Le=256"
-    long = redact(bytes.fromhex("00 DB 3F FF 20") + bytes(range(32)))
+    assert (
+        redact(bytes.fromhex("00 CB 3F FF 05 5C 03 5F C1 05 00")) == "00 CB 3F FF Lc=05 5C 03 5F C1 05 Le=256"
+    )
+    assert redact(bytes.fromhex("00 B1 00 00 04 54 02 01 00 00")).startswith("00 B1 00 00 Lc=04 54 02 01 00")
+    long = redact(bytes.fromhex("00 CB 3F FF 20") + bytes(range(32)))
     assert long.endswith("0F ...(+16)")
+
+
+def test_is_chained_reads_b5_in_every_class_byte() -> None:
+    # ISO 7816-4 §5.4.1: first interindustry (with SM 0C and channel 03 bits), further, proprietary.
+    assert [c for c in (0x00, 0x0C, 0x03, 0x40, 0x6F, 0x80) if is_chained(c)] == []
+    assert all(is_chained(c) for c in (0x10, 0x1F, 0x50, 0x7F, 0x90, 0xFF))
+
+
+CANARY_KEY = bytes.fromhex("C0FFEE5EC2E7A11CE0")
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        # ENVELOPE (ISO 7816-4 §11.7.1) carrying a VERIFY with the PIN, short and in two links.
+        pytest.param(
+            bytes.fromhex("00 C2 00 00 0D 00 20 00 80 08") + CANARY_PIN + b"\xff\xff", id="envelope-verify"
+        ),
+        pytest.param(bytes.fromhex("10 C2 00 00 07 00 20 00 80 08") + CANARY_PIN[:2], id="envelope-chained"),
+        pytest.param(bytes.fromhex("00 C3 00 00 06") + CANARY_PIN, id="envelope-c3"),
+        pytest.param(
+            bytes.fromhex("00 DB 3F FF 0E 5C 03 5F C1 05 53 07") + CANARY_KEY[:7], id="put-data-piv"
+        ),  # PUT DATA
+        pytest.param(
+            bytes.fromhex("00 DA 00 C5 09") + CANARY_KEY, id="put-data-openpgp"
+        ),  # PUT DATA (OpenPGP)
+        pytest.param(
+            bytes.fromhex("00 87 03 9B 0D 7C 0B 82 09") + CANARY_KEY, id="general-auth-9b"
+        ),  # GENERAL AUTHENTICATE, admin key
+        pytest.param(
+            bytes.fromhex("00 86 00 00 09") + CANARY_KEY, id="internal-auth"
+        ),  # INTERNAL AUTHENTICATE
+        pytest.param(
+            bytes.fromhex("00 2A 9E 9A 09") + CANARY_KEY, id="pso-sign"
+        ),  # PSO: COMPUTE DIGITAL SIGNATURE
+        pytest.param(
+            bytes.fromhex("00 FE 07 9A 0B 01 09") + CANARY_KEY, id="yubikey-import-key"
+        ),  # YubiKey PIV import key
+        pytest.param(
+            bytes.fromhex("00 FF FF FF 0C 03 9B 09") + CANARY_KEY[:9], id="yubikey-set-mgmt-key"
+        ),  # YubiKey set management key
+        pytest.param(bytes.fromhex("80 D8 00 81 09") + CANARY_KEY, id="gp-put-key"),  # GlobalPlatform PUT KEY
+        pytest.param(
+            bytes.fromhex("80 CB 3F FF 09") + CANARY_KEY, id="proprietary-get-data"
+        ),  # GET DATA under a proprietary class
+        pytest.param(
+            bytes.fromhex("0C A4 04 00 09") + CANARY_KEY, id="sm-select"
+        ),  # SELECT under secure messaging
+        pytest.param(
+            bytes.fromhex("6C CB 3F FF 09") + CANARY_KEY, id="sm-further-get-data"
+        ),  # GET DATA, further class with secure messaging
+        pytest.param(
+            bytes.fromhex("00 47 00 9A 09") + CANARY_KEY, id="generate"
+        ),  # GENERATE ASYMMETRIC KEY PAIR
+        pytest.param(
+            bytes.fromhex("00 E6 00 00 09") + CANARY_KEY, id="unknown-ins"
+        ),  # unknown to the allow list
+    ],
+)
+def test_redact_hides_the_data_of_every_command_outside_the_allow_list(raw: bytes) -> None:
+    text = redact(raw)
+    for secret in (CANARY_PIN, CANARY_KEY[:4], CANARY_KEY[4:]):
+        assert secret.hex() not in text.lower().replace(" ", "")
+    assert CANARY_PIN.decode() not in text
+    assert "redacted" in text
+    assert text.startswith(raw[:4].hex(" ").upper())  # the header still tells what it was
 
 
 @given(st.binary(max_size=300))
