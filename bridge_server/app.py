@@ -36,6 +36,7 @@ from bridge_server.hub import Hub
 from bridge_server.listener import ConnectionHandler, run_listener
 from bridge_server.reload import TlsReloader
 from bridge_server.session import SessionContext
+from bridge_server.state_files import check_state_folders
 from bridge_server.token_device import CardOpener
 from bridge_server.tokens import TokenManager
 from protocol import wire
@@ -86,7 +87,12 @@ class BridgeServer:
         self.tokens: list[TokenManager] = []
         now_wall = wall_time()
         # Guardrails (docs/guardrails.md): one PIN guard and one audit log, shared by the tokens.
+        check_state_folders(
+            str(config.path),
+            [("audit.path", config.audit.path), ("pin_guard.state", guard_state_path(config))],
+        )
         self.pin_guard, guard_store = open_guard(config)
+        self.guard_store = guard_store
         self.audit = AuditLog(config.audit.path)
         self.rails = {
             t.name: Guardrails(

@@ -42,6 +42,8 @@ from typing import Any, Final
 import structlog
 import trio
 
+from bridge_server.state_files import open_append, open_read, write_all
+
 log = structlog.get_logger(__name__)
 
 ZERO_HASH: Final = "0" * 64
@@ -180,12 +182,11 @@ class AuditLog:
         doc.update((k, v) for k, v in entry.fields.items() if k not in ("seq", "ts", "event", "prev"))
         doc["prev"] = self._prev
         line = json.dumps(doc, separators=(",", ":"), ensure_ascii=True).encode() + b"\n"
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        fd = open_append(self.path)
         try:
             size = os.fstat(fd).st_size
             try:
-                if os.write(fd, line) != len(line):
-                    raise OSError(0, "short write")
+                write_all(fd, line)
                 os.fsync(fd)
             except OSError:
                 os.ftruncate(fd, size)  # never leave half a line behind
@@ -200,7 +201,7 @@ class AuditLog:
 def read_head(path: Path) -> tuple[int, str]:
     """(last seq, hash of the last line) of an existing log; (0, zeros) for a new one."""
     try:
-        with open(path, "rb") as fh:
+        with os.fdopen(open_read(path), "rb") as fh:
             fh.seek(0, os.SEEK_END)
             size = fh.tell()
             fh.seek(max(0, size - _TAIL_BYTES))

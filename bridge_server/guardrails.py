@@ -27,7 +27,7 @@ import structlog
 from bridge_server.audit import AuditLog
 from bridge_server.command_policy import check_command, may_manage
 from bridge_server.config import PolicyConfig, ServerConfig
-from bridge_server.pin_guard import Attempt, Engaged, PinGuard, PinGuardStore, checklist
+from bridge_server.pin_guard import REFUSAL_SW, Attempt, Engaged, PinGuard, PinGuardStore, checklist
 from protocol.apdu import PIN_INS, ApduClass, CommandApdu, classify, describe_sw
 from protocol.errors import ConfigError, MalformedApduError
 
@@ -52,7 +52,7 @@ class Screened:
     """A command refused before the card: the SW the client gets and why."""
 
     sw: int
-    kind: str  # "policy" | "pin_guard"
+    kind: str  # "policy" | "pin_guard" | "pin_guard_unsaved" (its state cannot be saved)
     ins: int
     detail: str
 
@@ -111,7 +111,15 @@ class Guardrails:
         sw = self.guard.check(self.token, head.ins, head.p2, head.has_data)
         if sw is not None:
             return Screened(sw, "pin_guard", head.ins, "the PIN guard is engaged")
+        if head.ins in PIN_INS and head.has_data and not self._state_saved():
+            return Screened(REFUSAL_SW, "pin_guard_unsaved", head.ins, self.store.problem)
         return None
+
+    def _state_saved(self) -> bool:
+        """Fail closed: a PIN command passes only while the guard's state is on disk (retry first)."""
+        if self.store.problem:
+            self.save()
+        return not self.store.problem
 
     def observe(self, raw: bytes, rapdu: bytes, holder: Holder) -> list[Attempt | Engaged]:
         head = _header(raw)
@@ -135,11 +143,21 @@ class Guardrails:
         return events
 
     def save(self) -> None:
+        was_failing = bool(self.store.problem)
         try:
             self.store.save(self.guard)
         except OSError as exc:
-            # The in-memory guard still holds; say loudly that a restart would forget it.
-            log.error("pin_guard.save_failed", token=self.token, path=str(self.store.path), error=str(exc))
+            # The in-memory guard still holds and `screen` refuses PIN commands until a save
+            # succeeds; say loudly (once) that a restart would forget this change.
+            if not was_failing:
+                log.error(
+                    "pin_guard.save_failed", token=self.token, path=str(self.store.path), reason=str(exc)
+                )
+            return
+        if was_failing:
+            log.warning(
+                "pin_guard.saved", token=self.token, path=str(self.store.path), reason="writable again"
+            )
 
     async def record(self, event: str, **fields: Any) -> bool:
         """Append an audit line; False when it had to wait because the log is unwritable."""
@@ -182,6 +200,12 @@ class Guardrails:
 
     def notice(self, refused: Screened) -> str:
         """What the client's log shows next to the status word."""
+        if refused.kind == "pin_guard_unsaved":
+            return (
+                f"PIN commands for token {self.token!r} are refused (answered {describe_sw(refused.sw)}) "
+                "because the server cannot save the PIN guard's state; "
+                "an operator frees space on the server's state disk (see `tokenbridge status`)"
+            )
         if refused.kind == "pin_guard":
             return (
                 f"PIN commands for token {self.token!r} are refused by the server's PIN guard "
@@ -224,6 +248,11 @@ def open_guard(config: ServerConfig) -> tuple[PinGuard, PinGuardStore]:
         ) from None  # fmt: skip
     if store.path is None:
         log.warning("pin_guard.not_persisted", reason="neither pin_guard.state nor audit.path is configured")
+    else:
+        try:  # probe: on a full disk PIN commands are refused from the start, not after one is lost
+            store.save(guard)
+        except OSError:
+            log.error("pin_guard.save_failed", path=str(store.path), reason=store.problem)
     engaged = [t for t in guard.tokens if guard.engaged(t)]
     if engaged:
         log.warning("pin_guard.engaged_at_start", tokens=engaged, path=str(store.path))
