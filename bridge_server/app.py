@@ -93,7 +93,7 @@ class BridgeServer:
         )
         self.pin_guard, guard_store = open_guard(config)
         self.guard_store = guard_store
-        self.audit = AuditLog(config.audit.path)
+        self.audit = AuditLog(config.audit.path, max_bytes=config.audit.max_bytes, keep=config.audit.keep)
         self.rails = {
             t.name: Guardrails(
                 t.name, policy=t.policy, guard=self.pin_guard, store=guard_store, audit=self.audit
@@ -190,6 +190,7 @@ class BridgeServer:
             # Whatever is still running after one more grace period (a token stuck in a card
             # call) is cancelled; its own cleanup is shielded and bounded.
             root.cancel_scope.deadline = trio.current_time() + cfg.limits.grace_period_s
+        self.audit.log_anchor()  # the head to the service log: a cut while stopped shows against it
         log.info("server.stopped")
 
     async def _run_extras(

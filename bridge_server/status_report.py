@@ -186,10 +186,17 @@ def build_status(server: BridgeServer) -> dict[str, Any]:
 
 def _audit_warning(server: BridgeServer) -> list[dict[str, Any]]:
     audit = server.audit
-    if audit.available:
-        return []
-    message = f"{audit.problem}; new leases are refused until it is writable (retried every second)"
-    return [{"subject": "audit log", "not_after": None, "days_left": None, "message": message}]
+    out: list[dict[str, Any]] = []
+    if audit.truncated:
+        message = (
+            f"{audit.path} was cut or edited while the server was stopped (an audit.truncated entry "
+            "records the gap); keep a copy and investigate (docs/ops.md)"
+        )
+        out.append({"subject": "audit log", "not_after": None, "days_left": None, "message": message})
+    if not audit.available:
+        message = f"{audit.problem}; new leases are refused until it is writable (retried every second)"
+        out.append({"subject": "audit log", "not_after": None, "days_left": None, "message": message})
+    return out
 
 
 def _state_warnings(server: BridgeServer) -> list[dict[str, Any]]:

@@ -207,6 +207,7 @@ def test_an_unsaved_state_shows_in_status_and_metrics(
     assert rows[("tokenbridge_state_saved", "pin_guard")] == 0.0
     assert rows[("tokenbridge_state_saved", "epochs")] == 0.0
     assert rows[("tokenbridge_state_saved", "audit")] == 1.0
+    assert rows[("tokenbridge_audit_truncated", None)] == 0.0
 
 
 async def _status(server: BridgeServer) -> dict[str, Any]:
