@@ -116,8 +116,12 @@ class Guardrails:
         return None
 
     def _state_saved(self) -> bool:
-        """Fail closed: a PIN command passes only while the guard's state is on disk (retry first)."""
-        if self.store.problem:
+        """Fail closed: a PIN command reaches the card only once the guard's state was just saved.
+
+        One small write before each PIN presentation proves that the failure it may cause can be
+        persisted too (a full disk refuses the command instead of spending an unrecorded retry).
+        """
+        if self.store.path is not None:
             self.save()
         return not self.store.problem
 

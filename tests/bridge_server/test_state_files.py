@@ -146,13 +146,14 @@ def _unsavable(tmp_path: Path) -> PinGuardStore:
 def test_the_guard_refuses_pin_commands_while_its_state_cannot_be_saved(tmp_path: Path) -> None:
     guard = PinGuard(min_retries_left=0, max_failures=3)  # one failure alone does not engage
     rails = Guardrails("codesign", guard=guard, store=_unsavable(tmp_path))
-    assert rails.screen(VERIFY, HOLDER) is None  # not known to be failing yet
-    rails.observe(VERIFY, b"\x63\xc2", HOLDER)  # a wrong PIN; saving it fails
-    refused = rails.screen(VERIFY, HOLDER)
+    refused = rails.screen(VERIFY, HOLDER)  # the state is saved first: that fails, so no PIN goes out
     assert refused is not None
     assert refused.sw == REFUSAL_SW
     assert "cannot save" in rails.notice(refused)
     assert rails.store.problem
+    assert rails.screen(bytes.fromhex("00200080"), HOLDER) is None  # the retry-counter query spends nothing
+    rails.observe(VERIFY, b"\x63\xc2", HOLDER)  # a failure seen anyway stays refused
+    assert rails.screen(VERIFY, HOLDER) is not None
 
 
 def test_the_guard_allows_pin_commands_again_once_its_state_is_saved(tmp_path: Path) -> None:
