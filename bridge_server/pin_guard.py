@@ -32,12 +32,13 @@ on wrapped or proprietary status words).
 
 Persistence: `PinGuardStore` writes the whole state as one small JSON document
 (write, fsync, rename, fsync the folder), synchronously and before the card's answer goes
-back to the client: a crash right after a failure must not forget it. Writes only happen when
-the state changes (a failure, an engagement, a changed retry count, a reset), a few per failed
-login; measured on ext4 (virtio disk): p50 0.6-0.7 ms, p99 12 ms (docs/guardrails.md).
-If a save fails (a full disk), the store keeps the reason in `problem` and `Guardrails` refuses
-every data-carrying PIN command until a save succeeds again (fail closed: a failure the guard
-cannot persist would be forgotten by a restart).
+back to the client: a crash right after a failure must not forget it. Writes happen when the
+state changes (a failure, an engagement, a changed retry count, a reset) and, from
+`Guardrails`, once at start and before each data-carrying PIN command; measured on ext4 (virtio
+disk): p50 0.6-0.7 ms, p99 12 ms (docs/guardrails.md). If a save fails (a full disk), the store
+keeps the reason in `problem` and `Guardrails` refuses every data-carrying PIN command until a
+save succeeds again (fail closed: a failure the guard cannot persist would be forgotten by a
+restart).
 """
 
 from __future__ import annotations
