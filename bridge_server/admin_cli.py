@@ -10,7 +10,7 @@ from pathlib import Path
 
 from bridge_server.admin_commands import COMMANDS as ADMIN_COMMANDS
 from bridge_server.admin_commands import add_admin_commands, run_admin_command
-from bridge_server.audit import add_audit_parser, run_audit
+from bridge_server.audit_cli import add_audit_parser, run_audit
 from bridge_server.pki import Pki, PkiError
 from protocol.errors import BridgeError
 

@@ -36,6 +36,7 @@ from bridge_server.hub import Hub
 from bridge_server.listener import ConnectionHandler, run_listener
 from bridge_server.reload import TlsReloader
 from bridge_server.session import SessionContext
+from bridge_server.state_files import check_state_folders
 from bridge_server.token_device import CardOpener
 from bridge_server.tokens import TokenManager
 from protocol import wire
@@ -86,8 +87,13 @@ class BridgeServer:
         self.tokens: list[TokenManager] = []
         now_wall = wall_time()
         # Guardrails (docs/guardrails.md): one PIN guard and one audit log, shared by the tokens.
+        check_state_folders(
+            str(config.path),
+            [("audit.path", config.audit.path), ("pin_guard.state", guard_state_path(config))],
+        )
         self.pin_guard, guard_store = open_guard(config)
-        self.audit = AuditLog(config.audit.path)
+        self.guard_store = guard_store
+        self.audit = AuditLog(config.audit.path, max_bytes=config.audit.max_bytes, keep=config.audit.keep)
         self.rails = {
             t.name: Guardrails(
                 t.name, policy=t.policy, guard=self.pin_guard, store=guard_store, audit=self.audit
@@ -184,6 +190,7 @@ class BridgeServer:
             # Whatever is still running after one more grace period (a token stuck in a card
             # call) is cancelled; its own cleanup is shielded and bounded.
             root.cancel_scope.deadline = trio.current_time() + cfg.limits.grace_period_s
+        self.audit.log_anchor()  # the head to the service log: a cut while stopped shows against it
         log.info("server.stopped")
 
     async def _run_extras(

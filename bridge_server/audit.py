@@ -1,40 +1,49 @@
-"""Tamper-evident audit log (DESIGN §4): hash-chained JSON lines, appended and fsynced.
+"""Tamper-evident audit log (DESIGN §4): hash-chained, MACed JSON lines, appended, fsynced, anchored.
 
-Format (docs/guardrails.md): one JSON object per line, ASCII, keys in this order:
-
-    {"seq": 7, "ts": "2024-05-01T12:00:00.123Z", "event": "lease.granted", ...fields..., "prev": "<64 hex>"}
-
-`seq` counts from 1 without gaps; `prev` is the SHA-256 of the previous line's bytes (without
-its newline), 64 zeros on the first line. `verify_lines` walks the chain and names the first
-line that breaks it: an edited line no longer matches the next line's `prev`, a deleted line
-leaves a gap in `seq`, reordered lines go back or jump in `seq`, a cut file ends without a
-newline. (An unkeyed chain shows edits, not a rewrite of the whole tail: ship the head hash
-that `verify` prints elsewhere if that matters.)
+The line format, the key, the anchor and the checks are in `audit_chain` (docs/guardrails.md).
 
 Writing: `append` is sync and thread-safe (one `threading.Lock`): it opens the file with
-O_APPEND, writes the whole line with one `write`, fsyncs and closes, so a rotated or replaced
-file is noticed at once and a partial write is cut back. The async side calls `record`, which
-runs `append` in a worker thread behind one `CapacityLimiter(1)`: an fsync costs milliseconds
-on a real disk and must not stall every session's APDUs (measured in docs/guardrails.md).
-Audit events are per connection, lease, PIN attempt or refusal, never per APDU.
+O_APPEND (never through a symbolic link), writes the whole line, fsyncs and closes, so a
+rotated or replaced file is noticed at once and a partial write is cut back. The async side
+calls `record`, which runs `append` in a worker thread behind one `CapacityLimiter(1)`: an
+fsync costs milliseconds on a real disk and must not stall every session's APDUs (measured in
+docs/guardrails.md). Audit events are per connection, lease, PIN attempt or refusal, never per
+APDU.
 
-Failure: if a line cannot be written, the log becomes unavailable (`available`, `problem`);
-the entry waits in a bounded in-memory queue and new leases are refused by the token tasks
-(`audit_unavailable`). Every later `append`/`retry` (the token tasks retry once a second and
-on every lease request) first tries to write the waiting entries, in order, so the chain
-has no hole and service resumes by itself once the file is writable again.
+Opening (the first write): the key is read or made (`<log>.key`, 0600), the head is read from
+the file's tail and compared with the anchor (`<log>.anchor`). A file that ends before the
+anchor's seq, or whose entry at that seq has another hash, was cut or edited while the server
+was stopped: the server does not continue it silently. It logs `audit.truncated` at ERROR,
+sets `truncated` in its status and writes an `audit.truncated` entry (the anchor's and the
+file's seq and hash) as the next line, then continues the chain from what the file holds, so
+the gap is recorded, MACed, in the log itself (docs/ops.md).
+
+Anchoring: after each batch of lines the anchor file is replaced (`write_whole`, without the
+folder fsync: a lost rename brings back an older, shorter anchor, which never raises a false
+alarm). The head also goes to the service log as `audit.anchored` at start, every
+`ANCHOR_LOG_EVERY` entries and at shutdown (`log_anchor`), for `verify --expect-seq/--expect-hash`.
+
+Rotation: before a line would take the file past `max_bytes`, `<log>` becomes `<log>.1` (the
+older files move up, the one past `keep` is deleted first, which frees space on a full disk)
+and the new file starts with an `audit.rotated` entry chained to the old file's last line.
+
+Failure: if a line (or the anchor) cannot be written, the log becomes unavailable
+(`available`, `problem`); the entry waits in a bounded in-memory queue and new leases are
+refused by the token tasks (`audit_unavailable`). Every later `append`/`retry` (the token tasks
+retry once a second and on every lease request) first tries to write the waiting entries, in
+order, so the chain has no hole and service resumes by itself once the file is writable again.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import os
+import secrets
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -42,16 +51,24 @@ from typing import Any, Final
 import structlog
 import trio
 
+from bridge_server.audit_chain import (
+    ZERO_HASH,
+    anchor_path,
+    key_path,
+    line_hash,
+    load_key,
+    read_anchor,
+    seal,
+)
+from bridge_server.audit_chain import verify_file as verify_file  # the one-file check, kept importable here
+from bridge_server.state_files import fsync_folder, open_append, open_read, write_all, write_whole
+
 log = structlog.get_logger(__name__)
 
-ZERO_HASH: Final = "0" * 64
 MAX_PENDING: Final = 10_000  # entries kept in memory while the file is unwritable
+ANCHOR_LOG_EVERY: Final = 100  # entries between `audit.anchored` lines in the service log
 _TAIL_BYTES: Final = 65536
 _SCALARS: Final = (str, int, float, bool, type(None))
-
-
-def line_hash(line: bytes) -> str:
-    return hashlib.sha256(line.rstrip(b"\n")).hexdigest()
 
 
 def _iso(ts: float) -> str:
@@ -80,20 +97,36 @@ class AuditLog:
     """The server's audit log; `AuditLog(None)` records nothing and is always available."""
 
     def __init__(
-        self, path: Path | None, *, clock: Callable[[], float] = time.time, use_thread: bool = True
+        self,
+        path: Path | None,
+        *,
+        clock: Callable[[], float] = time.time,
+        use_thread: bool = True,
+        max_bytes: int | None = None,
+        keep: int = 8,
     ) -> None:
-        """`use_thread=False` writes inline (tests with `wait_all_tasks_blocked`, which a thread defeats)."""
+        """`use_thread=False` writes inline (tests with `wait_all_tasks_blocked`, which a thread defeats).
+
+        `max_bytes`: rotate before the file grows past it (None: never); `keep`: rotated files kept.
+        """
         self.path = path
         self._clock = clock
         self._use_thread = use_thread
+        self._max_bytes = max_bytes
+        self._keep = keep
         self._lock = threading.Lock()
         self._limiter = trio.CapacityLimiter(1)
         self._pending: deque[_Pending] = deque()
         self._dropped = 0
         self._seq: int | None = None  # None until the head is read
         self._prev = ZERO_HASH
+        self._key: bytes | None = None
+        self._anchored = (0, ZERO_HASH)  # what the anchor file holds
+        self._logged_seq = 0  # the head last written to the service log
         self.problem = ""
         self.written = 0
+        self.truncated = False  # the file was cut or edited behind the anchor (see the docstring)
+        self.rotations = 0
 
     @property
     def enabled(self) -> bool:
@@ -111,7 +144,16 @@ class AuditLog:
             "pending": len(self._pending),
             "seq": self._seq or 0,
             "head": self._prev,
+            "truncated": self.truncated,
+            "rotations": self.rotations,
         }
+
+    def log_anchor(self) -> None:
+        """The head to the service log (`audit.anchored`): at start, periodically, at shutdown."""
+        if self.path is None or self._seq is None:
+            return
+        self._logged_seq = self._seq
+        log.info("audit.anchored", path=str(self.path), seq=self._seq, head=self._prev)
 
     # -- writing -------------------------------------------------------------------------
 
@@ -154,7 +196,7 @@ class AuditLog:
         was_available = self.available
         try:
             if self._seq is None:
-                self._seq, self._prev = read_head(self.path)
+                self._open_chain()
             if self._dropped:
                 self._pending.appendleft(
                     _Pending("audit.entries_dropped", self._clock(), {"count": self._dropped})
@@ -163,6 +205,7 @@ class AuditLog:
             while self._pending:
                 self._write(self._pending[0])
                 self._pending.popleft()
+            self._save_anchor()
         except (OSError, ValueError) as exc:
             self.problem = f"cannot write the audit log {self.path}: {getattr(exc, 'strerror', None) or exc}"
             if was_available:
@@ -173,19 +216,76 @@ class AuditLog:
         self.problem = ""
         return True
 
-    def _write(self, entry: _Pending) -> None:
+    def _open_chain(self) -> None:
+        """Key, head, and the head compared with the anchor (see the docstring)."""
         assert self.path is not None
+        self._key = _key(key_path(self.path))
+        newest = self.path
+        if _size(self.path) == 0 and _size(self._numbered(1)) > 0:
+            newest = self._numbered(1)  # stopped between a rotation and the new file's first line
+        seq, head = read_head(newest)
+        anchor = read_anchor(anchor_path(self.path))
+        self._anchored = anchor_seq, anchor_head = anchor or (0, ZERO_HASH)
+        problem = None if anchor is None else _behind_anchor(newest, anchor, seq, head)
+        self._seq, self._prev = seq, head
+        if problem is not None:
+            self.truncated = True
+            fields = {
+                "anchor_seq": anchor_seq,
+                "anchor_head": anchor_head,
+                "found_seq": seq,
+                "found_head": head,
+            }
+            log.error("audit.truncated", path=str(self.path), reason=problem, **fields)
+            self._pending.appendleft(
+                _Pending("audit.truncated", self._clock(), {"reason": problem, **fields})
+            )
+        self.log_anchor()
+
+    def _numbered(self, n: int) -> Path:
+        assert self.path is not None
+        return self.path.with_name(f"{self.path.name}.{n}")
+
+    def _line(self, entry: _Pending) -> bytes:
         assert self._seq is not None
         doc: dict[str, Any] = {"seq": self._seq + 1, "ts": _iso(entry.ts), "event": entry.event}
-        doc.update((k, v) for k, v in entry.fields.items() if k not in ("seq", "ts", "event", "prev"))
+        doc.update((k, v) for k, v in entry.fields.items() if k not in ("seq", "ts", "event", "prev", "mac"))
         doc["prev"] = self._prev
-        line = json.dumps(doc, separators=(",", ":"), ensure_ascii=True).encode() + b"\n"
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        body = json.dumps(doc, separators=(",", ":"), ensure_ascii=True).encode()
+        return seal(body, self._key) + b"\n"
+
+    def _write(self, entry: _Pending) -> None:
+        assert self.path is not None
+        line = self._line(entry)
+        size = _size(self.path)
+        if self._max_bytes is not None and size and size + len(line) > self._max_bytes:
+            self._rotate()
+            line = self._line(entry)
+        self._append(line)
+
+    def _rotate(self) -> None:
+        """`<log>` -> `<log>.1` ... (the oldest past `keep` goes first), then an `audit.rotated` line."""
+        assert self.path is not None
+        self._numbered(self._keep).unlink(missing_ok=True)
+        for n in range(self._keep, 0, -1):
+            try:
+                os.replace(self._numbered(n - 1) if n > 1 else self.path, self._numbered(n))
+            except FileNotFoundError:
+                continue
+        fsync_folder(self.path.parent)
+        self.rotations += 1
+        log.info("audit.rotated", path=str(self.path), seq=self._seq, keep=self._keep)
+        marker = _Pending("audit.rotated", self._clock(), {"previous": self._numbered(1).name})
+        self._append(self._line(marker))
+
+    def _append(self, line: bytes) -> None:
+        assert self.path is not None
+        assert self._seq is not None
+        fd = open_append(self.path)
         try:
             size = os.fstat(fd).st_size
             try:
-                if os.write(fd, line) != len(line):
-                    raise OSError(0, "short write")
+                write_all(fd, line)
                 os.fsync(fd)
             except OSError:
                 os.ftruncate(fd, size)  # never leave half a line behind
@@ -196,18 +296,75 @@ class AuditLog:
         self._prev = line_hash(line)
         self.written += 1
 
+    def _save_anchor(self) -> None:
+        assert self.path is not None
+        assert self._seq is not None
+        head = (self._seq, self._prev)
+        if head == self._anchored:
+            return
+        doc = {"seq": self._seq, "head": self._prev, "file": self.path.name}
+        write_whole(anchor_path(self.path), json.dumps(doc).encode(), sync_folder=False)
+        self._anchored = head
+        if self._seq - self._logged_seq >= ANCHOR_LOG_EVERY:
+            self.log_anchor()
 
-def read_head(path: Path) -> tuple[int, str]:
-    """(last seq, hash of the last line) of an existing log; (0, zeros) for a new one."""
+
+def _size(path: Path) -> int:
     try:
-        with open(path, "rb") as fh:
+        return os.stat(path, follow_symlinks=False).st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _key(path: Path) -> bytes:
+    """The audit key, made at first start (0600, never through a link)."""
+    key = load_key(path)
+    if key is None:
+        key = secrets.token_bytes(32)
+        write_whole(path, key.hex().encode() + b"\n", mode=0o600)
+        log.info("audit.key_created", path=str(path))
+    return key
+
+
+def _behind_anchor(path: Path, anchor: tuple[int, str], seq: int, head: str) -> str | None:
+    """Why the file at `path` (head `seq`, `head`) does not reach the anchor; None when it does."""
+    anchor_seq, anchor_head = anchor
+    if seq < anchor_seq:
+        return f"the log ends at seq {seq} but the anchor says {anchor_seq}: entries were cut"
+    if seq == anchor_seq and head != anchor_head:
+        return f"entry {seq} does not match the anchor's hash: the last entry was edited"
+    if seq > anchor_seq and _hash_of(path, anchor_seq) not in (None, anchor_head):
+        return f"entry {anchor_seq} does not match the anchor's hash: it was edited"
+    return None
+
+
+def _hash_of(path: Path, seq: int) -> str | None:
+    """The hash of entry `seq` if it is in the file's tail (None when not found there)."""
+    for line in _tail(path):
+        try:
+            if json.loads(line)["seq"] == seq:
+                return line_hash(line)
+        except (ValueError, KeyError, TypeError):
+            continue
+    return None
+
+
+def _tail(path: Path) -> list[bytes]:
+    """The complete lines in the last `_TAIL_BYTES` of `path` (none for a missing file)."""
+    try:
+        with os.fdopen(open_read(path), "rb") as fh:
             fh.seek(0, os.SEEK_END)
             size = fh.tell()
             fh.seek(max(0, size - _TAIL_BYTES))
             tail = fh.read()
     except FileNotFoundError:
-        return 0, ZERO_HASH
-    lines = [ln for ln in tail.split(b"\n") if ln]
+        return []
+    return [ln for ln in tail.split(b"\n") if ln]
+
+
+def read_head(path: Path) -> tuple[int, str]:
+    """(last seq, hash of the last line) of an existing log; (0, zeros) for a new one."""
+    lines = _tail(path)
     if not lines:
         return 0, ZERO_HASH
     last = lines[-1]
@@ -220,109 +377,3 @@ def read_head(path: Path) -> tuple[int, str]:
             # A damaged last line keeps its place in the chain; `verify` will name it.
             return seq + (0 if candidate == last else 1), line_hash(last)
     raise ValueError(f"{path} does not end with audit entries; move it aside to start a new log")
-
-
-# -- verification --------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class VerifyResult:
-    ok: bool
-    entries: int
-    line: int | None = None  # first broken line (1-based)
-    problem: str = ""
-    head: str = ZERO_HASH  # hash of the last good line
-    last_seq: int = 0
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "ok": self.ok,
-            "entries": self.entries,
-            "line": self.line,
-            "problem": self.problem,
-            "head": self.head,
-            "last_seq": self.last_seq,
-        }
-
-
-def _parse_entry(body: bytes) -> tuple[int, str] | None:
-    try:
-        doc = json.loads(body)
-    except ValueError:
-        return None
-    if (
-        not isinstance(doc, dict)
-        or not isinstance(doc.get("seq"), int)
-        or not isinstance(doc.get("prev"), str)
-    ):
-        return None
-    return doc["seq"], doc["prev"]
-
-
-def verify_lines(lines: Iterable[bytes]) -> VerifyResult:
-    """Check the chain of `lines` (each with its newline); stops at the first break."""
-    prev_hash, prev_seq, count = ZERO_HASH, 0, 0
-    before = (ZERO_HASH, 0)  # (hash, seq) of the line before the previous one
-
-    def broken(line: int, problem: str) -> VerifyResult:
-        if line <= count:  # the previous line is the broken one: it does not count as verified
-            return VerifyResult(False, count - 1, line, problem, *before)
-        return VerifyResult(False, count, line, problem, prev_hash, prev_seq)
-
-    for number, raw in enumerate(lines, start=1):
-        if not raw.endswith(b"\n"):
-            return broken(number, "the last line is cut off (truncated file or an interrupted write)")
-        entry = _parse_entry(raw[:-1])
-        if entry is None:
-            return broken(number, "not a valid audit entry (edited or damaged)")
-        seq, prev = entry
-        if seq > prev_seq + 1:
-            missing = f"{prev_seq + 1}" if seq == prev_seq + 2 else f"{prev_seq + 1}..{seq - 1}"
-            return broken(number, f"entry {missing} is missing before this line (deleted or moved)")
-        if seq <= prev_seq:
-            return broken(number, f"sequence goes back from {prev_seq} to {seq} (lines reordered or copied)")
-        if prev != prev_hash and number == 1:
-            return broken(
-                1, "the first line does not start a chain (its prev is not zeros): edited, or lines cut"
-            )
-        if prev != prev_hash:
-            return broken(
-                number - 1, f"line {number - 1} does not match the hash recorded in line {number} (edited)"
-            )
-        before = (prev_hash, prev_seq)
-        prev_hash, prev_seq, count = line_hash(raw), seq, count + 1
-    return VerifyResult(True, count, None, "", prev_hash, prev_seq)
-
-
-def verify_file(path: Path) -> VerifyResult:
-    try:
-        with open(path, "rb") as fh:
-            return verify_lines(fh)
-    except OSError as exc:
-        return VerifyResult(False, 0, None, f"cannot read {path}: {exc.strerror or exc}")
-
-
-# -- `tokenbridge audit verify FILE [--json]` -----------------------------------------------------
-
-
-def add_audit_parser(sub: Any) -> None:
-    audit = sub.add_parser("audit", help="check the audit log's hash chain")
-    asub = audit.add_subparsers(dest="audit_command", required=True, metavar="AUDIT_COMMAND")
-    verify = asub.add_parser(
-        "verify", help="verify FILE's chain; name the first broken line (exit 0 ok, 1 broken)"
-    )
-    verify.add_argument("file", type=Path, help="the server's audit log (config audit.path)")
-    verify.add_argument("--json", action="store_true", help="print the result as JSON")
-
-
-def run_audit(args: Any) -> int:
-    result = verify_file(args.file)
-    if args.json:
-        print(json.dumps({"file": str(args.file), **result.as_dict()}, indent=2))
-    elif result.ok:
-        print(f"{args.file}: ok, {result.entries} entries, last seq {result.last_seq}, head {result.head}")
-    else:
-        where = f"line {result.line}: " if result.line is not None else ""
-        print(f"{args.file}: BROKEN at {where}{result.problem}")
-        print(f"  {result.entries} entries verified before it; the last good entry has seq {result.last_seq}")
-    return 0 if result.ok else 1

@@ -75,6 +75,8 @@ class PinGuardConfig:
 @dataclass(frozen=True, slots=True)
 class AuditConfig:
     path: Path | None = None
+    max_bytes: int = 64 * 1024 * 1024  # rotate before the file grows past this (docs/ops.md)
+    keep: int = 8  # rotated files kept: FILE.1 .. FILE.keep
 
 
 @dataclass(frozen=True, slots=True)
@@ -270,7 +272,7 @@ def _parse_sections(root: _Section, base: Path) -> dict[str, Any]:
             max_failures=guard.integer("max_failures", d_guard.max_failures, low=1, high=1000) or 1,
             state=guard.file("state", base),
         ),
-        "audit": AuditConfig(path=root.section("audit", ("path",)).file("path", base)),
+        "audit": _parse_audit(root.section("audit", ("path", "max_bytes", "keep")), base),
         "control": ControlConfig(socket=root.section("control", ("socket",)).file("socket", base)),
         "limits": LimitsConfig(
             max_connections=limits.integer("max_connections", 256, low=1, high=100_000) or 256,
@@ -281,6 +283,15 @@ def _parse_sections(root: _Section, base: Path) -> dict[str, Any]:
         "heartbeat_s": root.number("heartbeat_s", DEFAULT_HEARTBEAT_S),
         "metrics": _parse_metrics(root.section("metrics", ("listen",))),
     }
+
+
+def _parse_audit(sec: _Section, base: Path) -> AuditConfig:
+    d = AuditConfig()
+    return AuditConfig(
+        path=sec.file("path", base),
+        max_bytes=sec.integer("max_bytes", d.max_bytes, low=4096, high=2**40) or d.max_bytes,
+        keep=sec.integer("keep", d.keep, low=1, high=1000) or d.keep,
+    )
 
 
 def _parse_metrics(sec: _Section) -> MetricsConfig:

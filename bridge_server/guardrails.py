@@ -30,7 +30,7 @@ import structlog
 from bridge_server.audit import AuditLog
 from bridge_server.command_policy import check_command, may_manage
 from bridge_server.config import PolicyConfig, ServerConfig
-from bridge_server.pin_guard import Attempt, Engaged, PinGuard, PinGuardStore, checklist
+from bridge_server.pin_guard import REFUSAL_SW, Attempt, Engaged, PinGuard, PinGuardStore, checklist
 from protocol.apdu import PIN_INS, ApduClass, CommandApdu, classify, describe_sw, is_chained
 from protocol.errors import ConfigError, MalformedApduError
 
@@ -54,7 +54,7 @@ class Screened:
     """A command refused before the card: the SW the client gets and why."""
 
     sw: int
-    kind: str  # "policy" | "pin_guard" | "pin_chaining"
+    kind: str  # "policy" | "pin_guard" | "pin_chaining" | "pin_guard_unsaved" (state not saved)
     ins: int
     detail: str
 
@@ -120,11 +120,23 @@ class Guardrails:
 
     def _check_pin(self, head: _Header) -> Screened | None:
         sw = self.guard.check(self.token, head.ins, head.p2, head.has_data, chained=head.chained)
-        if sw is None:
-            return None
-        if head.chained:
-            return Screened(sw, "pin_chaining", head.ins, "a chained PIN command is refused")
-        return Screened(sw, "pin_guard", head.ins, "the PIN guard is engaged")
+        if sw is not None:
+            if head.chained:
+                return Screened(sw, "pin_chaining", head.ins, "a chained PIN command is refused")
+            return Screened(sw, "pin_guard", head.ins, "the PIN guard is engaged")
+        if head.ins in PIN_INS and head.has_data and not self._state_saved():
+            return Screened(REFUSAL_SW, "pin_guard_unsaved", head.ins, self.store.problem)
+        return None
+
+    def _state_saved(self) -> bool:
+        """Fail closed: a PIN command reaches the card only once the guard's state was just saved.
+
+        One small write before each PIN presentation proves that the failure it may cause can be
+        persisted too (a full disk refuses the command instead of spending an unrecorded retry).
+        """
+        if self.store.path is not None:
+            self.save()
+        return not self.store.problem
 
     def observe(self, raw: bytes, rapdu: bytes, holder: Holder) -> list[Attempt | Engaged]:
         head = _header(raw)
@@ -145,11 +157,21 @@ class Guardrails:
         return events
 
     def save(self) -> None:
+        was_failing = bool(self.store.problem)
         try:
             self.store.save(self.guard)
         except OSError as exc:
-            # The in-memory guard still holds; say loudly that a restart would forget it.
-            log.error("pin_guard.save_failed", token=self.token, path=str(self.store.path), error=str(exc))
+            # The in-memory guard still holds and `screen` refuses PIN commands until a save
+            # succeeds; say loudly (once) that a restart would forget this change.
+            if not was_failing:
+                log.error(
+                    "pin_guard.save_failed", token=self.token, path=str(self.store.path), reason=str(exc)
+                )
+            return
+        if was_failing:
+            log.warning(
+                "pin_guard.saved", token=self.token, path=str(self.store.path), reason="writable again"
+            )
 
     async def record(self, event: str, **fields: Any) -> bool:
         """Append an audit line; False when it had to wait because the log is unwritable."""
@@ -192,6 +214,12 @@ class Guardrails:
 
     def notice(self, refused: Screened) -> str:
         """What the client's log shows next to the status word."""
+        if refused.kind == "pin_guard_unsaved":
+            return (
+                f"PIN commands for token {self.token!r} are refused (answered {describe_sw(refused.sw)}) "
+                "because the server cannot save the PIN guard's state; "
+                "an operator frees space on the server's state disk (see `tokenbridge status`)"
+            )
         if refused.kind == "pin_guard":
             return (
                 f"PIN commands for token {self.token!r} are refused by the server's PIN guard "
@@ -241,6 +269,11 @@ def open_guard(config: ServerConfig) -> tuple[PinGuard, PinGuardStore]:
         ) from None  # fmt: skip
     if store.path is None:
         log.warning("pin_guard.not_persisted", reason="neither pin_guard.state nor audit.path is configured")
+    else:
+        try:  # probe: on a full disk PIN commands are refused from the start, not after one is lost
+            store.save(guard)
+        except OSError:
+            log.error("pin_guard.save_failed", path=str(store.path), reason=store.problem)
     engaged = [t for t in guard.tokens if guard.engaged(t)]
     if engaged:
         log.warning("pin_guard.engaged_at_start", tokens=engaged, path=str(store.path))

@@ -107,6 +107,11 @@ _HELP: Final = {
     "tokenbridge_signatures_total": ("counter", "successful private-key operations"),
     "tokenbridge_pin_guard_engaged": ("gauge", "1 while the PIN guard refuses PIN commands"),
     "tokenbridge_sessions": ("gauge", "connected client sessions"),
+    "tokenbridge_audit_truncated": (
+        "gauge",
+        "1 when the audit log was found cut or edited behind its anchor",
+    ),
+    "tokenbridge_state_saved": ("gauge", "1 while the state file's last write succeeded (0: full disk?)"),
     "tokenbridge_tls_refusals_total": ("counter", "failed TLS handshakes, by reason"),
 }
 
@@ -147,6 +152,13 @@ def server_rows(server: BridgeServer) -> list[tuple[str, float, dict[str, str]]]
             ("tokenbridge_lease_ends_total", float(n), {**t, "reason": r}) for r, n in s.lease_ends.items()
         ]
     rows.append(("tokenbridge_sessions", float(len(server.hub)), {}))
+    saved = {
+        "audit": server.audit.available,
+        "pin_guard": not server.guard_store.problem,
+        "epochs": not server.epochs.problem,
+    }
+    rows += [("tokenbridge_state_saved", float(ok), {"file": f}) for f, ok in saved.items()]
+    rows.append(("tokenbridge_audit_truncated", float(server.audit.truncated), {}))
     for reason, n in sorted(server.tls_refusals.items()):
         rows.append(("tokenbridge_tls_refusals_total", float(n), {"reason": reason}))
     return rows

@@ -43,20 +43,24 @@ on wrapped or proprietary status words).
 
 Persistence: `PinGuardStore` writes the whole state as one small JSON document
 (write, fsync, rename, fsync the folder), synchronously and before the card's answer goes
-back to the client: a crash right after a failure must not forget it. Writes only happen when
-the state changes (a failure, an engagement, a changed retry count, a reset), a few per failed
-login; measured on ext4 (virtio disk): p50 0.6-0.7 ms, p99 12 ms (docs/guardrails.md).
+back to the client: a crash right after a failure must not forget it. Writes happen when the
+state changes (a failure, an engagement, a changed retry count, a reset) and, from
+`Guardrails`, once at start and before each data-carrying PIN command; measured on ext4 (virtio
+disk): p50 0.6-0.7 ms, p99 12 ms (docs/guardrails.md). If a save fails (a full disk), the store
+keeps the reason in `problem` and `Guardrails` refuses every data-carrying PIN command until a
+save succeeds again (fail closed: a failure the guard cannot persist would be forgotten by a
+restart).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+from bridge_server.state_files import read_bytes, write_whole
 from protocol.apdu import PIN_INS, SW_AUTH_BLOCKED, SW_CHAINING_NOT_SUPPORTED, retries_left
 
 # What a refused PIN command gets (docs/guardrails.md): 6983 "authentication method blocked",
@@ -336,35 +340,36 @@ def checklist(token: str, before: dict[str, RefState]) -> list[str]:
 
 
 class PinGuardStore:
-    """The guard's state file: loaded at start, rewritten atomically on every change."""
+    """The guard's state file: loaded at start, rewritten whole (`write_whole`) on every change.
+
+    `problem` is why the last save failed ("" once a save succeeded): while it is set the
+    guard's state is not on disk, and `Guardrails` refuses PIN commands (fail closed).
+    """
 
     def __init__(self, path: Path | None) -> None:
         self.path = path
+        self.problem = ""
         self._lock = threading.Lock()
+
+    def status(self) -> dict[str, str | None]:
+        return {"path": None if self.path is None else str(self.path), "problem": self.problem}
 
     def load(self, guard: PinGuard) -> None:
         """Fill `guard` from the file if it exists. Raises ValueError/OSError for an unreadable file."""
-        if self.path is None or not self.path.exists():
-            return
-        guard.load_json(self.path.read_text(encoding="utf-8"))
+        raw = None if self.path is None else read_bytes(self.path)
+        if raw is not None:
+            guard.load_json(raw.decode("utf-8"))
 
     def save(self, guard: PinGuard) -> None:
-        """Write, fsync, rename, fsync the folder: a crash leaves the old or the new file, never half."""
+        """Write the whole state, or raise OSError and keep the old file (`problem` says why)."""
         if self.path is None:
             return
         text = guard.to_json()
         with self._lock:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
             try:
-                os.write(fd, text.encode())
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, self.path)
-            dir_fd = os.open(self.path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                write_whole(self.path, text.encode())
+            except OSError as exc:
+                self.problem = f"cannot save the PIN guard state to {self.path}: {exc.strerror or exc}"
+                raise
+            self.problem = ""

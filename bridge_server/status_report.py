@@ -174,19 +174,41 @@ def build_status(server: BridgeServer) -> dict[str, Any]:
             "uptime_s": round(wall - server.started_at, 1),
             "listen": server.listen_addresses(),
             "audit": server.audit.status(),  # docs/guardrails.md: why new leases are refused
+            "state": {"pin_guard": server.guard_store.status(), "epochs": server.epochs.status()},
         },
         "tokens": [_token(server, tok, now, wall) for tok in server.tokens],
         "clients": clients,
-        "warnings": certificate_warnings(server, dt.datetime.now(dt.UTC)) + _audit_warning(server),
+        "warnings": certificate_warnings(server, dt.datetime.now(dt.UTC))
+        + _audit_warning(server)
+        + _state_warnings(server),
     }
 
 
 def _audit_warning(server: BridgeServer) -> list[dict[str, Any]]:
     audit = server.audit
-    if audit.available:
-        return []
-    message = f"{audit.problem}; new leases are refused until it is writable (retried every second)"
-    return [{"subject": "audit log", "not_after": None, "days_left": None, "message": message}]
+    out: list[dict[str, Any]] = []
+    if audit.truncated:
+        message = (
+            f"{audit.path} was cut or edited while the server was stopped (an audit.truncated entry "
+            "records the gap); keep a copy and investigate (docs/ops.md)"
+        )
+        out.append({"subject": "audit log", "not_after": None, "days_left": None, "message": message})
+    if not audit.available:
+        message = f"{audit.problem}; new leases are refused until it is writable (retried every second)"
+        out.append({"subject": "audit log", "not_after": None, "days_left": None, "message": message})
+    return out
+
+
+def _state_warnings(server: BridgeServer) -> list[dict[str, Any]]:
+    """docs/ops.md "A full state disk": what could not be saved and what that means now."""
+    out: list[dict[str, Any]] = []
+    if server.guard_store.problem:
+        message = f"{server.guard_store.problem}; PIN commands are refused until it can be saved"
+        out.append({"subject": "PIN guard state", "not_after": None, "days_left": None, "message": message})
+    if server.epochs.problem:
+        message = f"{server.epochs.problem}; a restart now could reuse lease epochs of this run"
+        out.append({"subject": "lease epochs", "not_after": None, "days_left": None, "message": message})
+    return out
 
 
 # -- table -------------------------------------------------------------------------------------
