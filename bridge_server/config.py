@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from protocol.errors import ConfigError
-from protocol.runtime.config import load_yaml, parse_hostport, reject_unknown
+from protocol.runtime.config import load_yaml, optional_float, parse_hostport, reject_unknown
 
 DEFAULT_PORT: Final = 7447
 DEFAULT_HEARTBEAT_S: Final = 10.0
@@ -154,14 +154,13 @@ class _Section:
         return value
 
     def number(self, name: str, default: float, *, minimum: float = 0.0) -> float:
-        value = self.get(name)
-        if value is None:
-            return default
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise self.error(name, f"expected a number of seconds, got {value!r}")
+        """Seconds, finite and above `minimum`: the shared helper refuses NaN and infinity
+        (`nan <= 0` is False, so a bare comparison lets `.nan` through)."""
+        value = optional_float(self.raw, name, self.path, default, prefix=self.prefix, minimum=minimum)
+        assert value is not None  # the default is a float
         if value <= minimum:
-            raise self.error(name, f"must be greater than {minimum:g}, got {value!r}")
-        return float(value)
+            raise self.error(name, f"must be greater than {minimum:g}, got {value:g}")
+        return value
 
     def integer(self, name: str, default: int | None, *, low: int, high: int) -> int | None:
         value = self.get(name)
