@@ -99,15 +99,16 @@ class Guardrails:
         self.private_key_ops = 0  # this lease's successful private-key operations
 
     def screen(self, raw: bytes, holder: Holder) -> Screened | None:
+        manager = may_manage(holder.names, admin=holder.admin, allow_management=self.policy.allow_management)
+        ins = raw[1] if len(raw) >= 4 else None  # the allow list judges every command, by INS
+        refusal = check_command(ins, manager=manager, allowed=self.policy.allowed)
+        if refusal is not None:
+            return Screened(
+                refusal.sw, "policy", refusal.ins, f"{refusal.command} is not allowed for {holder.name!r}"
+            )
         head = _header(raw)
         if head is None:
             return None
-        manager = may_manage(holder.names, admin=holder.admin, allow_management=self.policy.allow_management)
-        refusal = check_command(head.ins, manager=manager)
-        if refusal is not None:
-            return Screened(
-                refusal.sw, "policy", head.ins, f"{refusal.command} is not allowed for {holder.name!r}"
-            )
         sw = self.guard.check(self.token, head.ins, head.p2, head.has_data)
         if sw is not None:
             return Screened(sw, "pin_guard", head.ins, "the PIN guard is engaged")
@@ -191,7 +192,8 @@ class Guardrails:
             )
         return (
             f"{refused.detail} on token {self.token!r} (answered {describe_sw(refused.sw)}); "
-            "list the identity in `admins` or the token's policy.allow_management to permit it"
+            "list the identity in `admins` or the token's policy.allow_management to permit it, "
+            "or add the instruction to the token's policy.allow_ins (docs/guardrails.md)"
         )
 
 
