@@ -130,9 +130,16 @@ class ServerConfig:
         return replace(self, host=host, port=port)
 
     def with_simulated_tokens(self, profile: str) -> ServerConfig:
-        """A copy whose every token is the simulator `profile` (names and allow lists kept)."""
-        tokens = tuple(replace(t, match=TokenMatch(simulate=profile)) for t in self.tokens)
-        return replace(self, tokens=tokens)
+        """A copy whose every token is the simulator `profile` (names, allow lists, policy kept;
+        a command-policy family that came from the old `match` follows the new one)."""
+        return replace(self, tokens=tuple(_simulated(t, profile) for t in self.tokens))
+
+
+def _simulated(token: TokenConfig, profile: str) -> TokenConfig:
+    policy = token.policy
+    if policy.family == default_family(simulate=token.match.simulate, vid=token.match.vid):
+        policy = replace(policy, family=default_family(simulate=profile, vid=None))
+    return replace(token, match=TokenMatch(simulate=profile), policy=policy)
 
 
 class _Section:

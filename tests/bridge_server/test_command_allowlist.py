@@ -140,3 +140,11 @@ async def test_an_admins_envelope_reaches_the_card(nursery: trio.Nursery, tmp_pa
     epoch = await lease(manager, admin)
     await apdu(manager, admin, epoch, ENVELOPE_PUT_DATA)
     assert [c[1] for c in device.card.commands] == [0xC2]
+
+
+def test_simulating_a_token_moves_a_derived_family_and_keeps_a_configured_one() -> None:
+    path = Path("/etc/tokenbridge/server.yaml")
+    derived = parse_server_config(_token_doc({}), path).with_simulated_tokens("yubikey5")
+    assert derived.tokens[0].policy.family == "yubikey"
+    configured = parse_server_config(_token_doc({"family": "piv"}, {"vid": 0x1050, "pid": 0x0407}), path)
+    assert configured.with_simulated_tokens("safenet-5110").tokens[0].policy.family == "piv"
