@@ -44,9 +44,9 @@ from bridge_client.tunnel_state import (
 )
 from protocol import ccid
 from protocol.connection import BridgeConnection, ConnectionClosed, Role
-from protocol.errors import CloseCode, RemoteProtocolError
+from protocol.errors import CloseCode, RemoteProtocolError, TlsSetupError
 from protocol.runtime.framed import FramedConnection
-from protocol.runtime.tls import HOSTNAME_MISMATCH, describe_handshake_error
+from protocol.runtime.tls import HOSTNAME_MISMATCH, check_peer_purpose, describe_handshake_error
 from protocol.wire import (
     PROTOCOL_VERSION,
     CcidFrame,
@@ -191,6 +191,10 @@ class Tunnel:
                     "server_name in the client config)"
                 )
             raise TunnelDown(f"TLS handshake with {where} failed: {why}") from exc
+        try:
+            check_peer_purpose(stream)  # OpenSSL takes a server certificate with no EKU, or both
+        except TlsSetupError as exc:
+            raise TunnelDown(f"TLS handshake with {where} failed: {exc}") from exc
         conn = FramedConnection(stream, BridgeConnection(Role.CLIENT))
         # TLS 1.3: the server checks our certificate after our side of the handshake is done,
         # so its verdict shows on this first read: an alert, a cut connection or a plain close.

@@ -19,7 +19,7 @@ from typing import Any, Final
 
 import trio
 
-from protocol.errors import BridgeError
+from protocol.errors import BridgeError, TlsSetupError
 
 DEFAULT_SERVER_CONFIG: Final = Path("/etc/tokenbridge/server.yaml")
 REQUEST_TIMEOUT_S: Final = 15.0
@@ -128,7 +128,7 @@ class AdminSession:
         from protocol import wire
         from protocol.connection import BridgeConnection, Role
         from protocol.runtime.framed import FramedConnection
-        from protocol.runtime.tls import client_context
+        from protocol.runtime.tls import check_peer_purpose, client_context
 
         t = self.target
         assert t.host is not None
@@ -146,6 +146,10 @@ class AdminSession:
             raise AdminClientError(
                 f"tls handshake with {t.describe()} failed: {describe_handshake_error(exc)}"
             ) from exc
+        try:
+            check_peer_purpose(tls)  # OpenSSL takes a server certificate with no EKU, or both
+        except TlsSetupError as exc:
+            raise AdminClientError(f"tls handshake with {t.describe()} failed: {exc}") from exc
         self._framed = FramedConnection(tls, BridgeConnection(Role.CLIENT))
         first = await self._framed.receive()
         if isinstance(first, wire.Refused):

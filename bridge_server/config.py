@@ -10,12 +10,19 @@ silently falling back to a default is how a lease policy quietly stops applying.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final
 
+from bridge_server.command_policy import (
+    DEFAULT_FAMILY,
+    ENVELOPE_INS,
+    FAMILIES,
+    allowed_instructions,
+    default_family,
+)
 from protocol.errors import ConfigError
-from protocol.runtime.config import load_yaml, parse_hostport, reject_unknown
+from protocol.runtime.config import load_yaml, optional_float, parse_hostport, reject_unknown
 
 DEFAULT_PORT: Final = 7447
 DEFAULT_HEARTBEAT_S: Final = 10.0
@@ -44,9 +51,15 @@ class TokenMatch:
 
 @dataclass(frozen=True, slots=True)
 class PolicyConfig:
-    """Per-token command policy (docs/guardrails.md): who may run card-management commands."""
+    """Per-token command policy (docs/guardrails.md): the allow list, and who may send anything."""
 
-    allow_management: tuple[str, ...] = ()  # identities besides `admins`
+    allow_management: tuple[str, ...] = ()  # identities besides `admins` that may send any command
+    family: str = DEFAULT_FAMILY  # which signing allow list applies (command_policy.FAMILIES)
+    allow_ins: tuple[int, ...] = ()  # instructions added to the family's list for every client
+    allowed: frozenset[int] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "allowed", allowed_instructions(self.family, self.allow_ins))
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,9 +132,16 @@ class ServerConfig:
         return replace(self, host=host, port=port)
 
     def with_simulated_tokens(self, profile: str) -> ServerConfig:
-        """A copy whose every token is the simulator `profile` (names and allow lists kept)."""
-        tokens = tuple(replace(t, match=TokenMatch(simulate=profile)) for t in self.tokens)
-        return replace(self, tokens=tokens)
+        """A copy whose every token is the simulator `profile` (names, allow lists, policy kept;
+        a command-policy family that came from the old `match` follows the new one)."""
+        return replace(self, tokens=tuple(_simulated(t, profile) for t in self.tokens))
+
+
+def _simulated(token: TokenConfig, profile: str) -> TokenConfig:
+    policy = token.policy
+    if policy.family == default_family(simulate=token.match.simulate, vid=token.match.vid):
+        policy = replace(policy, family=default_family(simulate=profile, vid=None))
+    return replace(token, match=TokenMatch(simulate=profile), policy=policy)
 
 
 class _Section:
@@ -156,14 +176,13 @@ class _Section:
         return value
 
     def number(self, name: str, default: float, *, minimum: float = 0.0) -> float:
-        value = self.get(name)
-        if value is None:
-            return default
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise self.error(name, f"expected a number of seconds, got {value!r}")
+        """Seconds, finite and above `minimum`: the shared helper refuses NaN and infinity
+        (`nan <= 0` is False, so a bare comparison lets `.nan` through)."""
+        value = optional_float(self.raw, name, self.path, default, prefix=self.prefix, minimum=minimum)
+        assert value is not None  # the default is a float
         if value <= minimum:
-            raise self.error(name, f"must be greater than {minimum:g}, got {value!r}")
-        return float(value)
+            raise self.error(name, f"must be greater than {minimum:g}, got {value:g}")
+        return value
 
     def integer(self, name: str, default: int | None, *, low: int, high: int) -> int | None:
         value = self.get(name)
@@ -230,6 +249,38 @@ def _parse_match(sec: _Section, base: Path) -> TokenMatch:
     return TokenMatch(vid=vid, pid=pid, serial=serial)
 
 
+def _parse_policy(sec: _Section, match: TokenMatch) -> PolicyConfig:
+    family = sec.string("family") or default_family(simulate=match.simulate, vid=match.vid)
+    if family not in FAMILIES:
+        raise sec.error("family", f"unknown card family {family!r}; one of: {', '.join(FAMILIES)}")
+    raw = sec.get("allow_ins")
+    if raw is not None and not isinstance(raw, list):
+        raise sec.error("allow_ins", f"expected a list of instruction bytes such as [0xD6], got {raw!r}")
+    allow_ins = tuple(_instruction(sec, i, v) for i, v in enumerate(raw or ()))
+    return PolicyConfig(allow_management=sec.names("allow_management"), family=family, allow_ins=allow_ins)
+
+
+def _instruction(sec: _Section, index: int, value: object) -> int:
+    """One INS byte: an integer (YAML reads 0xD6 as 214) or hex text ("D6", "0xD6")."""
+    ins: int | None = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        ins = value
+    elif isinstance(value, str):
+        try:
+            ins = int(value, 16)
+        except ValueError:
+            ins = None
+    if ins is None or not 0 <= ins <= 0xFF:
+        raise sec.error(f"allow_ins[{index}]", f"expected an instruction byte 0x00..0xFF, got {value!r}")
+    if ins in ENVELOPE_INS:
+        raise sec.error(
+            f"allow_ins[{index}]",
+            "ENVELOPE (C2/C3) cannot be allowed: it hides the wrapped command from the policy, "
+            "the PIN guard and log redaction; list the identity in policy.allow_management instead",
+        )
+    return ins
+
+
 def _parse_tokens(root: _Section, base: Path) -> tuple[TokenConfig, ...]:
     raw = root.get("tokens", required=True)
     if not isinstance(raw, list) or not raw:
@@ -245,8 +296,7 @@ def _parse_tokens(root: _Section, base: Path) -> tuple[TokenConfig, ...]:
             raise sec.error("name", f"duplicate token name {name!r}")
         sec.get("match", required=True)
         match = _parse_match(sec.section("match", ("vid", "pid", "serial", "simulate", "state")), base)
-        policy_sec = sec.section("policy", ("allow_management",))
-        policy = PolicyConfig(allow_management=policy_sec.names("allow_management"))
+        policy = _parse_policy(sec.section("policy", ("allow_management", "family", "allow_ins")), match)
         tokens.append(TokenConfig(name=name, match=match, allow=sec.names("allow"), policy=policy))
     return tuple(tokens)
 

@@ -166,8 +166,9 @@ async def probe_server(config: Any) -> tuple[Check, dict[str, Any]]:
     """TLS handshake and greeting; on Welcome, the TokenStatus messages seen within a moment."""
     from protocol import wire
     from protocol.connection import BridgeConnection, Role
+    from protocol.errors import TlsSetupError
     from protocol.runtime.framed import FramedConnection
-    from protocol.runtime.tls import client_context, describe_handshake_error
+    from protocol.runtime.tls import check_peer_purpose, client_context, describe_handshake_error
 
     where = f"{config.server_host}:{config.server_port}"
     tls = config.tls
@@ -178,6 +179,7 @@ async def probe_server(config: Any) -> tuple[Check, dict[str, Any]]:
             stream = trio.SSLStream(tcp, ctx, server_hostname=config.server_name)
             async with stream:
                 await stream.do_handshake()
+                check_peer_purpose(stream)  # OpenSSL takes a server certificate with no EKU, or both
                 framed = FramedConnection(stream, BridgeConnection(Role.CLIENT))
                 first = await framed.receive()
                 if isinstance(first, wire.Refused):
@@ -214,6 +216,10 @@ async def probe_server(config: Any) -> tuple[Check, dict[str, Any]]:
                 return Check(
                     "server", "ok", f"{where} accepted identity {first.identity!r} ({first.server})"
                 ), tokens
+    except TlsSetupError as exc:
+        return Check(
+            "server", "fail", f"tls with {where} failed: {exc}", "reissue the certificate it names"
+        ), {}
     except trio.TooSlowError:
         return Check(
             "server",

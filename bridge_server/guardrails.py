@@ -106,16 +106,17 @@ class Guardrails:
 
     def screen(self, raw: bytes, holder: Holder) -> Screened | None:
         head = _header(raw)
-        if head is None:
-            return None
-        if head.chained and head.ins in PIN_INS:
+        if head is not None and head.chained and head.ins in PIN_INS:
             return self._check_pin(head)  # before the policy: the same answer for everybody
         manager = may_manage(holder.names, admin=holder.admin, allow_management=self.policy.allow_management)
-        refusal = check_command(head.ins, manager=manager)
+        ins = raw[1] if len(raw) >= 4 else None  # the allow list judges every command, by INS
+        refusal = check_command(ins, manager=manager, allowed=self.policy.allowed)
         if refusal is not None:
             return Screened(
-                refusal.sw, "policy", head.ins, f"{refusal.command} is not allowed for {holder.name!r}"
+                refusal.sw, "policy", refusal.ins, f"{refusal.command} is not allowed for {holder.name!r}"
             )
+        if head is None:
+            return None
         return self._check_pin(head)
 
     def _check_pin(self, head: _Header) -> Screened | None:
@@ -236,7 +237,8 @@ class Guardrails:
             )
         return (
             f"{refused.detail} on token {self.token!r} (answered {describe_sw(refused.sw)}); "
-            "list the identity in `admins` or the token's policy.allow_management to permit it"
+            "list the identity in `admins` or the token's policy.allow_management to permit it, "
+            "or add the instruction to the token's policy.allow_ins (docs/guardrails.md)"
         )
 
 

@@ -47,7 +47,7 @@ class Subscriber:
     ) -> None:
         self.conn_id = conn_id
         self.identity = identity
-        self.admin = admin
+        self.admin = admin  # a config reload grants it live or drops the session (rights.py)
         self.peer = peer  # "host:port", for `status`
         self.cert_serial = cert_serial  # the client certificate's serial: a CRL reload drops revoked ones
         self.since = time.time()  # wall time, for `status`

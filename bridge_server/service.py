@@ -3,10 +3,13 @@
 `status_line()` and `plan_reload()` are pure (sync-testable); `report_status()` and
 `reload_config()` apply them to a running `BridgeServer`.
 
-What SIGHUP can change without a restart (issue 8): each token's allow list, the admins, and
-the lease timings. Everything else in server.yaml (listen address, the tokens themselves and
-their `match`, pin_guard, audit, control, limits, heartbeat) is bound to open sockets, files
-or devices: a change is logged as `reload.needs_restart` and ignored until the next restart.
+What SIGHUP can change without a restart (issue 8): each token's allow list and command
+policy (`policy.allow_management`, `family`, `allow_ins`), the admins, and the lease timings.
+Rights apply to open sessions at once (issue 13, `bridge_server/rights.py`): a session whose
+rights shrank is dropped or loses its lease, and the `reload.applied` line names it. Everything
+else in server.yaml (listen address, the tokens themselves and their `match`, pin_guard, audit,
+control, limits, heartbeat) is bound to open sockets, files or devices: a change is logged as
+`reload.needs_restart` and ignored until the next restart.
 The TLS material (certificate, key, CRL) is reloaded by `BridgeServer.reload_tls()`.
 The log level is the `--log-level` option, not part of the config file.
 """
@@ -22,6 +25,7 @@ import structlog
 import trio
 
 from bridge_server.config import ServerConfig, TokenConfig, load_server_config
+from bridge_server.rights import apply_rights
 from protocol.errors import ConfigError
 
 log = structlog.get_logger(__name__)
@@ -69,12 +73,14 @@ class ReloadPlan:
     config: ServerConfig  # the running config with the live-applicable changes
     applied: list[str] = field(default_factory=list)
     needs_restart: list[str] = field(default_factory=list)
+    sessions_dropped: list[str] = field(default_factory=list)  # filled by apply_plan
+    leases_ended: list[str] = field(default_factory=list)  # filled by apply_plan
 
 
 def _token_changes(
     old: Sequence[TokenConfig], new: Sequence[TokenConfig]
 ) -> tuple[list[TokenConfig], list[str], list[str]]:
-    """The running tokens with new allow lists, what changed, what needs a restart."""
+    """The running tokens with new allow lists and policies, what changed, what needs a restart."""
     by_name = {t.name: t for t in new}
     kept: list[TokenConfig] = []
     applied: list[str] = []
@@ -89,6 +95,8 @@ def _token_changes(
             restart.append(f"tokens: {tok.name}.match")
         if fresh.allow != tok.allow:
             applied.append(f"tokens: {tok.name}.allow")
+        if fresh.policy != tok.policy:
+            applied.append(f"tokens: {tok.name}.policy")
         kept.append(replace(fresh, match=tok.match))
     restart.extend(f"tokens: {name} added" for name in by_name)
     return kept, applied, restart
@@ -124,8 +132,11 @@ def apply_plan(server: Any, plan: ReloadPlan) -> None:
             lease.max_hold_s,
         )
         manager.queue_timeout_s = lease.queue_timeout_s
+        manager.rails.policy = tok.policy  # screened per APDU: applies to the running lease
         if before.allow != tok.allow:
             _tell_sessions(server, manager, before)
+    rights = apply_rights(server.hub, server.tokens, cfg.admins)
+    plan.sessions_dropped, plan.leases_ended = rights.sessions_dropped, rights.leases_ended
     handler = getattr(server, "handler", None)
     if handler is not None:
         # The listener hands this context to every new session; open sessions keep theirs.
@@ -141,14 +152,6 @@ def _tell_sessions(server: Any, manager: Any, before: TokenConfig) -> None:
     for sub in server.hub:
         if sub.admin or sub.may_use(before.allow) or sub.may_use(manager.config.allow):
             sub.push(manager.status_for(sub))
-    holder = manager.book.holder
-    if holder is not None and holder.identity not in manager.config.allow:
-        log.warning(
-            "reload.holder_not_allowed",
-            token=manager.name,
-            client_id=holder.identity,
-            reason="the current lease runs to its end; revoke it to end it now",
-        )
 
 
 def reload_config(server: Any) -> ReloadPlan | None:
@@ -171,7 +174,10 @@ def reload_config(server: Any) -> ReloadPlan | None:
             changed=plan.needs_restart,
             reason="these settings apply at the next restart: systemctl restart tokenbridge-server",
         )
-    log.info("reload.applied", what="config", path=str(path), changed=plan.applied)
+    log.info(
+        "reload.applied", what="config", path=str(path), changed=plan.applied,
+        sessions_dropped=plan.sessions_dropped, leases_ended=plan.leases_ended,
+    )  # fmt: skip
     return plan
 
 

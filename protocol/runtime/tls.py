@@ -15,6 +15,11 @@ Both daemons build their `ssl.SSLContext` here so the two ends cannot drift apar
   certificate that works here keeps working after an upgrade.
 - `OP_IGNORE_UNEXPECTED_EOF` is off whatever the build's default, so a connection cut without
   close_notify is reported as lost, the same on every Python a user may run.
+- Each end checks that the other's certificate is made for its role (`check_peer_purpose`,
+  after the handshake): a client's carries the clientAuth extended key usage, the server's
+  serverAuth, and neither carries both. OpenSSL only refuses an EKU that lacks the purpose; it
+  takes a certificate with no EKU, or with both, in either role, and such a certificate could
+  then pass for the other end (RFC 5280 §4.2.1.12: no EKU means "any purpose").
 """
 
 from __future__ import annotations
@@ -24,16 +29,17 @@ import ssl
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Protocol
+from typing import Final, Protocol
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.x509.oid import NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from protocol.errors import TlsSetupError
 
 __all__ = [
     "PeerIdentity",
+    "check_peer_purpose",
     "client_context",
     "crl_problem",
     "describe_handshake_error",
@@ -190,15 +196,65 @@ class PeerIdentity:
 
 
 class _HasPeerCert(Protocol):
+    @property
+    def server_side(self) -> bool: ...
     def getpeercert(self, binary_form: bool = ...) -> object: ...
 
 
 def peer_identity(ssl_object: _HasPeerCert) -> PeerIdentity:
-    """The identity of a handshaken peer (`ssl.SSLObject` or a `trio.SSLStream`)."""
+    """The identity of a handshaken peer (`ssl.SSLObject` or a `trio.SSLStream`).
+
+    Raises:
+        TlsSetupError: no certificate, or one not made for the peer's role (`check_peer_purpose`).
+    """
+    return peer_identity_from_der(check_peer_purpose(ssl_object))
+
+
+_ROLES: Final = {
+    # our side -> (the peer's role, the EKU it needs, the other role's EKU, how to reissue it)
+    True: ("client", ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH, "issue-client"),
+    False: ("server", ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH, "issue-server"),
+}
+_EKU_NAMES: Final = {
+    ExtendedKeyUsageOID.CLIENT_AUTH: "clientAuth",
+    ExtendedKeyUsageOID.SERVER_AUTH: "serverAuth",
+}
+
+
+def check_peer_purpose(ssl_object: _HasPeerCert) -> bytes:
+    """The peer's DER certificate, after checking it is made for the peer's role only.
+
+    Raises:
+        TlsSetupError: naming the certificate, what its extended key usage lacks or has too
+            much of, and how to reissue it.
+    """
     der = ssl_object.getpeercert(binary_form=True)
     if not isinstance(der, bytes) or not der:
         raise TlsSetupError("peer presented no certificate; is the context built with CERT_REQUIRED?")
-    return peer_identity_from_der(der)
+    role, needed, other, command = _ROLES[bool(ssl_object.server_side)]
+    problem = purpose_problem(x509.load_der_x509_certificate(der), needed=needed, other=other)
+    if problem is not None:
+        name = peer_identity_from_der(der).name
+        raise TlsSetupError(
+            f"{role} certificate {name!r} {problem}: a bridge {role} certificate must carry "
+            f"{_EKU_NAMES[needed]} only; reissue it with `tokenbridge pki {command}`"
+        )
+    return der
+
+
+def purpose_problem(
+    cert: x509.Certificate, *, needed: x509.ObjectIdentifier, other: x509.ObjectIdentifier
+) -> str | None:
+    """What is wrong with `cert`'s extended key usage for the role that needs `needed`, or None."""
+    try:
+        usages = list(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
+    except x509.ExtensionNotFound:
+        return "has no extended key usage"
+    if needed not in usages:
+        return f"lacks {_EKU_NAMES[needed]} in its extended key usage"
+    if other in usages:
+        return "carries both clientAuth and serverAuth"
+    return None
 
 
 def peer_identity_from_der(der: bytes) -> PeerIdentity:

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import trio
 import trio.testing
 import trustme
+from role_certs import CertRole, issue_cert
 
 from bridge_client.backoff import Backoff
 from bridge_client.tunnel import Tunnel
@@ -45,6 +46,9 @@ class Certs:
     foreign_ca: Path
     foreign_server: tuple[Path, Path]
     foreign_client: tuple[Path, Path]
+    # Our CA's server certificates with no extended key usage, and with clientAuth and serverAuth.
+    server_no_eku: tuple[Path, Path]
+    server_both_ekus: tuple[Path, Path]
 
     @classmethod
     def create(cls, folder: Path) -> Certs:
@@ -52,8 +56,8 @@ class Certs:
         ours.cert_pem.write_to_path(str(folder / "ca.pem"))
         theirs.cert_pem.write_to_path(str(folder / "foreign-ca.pem"))
 
-        def leaf(ca: trustme.CA, stem: str, name: str) -> tuple[Path, Path]:
-            cert = ca.issue_cert(name, common_name=name)
+        def leaf(ca: trustme.CA, stem: str, name: str, role: CertRole = "server") -> tuple[Path, Path]:
+            cert = issue_cert(ca, name, common_name=name, role="client" if "client" in stem else role)
             cert.cert_chain_pems[0].write_to_path(str(folder / f"{stem}.pem"))
             cert.private_key_pem.write_to_path(str(folder / f"{stem}.key"))
             return folder / f"{stem}.pem", folder / f"{stem}.key"
@@ -66,6 +70,8 @@ class Certs:
             foreign_ca=folder / "foreign-ca.pem",
             foreign_server=leaf(theirs, "foreign-server", SERVER_NAME),
             foreign_client=leaf(theirs, "foreign-client", CLIENT_NAME),
+            server_no_eku=leaf(ours, "server-no-eku", SERVER_NAME, "none"),
+            server_both_ekus=leaf(ours, "server-both-ekus", SERVER_NAME, "both"),
         )
 
     def client_ctx(self) -> ssl.SSLContext:

@@ -130,6 +130,23 @@ async def test_a_server_certificate_from_another_ca_is_reported_as_unknown_ca(
     assert reason == f"TLS handshake with {PEER} failed: certificate unknown / not signed by our CA"
 
 
+@pytest.mark.parametrize(
+    ("which", "problem"),
+    [
+        ("server_no_eku", "has no extended key usage"),
+        ("server_both_ekus", "carries both clientAuth and serverAuth"),
+    ],
+)
+async def test_a_server_certificate_not_made_for_serverauth_only_is_refused(
+    certs: Certs, autojump_clock: trio.testing.MockClock, which: str, problem: str
+) -> None:
+    reason = await tls_failure(certs, certs.server_ctx(cert=getattr(certs, which)))
+    assert reason == (
+        f"TLS handshake with {PEER} failed: server certificate {SERVER_NAME!r} {problem}: a bridge "
+        "server certificate must carry serverAuth only; reissue it with `tokenbridge pki issue-server`"
+    )
+
+
 async def test_a_server_certificate_for_another_name_is_reported_as_name_mismatch(
     certs: Certs, autojump_clock: trio.testing.MockClock
 ) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 import trio
 import trustme
 from inproc import open_wire_client
+from role_certs import issue_cert
 
 from bridge_server.app import BridgeServer
 from bridge_server.config import parse_server_config
@@ -25,7 +26,9 @@ class Certs:
         self.ca = trustme.CA()
         self.ca.cert_pem.write_to_path(folder / "ca.pem")
         for name in ("localhost", "build-vm-01", "build-vm-02", "ops"):
-            leaf = self.ca.issue_cert(name, common_name=name)
+            leaf = issue_cert(
+                self.ca, name, common_name=name, role="server" if name == "localhost" else "client"
+            )
             leaf.cert_chain_pems[0].write_to_path(folder / f"{name}.pem")
             leaf.private_key_pem.write_to_path(folder / f"{name}.key")
 

@@ -10,7 +10,7 @@ import trio
 from rails_fakes import SELECT_PIV, PivDevice, apdu, lease, make_manager, make_rails, verify_apdu
 from server_fakes import Client
 
-from bridge_server.command_policy import MANAGEMENT_INS, check_command, may_manage
+from bridge_server.command_policy import check_command, may_manage
 from bridge_server.config import parse_server_config
 from bridge_server.hub import Hub
 from bridge_server.simulator.piv import PivCard
@@ -18,6 +18,8 @@ from protocol import wire
 from protocol.errors import ConfigError
 
 # PUT DATA of the printed-information object, and CHANGE REFERENCE DATA of the PIN (old||new).
+# CHANGE REFERENCE DATA, RESET RETRY COUNTER, GENERATE, PUT DATA, DELETE (the old deny list).
+MANAGEMENT_INS = (0x24, 0x25, 0x2C, 0x2D, 0x47, 0xDA, 0xDB, 0xE4)
 PUT_DATA = bytes.fromhex("00DB3FFF0A5C035FC10953034142 43".replace(" ", ""))
 CHANGE_PIN = bytes.fromhex("0024008010") + b"123456\xff\xff" + b"654321\xff\xff"
 

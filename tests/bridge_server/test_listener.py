@@ -8,6 +8,7 @@ import structlog
 import trio
 import trio.testing
 import trustme
+from role_certs import issue_cert
 from server_fakes import FakeDevice, make_manager
 
 from bridge_server.config import LimitsConfig
@@ -20,8 +21,8 @@ from protocol.errors import CloseCode
 from protocol.runtime.framed import FramedConnection
 
 CA = trustme.CA()
-SERVER_CERT = CA.issue_cert("localhost")
-CLIENT_CERT = CA.issue_cert("vm1", common_name="vm1")
+SERVER_CERT = issue_cert(CA, "localhost", role="server")
+CLIENT_CERT = issue_cert(CA, "vm1", common_name="vm1", role="client")
 
 
 def server_ctx() -> ssl.SSLContext:
@@ -73,7 +74,7 @@ async def test_connection_over_the_cap_is_refused_with_a_reason_after_the_handsh
 
 async def test_untrusted_client_certificate_is_logged_with_a_reason() -> None:
     client_stream, server_stream = trio.testing.memory_stream_pair()
-    other = trustme.CA().issue_cert("vm1", common_name="vm1")
+    other = issue_cert(trustme.CA(), "vm1", common_name="vm1", role="client")
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     CA.configure_trust(ctx)
     other.configure_cert(ctx)

@@ -18,6 +18,7 @@ from typing import Any
 
 import trio
 import trustme
+from role_certs import CertRole, issue_cert
 
 from bridge_client.backoff import Backoff
 from bridge_client.tunnel import Tunnel
@@ -42,12 +43,12 @@ class Pki:
         self.folder = folder
         self.ca = trustme.CA()
         self.ca.cert_pem.write_to_path(folder / "ca.pem")
-        self._issue("server", "localhost")
+        self._issue("server", "localhost", "server")
         for name in clients:
-            self._issue(name, name)
+            self._issue(name, name, "client")
 
-    def _issue(self, stem: str, name: str) -> None:
-        leaf = self.ca.issue_cert(name, common_name=name)
+    def _issue(self, stem: str, name: str, role: CertRole) -> None:
+        leaf = issue_cert(self.ca, name, common_name=name, role=role)
         leaf.cert_chain_pems[0].write_to_path(self.folder / f"{stem}.pem")
         leaf.private_key_pem.write_to_path(self.folder / f"{stem}.key")
 

@@ -14,6 +14,6 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     ca_file = root / "ca.pem"
     ca.cert_pem.write_to_path(str(ca_file))
     partial = Pki(ca, ca_file, CertFiles(root / "x", root / "x"), CertFiles(root / "x", root / "x"), root)
-    server = partial.issue("server", "bridge.example", common_name="bridge-server")
+    server = partial.issue("server", "bridge.example", common_name="bridge-server", role="server")
     client = partial.issue("client", "builder-07.ci.example", "b7.ci.example", common_name="builder-07")
     return Pki(ca, ca_file, server, client, root)

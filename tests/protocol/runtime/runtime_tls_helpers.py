@@ -9,6 +9,7 @@ from pathlib import Path
 import trio
 import trio.testing
 import trustme
+from role_certs import CertRole, issue_cert
 
 
 @dataclass(frozen=True)
@@ -25,8 +26,16 @@ class Pki:
     client: CertFiles
     root: Path
 
-    def issue(self, name: str, *identities: str, ca: trustme.CA | None = None, **kwargs: object) -> CertFiles:
-        leaf = (ca or self.ca).issue_cert(*identities, **kwargs)  # type: ignore[arg-type]
+    def issue(
+        self,
+        name: str,
+        *identities: str,
+        ca: trustme.CA | None = None,
+        role: CertRole = "client",
+        **kwargs: object,
+    ) -> CertFiles:
+        """A leaf signed by `ca` (ours by default) with the extended key usage of `role`."""
+        leaf = issue_cert(ca or self.ca, *identities, role=role, **kwargs)  # type: ignore[arg-type]
         cert = self.root / f"{name}.pem"
         key = self.root / f"{name}.key"
         leaf.cert_chain_pems[0].write_to_path(str(cert))
