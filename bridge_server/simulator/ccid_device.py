@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, Protocol
 
+from protocol._t1_blocks import SType, s_block
 from protocol.atr import Atr, Checksum
 from protocol.ccid import (
     HEADER_LEN,
@@ -40,7 +41,6 @@ from protocol.ccid import (
     status_byte,
 )
 from protocol.errors import LocalProtocolError
-from protocol._t1_blocks import SType, s_block
 from protocol.t1 import ApduComplete, Idle, SendBlock, T1Card
 
 from .faults import Evidence, Faults

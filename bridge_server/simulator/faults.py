@@ -203,11 +203,6 @@ class Evidence:
     def apdu_count(self) -> int:
         return self.snapshot().apdus
 
-    def take_t1_resynch(self) -> bool:
-        with self._lock:
-            armed, self.t1_resynch_next = self.t1_resynch_next, False
-            return armed
-
     def clear(self) -> None:
         with self._lock:
             self._records.clear()
