@@ -19,7 +19,10 @@ SetParameters says so (Fi/Di 0x11 unless the card is in specific mode, reference
 bBWI = WTX multiplier), TPDU T=0 (one XfrBlock, 61xx/6Cxx handled), short APDU (one XfrBlock) and
 extended APDU (wLevelParameter chaining both ways, §1.10.4). A failed exchange leaves the card
 in an unknown state, so the driver cold-resets it (power off, power on) and raises CardError:
-the caller fails the APDU instead of inventing a status word. An exchange cancelled half-way
+the caller fails the APDU instead of inventing a status word. Nothing here sends a PIN-class
+command twice (promise P2, docs/guardrails.md): `T1Reader` ends it in T1Error after a resynch,
+a T=0 6Cxx answer to it goes back as it is, and no failed exchange is ever retried (the cold
+reset below is all the recovery there is). An exchange cancelled half-way
 (lease revoked, client gone) triggers the same reset before the next APDU. We send no
 PC_to_RDR_Abort: libccid never does, most tokens stall the ABORT class request (§1.6), and the
 cold reset supersedes it. Nor the Gemalto GET_FIRMWARE_FEATURES escape: it only feeds pinpad
@@ -71,7 +74,7 @@ from protocol.ccid import (
 )
 from protocol.errors import MalformedAtrError, MalformedCcidMessageError, T1Error
 from protocol.runtime.logging import debug_enabled
-from protocol.t1 import ApduComplete, SendBlock, T1Reader
+from protocol.t1 import ApduComplete, SendBlock, T1Reader, at_most_once
 
 log = structlog.get_logger(__name__)
 
@@ -291,7 +294,9 @@ class CcidDriver:
         if len(apdu) > 5 and len(apdu) == 6 + apdu[4]:
             apdu = apdu[:-1]  # ISO 7816-3 §12.2.1: case 4 goes as case 3; the card answers 61xx
         resp = await self._xfr_ok(apdu)
-        if len(resp) >= 2 and resp[-2] == 0x6C and len(apdu) == 5:
+        # 6Cxx asks for the same header again; a PIN-class command is never sent twice (P2),
+        # so its 6Cxx goes back to the client, which decides itself whether to send it again.
+        if len(resp) >= 2 and resp[-2] == 0x6C and len(apdu) == 5 and not at_most_once(apdu):
             resp = await self._xfr_ok(apdu[:4] + resp[-1:])
         body = bytearray()
         for _ in range(MAX_T0_ROUNDS):

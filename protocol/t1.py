@@ -23,6 +23,10 @@ Rules:
   (rule 6); `max_resynchs` per exchange, then the link is DEAD until the next power-on.
 * Deviation from libccid: after a resynch we restart the whole command (the card dropped any
   partial chain), never resume mid-chain, so a card can never see a spliced command.
+* Except a PIN-class command (VERIFY, CHANGE REFERENCE DATA, RESET RETRY COUNTER, and ENVELOPE,
+  which may wrap one): it is never sent again after a resynch; the exchange ends in T1Error
+  (promise P2, docs/guardrails.md). Sending the same I-block again when the card asks for it with
+  an R-block is not a repeat: see `_on_resynch_reply` for the reasoning.
 * Card S-requests: S(WTX) is echoed and the multiplier returned in `SendBlock.wtx`; S(IFS)
   updates IFSC and is echoed; S(ABORT) is echoed and drops any partial response; S(RESYNCH)
   is not the card's to send (§11.6.3.2), so we resynch.
@@ -31,7 +35,7 @@ Rules:
 from __future__ import annotations
 
 from enum import Enum
-from typing import NoReturn
+from typing import Final, NoReturn
 
 from protocol._t1_blocks import (
     MAX_COMMAND_APDU,
@@ -54,10 +58,12 @@ from protocol._t1_blocks import (
     swap_nibbles,
 )
 from protocol._t1_card import T1Card
+from protocol.apdu import PIN_INS
 from protocol.atr import Checksum
 from protocol.errors import LocalProtocolError, T1Error
 
 __all__ = [
+    "AT_MOST_ONCE_INS",
     "MAX_COMMAND_APDU",
     "MAX_INF",
     "MAX_RESPONSE_APDU",
@@ -67,9 +73,20 @@ __all__ = [
     "SendBlock",
     "T1Card",
     "T1Reader",
+    "at_most_once",
     "crc16",
     "lrc",
 ]
+
+
+# Commands the card application must see at most once: a second VERIFY with a wrong PIN spends a
+# second retry. ENVELOPE (C2/C3) may carry any of them, so it counts as one.
+AT_MOST_ONCE_INS: Final[frozenset[int]] = PIN_INS | {0xC2, 0xC3}
+
+
+def at_most_once(apdu: bytes) -> bool:
+    """Whether `apdu` must never be sent to the card twice (its INS is PIN-class or ENVELOPE)."""
+    return len(apdu) >= 2 and apdu[1] in AT_MOST_ONCE_INS
 
 
 class _State(Enum):
@@ -123,6 +140,7 @@ class T1Reader:
         self._nr = 0
         self._state = _State.IDLE
         self._apdu = b""
+        self._once = False  # the command in flight is PIN-class: never restarted after a resynch
         self._offset = 0  # bytes of the command the card has acknowledged
         self._chunk = 0  # length of the I-block in flight
         self._more = False  # M bit of the I-block in flight
@@ -156,6 +174,7 @@ class T1Reader:
         if len(apdu) > MAX_COMMAND_APDU:
             raise LocalProtocolError(f"apdu is {len(apdu)} bytes, more than {MAX_COMMAND_APDU}")
         self._apdu = bytes(apdu)
+        self._once = at_most_once(self._apdu)
         self._retries = self._max_retries
         self._resynchs = self._max_resynchs
         self._restart()
@@ -255,9 +274,35 @@ class T1Reader:
             self._ns = 0
             self._nr = 0
             self._progress()
+            if self._once:
+                self._refuse_repeat()
             self._restart()
             return SendBlock(self._last)
         return self._resynch()
+
+    def _refuse_repeat(self) -> NoReturn:
+        """A PIN-class command is not restarted after a resynch (promise P2).
+
+        ISO 7816-3 §11.6.3.2: the card accepts an I-block only when it arrives intact with
+        N(S) equal to the card's N(R); it then hands the command on once its last block is in
+        and answers with an I-block (or acknowledges a chained block with R(N(R) != N(S))).
+        An R-block whose N(R) equals the N(S) of our block in flight (rule 7.1) is the card
+        saying it did not accept that block, so its application never saw the command: sending
+        that same I-block again (`_on_r_block`) is the first delivery, not a repeat. A
+        duplicated block is harmless too: the card sees the old N(S) and repeats its last block.
+        A resynch (rules 6.x, 7.4) follows lost or garbled answers, so we cannot know whether
+        the card accepted the last block and compared the PIN (a correct VERIFY whose answer
+        was lost and a wrong one both look the same from here). Restarting would spend a
+        second retry for one presentation, so we stop: the caller reports a reader error.
+        We stop even when the resynch came mid-chain (the card cannot have run the command
+        yet): the rule stays simple and a client can always send its PIN again itself.
+        """
+        self._state = _State.IDLE
+        self._response.clear()
+        raise T1Error(
+            f"pin-class command (ins {self._apdu[1]:02X}) not sent again after a t=1 resynch: "
+            "the card may already have counted it; present the pin again"
+        )
 
     def _on_ifs_reply(self, block: Block) -> SendBlock | ApduComplete:
         # libccid: negotiation succeeds only on exactly NAD E1 01 <IFSD> EDC.

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, Protocol
 
+from protocol._t1_blocks import SType, s_block
 from protocol.atr import Atr, Checksum
 from protocol.ccid import (
     HEADER_LEN,
@@ -317,7 +318,11 @@ class CcidDevice:
                 # the host's S(WTX response).
                 self._pending_rapdu = rapdu
                 return data_block(seq, self._t1.request_wtx(self._faults.wtx_multiplier)), 0.0
-            return data_block(seq, self._t1.respond(rapdu)), delay
+            answer = self._t1.respond(rapdu)
+            if self._faults.take_t1_resynch():
+                # The card ran the command but sends S(RESYNCH request) (reply NAD, same EDC).
+                answer = s_block(answer[0], SType.RESYNCH, False, b"", self._atr.checksum)
+            return data_block(seq, answer), delay
         assert isinstance(event, Idle)
         if self._pending_rapdu is not None:
             rapdu, self._pending_rapdu = self._pending_rapdu, None

@@ -13,6 +13,9 @@ Faults (one-shot unless said otherwise):
 - ``malformed_next``: the next response is truncated by one byte, so its dwLength lies.
 - ``wrong_seq_next``: a stray copy of the next response with another bSeq is sent first,
   as a stale frame from an earlier command would be (libccid drops such frames, §1.3).
+- ``t1_resynch_next``: TPDU T=1 tokens only: the card runs the next command, then sends
+  S(RESYNCH request) instead of its answer, as a card that lost track of the link would; the
+  host resynchs without knowing whether the command ran (a PIN must not be sent again, P2).
 - ``slow_sign_s`` (persistent): every GENERAL AUTHENTICATE takes this long, announced
   with time extensions (and with S(WTX) on TPDU tokens when ``wtx_blocks`` is set).
 """
@@ -40,6 +43,7 @@ class Faults:
         self.delay_next_s = 0.0
         self.malformed_next = False
         self.wrong_seq_next = False
+        self.t1_resynch_next = False
         self.slow_sign_s = 0.0
         self.wtx_blocks = False
         self.wtx_multiplier = DEFAULT_WTX_MULTIPLIER
@@ -64,6 +68,11 @@ class Faults:
             armed, self.wrong_seq_next = self.wrong_seq_next, False
             return armed
 
+    def take_t1_resynch(self) -> bool:
+        with self._lock:
+            armed, self.t1_resynch_next = self.t1_resynch_next, False
+            return armed
+
     def clear(self) -> None:
         """Disarm everything (the persistent slow signature included)."""
         with self._lock:
@@ -71,6 +80,7 @@ class Faults:
             self.delay_next_s = 0.0
             self.malformed_next = False
             self.wrong_seq_next = False
+            self.t1_resynch_next = False
             self.slow_sign_s = 0.0
             self.wtx_blocks = False
 

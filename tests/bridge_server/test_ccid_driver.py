@@ -462,7 +462,7 @@ def _t0_card(msg: CcidMessage) -> bytes:
     apdu = msg.data
     if apdu[1] == 0xC0:  # GET RESPONSE: serve 300 bytes in 256 + 44
         return (bytes(256) + b"\x61\x2c") if apdu[4] == 0 else (b"\x01" * apdu[4] + b"\x90\x00")
-    if apdu[1] == 0xB0:  # READ BINARY with a wrong Le: 6C 04, then 4 bytes
+    if apdu[1] in (0xB0, 0x20):  # READ BINARY (or a 5-byte VERIFY) with a wrong Le: 6C 04
         return b"\x6c\x04" if apdu[4] != 4 else b"ABCD\x90\x00"
     return b"\x61\x00"
 
@@ -482,6 +482,16 @@ async def test_t0_tpdu_resends_with_the_le_the_card_asked_for() -> None:
     driver, _ = await _driver(T0_TPDU, card_handler(T0_ATR, _t0_card))
     await driver.power_on()
     assert await driver.transmit(b"\x00\xb0\x00\x00\x10") == b"ABCD\x90\x00"
+
+
+async def test_t0_tpdu_never_resends_a_pin_command_on_6cxx() -> None:
+    # Promise P2: the bridge never sends a PIN-class command twice; the card's 6Cxx goes back
+    # to the client, which decides itself whether to send the command again.
+    driver, dev = await _driver(T0_TPDU, card_handler(T0_ATR, _t0_card))
+    await driver.power_on()
+    assert await driver.transmit(b"\x00\x20\x00\x80\x10") == b"\x6c\x04"
+    xfrs = [m.data for m in dev.sent if m.msg_type is MessageType.PC_to_RDR_XfrBlock]
+    assert xfrs == [b"\x00\x20\x00\x80\x10"]
 
 
 # ---- presence and interrupts ----

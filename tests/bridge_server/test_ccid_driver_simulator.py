@@ -188,6 +188,30 @@ async def test_malformed_response_is_a_card_error_and_power_on_works_after(profi
         assert (await exchange(driver, SELECT_PIV))[-2:] == b"\x90\x00"
 
 
+async def test_card_resynch_after_verify_fails_the_apdu_and_spends_one_retry_only() -> None:
+    # Promise P2: the card ran the VERIFY, then its answer was replaced by S(RESYNCH request).
+    # Sending it again would spend a second retry for one wrong PIN; the driver fails the APDU.
+    wrong_pin = bytes.fromhex("00 20 00 80 08") + b"999999\xff\xff"
+    async with open_driver("safenet-5110") as (driver, token):
+        await driver.power_on()
+        await exchange(driver, SELECT_PIV)
+        retries, attempts = token.card.pin_retries_left, token.evidence.pin_attempts
+        token.faults.t1_resynch_next = True
+        with pytest.raises(CardError, match="not sent again"):
+            await driver.transmit(wrong_pin)
+        assert token.evidence.pin_attempts == attempts + 1
+        assert token.card.pin_retries_left == retries - 1
+        assert (await exchange(driver, SELECT_PIV))[-2:] == b"\x90\x00"  # the card was reset
+
+
+async def test_card_resynch_after_select_resends_it() -> None:
+    async with open_driver("safenet-5110") as (driver, token):
+        await driver.power_on()
+        token.faults.t1_resynch_next = True
+        assert (await exchange(driver, SELECT_PIV))[-2:] == b"\x90\x00"
+        assert [r.ins for r in token.evidence.apdus] == [0xA4, 0xA4]
+
+
 # ---- presence and interrupts ----
 
 

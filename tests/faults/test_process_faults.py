@@ -3,9 +3,12 @@
 - The server is SIGKILLed at seeded random points KILLS times while a CCID-level harness signs
   in a loop over mTLS (one lease per signature), and every REAL_EVERY cycles OpenSC signs
   through the real client daemon, vpcd and pcscd. The test restarts the server each time (in
-  production systemd does). Per run the simulator's event log (control socket
-  `simulator.evidence`) must show no overlapping leases and a card reset between leases; the
-  card's PIN retry counter, the PIN guard's state file and the audit chain survive all kills.
+  production systemd does). A second token's PIN guard is engaged before the first kill and a
+  prober presents PINs to it in a loop (F7/P10, issue 18): every one must be refused (6983)
+  and none may reach its card. Per run the simulator's event logs (control socket
+  `simulator.evidence`) must show no overlapping leases and a card reset between leases; no
+  lease epoch is ever handed out twice; both cards' PIN retry counters (their persisted state
+  files), the engaged PIN guard and the audit chain survive all kills.
 - The client daemon is SIGKILLed (FIN) or SIGSTOPped (silent peer) while holding the lease:
   the server releases it within the heartbeat bound.
 - pcscd is restarted (only with CI=true or TOKENBRIDGE_TEST_RESTART_PCSCD=1: it is shared):
@@ -17,21 +20,27 @@
 from __future__ import annotations
 
 import atexit
+import itertools
+import json
 import os
 import random
 import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
 from e2e_stack import VpcdSlot, card_states, reader_name
-from inproc import SELECT_PIV, apdu, open_lease, power_on
+from inproc import SELECT_PIV, VERIFY_123456, apdu, hello, open_lease, power_on
 from procstack import (
     VERIFY_STATUS_QUERY,
+    Grant,
     SignerLog,
     ccid_signer,
     client_ssl,
@@ -44,6 +53,8 @@ from procstack import (
 )
 
 from bridge_server.demo import BridgeStack, pkcs11, pkcs11_sign, read_certificate_pem
+from protocol import ccid, wire
+from protocol.runtime.framed import FramedConnection
 
 pytestmark = pytest.mark.e2e
 
@@ -52,12 +63,15 @@ KILLS = 200 if LONG else 50
 REAL_EVERY = 25
 HEARTBEAT_S = 0.5
 PIN = "123456"
+GUARDED = 1  # token_id of "token1", the token whose PIN guard is engaged during the kills
+WRONG_VERIFY = bytes.fromhex("0020008008") + b"000000\xff\xff"
+REFUSED = b"\x69\x83"  # the PIN guard's answer (docs/guardrails.md)
 
 
 @pytest.fixture
 def stack(tmp_path: Path) -> Iterator[BridgeStack]:
     s = BridgeStack(
-        tmp_path / "stack", profiles=["yubikey5"], heartbeat_s=HEARTBEAT_S,
+        tmp_path / "stack", profiles=["yubikey5", "safenet-5110"], heartbeat_s=HEARTBEAT_S,
         lease={"linger_s": 0.5, "idle_timeout_s": 60.0},
     )  # fmt: skip
     s.make_pki(["build-vm-01"])
@@ -89,6 +103,128 @@ async def pin_retries(stack: BridgeStack) -> int:
     return sw[1] & 0x0F
 
 
+async def expect_guarded(client: FramedConnection, cls: type) -> Any:
+    """`expect`, letting the guard's notice through (ErrorMessage pin_guard, sent with a refusal)."""
+    while True:
+        msg = await client.receive()
+        if isinstance(msg, cls):
+            return msg
+        if isinstance(msg, wire.Ping):
+            await client.send(wire.Pong(nonce=msg.nonce))
+            continue
+        if isinstance(msg, wire.ErrorMessage) and msg.code == "pin_guard":
+            continue
+        assert isinstance(msg, wire.TokenStatus | wire.Pong | wire.LeaseQueued), msg
+
+
+async def token_apdu(client: FramedConnection, token_id: int, epoch: int, seq: int, command: bytes) -> bytes:
+    """One XfrBlock to `token_id` under `epoch`; its answer's data (the reader must not fail it)."""
+    frame = ccid.xfr_block(seq, command).encode()
+    await client.send(wire.CcidFrame(token_id=token_id, epoch=epoch, message=frame))
+    resp = ccid.decode_message((await expect_guarded(client, wire.CcidFrame)).message)
+    assert resp.command_status is ccid.CommandStatus.OK, resp
+    return resp.data
+
+
+async def guarded_lease(client: FramedConnection, log: ProbeLog) -> int:
+    """Lease the guarded token, cold power-on, SELECT; returns the epoch."""
+    await client.send(wire.LeaseRequest(token_id=GUARDED))
+    granted = await expect_guarded(client, wire.LeaseGranted)
+    log.grants.append(Grant(log.run, granted.epoch))
+    await client.send(
+        wire.CcidFrame(token_id=GUARDED, epoch=granted.epoch, message=ccid.icc_power_on(0).encode())
+    )
+    await expect_guarded(client, wire.CcidFrame)
+    assert (await token_apdu(client, GUARDED, granted.epoch, 1, SELECT_PIV))[-2:] == b"\x90\x00"
+    return int(granted.epoch)
+
+
+@dataclass
+class ProbeLog:
+    """What the PIN prober saw: its leases and every answer to a PIN it presented."""
+
+    run: int = 0
+    grants: list[Grant] = field(default_factory=list)
+    answers: Counter[bytes] = field(default_factory=Counter)
+    connection_errors: int = 0
+
+
+async def probe_once(client: FramedConnection, log: ProbeLog) -> None:
+    """Lease the guarded token, present a wrong and the right PIN, release."""
+    epoch = await guarded_lease(client, log)
+    for seq, command in enumerate((WRONG_VERIFY, VERIFY_123456), start=2):
+        log.answers[await token_apdu(client, GUARDED, epoch, seq, command)] += 1
+    log.grants[-1].signed = True  # the probe completed
+    await client.send(wire.LeaseRelease(token_id=GUARDED, epoch=epoch))
+    await expect_guarded(client, wire.LeaseEnded)
+
+
+async def pin_prober(stack: BridgeStack, log: ProbeLog) -> None:
+    """Present PINs to the guarded token forever, one lease per probe, reconnecting after failures."""
+    while True:
+        try:
+            with trio.fail_after(5):
+                tls, client = await connect(client_ssl(stack), stack.server_port)
+            try:
+                with trio.fail_after(5):
+                    await hello(client)
+                while True:
+                    with trio.fail_after(5):
+                        await probe_once(client, log)
+            finally:
+                await trio.aclose_forcefully(tls)
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
+            log.connection_errors += 1
+            await trio.sleep(0.02)
+
+
+async def engage_guard(stack: BridgeStack) -> list[bytes]:
+    """Wrong PINs to the guarded token until its guard answers 6983 (at most three)."""
+    log = ProbeLog()
+    answers: list[bytes] = []
+    tls, client = await connect(client_ssl(stack), stack.server_port)
+    try:
+        with trio.fail_after(10):
+            await hello(client)
+            epoch = await guarded_lease(client, log)
+            for seq in range(2, 5):
+                answers.append(await token_apdu(client, GUARDED, epoch, seq, WRONG_VERIFY))
+                if answers[-1] == REFUSED:
+                    break
+    finally:
+        await trio.aclose_forcefully(tls)
+    return answers
+
+
+def card_pin_counters(stack: BridgeStack) -> dict[str, int]:
+    """Every simulated card's own PIN retry counter, from its persisted state file (by serial)."""
+    states = sorted((stack.workdir / "state").glob("*.json"))
+    assert len(states) == len(stack.profiles), states
+    return {p.stem: int(json.loads(p.read_text())["pin_left"]) for p in states}
+
+
+def leases_problems(stack: BridgeStack, cycle: int) -> list[str]:
+    """Overlaps and missing resets on both tokens, and any PIN that reached the guarded card."""
+    problems = []
+    for name in stack.token_names:
+        evidence = control(stack, "simulator.evidence", token=name)
+        problems += [f"run {cycle} {name}: {p}" for p in overlapping_leases(evidence["events"])]
+        if name == stack.token_names[GUARDED] and evidence["counters"]["pin_attempts"]:
+            problems.append(
+                f"run {cycle}: {evidence['counters']['pin_attempts']} PIN(s) reached the guarded card"
+            )
+    return problems
+
+
+def epoch_repeats(grants: list[Grant]) -> list[str]:
+    """Epochs must only go up, across server processes too (each log is one token, in grant order)."""
+    return [
+        f"epoch {b.epoch} (run {b.run}) after epoch {a.epoch} (run {a.run})"
+        for a, b in itertools.pairwise(grants)
+        if b.epoch <= a.epoch
+    ]
+
+
 def real_stack_sign(slot: VpcdSlot, tmp_path: Path, cert: Path, n: int) -> None:
     """pkcs11-tool signs through client daemon + vpcd + pcscd; the signature verifies."""
     data, sig = tmp_path / f"data{n}.bin", tmp_path / f"sig{n}.bin"
@@ -102,55 +238,71 @@ async def test_server_sigkilled_at_random_points_restarts_without_overlap_or_sta
 ) -> None:
     run = trio.to_thread.run_sync
     await run(stack.start_server)
+    # The guarded token: one wrong PIN reaches its card, then the guard refuses (6983). The
+    # first kill comes right after, so the engaged state must already be on disk.
+    engaged = await engage_guard(stack)
+    assert engaged[-1] == REFUSED and len(engaged) >= 2, engaged
+    assert stack.server is not None
+    stack.server.proc.send_signal(signal.SIGKILL)
+    await run(stack.server.proc.wait)
+    await run(stack.start_server)
     daemon = stack.start_client("build-vm-01", [vpcd_slot.index])
     await run(lambda: stack.wait_card(vpcd_slot.index, daemon))
     cert = await run(lambda: read_certificate_pem(vpcd_slot.index, "01", tmp_path / "cert.pem"))
     retries_before = await pin_retries(stack)
+    counters_before = card_pin_counters(stack)
     rng = random.Random(20261126)
-    log = SignerLog()
+    log, probes = SignerLog(), ProbeLog()
     problems: list[str] = []
     real_signatures = 0
     started = time.monotonic()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(ccid_signer, client_ssl(stack), stack.server_port, log)
+        nursery.start_soon(pin_prober, stack, probes)
         for cycle in range(KILLS):
-            log.run = cycle
+            log.run = probes.run = cycle
             if cycle:
                 await run(stack.start_server)
             if cycle % REAL_EVERY == REAL_EVERY - 1:
                 await run(lambda: stack.wait_card(vpcd_slot.index, daemon, timeout=20))
                 await run(real_stack_sign, vpcd_slot, tmp_path, cert, cycle)
                 real_signatures += 1
-            # The kill point: seeded, anywhere in handshake / grant / APDU / release of the loop.
+            # The kill point: seeded, anywhere in handshake / grant / APDU / release of the loops.
             await trio.sleep(rng.uniform(0.02, 0.25))
-            evidence = await run(lambda: control(stack, "simulator.evidence", token="codesign"))
-            problems += [f"run {cycle}: {p}" for p in overlapping_leases(evidence["events"])]
+            problems += await run(leases_problems, stack, cycle)
             await trio.sleep(rng.uniform(0.0, 0.05))
             assert stack.server is not None
             stack.server.proc.send_signal(signal.SIGKILL)
             await run(stack.server.proc.wait)
-        log.run = KILLS
+        log.run = probes.run = KILLS
         await run(stack.start_server)  # the restarted server must serve from the persisted state
-        before = log.signatures
-        await run(lambda: wait_for(lambda: log.signatures > before, within=10, what="a signature"))
+        signed, probed = log.signatures, probes.answers.total()
+        await run(lambda: wait_for(lambda: log.signatures > signed, within=10, what="a signature"))
+        await run(lambda: wait_for(lambda: probes.answers.total() > probed, within=10, what="a PIN probe"))
         nursery.cancel_scope.cancel()
+    problems += await run(leases_problems, stack, KILLS)
     elapsed = time.monotonic() - started
     print(f"\n{KILLS} kills in {elapsed:.1f} s; {log.signatures} CCID-level signatures, "
-          f"{real_signatures} pkcs11-tool signatures, {log.connection_errors} reconnects")  # fmt: skip
+          f"{real_signatures} pkcs11-tool signatures, {log.connection_errors} reconnects; "
+          f"{probes.answers.total()} PINs presented to the guarded token")  # fmt: skip
     assert problems == []
+    # No epoch is ever handed out twice, by the same server process or a later one.
+    assert epoch_repeats(log.grants) == []
+    assert epoch_repeats(probes.grants) == []
     runs_that_signed = {g.run for g in log.grants if g.signed}
-    seen: dict[int, int] = {}
-    repeats = sum(1 for g in log.grants if seen.setdefault(g.epoch, g.run) != g.run)
-    print(f"epochs handed out again by a later server process: {repeats} (xfail test in test_network_faults)")
     assert len(runs_that_signed) >= KILLS // 2, f"only {len(runs_that_signed)} runs signed: no reconnects?"
-    for r in runs_that_signed:
-        epochs = [g.epoch for g in log.grants if g.run == r]
-        assert epochs == sorted(set(epochs)), f"run {r}: epochs not strictly increasing: {epochs}"
-    # State that must survive 50 SIGKILLs: the card's PIN counter, the guard, the audit chain.
+    runs_that_probed = {g.run for g in probes.grants if g.signed}
+    assert len(runs_that_probed) >= KILLS // 2, f"only {len(runs_that_probed)} runs probed the guard"
+    # Every PIN presented to the guarded token during and after the kills was refused by the guard.
+    assert set(probes.answers) == {REFUSED}, probes.answers
+    assert KILLS in runs_that_probed  # ... the last (restarted) server process included
+    # State that must survive the SIGKILLs: the cards' PIN counters, the guard, the audit chain.
+    assert card_pin_counters(stack) == counters_before
     assert await pin_retries(stack) == retries_before
     guard = read_json(stack.workdir / "pin_guard.json")
     assert guard, "the PIN guard state file is empty"
-    assert not control(stack, "status")["tokens"][0]["pin_guard"].get("engaged")
+    tokens = control(stack, "status")["tokens"]
+    assert [t["pin_guard"].get("engaged") for t in tokens] == [False, True], tokens
     audit = verify_audit(stack.workdir / "audit.jsonl")
     assert audit.returncode == 0, audit.stdout + audit.stderr
 

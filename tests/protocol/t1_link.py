@@ -15,10 +15,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from protocol._t1_blocks import SType, s_block
+from protocol.atr import Checksum
 from protocol.t1 import ApduComplete, SendBlock, T1Card, T1Reader
 
 OUT_KINDS = ("drop_out", "corrupt_out", "cut_out", "dup_out")
-BACK_KINDS = ("drop_back", "corrupt_back", "cut_back", "pad_back")
+# resynch_back: the card's answer is replaced by S(RESYNCH request), which the reader answers
+# with a resynch of its own (only the reader may resynch, ISO 7816-3 §11.6.3.2 rule 6).
+BACK_KINDS = ("drop_back", "corrupt_back", "cut_back", "pad_back", "resynch_back")
 KINDS = OUT_KINDS + BACK_KINDS
 
 
@@ -48,6 +52,10 @@ def _damage(raw: bytes, fault: Fault) -> bytes | None:
         return raw[: fault.pos % len(raw)]
     if fault.kind.startswith("pad"):
         return raw + bytes([fault.mask])
+    if fault.kind == "resynch_back":
+        # The card's own NAD and EDC kind: a CRC block is 2 bytes longer than its LEN says.
+        crc = len(raw) >= 3 and len(raw) - 3 - raw[2] == 2
+        return s_block(raw[0], SType.RESYNCH, False, b"", Checksum.CRC if crc else Checksum.LRC)
     return raw
 
 

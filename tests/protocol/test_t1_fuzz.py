@@ -11,7 +11,7 @@ from t1_link import KINDS, Fault, Link, transform
 from protocol._t1_blocks import Block, Kind, decode, encode
 from protocol.atr import Checksum
 from protocol.errors import T1Error
-from protocol.t1 import ApduComplete, Idle, SendBlock, T1Card, T1Reader
+from protocol.t1 import AT_MOST_ONCE_INS, ApduComplete, Idle, SendBlock, T1Card, T1Reader, at_most_once
 
 MAX_RETRIES = 3
 MAX_RESYNCHS = 3
@@ -43,6 +43,8 @@ def _exchange_checked(link: Link, apdu: bytes, grow: int, wtx: int) -> bool:
     assert link.steps - start <= bound
     # The card never completes anything but the command that was sent.
     assert all(seen == apdu for seen in link.card_saw)
+    if at_most_once(apdu):  # promise P2: a PIN-class command reaches the card at most once
+        assert len(link.card_saw) <= 1
     return completed
 
 
@@ -58,12 +60,18 @@ def _fault_bursts(draw: st.DrawFn) -> list[Fault]:
     return faults
 
 
+def _pin_commands() -> st.SearchStrategy[bytes]:
+    """Commands the reader must never restart (promise P2), with bodies long enough to chain."""
+    ins = st.sampled_from(sorted(AT_MOST_ONCE_INS))
+    return st.builds(lambda i, body: bytes([0x00, i]) + body, ins, st.binary(max_size=300))
+
+
 @settings(max_examples=400, deadline=None)
 @given(
     checksum=st.sampled_from(list(Checksum)),
     ifsc=st.integers(1, 254),
     ifsd=st.integers(1, 254),
-    apdus=st.lists(st.binary(min_size=1, max_size=400), min_size=1, max_size=3),
+    apdus=st.lists(st.one_of(st.binary(min_size=1, max_size=400), _pin_commands()), min_size=1, max_size=3),
     grow=st.integers(1, 3),
     wtx=st.integers(0, 2),
     faults=_fault_bursts(),
