@@ -1,0 +1,232 @@
+"""Holder latency under request floods (issue 13 item 3): quiet vs flooded, side by side.
+
+    .venv/bin/python -m bench.floods [--seconds 5] [--rounds 2] [--json out.json]
+
+Needs no pcscd. The real `tokenbridge-server` process (two simulated yubikey5 tokens, audit log
+on) serves two CCID-level clients over mutual TLS on loopback:
+
+- the *holder* leases token 0 and sends `SELECT PIV` back to back, timing each round trip;
+- the *flooder* (another identity) either re-sends `LeaseRequest` for token 0 while queued
+  behind the holder ("lease-request flood"), or leases token 1 and sends PIV `PUT DATA`, which
+  the policy refuses ("refusal flood"). It reads its answers (at most 16 outstanding) and, when
+  the server disconnects it, reconnects and starts over, for the whole phase.
+
+Phases alternate quiet / flood (`--rounds` times each) so machine noise hits both alike. Per
+phase: the holder's p50/p99 and APDU count, the audit log's growth, and the flooder's
+reconnects (= disconnects by the server). The figures are in docs/performance.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import trio
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "support"))
+
+from inproc import SELECT_PIV, apdu, expect, hello, power_on
+from procstack import client_ssl, connect
+
+from bench.stats import summarize_ms
+from bridge_server.demo import BridgeStack
+from protocol import ccid, wire
+from protocol.runtime.framed import FramedConnection
+
+HOLDER, FLOODER = "bench-holder", "bench-flooder"
+PUT_DATA = bytes.fromhex("00DB3FFF055C035FC10A")  # PIV PUT DATA: refused for non-admins
+WINDOW = 16
+
+Flood = Callable[[FramedConnection], Awaitable[None]]
+
+
+class Flooder:
+    """One flood for one phase: connect, flood until disconnected, reconnect; count it all."""
+
+    def __init__(self, stack: BridgeStack) -> None:
+        self.stack = stack
+        self.sent = 0
+        self.connections = 0
+
+    async def run(self, start: Flood) -> None:
+        while True:  # until the phase's cancel scope ends it
+            try:
+                tls, client = await connect(client_ssl(self.stack, FLOODER), self.stack.server_port)
+            except (OSError, trio.BrokenResourceError):
+                await trio.sleep(0.05)
+                continue
+            self.connections += 1
+            try:
+                await hello(client)
+                await start(client)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, AssertionError):
+                pass
+            finally:
+                await trio.aclose_forcefully(tls)
+
+    async def flood(self, client: FramedConnection, make: Callable[[int], object]) -> None:
+        """Send `make(i)` with at most WINDOW unanswered, until the server says Goodbye."""
+        window = trio.Semaphore(WINDOW)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._reader, client, window, nursery.cancel_scope)
+            for i in range(1 << 62):
+                await window.acquire()
+                await client.send(make(i))
+                self.sent += 1
+
+    async def _reader(
+        self, client: FramedConnection, window: trio.Semaphore, scope: trio.CancelScope
+    ) -> None:
+        while True:
+            msg = await client.receive()
+            if isinstance(msg, wire.Goodbye | wire.ConnectionClosed):
+                scope.cancel()
+                return
+            if isinstance(msg, wire.Ping):
+                await client.send(wire.Pong(nonce=msg.nonce))
+            elif isinstance(msg, wire.ErrorMessage):
+                window.release()
+
+    async def lease_requests(self, client: FramedConnection) -> None:
+        await client.send(wire.LeaseRequest(token_id=0))
+        await expect(client, wire.LeaseQueued)
+        await self.flood(client, lambda _: wire.LeaseRequest(token_id=0))
+
+    async def refusals(self, client: FramedConnection) -> None:
+        await client.send(wire.LeaseRequest(token_id=1))
+        granted = await expect(client, wire.LeaseGranted)
+        power = ccid.icc_power_on(0).encode()
+        await client.send(wire.CcidFrame(token_id=1, epoch=granted.epoch, message=power))
+        await expect(client, wire.CcidFrame)
+        await self.flood(client, lambda i: refused_frame(granted.epoch, i + 1))
+
+
+def refused_frame(epoch: int, seq: int) -> wire.CcidFrame:
+    return wire.CcidFrame(token_id=1, epoch=epoch, message=ccid.xfr_block(seq % 256, PUT_DATA).encode())
+
+
+async def holder_phase(client: FramedConnection, epoch: int, seconds: float) -> list[float]:
+    latencies: list[float] = []
+    deadline = time.monotonic() + seconds
+    seq = 1
+    while time.monotonic() < deadline:
+        start = time.perf_counter()
+        assert (await apdu(client, epoch, seq % 256, SELECT_PIV))[-2:] == b"\x90\x00"
+        latencies.append(time.perf_counter() - start)
+        seq += 1
+    return latencies
+
+
+async def phase(
+    stack: BridgeStack, holder: FramedConnection, epoch: int, seconds: float, flood: str | None
+) -> dict[str, Any]:
+    audit = stack.workdir / "audit.jsonl"
+    size_before = audit.stat().st_size
+    flooder = Flooder(stack)
+    async with trio.open_nursery() as nursery:
+        if flood is not None:
+            nursery.start_soon(flooder.run, getattr(flooder, flood))
+            await trio.sleep(0.2)  # let the flood start before timing the holder
+        latencies = await holder_phase(holder, epoch, seconds)
+        nursery.cancel_scope.cancel()
+    return {
+        "flood": flood or "quiet",
+        "holder_ms": summarize_ms(latencies),
+        "holder_apdus": len(latencies),
+        "audit_bytes": audit.stat().st_size - size_before,
+        "flood_messages": flooder.sent,
+        "flooder_connections": flooder.connections,
+    }
+
+
+async def floods(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    stack = BridgeStack(
+        work / "stack", profiles=["yubikey5", "yubikey5"], heartbeat_s=2.0,
+        lease={"linger_s": 0.5, "idle_timeout_s": 60.0},
+    )  # fmt: skip
+    stack.make_pki([HOLDER, FLOODER])
+    stack.write_server_config(allow=[HOLDER, FLOODER])
+    await trio.to_thread.run_sync(stack.start_server)
+    phases: list[dict[str, Any]] = []
+    try:
+        tls, holder = await connect(client_ssl(stack, HOLDER), stack.server_port)
+        try:
+            await hello(holder)
+            await holder.send(wire.LeaseRequest(token_id=0))
+            granted = await expect(holder, wire.LeaseGranted)
+            await power_on(holder, granted.epoch)
+            await holder_phase(holder, granted.epoch, 0.5)  # warm-up
+            for _ in range(args.rounds):
+                for flood in (None, "lease_requests", None, "refusals"):
+                    phases.append(await phase(stack, holder, granted.epoch, args.seconds, flood))
+        finally:
+            await trio.aclose_forcefully(tls)
+    finally:
+        stack.stop()
+    return {"seconds": args.seconds, "phases": phases, "summary": summarize(phases)}
+
+
+def summarize(phases: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per flood: median over its phases of the holder's p50/p99, vs the quiet phases."""
+
+    def median(values: list[float]) -> float:
+        values = sorted(values)
+        return values[len(values) // 2]
+
+    out: dict[str, Any] = {}
+    for name in ("quiet", "lease_requests", "refusals"):
+        mine = [p for p in phases if p["flood"] == name]
+        out[name] = {
+            "p50_ms": median([p["holder_ms"]["p50_ms"] for p in mine]),
+            "p99_ms": median([p["holder_ms"]["p99_ms"] for p in mine]),
+            "holder_apdus": median([p["holder_apdus"] for p in mine]),
+            "audit_bytes": max(p["audit_bytes"] for p in mine),
+            "flooder_connections": max(p["flooder_connections"] for p in mine),
+        }
+    quiet = out["quiet"]["p50_ms"]
+    for name in ("lease_requests", "refusals"):
+        out[name]["p50_vs_quiet_pct"] = round((out[name]["p50_ms"] / quiet - 1) * 100, 1)
+    return out
+
+
+def render(result: dict[str, Any]) -> str:
+    lines = [f"holder SELECT latency, {result['seconds']} s phases (p50 / p99 ms, APDUs, audit bytes):"]
+    for p in result["phases"]:
+        ms = p["holder_ms"]
+        lines.append(
+            f"  {p['flood']:<15} {ms['p50_ms']:7.3f} / {ms['p99_ms']:7.3f}  {p['holder_apdus']:6d} APDUs  "
+            f"audit +{p['audit_bytes']:>8} B  flood {p['flood_messages']:>6} msgs, "
+            f"{p['flooder_connections']} connections"
+        )
+    for name in ("lease_requests", "refusals"):
+        s = result["summary"][name]
+        lines.append(f"  {name}: p50 {s['p50_vs_quiet_pct']:+.1f} % vs quiet")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--seconds", type=float, default=5.0, help="length of each phase")
+    p.add_argument("--rounds", type=int, default=2, help="quiet/flood rounds per flood")
+    p.add_argument("--json", type=Path, default=None, help="also write the result here")
+    p.add_argument("--workdir", type=Path, default=None, help="keep configs and daemon logs here")
+    args = p.parse_args(argv)
+    if args.workdir is not None:
+        result = trio.run(floods, args, args.workdir)
+    else:
+        with tempfile.TemporaryDirectory(prefix="tokenbridge-floods-") as tmp:
+            result = trio.run(floods, args, Path(tmp))
+    print(render(result))
+    if args.json is not None:
+        args.json.write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
