@@ -6,7 +6,7 @@ Needs no pcscd. The real `tokenbridge-server` process (two simulated yubikey5 to
 on) serves two CCID-level clients over mutual TLS on loopback:
 
 - the *holder* leases token 0 and sends `SELECT PIV` back to back, timing each round trip;
-- the *flooder* (another identity) either re-sends `LeaseRequest` for token 0 while queued
+- the *flooder* (another identity, in its own process) either re-sends `LeaseRequest` for token 0 while queued
   behind the holder ("lease-request flood"), or leases token 1 and sends PIV `PUT DATA`, which
   the policy refuses ("refusal flood"). It reads its answers (at most 16 outstanding) and, when
   the server disconnects it, reconnects and starts over, for the whole phase.
@@ -20,10 +20,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +42,16 @@ from bridge_server.demo import BridgeStack
 from protocol import ccid, wire
 from protocol.runtime.framed import FramedConnection
 
-HOLDER, FLOODER = "bench-holder", "bench-flooder"
+REPO = Path(__file__).resolve().parents[1]
+HOLDER = "bench-holder"
+MAX_ROUNDS = 10
+
+
+def flooder_name(index: int) -> str:
+    """A fresh identity per flood phase: a banned one (flood_limits.PenaltyBox) floods no more."""
+    return f"bench-flooder-{index}"
+
+
 PUT_DATA = bytes.fromhex("00DB3FFF055C035FC10A")  # PIV PUT DATA: refused for non-admins
 WINDOW = 16
 
@@ -49,15 +61,16 @@ Flood = Callable[[FramedConnection], Awaitable[None]]
 class Flooder:
     """One flood for one phase: connect, flood until disconnected, reconnect; count it all."""
 
-    def __init__(self, stack: BridgeStack) -> None:
+    def __init__(self, stack: BridgeStack, name: str) -> None:
         self.stack = stack
+        self.name = name
         self.sent = 0
         self.connections = 0
 
     async def run(self, start: Flood) -> None:
         while True:  # until the phase's cancel scope ends it
             try:
-                tls, client = await connect(client_ssl(self.stack, FLOODER), self.stack.server_port)
+                tls, client = await connect(client_ssl(self.stack, self.name), self.stack.server_port)
             except (OSError, trio.BrokenResourceError):
                 await trio.sleep(0.05)
                 continue
@@ -124,25 +137,63 @@ async def holder_phase(client: FramedConnection, epoch: int, seconds: float) -> 
 
 
 async def phase(
-    stack: BridgeStack, holder: FramedConnection, epoch: int, seconds: float, flood: str | None
+    stack: BridgeStack, holder: FramedConnection, epoch: int, seconds: float, flood: str | None, flooder: str
 ) -> dict[str, Any]:
     audit = stack.workdir / "audit.jsonl"
     size_before = audit.stat().st_size
-    flooder = Flooder(stack)
-    async with trio.open_nursery() as nursery:
-        if flood is not None:
-            nursery.start_soon(flooder.run, getattr(flooder, flood))
-            await trio.sleep(0.2)  # let the flood start before timing the holder
+    counts = {"sent": 0, "connections": 0}
+    if flood is None:
         latencies = await holder_phase(holder, epoch, seconds)
-        nursery.cancel_scope.cancel()
+    else:
+        async with flooder_process(stack, flood, flooder, counts):
+            latencies = await holder_phase(holder, epoch, seconds)
     return {
         "flood": flood or "quiet",
         "holder_ms": summarize_ms(latencies),
         "holder_apdus": len(latencies),
         "audit_bytes": audit.stat().st_size - size_before,
-        "flood_messages": flooder.sent,
-        "flooder_connections": flooder.connections,
+        "flood_messages": counts["sent"],
+        "flooder_connections": counts["connections"],
     }
+
+
+@asynccontextmanager
+async def flooder_process(
+    stack: BridgeStack, flood: str, name: str, counts: dict[str, int]
+) -> AsyncIterator[None]:
+    """The flooder in its own process (it must not share the holder's event loop)."""
+    args = [sys.executable, "-m", "bench.floods", "--flooder", flood, "--workdir", str(stack.workdir)]
+    args += ["--port", str(stack.server_port), "--name", name]
+    async with trio.open_nursery() as nursery:
+        pipes = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE, "check": False, "cwd": REPO}
+        proc = await nursery.start(partial(trio.run_process, args, **pipes))
+        assert proc.stdout is not None
+        assert proc.stdin is not None
+        with trio.fail_after(30):
+            assert await proc.stdout.receive_some(64) == b"ready\n"
+        await trio.sleep(0.2)  # let the flood start before timing the holder
+        try:
+            yield
+        finally:
+            await proc.stdin.aclose()  # the flooder stops, prints its counts and exits
+            with trio.fail_after(10):
+                out = b""
+                while chunk := await proc.stdout.receive_some(4096):
+                    out += chunk
+            counts.update(json.loads(out))
+
+
+async def run_flooder(flood: str, workdir: Path, port: int, name: str) -> None:
+    stack = BridgeStack(workdir, profiles=["yubikey5", "yubikey5"], server_port=port)
+    flooder = Flooder(stack, name)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(flooder.run, getattr(flooder, flood))
+        sys.stdout.write("ready\n")
+        sys.stdout.flush()
+        await trio.wrap_file(sys.stdin).read()  # until the bench closes our stdin
+        nursery.cancel_scope.cancel()
+    sys.stdout.write(json.dumps({"sent": flooder.sent, "connections": flooder.connections}))
+    sys.stdout.flush()
 
 
 async def floods(args: argparse.Namespace, work: Path) -> dict[str, Any]:
@@ -150,8 +201,9 @@ async def floods(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         work / "stack", profiles=["yubikey5", "yubikey5"], heartbeat_s=2.0,
         lease={"linger_s": 0.5, "idle_timeout_s": 60.0},
     )  # fmt: skip
-    stack.make_pki([HOLDER, FLOODER])
-    stack.write_server_config(allow=[HOLDER, FLOODER])
+    names = [HOLDER] + [flooder_name(i) for i in range(2 * args.rounds)]
+    stack.make_pki(names)
+    stack.write_server_config(allow=names)
     await trio.to_thread.run_sync(stack.start_server)
     phases: list[dict[str, Any]] = []
     try:
@@ -162,9 +214,10 @@ async def floods(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             granted = await expect(holder, wire.LeaseGranted)
             await power_on(holder, granted.epoch)
             await holder_phase(holder, granted.epoch, 0.5)  # warm-up
-            for _ in range(args.rounds):
-                for flood in (None, "lease_requests", None, "refusals"):
-                    phases.append(await phase(stack, holder, granted.epoch, args.seconds, flood))
+            for r in range(args.rounds):
+                for i, flood in enumerate((None, "lease_requests", None, "refusals")):
+                    name = flooder_name(2 * r + i // 2)
+                    phases.append(await phase(stack, holder, granted.epoch, args.seconds, flood, name))
         finally:
             await trio.aclose_forcefully(tls)
     finally:
@@ -213,10 +266,16 @@ def render(result: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seconds", type=float, default=5.0, help="length of each phase")
-    p.add_argument("--rounds", type=int, default=2, help="quiet/flood rounds per flood")
+    p.add_argument("--rounds", type=int, default=2, choices=range(1, MAX_ROUNDS + 1), metavar="1..10")
     p.add_argument("--json", type=Path, default=None, help="also write the result here")
     p.add_argument("--workdir", type=Path, default=None, help="keep configs and daemon logs here")
+    p.add_argument("--flooder", choices=["lease_requests", "refusals"], help=argparse.SUPPRESS)
+    p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--name", default="", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.flooder is not None:  # the child process of flooder_process()
+        trio.run(run_flooder, args.flooder, args.workdir, args.port, args.name)
+        return 0
     if args.workdir is not None:
         result = trio.run(floods, args, args.workdir)
     else:

@@ -2,14 +2,21 @@
 
 The decisions are in bridge_server/flood_limits.py (pure); this applies them for one token:
 writes the audit lines, logs, and ejects a client with `Goodbye(TOO_MANY_REQUESTS)`. After an
-ejection the token task ignores that connection's queued commands until it is detached.
+ejection the token task ignores that connection's queued commands until it is detached, and the
+listener refuses the identity's new connections for a while (`PenaltyBox`, in the hub).
 """
 
 from __future__ import annotations
 
 import structlog
 
-from bridge_server.flood_limits import DUPLICATE_REQUESTS, REFUSED_COMMANDS, RateMeter, RefusalDigest
+from bridge_server.flood_limits import (
+    DUPLICATE_REQUESTS,
+    REFUSED_COMMANDS,
+    PenaltyBox,
+    RateMeter,
+    RefusalDigest,
+)
 from bridge_server.guardrails import Guardrails, Holder, Screened
 from bridge_server.hub import Subscriber
 from protocol import wire
@@ -23,9 +30,10 @@ EJECTED_REASON = "too_many_requests"
 class FloodGuard:
     """Duplicate lease requests and refused commands of one token. See the module docstring."""
 
-    def __init__(self, token: str, rails: Guardrails) -> None:
+    def __init__(self, token: str, rails: Guardrails, penalties: PenaltyBox) -> None:
         self.token = token
         self.rails = rails
+        self.penalties = penalties
         self.duplicates = RateMeter(**DUPLICATE_REQUESTS)
         self.refusals = RateMeter(**REFUSED_COMMANDS)
         self.digest = RefusalDigest()
@@ -40,7 +48,7 @@ class FloodGuard:
     async def duplicate_request(self, sub: Subscriber, now: float) -> None:
         """`sub` asked for a lease it already holds or waits for (answered, never audited)."""
         if not self.duplicates.take(sub.name, now):
-            await self._eject(sub, "it kept re-sending LeaseRequest for a lease it holds or waits for")
+            await self._eject(sub, "it kept re-sending LeaseRequest for a lease it holds or waits for", now)
 
     async def refused(self, sub: Subscriber, refused: Screened, holder: Holder, now: float) -> None:
         """The holder's command was refused: audit it (the first few) or count it."""
@@ -49,7 +57,7 @@ class FloodGuard:
         elif self.digest.summary_due(now):
             await self.write_summary(holder.name, holder.epoch, now)
         if not self.refusals.take(sub.name, now):
-            await self._eject(sub, "it kept sending commands the server refuses")
+            await self._eject(sub, "it kept sending commands the server refuses", now)
 
     async def write_summary(self, client_id: str, epoch: int, now: float) -> None:
         """The refusals counted but not audited one by one (at lease end and every interval)."""
@@ -63,10 +71,11 @@ class FloodGuard:
         await self.write_summary(client_id, epoch, now)
         self.digest = RefusalDigest()
 
-    async def _eject(self, sub: Subscriber, why: str) -> None:
+    async def _eject(self, sub: Subscriber, why: str, now: float) -> None:
         if sub.conn_id in self._ejected:
             return
         self._ejected.add(sub.conn_id)
+        self.penalties.ban(sub.name, now)
         log.warning("session.ejected", token=self.token, client_id=sub.name, conn_id=sub.conn_id, reason=why)
         await self.rails.record(
             "connection.ejected", client_id=sub.name, conn_id=sub.conn_id, reason=EJECTED_REASON, detail=why

@@ -16,6 +16,10 @@ fsync per frame stalls every token's audit and fills the disk) nor go on for eve
   `command.refused_summary` line when the lease ends or `SUMMARY_INTERVAL_S` after the last
   summary, whichever is first.
 
+- `PenaltyBox`: an ejected identity's new connections are refused (`Refused(TOO_MANY_REQUESTS)`
+  right after the handshake) for `PENALTY_S`; only the first refusal of each ban is audited. A
+  flooder that reconnects at once otherwise gets a fresh session (and its audit lines) each time.
+
 Duplicate lease requests are never audited (`lease.requested` is written once per request that
 changes the queue). Pure and synchronous: `now` is passed in.
 """
@@ -27,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 REFUSALS_AUDITED_PER_LEASE: Final = 20
+PENALTY_S: Final = 30.0  # an ejected identity's new connections are refused this long
 SUMMARY_INTERVAL_S: Final = 60.0
 MAX_INS_IN_SUMMARY: Final = 16  # distinct INS bytes named in one summary line
 # A client never needs to repeat a LeaseRequest; a burst allows for a retry after a hiccup.
@@ -99,3 +104,30 @@ class RefusalDigest:
         self.reasons.clear()
         self.ins.clear()
         return fields
+
+
+class PenaltyBox:
+    """Identities ejected for flooding, and until when. See the module docstring."""
+
+    def __init__(self, penalty_s: float = PENALTY_S) -> None:
+        self.penalty_s = penalty_s
+        self._until: dict[str, float] = {}  # bounded: only allowed identities are ever ejected
+        self._reported: set[str] = set()
+
+    def ban(self, who: str, now: float) -> None:
+        self._until[who] = now + self.penalty_s
+        self._reported.discard(who)
+
+    def remaining(self, who: str, now: float) -> float | None:
+        """Seconds left of `who`'s ban, or None when it may connect."""
+        until = self._until.get(who)
+        if until is None or now >= until:
+            return None
+        return until - now
+
+    def first_refusal(self, who: str) -> bool:
+        """True once per ban: the refusal that is audited and logged."""
+        if who in self._reported:
+            return False
+        self._reported.add(who)
+        return True

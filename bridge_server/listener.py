@@ -72,6 +72,8 @@ FIRST_FLIGHT_TIMEOUT_S: Final = 2.0  # a client sends its ClientHello right afte
 SLOT_EVICT_AFTER_S: Final = 1.0  # a real handshake needs a few round trips, not seconds
 MAX_WAITING_PER_HANDSHAKE: Final = 16  # waiting connections per handshake slot, in total
 MAX_WAITING_PER_SOURCE: Final = 128  # one source address cannot fill the whole waiting room alone
+TARPIT_S: Final = 5.0  # an identity banned for flooding waits this long for its Refused
+TARPIT_PER_IDENTITY: Final = 8  # connections held at once per banned identity; more are refused at once
 FAILURE_LINES_PER_S: Final = 10  # tls.handshake_failed lines; the rest are summed up
 EVICTED: Final = "evicted by newer connections before its handshake could finish"
 
@@ -131,6 +133,7 @@ class ConnectionHandler:
         self._keys = itertools.count()
         self._unlogged: Counter[str] = Counter()  # failures past the log budget, by reason
         self._log_window_end, self._logged = -math.inf, 0
+        self._tarpit: Counter[str] = Counter()  # connections held per banned identity
         self.connections = 0  # authenticated sessions
         self.peak_handshakes = 0  # most handshakes in flight at once, for tests
         self.refusals: Counter[str] = Counter()  # failed handshakes by reason, for /metrics
@@ -160,6 +163,8 @@ class ConnectionHandler:
             if self.connections >= self._limits.max_connections:
                 await self._refuse_busy(tls, identity, peer)
                 return
+            if await self._refuse_penalized(tls, identity, peer):
+                return
             self.connections += 1
             try:
                 await serve_session(tls, identity, self._ctx, peer=peer, cert_serial=cert_serial(tls))
@@ -178,6 +183,37 @@ class ConnectionHandler:
             tls, CloseCode.TOO_MANY_CONNECTIONS, reason,
             f"the server already has {self._limits.max_connections} connections; retry later",
         )  # fmt: skip
+
+    async def _refuse_penalized(
+        self, tls: trio.SSLStream[trio.abc.Stream], identity: Identity, peer: str
+    ) -> bool:
+        """An identity ejected for flooding is refused until its ban ends (flood_limits.PenaltyBox).
+
+        The refusal comes after up to `TARPIT_S` of silence (a few connections per identity at
+        a time), so a client that reconnects at once costs one handshake per `TARPIT_S`.
+        """
+        name, penalties = identity.name, self._ctx.hub.penalties
+        remaining = penalties.remaining(name, trio.current_time())
+        if remaining is None:
+            return False
+        reason = "too_many_requests"
+        if penalties.first_refusal(name):  # once per ban: a reconnect loop must not fill the log
+            log.warning("session.refused", peer=peer, client_id=name, reason=reason)
+            await audit_event(self._ctx, "connection.refused", identity, peer=peer, reason=reason)
+        if self._tarpit[name] < TARPIT_PER_IDENTITY:
+            self._tarpit[name] += 1
+            try:
+                await trio.sleep(min(remaining, TARPIT_S))
+            finally:
+                self._tarpit[name] -= 1
+                if not self._tarpit[name]:
+                    del self._tarpit[name]
+        left = math.ceil(penalties.remaining(name, trio.current_time()) or 0)
+        await send_refusal(
+            tls, CloseCode.TOO_MANY_REQUESTS, reason,
+            f"this client was disconnected for repeating refused requests; retry in {left} s",
+        )  # fmt: skip
+        return True
 
     async def _handshake(self, stream: trio.abc.Stream, peer: str) -> trio.SSLStream[trio.abc.Stream] | None:
         key = next(self._keys)

@@ -95,7 +95,7 @@ class TokenManager:
         self._epochs = epochs
         # Command policy, PIN guard and audit (bridge_server/guardrails.py); on by default.
         self.rails = guardrails or Guardrails(config.name, policy=config.policy)
-        self.flood = FloodGuard(config.name, self.rails)  # repeated refusals (issue 13 item 3)
+        self.flood = FloodGuard(config.name, self.rails, hub.penalties)  # repeated refusals (issue 13 item 3)
         self._holder: Holder | None = None
         self.config = config
         self.name = config.name

@@ -5,6 +5,7 @@ from __future__ import annotations
 from bridge_server.flood_limits import (
     REFUSALS_AUDITED_PER_LEASE,
     SUMMARY_INTERVAL_S,
+    PenaltyBox,
     RateMeter,
     RefusalDigest,
 )
@@ -36,3 +37,14 @@ def test_a_summary_is_due_an_interval_after_the_first_counted_refusal() -> None:
     digest.note("pin_guard", 0x20, now=100.0)
     assert not digest.summary_due(100.0 + SUMMARY_INTERVAL_S - 1)
     assert digest.summary_due(100.0 + SUMMARY_INTERVAL_S)
+
+
+def test_a_ban_lasts_penalty_s_and_only_its_first_refusal_is_reported() -> None:
+    box = PenaltyBox(penalty_s=30.0)
+    assert box.remaining("vm1", now=0.0) is None
+    box.ban("vm1", now=10.0)
+    assert box.remaining("vm1", now=25.0) == 15.0
+    assert [box.first_refusal("vm1") for _ in range(3)] == [True, False, False]
+    assert box.remaining("vm1", now=40.0) is None
+    box.ban("vm1", now=50.0)
+    assert box.first_refusal("vm1")  # a new ban is reported again

@@ -17,6 +17,7 @@ import trio
 from inproc import Pki, expect, hello, open_lease, power_on, raw_client, running_server, wait_until
 
 from bridge_server.flood_limits import REFUSALS_AUDITED_PER_LEASE
+from bridge_server.listener import TARPIT_S
 from protocol import ccid, wire
 from protocol.errors import CloseCode
 from protocol.runtime.framed import FramedConnection
@@ -151,3 +152,18 @@ async def test_refused_commands_are_audited_in_a_summary_and_a_persistent_holder
     assert summaries[0]["count"] == refused - REFUSALS_AUDITED_PER_LEASE
     assert summaries[0]["reasons"] == {"policy": summaries[0]["count"]}
     assert len([e for e in new if e["event"] == "connection.ejected"]) == 1
+
+
+async def test_an_ejected_client_is_refused_with_the_reason_when_it_reconnects(tmp_path: Path) -> None:
+    pki = Pki(tmp_path, clients=("build-vm-01", "build-vm-02"))
+    allow = ("build-vm-01", "build-vm-02")
+    async with running_server(tmp_path, heartbeat_s=5.0, allow=allow) as (server, port):
+        server.hub.penalties.ban("build-vm-02", trio.current_time())
+        async with raw_client(pki, port, "build-vm-02") as client:
+            with trio.fail_after(TARPIT_S + 2):
+                refused = await client.receive()
+        async with raw_client(pki, port) as other:  # another identity is not affected
+            assert isinstance(await other.receive(), wire.Welcome)
+    assert isinstance(refused, wire.Refused), refused
+    assert refused.code is CloseCode.TOO_MANY_REQUESTS
+    assert "retry in" in refused.message
