@@ -18,6 +18,8 @@ from typing import Any, Protocol
 import structlog
 import trio
 
+from bridge_server.flood_limits import PenaltyBox
+
 log = structlog.get_logger(__name__)
 
 SLOW_CLIENT = "slow_client"
@@ -93,6 +95,7 @@ class Hub:
     def __init__(self) -> None:
         self._ids = itertools.count(1)
         self._subscribers: dict[int, Subscriber] = {}
+        self.penalties = PenaltyBox()  # identities ejected for flooding (bridge_server/flood_guard.py)
 
     def next_conn_id(self) -> int:
         return next(self._ids)

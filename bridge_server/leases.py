@@ -132,6 +132,11 @@ class LeaseBook:
     def waiting(self) -> tuple[int, ...]:
         return tuple(w.conn_id for w in self._queue)
 
+    def knows(self, conn_id: int) -> bool:
+        """Whether `conn_id` holds the lease or waits for it (a new request is a duplicate)."""
+        held = self.holder is not None and self.holder.conn_id == conn_id
+        return held or any(w.conn_id == conn_id for w in self._queue)
+
     def check_frame(self, conn_id: int, epoch: int) -> str | None:
         """None if `conn_id` may send a frame under `epoch`, else the refusal code."""
         if self.holder is None or self.holder.conn_id != conn_id:

@@ -37,6 +37,7 @@ import trio
 from bridge_server.config import LeaseConfig, TokenConfig
 from bridge_server.epochs import EpochStore
 from bridge_server.errors import DeviceError, DeviceGoneError
+from bridge_server.flood_guard import FloodGuard
 from bridge_server.guardrails import Guardrails, Holder
 from bridge_server.hub import Hub, Subscriber
 from bridge_server.leases import (
@@ -94,6 +95,7 @@ class TokenManager:
         self._epochs = epochs
         # Command policy, PIN guard and audit (bridge_server/guardrails.py); on by default.
         self.rails = guardrails or Guardrails(config.name, policy=config.policy)
+        self.flood = FloodGuard(config.name, self.rails, hub.penalties)  # repeated refusals (issue 13 item 3)
         self._holder: Holder | None = None
         self.config = config
         self.name = config.name
@@ -229,12 +231,18 @@ class TokenManager:
                 await self._try_attach()
             return
         sub = cmd.sub
-        if sub is None or sub.closed or sub.conn_id in self._drops:
+        if sub is None or sub.closed or sub.conn_id in self._drops or self.flood.ejected(sub.conn_id):
             return  # wake-up, or a command that raced its session's end
         now = trio.current_time()
         if cmd.kind == "request":
             if not sub.may_use(self.config.allow):
                 self._error(sub, "not_allowed", f"{sub.name!r} may not use token {self.name!r}")
+                return
+            if self.book.knows(sub.conn_id):  # a duplicate costs no audit line (issue 13 item 3)
+                self._error(
+                    sub, "already_leased", f"this connection already holds or waits for {self.name!r}"
+                )
+                await self.flood.duplicate_request(sub, now)
                 return
             # DESIGN §4: no lease that the audit log cannot record (the line waits and is retried).
             if not await self.rails.record("lease.requested", client_id=sub.name, conn_id=sub.conn_id):
@@ -271,7 +279,7 @@ class TokenManager:
         if result.refused is not None:
             code = "pin_guard" if result.refused.kind == "pin_guard" else "command_refused"
             sub.push(wire.ErrorMessage(code=code, message=self.rails.notice(result.refused)))
-            await self.rails.record_refusal(result.refused, holder)
+            await self.flood.refused(sub, result.refused, holder, now)
         await self.rails.record_guard_events(guard_events, holder)
         if result.powered_off:
             self.book.note_power_off(now)
@@ -344,6 +352,7 @@ class TokenManager:
         self._push(event.conn_id, msg)
         self.stats.ended(event.held_s, str(event.reason))
         self._holder = None
+        await self.flood.lease_ended(event.identity, event.epoch, trio.current_time())
         await self.rails.record(
             "lease.released", client_id=event.identity, conn_id=event.conn_id, lease_epoch=event.epoch,
             reason=str(event.reason), duration_ms=round(event.held_s * 1000), apdus=event.apdus,
@@ -421,6 +430,7 @@ class TokenManager:
         drops, self._drops = self._drops, {}
         for conn_id, reason in drops.items():
             self.stats.forget(conn_id)
+            self.flood.forget(conn_id)
             await self._apply(self.book.drop(conn_id, trio.current_time(), reason))
 
     def _broadcast_status(self) -> None:

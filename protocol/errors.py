@@ -24,6 +24,7 @@ class CloseCode(IntEnum):
     INTERNAL_ERROR = 7
     TOO_MANY_CONNECTIONS = 8
     REVOKED = 9
+    TOO_MANY_REQUESTS = 10
 
 
 class BridgeError(Exception):

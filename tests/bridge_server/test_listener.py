@@ -13,7 +13,7 @@ from server_fakes import FakeDevice, make_manager
 
 from bridge_server.config import LimitsConfig
 from bridge_server.hub import Hub
-from bridge_server.listener import ConnectionHandler
+from bridge_server.listener import FIRST_FLIGHT_TIMEOUT_S, ConnectionHandler
 from bridge_server.session import SessionContext
 from protocol import wire
 from protocol.connection import BridgeConnection, Role
@@ -47,15 +47,25 @@ def handler(limits: LimitsConfig) -> ConnectionHandler:
     return ConnectionHandler(server_ctx, limits, ctx)
 
 
-async def test_silent_peer_fails_the_handshake_at_exactly_the_deadline(
+async def test_silent_peer_fails_the_handshake_at_exactly_the_first_flight_deadline(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     _client, server = trio.testing.memory_stream_pair()
     start = trio.current_time()
     with structlog.testing.capture_logs() as logs:
-        await handler(LimitsConfig(handshake_timeout_s=4.0))(server)
-    assert trio.current_time() - start == 4.0
-    assert [(e["event"], e["reason"]) for e in logs] == [("tls.handshake_failed", "handshake timed out")]
+        await handler(LimitsConfig(handshake_timeout_s=10.0))(server)
+    assert trio.current_time() - start == FIRST_FLIGHT_TIMEOUT_S
+    reason = "handshake timed out before a complete ClientHello"
+    assert [(e["event"], e["reason"]) for e in logs] == [("tls.handshake_failed", reason)]
+
+
+async def test_silent_peer_fails_at_the_handshake_timeout_when_that_is_shorter(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    _client, server = trio.testing.memory_stream_pair()
+    start = trio.current_time()
+    await handler(LimitsConfig(handshake_timeout_s=0.5))(server)
+    assert trio.current_time() - start == 0.5
 
 
 async def test_connection_over_the_cap_is_refused_with_a_reason_after_the_handshake() -> None:

@@ -2,7 +2,8 @@
 
 The server's limits (`limits` in the config, bridge_server/listener.py): at most
 `max_handshakes` handshakes in flight, each bounded by `handshake_timeout_s` counted from
-accept (queueing for a handshake slot included), at most `max_connections` sessions.
+accept (queueing for a handshake slot included), the ClientHello within the first-flight
+deadline (at most `handshake_timeout_s`), at most `max_connections` sessions.
 """
 
 from __future__ import annotations
@@ -40,30 +41,13 @@ MAX_HANDSHAKES = 8
 LIMITS = {"max_handshakes": MAX_HANDSHAKES, "handshake_timeout_s": HANDSHAKE_TIMEOUT_S, "max_connections": 64}
 
 
-class CountingLimiter:
-    """A CapacityLimiter stand-in that remembers its peak use."""
-
-    def __init__(self, limiter: trio.CapacityLimiter) -> None:
-        self.limiter = limiter
-        self.peak = 0
-
-    async def __aenter__(self) -> None:
-        await self.limiter.__aenter__()
-        self.peak = max(self.peak, self.limiter.borrowed_tokens)
-
-    async def __aexit__(self, *exc: Any) -> None:
-        await self.limiter.__aexit__(*exc)
-
-
 class RecordingHandler(ConnectionHandler):
-    """The real handler, remembering the peak number of handshakes in flight."""
+    """The real handler, remembered so a test can read its counters."""
 
     instances: list[RecordingHandler] = []
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.counting = CountingLimiter(self._handshakes)
-        self._handshakes = self.counting  # type: ignore[assignment]
         RecordingHandler.instances.append(self)
 
 
@@ -148,7 +132,8 @@ async def test_a_slowloris_handshake_is_cut_at_the_handshake_timeout(
                     assert await closed_by_server(stream)
                 elapsed = time.monotonic() - start
     assert HANDSHAKE_TIMEOUT_S - 0.1 <= elapsed <= HANDSHAKE_TIMEOUT_S + 0.5, elapsed
-    assert [e["reason"] for e in logs if e["event"] == "tls.handshake_failed"] == ["handshake timed out"]
+    reasons = [e["reason"] for e in logs if e["event"] == "tls.handshake_failed"]
+    assert len(reasons) == 1 and reasons[0].startswith("handshake timed out"), reasons
 
 
 async def _sign_loop(pki: Pki, port: int, latencies: list[float], stop: trio.Event) -> None:
@@ -188,15 +173,16 @@ async def test_500_half_open_handshakes_do_not_stall_a_signing_client(
                 if sends_partial_hello:
                     await stream.send_all(partial)
             handler = RecordingHandler.instances[0]
-            assert handler.connections >= 400  # the flood really is in the server
+            # The flood really is in the server: the waiting room is full, the rest evicted.
+            assert handler.pending >= 100 and handler.book.evictions >= 300, handler.book.evictions
             # Every stuck handshake is reaped within handshake_timeout_s of its accept.
-            reaped_s = await wait_until(lambda: handler.connections <= 1, what="reaping", within=10)
+            reaped_s = await wait_until(lambda: handler.pending == 0, what="reaping", within=10)
             assert reaped_s <= HANDSHAKE_TIMEOUT_S + 1.0, f"reaping took {reaped_s:.2f} s"
             stop.set()
         during = latencies[flood_start:]
         assert len(during) >= 3, "the legitimate client made no progress during the flood"
         assert max(during) < 0.5, f"slowest APDU during the flood: {max(during):.3f} s"
-        assert handler.counting.peak <= MAX_HANDSHAKES
+        assert handler.peak_handshakes <= MAX_HANDSHAKES
         # A new legitimate connection is accepted again right after the flood.
         async with raw_client(pki, port) as client:
             await open_lease(client)
