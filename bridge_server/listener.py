@@ -159,7 +159,11 @@ class ConnectionHandler:
             if tls is None:
                 return
             stream = tls
-            identity = peer_identity(tls)
+            try:
+                identity = peer_identity(tls)
+            except TlsSetupError as exc:  # a certificate made for another role (or none)
+                await send_refusal(tls, CloseCode.NOT_AUTHORIZED, "certificate_purpose", str(exc))
+                raise
             if self.connections >= self._limits.max_connections:
                 await self._refuse_busy(tls, identity, peer)
                 return

@@ -51,9 +51,11 @@ from bridge_server.leases import (
     Refusal,
 )
 from bridge_server.metrics import TokenStats
+from bridge_server.pin_guard import Attempt, Engaged
 from bridge_server.token_device import CardOpener, OpenedCard, TokenDevice
 from bridge_server.virtual_reader import VirtualReader
 from protocol import wire
+from protocol.apdu import SW_UNKNOWN
 from protocol.ccid import MessageType, decode_message
 from protocol.errors import MalformedCcidMessageError
 
@@ -274,7 +276,11 @@ class TokenManager:
         if result.apdu:
             self.stats.apdu(msg.data, result.response.data)
         holder = self._holder or Holder(sub.name, sub.identity.names, sub.admin, epoch)
-        guard_events = self.rails.observe(msg.data, result.response.data, holder) if result.apdu else []
+        guard_events: list[Attempt | Engaged] = []
+        if result.apdu:
+            guard_events = self.rails.observe(msg.data, result.response.data, holder)
+        elif result.answer_lost:  # the card may have counted it: the guard counts it too
+            guard_events = self.rails.observe(msg.data, SW_UNKNOWN.to_bytes(2, "big"), holder)
         sub.push(wire.CcidFrame(token_id=self.token_id, epoch=epoch, message=result.response.encode()))
         if result.refused is not None:
             code = "pin_guard" if result.refused.kind == "pin_guard" else "command_refused"

@@ -22,6 +22,7 @@ card answer.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -69,6 +70,9 @@ class FrameResult:
     powered_off: bool = False  # the client powered the card off: the linger starts
     failure: DeviceError | None = None  # the device failed: the lease must end
     refused: Any = None  # what `screen` returned: answered without reaching the card
+    # The command went to the card but no answer came back: the card may have acted on it (a
+    # VERIFY compared and counted), so the PIN guard must count it as a failed attempt.
+    answer_lost: bool = False
 
 
 # Called with each whole command APDU before the card sees it (bridge_server/guardrails.py):
@@ -144,7 +148,7 @@ class VirtualReader:
             rapdu = await self._driver.transmit(msg.data)
         except DeviceError as exc:
             log.warning("apdu.failed", apdu=redact(msg.data), error=str(exc))
-            return self._device_failed(msg, exc)
+            return dataclasses.replace(self._device_failed(msg, exc), answer_lost=True)
         if debug_enabled(__name__):  # per APDU: skip building the event at INFO
             log.debug(
                 "apdu.exchanged",

@@ -20,6 +20,10 @@ from bridge_server.config import LimitsConfig
 from bridge_server.hub import Hub
 from bridge_server.listener import ConnectionHandler
 from bridge_server.session import SessionContext
+from protocol import wire
+from protocol.connection import BridgeConnection, Role
+from protocol.errors import CloseCode
+from protocol.runtime.framed import FramedConnection
 
 CA = trustme.CA()
 SERVER_CERT = issue_cert(CA, "localhost", role="server")
@@ -34,8 +38,8 @@ def _server_ctx() -> ssl.SSLContext:
     return ctx
 
 
-async def _connect_as(client: trustme.LeafCert) -> tuple[list[dict[str, object]], bytes]:
-    """One connection to a listener; its log lines and what the client received."""
+async def _connect_as(client: trustme.LeafCert) -> tuple[list[dict[str, object]], object]:
+    """One connection to a listener; its log lines and the first frame the client received."""
     client_stream, server_stream = trio.testing.memory_stream_pair()
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     CA.configure_trust(ctx)
@@ -45,13 +49,13 @@ async def _connect_as(client: trustme.LeafCert) -> tuple[list[dict[str, object]]
     session = SessionContext(
         hub=hub, tokens=[make_manager(hub, FakeDevice(), allow=("vm1",))], heartbeat_s=10.0
     )
-    received = b""
+    received: object = None
     with structlog.testing.capture_logs() as logs:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(ConnectionHandler(_server_ctx, LimitsConfig(), session), server_stream)
             try:
                 await tls.do_handshake()
-                received = await tls.receive_some(1)
+                received = await FramedConnection(tls, BridgeConnection(Role.CLIENT)).receive()
             except trio.BrokenResourceError:
                 pass
             nursery.cancel_scope.cancel()
@@ -66,12 +70,19 @@ async def test_a_client_certificate_without_clientauth_only_is_refused_with_the_
     role: CertRole, problem: str
 ) -> None:
     logs, received = await _connect_as(issue_cert(CA, "vm1", common_name="vm1", role=role))
-    assert received == b""
-    assert [e["event"] for e in logs] == ["tls.handshake_failed"]
-    assert logs[0]["reason"] == (
+    reason = (
         f"client certificate 'vm1' {problem}: a bridge client certificate must carry clientAuth only; "
         "reissue it with `tokenbridge pki issue-client`"
     )
+    # The client is told why, not just closed on (it shows `Refused` to its operator).
+    assert isinstance(received, wire.Refused)
+    assert (received.code, received.reason, received.message) == (
+        CloseCode.NOT_AUTHORIZED,
+        "certificate_purpose",
+        reason,
+    )
+    assert [e["event"] for e in logs] == ["tls.handshake_failed"]
+    assert logs[0]["reason"] == reason
 
 
 async def test_trustmes_default_certificate_is_refused_as_a_client() -> None:

@@ -96,11 +96,6 @@ class LosingDriver(PivDriver):
         return rapdu
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 18 follow-up: a PIN command whose answer was lost (CardError) is not counted by the "
-    "guard; tokens.py only calls rails.observe when result.apdu, so the card may spend one more retry",
-)
 async def test_a_verify_with_a_lost_answer_counts_as_a_failure(nursery: trio.Nursery, tmp_path: Path) -> None:
     # min_retries_left 0: only the guard's own failure count can engage it.
     card = PivCard(pin="123456", pin_retries=3)
