@@ -11,6 +11,7 @@ import trio
 from bridge_client import service
 from bridge_client.backoff import Backoff
 from bridge_client.config import ClientConfig
+from bridge_client.status import serve_status
 from bridge_client.tunnel import Tunnel
 from bridge_client.vpcd_link import VpcdLink
 from protocol.runtime.sdnotify import SystemdNotifier, run_watchdog
@@ -51,8 +52,6 @@ class ClientApp:
             for link in self.links:
                 await nursery.start(link.run)
             if self.config.status_socket is not None:
-                from bridge_client.status import serve_status
-
                 await nursery.start(serve_status, self, self.config.status_socket)
             nursery.start_soon(run_watchdog, self.notifier)
             nursery.start_soon(self._announce_ready)

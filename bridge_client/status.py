@@ -9,19 +9,34 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import structlog
 import trio
 
-if TYPE_CHECKING:
-    from bridge_client.app import ClientApp
+from bridge_client.config import ClientConfig
+from bridge_client.tunnel import Tunnel
+from bridge_client.vpcd_link import VpcdLink
 
 log = structlog.get_logger(__name__)
 
 
-def snapshot(app: ClientApp) -> dict[str, Any]:
+class StatusSource(Protocol):
+    """What the status socket reads of the running client (`ClientApp`)."""
+
+    @property
+    def config(self) -> ClientConfig: ...
+
+    @property
+    def tunnel(self) -> Tunnel: ...
+
+    @property
+    def links(self) -> Sequence[VpcdLink]: ...
+
+
+def snapshot(app: StatusSource) -> dict[str, Any]:
     """What `tokenbridge-client status --json` prints (schema in docs/client.md)."""
     st = app.tunnel.status
     now = time.time()
@@ -62,7 +77,7 @@ def snapshot(app: ClientApp) -> dict[str, Any]:
 
 
 async def serve_status(
-    app: ClientApp,
+    app: StatusSource,
     path: Path,
     *,
     task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,

@@ -18,10 +18,11 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from bridge_server.status_report import build_status
+from bridge_server.tokens import TokenManager
+from bridge_server.view import ServerView
 
-if TYPE_CHECKING:
-    from bridge_server.app import BridgeServer
-    from bridge_server.tokens import TokenManager
+if TYPE_CHECKING:  # the simulator is a test and demo feature: no import at run time
+    from bridge_server.simulator.usb_token import SimulatedToken
 
 log = structlog.get_logger(__name__)
 
@@ -35,7 +36,7 @@ class AdminError(Exception):
 class AdminDispatcher:
     """Maps action names to handlers on a running `BridgeServer`."""
 
-    def __init__(self, server: BridgeServer) -> None:
+    def __init__(self, server: ServerView) -> None:
         self.server = server
         self._actions: dict[str, Callable[[Mapping[str, Any], str], Awaitable[dict[str, Any]]]] = {
             "status": self._status,
@@ -79,7 +80,7 @@ class AdminDispatcher:
         known = ", ".join(t.name for t in self.server.tokens) or "none"
         raise AdminError(f"no token named {name!r} on this server; configured tokens: {known}")
 
-    def _simulated(self, args: Mapping[str, Any]) -> tuple[TokenManager, Any]:
+    def _simulated(self, args: Mapping[str, Any]) -> tuple[TokenManager, SimulatedToken]:
         tok = self._token(args)
         if tok.simulated is None:
             raise AdminError(
@@ -116,13 +117,7 @@ class AdminDispatcher:
 
     async def _pin_guard_reset(self, args: Mapping[str, Any], actor: str) -> dict[str, Any]:
         tok = self._token(args)
-        reset = getattr(self.server, "reset_pin_guard", None)
-        if reset is None:
-            raise AdminError("pin guard not available in this server build; nothing to reset")
-        result = reset(tok.name, actor)
-        if isinstance(result, Awaitable):
-            result = await result
-        return dict(result or {})
+        return self.server.reset_pin_guard(tok.name, actor)
 
     async def _sim_unplug(self, args: Mapping[str, Any], _actor: str) -> dict[str, Any]:
         tok, sim = self._simulated(args)

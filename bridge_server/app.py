@@ -19,6 +19,7 @@ import signal
 import ssl
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from functools import partial
 from typing import Any
 
@@ -30,10 +31,12 @@ from bridge_server.admin import AdminDispatcher
 from bridge_server.audit import AuditLog
 from bridge_server.config import ServerConfig
 from bridge_server.control import serve_control
+from bridge_server.devices import card_opener
 from bridge_server.epochs import EpochStore, epoch_state_path
 from bridge_server.guardrails import Guardrails, guard_state_path, open_guard, reset_guard
 from bridge_server.hub import Hub
 from bridge_server.listener import ConnectionHandler, run_listener
+from bridge_server.metrics import serve_metrics
 from bridge_server.reload import TlsReloader
 from bridge_server.session import SessionContext
 from bridge_server.state_files import check_state_folders
@@ -41,6 +44,7 @@ from bridge_server.token_device import CardOpener
 from bridge_server.tokens import TokenManager
 from protocol import wire
 from protocol.errors import CloseCode
+from protocol.runtime.sdnotify import Notifier, SystemdNotifier, run_watchdog
 
 log = structlog.get_logger(__name__)
 
@@ -48,19 +52,6 @@ log = structlog.get_logger(__name__)
 def describe_peer_address(sockname: Any) -> str:
     host, port = sockname[:2]
     return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
-
-
-class _NullNotifier:
-    def notify(self, **_kv: Any) -> None:
-        pass
-
-
-def _default_notifier() -> Any:
-    try:
-        from protocol.runtime.sdnotify import SystemdNotifier
-    except ImportError:  # the runtime piece is optional until it lands
-        return _NullNotifier()
-    return SystemdNotifier()
 
 
 class BridgeServer:
@@ -72,16 +63,16 @@ class BridgeServer:
         *,
         ssl_context: ssl.SSLContext | None = None,
         openers: Mapping[str, tuple[CardOpener, Any]] | None = None,
-        notifier: Any = None,
+        notifier: Notifier | None = None,
         wall_time: Callable[[], float] = time.time,
     ) -> None:
         """Args:
         openers: token name -> (opener, simulated token); by default built from the config
             (`bridge_server.devices.card_opener`). Tests pass fakes.
         """
-        self.config = config
+        self._config = config
         self._ssl_context = ssl_context
-        self._notifier = notifier if notifier is not None else _default_notifier()
+        self.notifier = notifier if notifier is not None else SystemdNotifier()
         self.hub = Hub()
         self.shutdown_requested = trio.Event()
         self.tokens: list[TokenManager] = []
@@ -105,8 +96,6 @@ class BridgeServer:
             if openers is not None:
                 opener, simulated = openers[token.name]
             else:
-                from bridge_server.devices import card_opener
-
                 opener, simulated = card_opener(token, config_path=str(config.path))
             manager = TokenManager(
                 token_id, token, config.lease, self.hub, opener,
@@ -119,6 +108,19 @@ class BridgeServer:
         self.reloader = TlsReloader(config.tls, self.hub, context=ssl_context)
         self.handler: ConnectionHandler | None = None
         self.metrics_listeners: list[trio.SocketListener] = []
+
+    @property
+    def config(self) -> ServerConfig:
+        return self._config
+
+    @config.setter
+    def config(self, config: ServerConfig) -> None:
+        """A reload's new config (`service.apply_plan`): the parts that read it follow."""
+        self._config = config
+        if self.handler is not None:
+            # The listener hands this context to every new session; open sessions keep theirs.
+            self.handler.session_context = replace(self.handler.session_context, admins=config.admins)
+        self.reloader.tls = config.tls  # reload_tls() reads the (possibly moved) files from here
 
     @property
     def tls_refusals(self) -> Mapping[str, int]:
@@ -175,7 +177,7 @@ class BridgeServer:
                 )
             )
             # READY only now: listener bound, every token opened and reset or known absent.
-            self._notifier.notify(READY=1, STATUS=service.server_status(self))
+            self.notifier.notify(READY=1, STATUS=service.server_status(self))
             log.info(
                 "server.ready", tokens=[t.name for t in self.tokens], present=[t.present for t in self.tokens]
             )
@@ -183,7 +185,7 @@ class BridgeServer:
             task_status.started(self.listeners)
             await self.shutdown_requested.wait()
             extras.cancel()  # control socket, file watcher, metrics: nothing to drain
-            self._notifier.notify(STOPPING=1)
+            self.notifier.notify(STOPPING=1)
             await self._stop_tokens(cfg.limits.grace_period_s)
             for sub in self.hub:
                 sub.push(wire.Goodbye(code=CloseCode.SHUTTING_DOWN, reason="server shutting down"))
@@ -208,8 +210,6 @@ class BridgeServer:
                 await extras.start(self.reloader.watch)
                 metrics = self.config.metrics
                 if metrics.listen is not None:
-                    from bridge_server.metrics import serve_metrics
-
                     host, port = metrics.listen
                     self.metrics_listeners = await extras.start(partial(serve_metrics, self, host, port))
                 task_status.started()
@@ -233,7 +233,7 @@ async def watch_signals(
         async for signum in signals:
             log.info("server.signal_received", signal=signal.Signals(signum).name)
             if signum == signal.SIGHUP:  # systemctl reload: TLS files and live config
-                service.reload_service(server, server._notifier)
+                service.reload_service(server, server.notifier)
                 continue
             server.request_shutdown()
             return
@@ -241,8 +241,6 @@ async def watch_signals(
 
 async def serve_forever(config: ServerConfig) -> None:
     """The CLI's entry: run the server with signal handling until SIGTERM/SIGINT."""
-    from protocol.runtime.sdnotify import SystemdNotifier, run_watchdog
-
     notifier = SystemdNotifier()
     server = BridgeServer(config, notifier=notifier)
     async with trio.open_nursery() as nursery:

@@ -13,25 +13,20 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Iterator
-from typing import Any, Protocol
+from typing import Any, TypeAlias
 
 import structlog
 import trio
 
 from bridge_server.flood_limits import PenaltyBox
+from protocol.runtime.tls import PeerIdentity
 
 log = structlog.get_logger(__name__)
 
 SLOW_CLIENT = "slow_client"
 
 
-class Identity(Protocol):
-    """What we know of a peer: `protocol.runtime.tls.PeerIdentity` fits."""
-
-    @property
-    def name(self) -> str: ...
-    @property
-    def names(self) -> tuple[str, ...]: ...
+Identity: TypeAlias = PeerIdentity  # who a session is: its certificate's names, fingerprint, expiry
 
 
 class Subscriber:

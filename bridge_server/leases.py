@@ -117,14 +117,18 @@ class LeaseBook:
     ) -> None:
         if not 1 <= first_epoch <= EPOCH_MAX:
             raise ValueError(f"first_epoch must be 1..{EPOCH_MAX}, not {first_epoch!r}")
-        self.linger_s = linger_s
-        self.idle_timeout_s = idle_timeout_s
-        self.max_hold_s = max_hold_s
+        self.set_timeouts(linger_s=linger_s, idle_timeout_s=idle_timeout_s, max_hold_s=max_hold_s)
         self.holder: Lease | None = None
         self.present = present
         self.closed = False
         self._next_epoch = first_epoch
         self._queue: deque[_Waiter] = deque()
+
+    def set_timeouts(self, *, linger_s: float, idle_timeout_s: float, max_hold_s: float) -> None:
+        """The lease timings (also at a config reload: they apply from the next deadline check)."""
+        self.linger_s = linger_s
+        self.idle_timeout_s = idle_timeout_s
+        self.max_hold_s = max_hold_s
 
     # -- queries ---------------------------------------------------------------
 

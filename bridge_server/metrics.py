@@ -1,7 +1,7 @@
 """Counters the server keeps per token, and an opt-in Prometheus text endpoint.
 
-`TokenStats` is plain sync bookkeeping the token task feeds (lease requested/granted/ended, an
-APDU exchanged); `status` and `/metrics` only read it. The endpoint is a tiny HTTP/1.0 server on
+The counters are `bridge_server.token_stats.TokenStats`, fed by the token task; `status` and
+`/metrics` only read them. The endpoint is a tiny HTTP/1.0 server on
 trio (no dependency): `GET /metrics` answers the Prometheus text format 0.0.4, anything else 404.
 It is off unless `metrics: {listen: "127.0.0.1:9447"}` is configured; bind it to loopback or a
 management network, it has no authentication.
@@ -9,77 +9,19 @@ management network, it has no authentication.
 
 from __future__ import annotations
 
-import datetime as dt
-from collections import Counter
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
 import structlog
 import trio
 
-if TYPE_CHECKING:
-    from bridge_server.app import BridgeServer
+from bridge_server.status_report import pin_guard_state
+from bridge_server.view import ServerView
 
 log = structlog.get_logger(__name__)
 
-_INS_GENERAL_AUTHENTICATE: Final = 0x87
-_CLA_CHAINING: Final = 0x10
 MAX_REQUEST_BYTES: Final = 8192
 REQUEST_TIMEOUT_S: Final = 5.0
-
-
-def _today() -> dt.date:
-    return dt.datetime.now(dt.UTC).date()
-
-
-class TokenStats:
-    """Per-token counters: leases, waits, holds, APDUs, private-key operations (signatures)."""
-
-    def __init__(self) -> None:
-        self.leases_total = 0
-        self.lease_ends: Counter[str] = Counter()
-        self.apdus_total = 0
-        self.signatures_total = 0
-        self.wait_seconds_sum = 0.0
-        self.hold_seconds_sum = 0.0
-        self.holds = 0
-        self._day = _today()
-        self._signatures_day = 0
-        self._queued_at: dict[int, float] = {}
-
-    def requested(self, conn_id: int, now: float) -> None:
-        self._queued_at.setdefault(conn_id, now)
-
-    def queued_since(self, conn_id: int) -> float | None:
-        return self._queued_at.get(conn_id)
-
-    def granted(self, conn_id: int, now: float) -> None:
-        self.leases_total += 1
-        self.wait_seconds_sum += max(0.0, now - self._queued_at.pop(conn_id, now))
-
-    def forget(self, conn_id: int) -> None:
-        self._queued_at.pop(conn_id, None)
-
-    def ended(self, held_s: float, reason: str) -> None:
-        self.lease_ends[reason] += 1
-        self.hold_seconds_sum += held_s
-        self.holds += 1
-
-    def apdu(self, command: bytes, response: bytes, *, today: dt.date | None = None) -> None:
-        """Count one exchanged APDU; a successful last-link GENERAL AUTHENTICATE is a signature."""
-        self.apdus_total += 1
-        if len(command) < 4 or command[1] != _INS_GENERAL_AUTHENTICATE or command[0] & _CLA_CHAINING:
-            return
-        if response[-2:] != b"\x90\x00":
-            return
-        self.signatures_total += 1
-        day = today or _today()
-        if day != self._day:
-            self._day, self._signatures_day = day, 0
-        self._signatures_day += 1
-
-    def signatures_today(self, *, today: dt.date | None = None) -> int:
-        return self._signatures_day if (today or _today()) == self._day else 0
 
 
 # -- rendering -------------------------------------------------------------------------------
@@ -128,8 +70,7 @@ def render(rows: Iterable[tuple[str, float, dict[str, str]]]) -> str:
     return "\n".join(out) + "\n"
 
 
-def server_rows(server: BridgeServer) -> list[tuple[str, float, dict[str, str]]]:
-    from bridge_server.status_report import pin_guard_state
+def server_rows(server: ServerView) -> list[tuple[str, float, dict[str, str]]]:
 
     rows: list[tuple[str, float, dict[str, str]]] = []
     for tok in server.tokens:
@@ -183,7 +124,7 @@ def http_response(request_head: bytes, body: Callable[[], str]) -> bytes:
 
 
 async def serve_metrics(
-    server: BridgeServer,
+    server: ServerView,
     host: str,
     port: int,
     *,

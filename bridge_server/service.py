@@ -19,14 +19,17 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Final
+from typing import Final, Protocol
 
 import structlog
 import trio
 
 from bridge_server.config import ServerConfig, TokenConfig, load_server_config
+from bridge_server.hub import Hub
 from bridge_server.rights import apply_rights
+from bridge_server.tokens import TokenManager
 from protocol.errors import ConfigError
+from protocol.runtime.sdnotify import Notifier
 
 log = structlog.get_logger(__name__)
 
@@ -50,12 +53,30 @@ def status_line(tokens: Iterable[tuple[str, bool, str | None]], connections: int
     return text if len(text) <= MAX_STATUS_LENGTH else text[: MAX_STATUS_LENGTH - 3] + "..."
 
 
-def server_status(server: Any) -> str:
+class Reconfigurable(Protocol):
+    """What a reload reads and replaces (`BridgeServer`; tests pass a namespace with these)."""
+
+    config: ServerConfig  # setting it hands the new config to the server's other parts
+
+    @property
+    def hub(self) -> Hub: ...
+
+    @property
+    def tokens(self) -> Sequence[TokenManager]: ...
+
+
+class Service(Reconfigurable, Protocol):
+    shutdown_requested: trio.Event
+
+    def reload_tls(self) -> bool: ...
+
+
+def server_status(server: Reconfigurable) -> str:
     tokens = [(t.name, t.present, t.book.holder.identity if t.book.holder else None) for t in server.tokens]
     return status_line(tokens, sum(1 for _ in server.hub))
 
 
-async def report_status(server: Any, notifier: Any) -> None:
+async def report_status(server: Service, notifier: Notifier) -> None:
     """Send `STATUS=` whenever the text changes (polled: token tasks have no change event)."""
     last = server_status(server)  # READY=1 carried this one
     while not server.shutdown_requested.is_set():
@@ -118,43 +139,17 @@ def plan_reload(old: ServerConfig, new: ServerConfig) -> ReloadPlan:
     return ReloadPlan(config=config, applied=applied, needs_restart=restart)
 
 
-def apply_plan(server: Any, plan: ReloadPlan) -> None:
+def apply_plan(server: Reconfigurable, plan: ReloadPlan) -> None:
     """Put the live-applicable part of `plan` into the running server's objects."""
     cfg = plan.config
-    lease = cfg.lease
     for manager, tok in zip(server.tokens, cfg.tokens, strict=True):
-        before = manager.config
-        manager.config = tok
-        book = manager.book
-        book.linger_s, book.idle_timeout_s, book.max_hold_s = (
-            lease.linger_s,
-            lease.idle_timeout_s,
-            lease.max_hold_s,
-        )
-        manager.queue_timeout_s = lease.queue_timeout_s
-        manager.rails.policy = tok.policy  # screened per APDU: applies to the running lease
-        if before.allow != tok.allow:
-            _tell_sessions(server, manager, before)
+        manager.reconfigure(tok, cfg.lease)
     rights = apply_rights(server.hub, server.tokens, cfg.admins)
     plan.sessions_dropped, plan.leases_ended = rights.sessions_dropped, rights.leases_ended
-    handler = getattr(server, "handler", None)
-    if handler is not None:
-        # The listener hands this context to every new session; open sessions keep theirs.
-        handler.session_context = replace(handler.session_context, admins=cfg.admins)
-    reloader = getattr(server, "reloader", None)
-    if reloader is not None:
-        reloader.tls = cfg.tls  # reload_tls() reads the (possibly moved) files from here
     server.config = cfg
 
 
-def _tell_sessions(server: Any, manager: Any, before: TokenConfig) -> None:
-    """Send the new TokenStatus (allowed or not) to everyone who could see the token."""
-    for sub in server.hub:
-        if sub.admin or sub.may_use(before.allow) or sub.may_use(manager.config.allow):
-            sub.push(manager.status_for(sub))
-
-
-def reload_config(server: Any) -> ReloadPlan | None:
+def reload_config(server: Reconfigurable) -> ReloadPlan | None:
     """Re-read the server's config file and apply what can change live.
 
     A file that does not parse or validate changes nothing and is logged as `reload.failed`.
@@ -181,7 +176,7 @@ def reload_config(server: Any) -> ReloadPlan | None:
     return plan
 
 
-def reload_service(server: Any, notifier: Any) -> None:
+def reload_service(server: Service, notifier: Notifier) -> None:
     """SIGHUP: the live part of the config, then certificate, key and CRL (`reload_tls`)."""
     notifier.notify(RELOADING=1, MONOTONIC_USEC=time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000)
     reload_config(server)

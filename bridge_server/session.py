@@ -34,6 +34,7 @@ from typing import Any, Final
 import structlog
 import trio
 
+from bridge_server import SERVER_SOFTWARE
 from bridge_server.admin_wire import wire_result
 from bridge_server.hub import Hub, Identity, Subscriber
 from bridge_server.leases import EndReason
@@ -45,7 +46,6 @@ from protocol.runtime.framed import FramedConnection
 
 log = structlog.get_logger(__name__)
 
-SERVER_SOFTWARE: Final = "tokenbridge-server/0.1.0"
 OUTBOX_CAPACITY: Final = 64
 FAREWELL_TIMEOUT_S: Final = 1.0
 
@@ -70,7 +70,7 @@ async def audit_event(
         return
     if identity is not None:
         fields.update(client_id=identity.name, names=list(identity.names))
-        fields["fingerprint"] = getattr(identity, "fingerprint_sha256", None)
+        fields["fingerprint"] = identity.fingerprint_sha256
     with trio.CancelScope(shield=True):
         await ctx.audit.record(event, **fields)
 

@@ -9,29 +9,23 @@ from __future__ import annotations
 
 import datetime as dt
 import time
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 import trio
 from cryptography import x509
 
-if TYPE_CHECKING:
-    from bridge_server.app import BridgeServer
-    from bridge_server.tokens import TokenManager
+from bridge_server import SERVER_SOFTWARE
+from bridge_server.tokens import TokenManager
+from bridge_server.view import ServerView
 
 SCHEMA_VERSION: Final = 1
 EXPIRY_WARNING_DAYS: Final = 30
 
 
-def pin_guard_state(server: BridgeServer, token: str) -> dict[str, Any]:
-    """The PIN guard's view of `token` (`BridgeServer.pin_guard_status`), or `available: False`."""
-    probe = getattr(server, "pin_guard_status", None)
-    if probe is None:
-        guard = getattr(server, "pin_guard", None)  # bridge_server.pin_guard.PinGuard
-        probe = getattr(guard, "status", None)
-    if probe is None:
-        return {"available": False}
+def pin_guard_state(server: ServerView, token: str) -> dict[str, Any]:
+    """The PIN guard's view of `token` (docs/status.md), or `available: False` if it cannot say."""
     try:
-        state = dict(probe(token))
+        state = dict(server.pin_guard.status(token))
     except Exception as exc:  # a status page must not die with the guard
         return {"available": False, "error": str(exc)[:200]}
     state.setdefault("available", True)
@@ -63,7 +57,7 @@ def _vid_pid(tok: TokenManager) -> str | None:
     return None if vid is None or pid is None else f"{vid:04x}:{pid:04x}"
 
 
-def _token(server: BridgeServer, tok: TokenManager, now: float, wall: float) -> dict[str, Any]:
+def _token(server: ServerView, tok: TokenManager, now: float, wall: float) -> dict[str, Any]:
     holder = tok.book.holder
     guard = pin_guard_state(server, tok.name)
     held = None
@@ -110,7 +104,7 @@ def _expiry(subject: str, not_after: dt.datetime, now: dt.datetime) -> dict[str,
     }
 
 
-def certificate_warnings(server: BridgeServer, now: dt.datetime) -> list[dict[str, Any]]:
+def certificate_warnings(server: ServerView, now: dt.datetime) -> list[dict[str, Any]]:
     """Server certificate, CA and CRL near expiry or expired; connected clients' certificates too."""
     out: list[dict[str, Any]] = []
     tls = server.config.tls
@@ -143,16 +137,12 @@ def certificate_warnings(server: BridgeServer, now: dt.datetime) -> list[dict[st
         except (OSError, ValueError):
             pass
     for sub in server.hub:
-        not_after = getattr(sub.identity, "not_after", None)
-        if isinstance(not_after, dt.datetime):
-            out.append(_expiry(f"client certificate of {sub.name}", not_after, now) or {})
+        out.append(_expiry(f"client certificate of {sub.name}", sub.identity.not_after, now) or {})
     return [w for w in out if w]
 
 
-def build_status(server: BridgeServer) -> dict[str, Any]:
+def build_status(server: ServerView) -> dict[str, Any]:
     """The status document (schema in docs/status.md)."""
-    from bridge_server.session import SERVER_SOFTWARE
-
     now, wall = trio.current_time(), time.time()
     clients = [
         {
@@ -184,7 +174,7 @@ def build_status(server: BridgeServer) -> dict[str, Any]:
     }
 
 
-def _audit_warning(server: BridgeServer) -> list[dict[str, Any]]:
+def _audit_warning(server: ServerView) -> list[dict[str, Any]]:
     audit = server.audit
     out: list[dict[str, Any]] = []
     if audit.truncated:
@@ -199,7 +189,7 @@ def _audit_warning(server: BridgeServer) -> list[dict[str, Any]]:
     return out
 
 
-def _state_warnings(server: BridgeServer) -> list[dict[str, Any]]:
+def _state_warnings(server: ServerView) -> list[dict[str, Any]]:
     """docs/ops.md "A full state disk": what could not be saved and what that means now."""
     out: list[dict[str, Any]] = []
     if server.guard_store.problem:

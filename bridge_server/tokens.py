@@ -29,7 +29,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import structlog
 import trio
@@ -50,14 +50,17 @@ from bridge_server.leases import (
     Queued,
     Refusal,
 )
-from bridge_server.metrics import TokenStats
 from bridge_server.pin_guard import Attempt, Engaged
 from bridge_server.token_device import CardOpener, OpenedCard, TokenDevice
+from bridge_server.token_stats import TokenStats
 from bridge_server.virtual_reader import VirtualReader
 from protocol import wire
 from protocol.apdu import SW_UNKNOWN
 from protocol.ccid import MessageType, decode_message
 from protocol.errors import MalformedCcidMessageError
+
+if TYPE_CHECKING:  # the simulator is a test and demo feature: no import at run time
+    from bridge_server.simulator.usb_token import SimulatedToken
 
 log = structlog.get_logger(__name__)
 
@@ -89,7 +92,7 @@ class TokenManager:
         opener: CardOpener,
         *,
         first_epoch: int,
-        simulated: Any = None,
+        simulated: SimulatedToken | None = None,
         guardrails: Guardrails | None = None,
         epochs: EpochStore | None = None,
     ) -> None:
@@ -118,11 +121,29 @@ class TokenManager:
         self._drops: dict[int, EndReason] = {}
         self._status_changed = False
         self._stopped = False
-        self.stats = TokenStats()  # counters for `status` and /metrics (bridge_server/metrics.py)
+        self.stats = TokenStats()  # counters for `status` and /metrics
 
     @property
     def _card(self) -> OpenedCard | None:
         return self.device.card
+
+    def reconfigure(self, config: TokenConfig, lease: LeaseConfig) -> None:
+        """A config reload: new allow list, command policy and lease timings (not `match`).
+
+        The policy is screened per APDU, so it applies to the running lease from its next
+        command; everyone who could see the token before or now gets its new `TokenStatus`.
+        """
+        before = self.config
+        self.config = config
+        self.book.set_timeouts(
+            linger_s=lease.linger_s, idle_timeout_s=lease.idle_timeout_s, max_hold_s=lease.max_hold_s
+        )
+        self.queue_timeout_s = lease.queue_timeout_s
+        self.rails.policy = config.policy
+        if before.allow != config.allow:
+            for sub in self.hub:
+                if sub.admin or sub.may_use(before.allow) or sub.may_use(config.allow):
+                    sub.push(self.status_for(sub))
 
     # -- session-facing API ----------------------------------------------------
 

@@ -20,16 +20,22 @@ import contextlib
 import os
 import socket
 from collections.abc import Mapping
-from typing import Final
+from typing import Final, Protocol
 
 import structlog
 import trio
 
-__all__ = ["SystemdNotifier", "run_watchdog"]
+__all__ = ["Notifier", "SystemdNotifier", "run_watchdog"]
 
 log = structlog.get_logger(__name__)
 
 _MAX_DATAGRAM: Final = 4096  # generous: our messages are a few dozen bytes
+
+
+class Notifier(Protocol):
+    """What a daemon tells its service manager (`SystemdNotifier`, or a test's recorder)."""
+
+    def notify(self, **fields: object) -> object: ...
 
 
 class SystemdNotifier:
