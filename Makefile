@@ -26,8 +26,8 @@ $(STAMP): pyproject.toml
 deps: system-deps $(STAMP)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check protocol bridge_server bridge_client tests bench
-	$(VENV)/bin/ruff format --check protocol bridge_server bridge_client tests bench
+	$(VENV)/bin/ruff check protocol bridge_server bridge_client bridge_admin tests bench
+	$(VENV)/bin/ruff format --check protocol bridge_server bridge_client bridge_admin tests bench
 	$(VENV)/bin/mypy
 
 test: deps lint

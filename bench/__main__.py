@@ -18,7 +18,7 @@ from pathlib import Path
 
 from bench import run
 from bench.stats import machine, table
-from bridge_server.demo import BridgeStack
+from bridge_admin.demo import BridgeStack
 
 RESULTS = Path(__file__).parent / "results"
 

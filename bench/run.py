@@ -22,7 +22,7 @@ from pathlib import Path
 
 from bench.pcsc import Card
 from bench.stats import rss_mb, summarize_ms
-from bridge_server.demo import (
+from bridge_admin.demo import (
     VPCD_BASE_PORT,
     BridgeStack,
     Daemon,
@@ -33,10 +33,10 @@ from bridge_server.demo import (
     reader_name,
     wait_for,
 )
-from bridge_server.demo import (
+from bridge_admin.demo import (
     pkcs11_sign as run_pkcs11_sign,
 )
-from bridge_server.signing_tools import minimal_pe
+from bridge_admin.signing_tools import minimal_pe
 
 REPO = Path(__file__).resolve().parents[1]
 PROFILE = "safenet-5110"

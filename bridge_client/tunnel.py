@@ -69,7 +69,7 @@ log = structlog.get_logger(__name__)
 
 SOFTWARE = "tokenbridge-client/0.1.0"
 # Lease endings the client caused itself (docs/protocol.md §5.3; the server's reasons are
-# bridge_server.leases.EndReason). Any other ending (idle_timeout, max_hold, revoked,
+# bridge_server.tokens.leases.EndReason). Any other ending (idle_timeout, max_hold, revoked,
 # token_gone, device_error, shutdown, ...) means the server powered the card off under the
 # application's feet: its login state is gone, so the reader must show a removal.
 NORMAL_LEASE_ENDINGS = frozenset({"released", "linger_expired"})

@@ -27,21 +27,21 @@ import structlog
 import trio
 
 from bridge_server import service
-from bridge_server.admin import AdminDispatcher
-from bridge_server.audit import AuditLog
 from bridge_server.config import ServerConfig
-from bridge_server.control import serve_control
-from bridge_server.devices import card_opener
-from bridge_server.epochs import EpochStore, epoch_state_path
-from bridge_server.guardrails import Guardrails, guard_state_path, open_guard, reset_guard
-from bridge_server.hub import Hub
-from bridge_server.listener import ConnectionHandler, run_listener
-from bridge_server.metrics import serve_metrics
-from bridge_server.reload import TlsReloader
-from bridge_server.session import SessionContext
-from bridge_server.state_files import check_state_folders
-from bridge_server.token_device import CardOpener
-from bridge_server.tokens import TokenManager
+from bridge_server.guard.audit import AuditLog
+from bridge_server.guard.guardrails import Guardrails, guard_state_path, open_guard, reset_guard
+from bridge_server.guard.state_files import check_state_folders
+from bridge_server.net.admin import AdminDispatcher
+from bridge_server.net.control import serve_control
+from bridge_server.net.hub import Hub
+from bridge_server.net.listener import ConnectionHandler, run_listener
+from bridge_server.net.reload import TlsReloader
+from bridge_server.net.session import SessionContext
+from bridge_server.observe.metrics import serve_metrics
+from bridge_server.tokens.device import CardOpener
+from bridge_server.tokens.epochs import EpochStore, epoch_state_path
+from bridge_server.tokens.manager import TokenManager
+from bridge_server.usb.devices import card_opener
 from protocol import wire
 from protocol.errors import CloseCode
 from protocol.runtime.sdnotify import Notifier, SystemdNotifier, run_watchdog
@@ -68,7 +68,7 @@ class BridgeServer:
     ) -> None:
         """Args:
         openers: token name -> (opener, simulated token); by default built from the config
-            (`bridge_server.devices.card_opener`). Tests pass fakes.
+            (`bridge_server.usb.devices.card_opener`). Tests pass fakes.
         """
         self._config = config
         self._ssl_context = ssl_context

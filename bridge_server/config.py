@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final
 
-from bridge_server.command_policy import (
+from bridge_server.guard.command_policy import (
     DEFAULT_FAMILY,
     ENVELOPE_INS,
     FAMILIES,
@@ -99,7 +99,7 @@ class ControlConfig:
 
 @dataclass(frozen=True, slots=True)
 class MetricsConfig:
-    listen: tuple[str, int] | None = None  # opt-in Prometheus endpoint (bridge_server/metrics.py)
+    listen: tuple[str, int] | None = None  # opt-in Prometheus endpoint (bridge_server/observe/metrics.py)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,7 +1,7 @@
 """Device-layer errors of the token server (USB transport and CCID driver).
 
 Foreign exceptions (pyusb's `USBError`, `NotImplementedError`) are translated into these at the
-boundary, in `bridge_server.usb_transport`, with `raise ... from exc`. Every message says which
+boundary, in `bridge_server.usb.transport`, with `raise ... from exc`. Every message says which
 device and what to do about it, because an ops engineer reads them in `journalctl`.
 """
 

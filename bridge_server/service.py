@@ -5,7 +5,7 @@
 
 What SIGHUP can change without a restart (issue 8): each token's allow list and command
 policy (`policy.allow_management`, `family`, `allow_ins`), the admins, and the lease timings.
-Rights apply to open sessions at once (issue 13, `bridge_server/rights.py`): a session whose
+Rights apply to open sessions at once (issue 13, `bridge_server/net/rights.py`): a session whose
 rights shrank is dropped or loses its lease, and the `reload.applied` line names it. Everything
 else in server.yaml (listen address, the tokens themselves and their `match`, pin_guard, audit,
 control, limits, heartbeat) is bound to open sockets, files or devices: a change is logged as
@@ -25,9 +25,9 @@ import structlog
 import trio
 
 from bridge_server.config import ServerConfig, TokenConfig, load_server_config
-from bridge_server.hub import Hub
-from bridge_server.rights import apply_rights
-from bridge_server.tokens import TokenManager
+from bridge_server.net.hub import Hub
+from bridge_server.net.rights import apply_rights
+from bridge_server.tokens.manager import TokenManager
 from protocol.errors import ConfigError
 from protocol.runtime.sdnotify import Notifier
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
-from bridge_server.audit import AuditLog
 from bridge_server.config import ServerConfig
-from bridge_server.epochs import EpochStore
-from bridge_server.hub import Hub
-from bridge_server.pin_guard import PinGuard, PinGuardStore
-from bridge_server.tokens import TokenManager
+from bridge_server.guard.audit import AuditLog
+from bridge_server.guard.pin_guard import PinGuard, PinGuardStore
+from bridge_server.net.hub import Hub
+from bridge_server.tokens.epochs import EpochStore
+from bridge_server.tokens.manager import TokenManager
 
 
 class ServerView(Protocol):

@@ -30,8 +30,8 @@ from protocol.errors import RemoteProtocolError
 from protocol.vpcd import Apdu, Closed, Control, VpcdCardSide, VpcdControl
 
 if TYPE_CHECKING:
-    from bridge_server.ccid_driver import CcidDriver
     from bridge_server.simulator.profiles import Profile
+    from bridge_server.usb.ccid_driver import CcidDriver
 
 log = structlog.get_logger(__name__)
 
@@ -127,10 +127,10 @@ async def main_usb_async(
     card: PivCard, profile: Profile, host: str, port: int, stats_path: Path | None
 ) -> None:
     """`--via-usb`: the simulated USB token of `profile` opened like the server opens it, in vpcd."""
-    from bridge_server.ccid_driver import CcidDriver
     from bridge_server.simulator.backend import SimulatorBackend
     from bridge_server.simulator.usb_token import SimulatedToken
-    from bridge_server.usb_transport import AsyncUsbDevice, DeviceMatch
+    from bridge_server.usb.ccid_driver import CcidDriver
+    from bridge_server.usb.transport import AsyncUsbDevice, DeviceMatch
 
     backend = SimulatorBackend([SimulatedToken(profile, card=card)])
     device = await AsyncUsbDevice.open(DeviceMatch(vid=profile.vid, pid=profile.pid), backend=backend)

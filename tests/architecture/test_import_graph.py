@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-PACKAGES = ("protocol", "bridge_server", "bridge_client")
+PACKAGES = ("protocol", "bridge_server", "bridge_client", "bridge_admin")
 
 
 def _module_name(path: Path) -> str:

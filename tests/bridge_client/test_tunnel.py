@@ -26,7 +26,7 @@ from structlog.testing import capture_logs
 
 from bridge_client.errors import CardFailure, LeaseError, TunnelDown
 from bridge_client.tunnel import NORMAL_LEASE_ENDINGS, Tunnel
-from bridge_server.leases import EndReason
+from bridge_server.tokens.leases import EndReason
 from protocol import ccid, wire
 from protocol.errors import CloseCode
 

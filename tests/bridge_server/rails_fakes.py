@@ -9,13 +9,13 @@ import trio
 import trio.testing
 from server_fakes import LEASE, Client, FakeCard, FakeDevice
 
-from bridge_server.audit import AuditLog
 from bridge_server.config import PolicyConfig, TokenConfig, TokenMatch
-from bridge_server.guardrails import Guardrails
-from bridge_server.hub import Hub
-from bridge_server.pin_guard import PinGuard, PinGuardStore
+from bridge_server.guard.audit import AuditLog
+from bridge_server.guard.guardrails import Guardrails
+from bridge_server.guard.pin_guard import PinGuard, PinGuardStore
+from bridge_server.net.hub import Hub
 from bridge_server.simulator.piv import PivCard
-from bridge_server.tokens import TokenManager
+from bridge_server.tokens.manager import TokenManager
 from protocol import ccid, wire
 
 ATR = bytes.fromhex("3BD518008131FE7D8073C82110F4")

@@ -10,9 +10,9 @@ import trio
 
 from bridge_server.config import LeaseConfig, TokenConfig, TokenMatch
 from bridge_server.errors import DeviceError, DeviceGoneError, DeviceNotFoundError
-from bridge_server.hub import Hub, Subscriber
-from bridge_server.token_device import OpenedCard
-from bridge_server.tokens import TokenManager
+from bridge_server.net.hub import Hub, Subscriber
+from bridge_server.tokens.device import OpenedCard
+from bridge_server.tokens.manager import TokenManager
 from protocol.runtime.tls import PeerIdentity
 
 ATR = bytes.fromhex("3BD518008131FE7D8073C82110F4")

@@ -10,8 +10,7 @@ import trio
 from admin_fixtures import Certs, connect, expect, running
 from server_fakes import FakeDevice
 
-from bridge_server.admin_client import Target, call
-from bridge_server.admin_wire import unwrap_result
+from bridge_admin.client import Target, call
 from protocol import ccid, wire
 
 SELECT_PIV = bytes.fromhex("00A4040009A00000030800001000")
@@ -28,7 +27,7 @@ async def test_admin_identity_gets_status_over_the_wire(tmp_path: Path) -> None:
         async with running(tmp_path) as (_srv, port), connect(certs, port, "ops") as ops:
             resp = await _admin(ops, "status")
     assert resp.ok
-    result = unwrap_result(resp.result)
+    result = resp.result
     assert [t["state"] for t in result["tokens"]] == ["idle"]
     assert [c["identity"] for c in result["clients"]] == ["ops"]
 

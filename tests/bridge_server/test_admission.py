@@ -1,10 +1,10 @@
-"""HandshakeBook: who keeps a place before the TLS handshake (bridge_server/admission.py)."""
+"""HandshakeBook: who keeps a place before the TLS handshake (bridge_server/net/admission.py)."""
 
 from __future__ import annotations
 
 import pytest
 
-from bridge_server.admission import MAX_FIRST_RECORD, HandshakeBook, first_record_size
+from bridge_server.net.admission import MAX_FIRST_RECORD, HandshakeBook, first_record_size
 
 
 def book(**overrides: int | float) -> HandshakeBook:

@@ -14,7 +14,7 @@ import trio
 from rails_fakes import SELECT_PIV, PivDevice, apdu, lease, make_manager, make_rails
 from server_fakes import Client
 
-from bridge_server.hub import Hub
+from bridge_server.net.hub import Hub
 from bridge_server.simulator.piv import PivCard
 
 CANARY_PIN = b"739164"

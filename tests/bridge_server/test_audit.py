@@ -11,9 +11,9 @@ import trio
 from rails_fakes import PivDevice, lease, make_manager, make_rails, settle
 from server_fakes import Client
 
-from bridge_server.admin_cli import main as tokenbridge
-from bridge_server.audit import ZERO_HASH, AuditLog, verify_file
-from bridge_server.hub import Hub
+from bridge_admin.cli import main as tokenbridge
+from bridge_server.guard.audit import ZERO_HASH, AuditLog, verify_file
+from bridge_server.net.hub import Hub
 from bridge_server.simulator.piv import PivCard
 from protocol import wire
 

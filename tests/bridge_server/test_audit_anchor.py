@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import structlog
 
-from bridge_server.admin_cli import main as tokenbridge
-from bridge_server.audit import AuditLog
+from bridge_admin.cli import main as tokenbridge
+from bridge_server.guard.audit import AuditLog
 
 WALL = 1_700_000_000.0
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from bridge_server.admin_cli import main as tokenbridge
-from bridge_server.audit import AuditLog
+from bridge_admin.cli import main as tokenbridge
 from bridge_server.config import parse_server_config
+from bridge_server.guard.audit import AuditLog
 from protocol.errors import ConfigError
 
 WALL = 1_700_000_000.0

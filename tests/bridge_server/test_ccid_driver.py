@@ -13,7 +13,8 @@ import structlog
 import trio
 import trio.testing
 
-from bridge_server.ccid_driver import (
+from bridge_server.errors import CardError, DeviceError, DeviceTimeoutError
+from bridge_server.usb.ccid_driver import (
     CcidDriver,
     choose_protocol,
     effective_features,
@@ -23,8 +24,7 @@ from bridge_server.ccid_driver import (
     t0_parameters,
     t1_parameters,
 )
-from bridge_server.errors import CardError, DeviceError, DeviceTimeoutError
-from bridge_server.usb_transport import DeviceInfo
+from bridge_server.usb.transport import DeviceInfo
 from protocol import ccid
 from protocol.atr import Atr
 from protocol.ccid import (

@@ -17,10 +17,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding
 
-from bridge_server.ccid_driver import CcidDriver
 from bridge_server.errors import CardError, DeviceGoneError
 from bridge_server.simulator.backend import open_simulator
-from bridge_server.usb_transport import AsyncUsbDevice, DeviceMatch
+from bridge_server.usb.ccid_driver import CcidDriver
+from bridge_server.usb.transport import AsyncUsbDevice, DeviceMatch
 from protocol.ccid import NotifySlotChange
 
 PROFILES = ("safenet-5110", "yubikey5", "etoken-fusion", "epass2003")

@@ -10,9 +10,9 @@ import trio
 from rails_fakes import SELECT_PIV, PivDevice, apdu, lease, make_manager, make_rails, verify_apdu
 from server_fakes import Client
 
-from bridge_server.command_policy import check_command, may_manage
 from bridge_server.config import parse_server_config
-from bridge_server.hub import Hub
+from bridge_server.guard.command_policy import check_command, may_manage
+from bridge_server.net.hub import Hub
 from bridge_server.simulator.piv import PivCard
 from protocol import wire
 from protocol.errors import ConfigError

@@ -11,8 +11,8 @@ from pathlib import Path
 import trio
 from admin_fixtures import Certs, running
 
-from bridge_server.admin_client import Target, call
-from bridge_server.control import parse_request
+from bridge_admin.client import Target, call
+from bridge_server.net.control import parse_request
 
 
 async def _raw(path: Path, payload: bytes) -> list[dict[str, object]]:

@@ -1,11 +1,11 @@
-"""Lease epochs survive restarts: the store's high-water mark (bridge_server/epochs.py)."""
+"""Lease epochs survive restarts: the store's high-water mark (bridge_server/tokens/epochs.py)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from bridge_server.epochs import BLOCK, EpochStore
+from bridge_server.tokens.epochs import BLOCK, EpochStore
 
 WALL = 1_800_000_000.0
 

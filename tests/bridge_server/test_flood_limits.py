@@ -1,8 +1,8 @@
-"""Flood limits (bridge_server/flood_limits.py): token buckets and the refusal digest."""
+"""Flood limits (bridge_server/guard/flood_limits.py): token buckets and the refusal digest."""
 
 from __future__ import annotations
 
-from bridge_server.flood_limits import (
+from bridge_server.guard.flood_limits import (
     REFUSALS_AUDITED_PER_LEASE,
     SUMMARY_INTERVAL_S,
     PenaltyBox,

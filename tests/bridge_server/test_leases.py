@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bridge_server.leases import (
+from bridge_server.tokens.leases import (
     EPOCH_MAX,
     Dequeued,
     Ended,

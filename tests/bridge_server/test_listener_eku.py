@@ -17,9 +17,9 @@ from role_certs import CertRole, issue_cert
 from server_fakes import FakeDevice, make_manager
 
 from bridge_server.config import LimitsConfig
-from bridge_server.hub import Hub
-from bridge_server.listener import ConnectionHandler
-from bridge_server.session import SessionContext
+from bridge_server.net.hub import Hub
+from bridge_server.net.listener import ConnectionHandler
+from bridge_server.net.session import SessionContext
 from protocol import wire
 from protocol.connection import BridgeConnection, Role
 from protocol.errors import CloseCode

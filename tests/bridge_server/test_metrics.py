@@ -7,7 +7,7 @@ from pathlib import Path
 import trio
 from admin_fixtures import Certs, connect, expect, running
 
-from bridge_server.metrics import http_response, render
+from bridge_server.observe.metrics import http_response, render
 from protocol import wire
 
 

@@ -16,9 +16,9 @@ import trio
 from rails_fakes import CANARY, STATUS_QUERY, PivDevice, apdu, lease, make_manager, make_rails
 from server_fakes import Client
 
-from bridge_server.guardrails import Holder
-from bridge_server.hub import Hub
-from bridge_server.pin_guard import PinGuard
+from bridge_server.guard.guardrails import Holder
+from bridge_server.guard.pin_guard import PinGuard
+from bridge_server.net.hub import Hub
 from bridge_server.simulator.piv import PivCard
 from protocol import wire
 from protocol.apdu import PIN_INS

@@ -13,11 +13,11 @@ from hypothesis import strategies as st
 from rails_fakes import CANARY, STATUS_QUERY, PivDevice, apdu, lease, make_manager, make_rails, verify_apdu
 from server_fakes import Client
 
-from bridge_server.audit import verify_file
 from bridge_server.config import parse_server_config
-from bridge_server.guardrails import open_guard, reset_guard
-from bridge_server.hub import Hub
-from bridge_server.pin_guard import REFUSAL_SW, PinGuard, PinGuardStore
+from bridge_server.guard.audit import verify_file
+from bridge_server.guard.guardrails import open_guard, reset_guard
+from bridge_server.guard.pin_guard import REFUSAL_SW, PinGuard, PinGuardStore
+from bridge_server.net.hub import Hub
 from bridge_server.simulator.piv import PivCard
 from protocol import wire
 from protocol.errors import ConfigError

@@ -24,9 +24,9 @@ from rails_fakes import (
 from server_fakes import Client
 
 from bridge_server.errors import CardError
-from bridge_server.guardrails import Holder
-from bridge_server.hub import Hub
-from bridge_server.pin_guard import REFUSAL_SW
+from bridge_server.guard.guardrails import Holder
+from bridge_server.guard.pin_guard import REFUSAL_SW
+from bridge_server.net.hub import Hub
 from bridge_server.simulator.piv import PivCard
 from protocol import ccid
 from protocol.apdu import CommandApdu

@@ -10,9 +10,9 @@ import pytest
 import structlog
 import trio
 
+from bridge_admin.pki import Pki
 from bridge_server.app import BridgeServer
 from bridge_server.config import parse_server_config
-from bridge_server.pki import Pki
 from protocol import wire
 from protocol.connection import BridgeConnection, Role
 from protocol.runtime.framed import FramedConnection

@@ -20,10 +20,10 @@ from rails_fakes import SELECT_PIV, PivDevice, apdu, lease, make_manager, make_r
 from server_fakes import LEASE, Client
 
 from bridge_server.config import PolicyConfig, ServerConfig, TlsConfig, TokenConfig, TokenMatch
-from bridge_server.hub import Hub
+from bridge_server.net.hub import Hub
 from bridge_server.service import apply_plan, plan_reload, reload_config
 from bridge_server.simulator.piv import PivCard
-from bridge_server.tokens import TokenManager
+from bridge_server.tokens.manager import TokenManager
 from protocol import wire
 from protocol.errors import CloseCode
 

@@ -12,9 +12,9 @@ import trio
 import trio.testing
 from server_fakes import ATR, SW_OK, VERIFY, FakeDevice, identity, make_manager
 
-from bridge_server.hub import Hub
-from bridge_server.session import SessionContext, serve_session
-from bridge_server.tokens import TokenManager
+from bridge_server.net.hub import Hub
+from bridge_server.net.session import SessionContext, serve_session
+from bridge_server.tokens.manager import TokenManager
 from protocol import ccid, wire
 from protocol.connection import BridgeConnection, Role
 from protocol.errors import CloseCode

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bridge_server.signing_tools import (
+from bridge_admin.signing_tools import (
     OPENSC_PKCS11,
     certificate_table,
     minimal_pe,

@@ -16,15 +16,15 @@ from typing import Any
 import pytest
 import trio
 
+from bridge_admin.pki import Pki
 from bridge_server.app import BridgeServer
-from bridge_server.audit import AuditLog
 from bridge_server.config import parse_server_config
-from bridge_server.epochs import EpochStore
-from bridge_server.guardrails import Guardrails, Holder
-from bridge_server.metrics import server_rows
-from bridge_server.pin_guard import REFUSAL_SW, PinGuard, PinGuardStore
-from bridge_server.pki import Pki
-from bridge_server.status_report import build_status
+from bridge_server.guard.audit import AuditLog
+from bridge_server.guard.guardrails import Guardrails, Holder
+from bridge_server.guard.pin_guard import REFUSAL_SW, PinGuard, PinGuardStore
+from bridge_server.observe.metrics import server_rows
+from bridge_server.observe.status import build_status
+from bridge_server.tokens.epochs import EpochStore
 from protocol.errors import ConfigError
 
 WALL = 1_800_000_000.0

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import datetime as dt
 
-from bridge_server.status_report import _expiry, render_table, token_state
-from bridge_server.token_stats import TokenStats
+from bridge_server.observe.status import _expiry, render_table, token_state
+from bridge_server.tokens.stats import TokenStats
 
 
 def test_token_state_orders_absent_locked_guarded_leased_idle() -> None:

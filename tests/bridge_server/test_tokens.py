@@ -19,9 +19,9 @@ from server_fakes import (
 )
 
 from bridge_server.errors import CardError, DeviceGoneError
-from bridge_server.hub import Hub
-from bridge_server.leases import EndReason
-from bridge_server.tokens import POLL_INTERVAL_S, TokenManager
+from bridge_server.net.hub import Hub
+from bridge_server.tokens.leases import EndReason
+from bridge_server.tokens.manager import POLL_INTERVAL_S, TokenManager
 from protocol import ccid, wire
 from protocol.ccid import CommandStatus, IccStatus, MessageType, SlotError
 

@@ -23,7 +23,7 @@ from bridge_server.errors import (
     DeviceTimeoutError,
 )
 from bridge_server.simulator import backend as sim_backend
-from bridge_server.usb_transport import (
+from bridge_server.usb.transport import (
     AsyncUsbDevice,
     DeviceInfo,
     DeviceMatch,

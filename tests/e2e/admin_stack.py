@@ -12,12 +12,12 @@ from typing import Any
 import trio
 from inproc import open_wire_client
 
-from bridge_server.demo import BridgeStack
+from bridge_admin.demo import BridgeStack
 from protocol import wire
 from protocol.runtime.framed import FramedConnection
 from protocol.runtime.tls import client_context
 
-CLI = [sys.executable, "-m", "bridge_server.admin_cli"]
+CLI = [sys.executable, "-m", "bridge_admin.cli"]
 
 
 @contextmanager

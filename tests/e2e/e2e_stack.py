@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-# One implementation of these for the demo and the tests (bridge_server/demo.py).
-from bridge_server.demo import card_present, card_states, reader_name, run, wait_for
-from bridge_server.signing_tools import OPENSC_PKCS11
+# One implementation of these for the demo and the tests (bridge_admin/demo.py).
+from bridge_admin.demo import card_present, card_states, reader_name, run, wait_for
+from bridge_admin.signing_tools import OPENSC_PKCS11
 
 __all__ = ["OPENSC_PKCS11", "card_present", "card_states", "reader_name", "run", "wait_for"]
 

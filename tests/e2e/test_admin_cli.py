@@ -8,7 +8,7 @@ from pathlib import Path
 import trio
 from admin_stack import admin_stack, cli, expect, wire_client
 
-from bridge_server.admin_client import Target, call
+from bridge_admin.client import Target, call
 from protocol import wire
 
 

@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import padding
 from e2e_stack import VpcdSlot
 
 from bench.pcsc import Card
-from bridge_server.demo import (
+from bridge_admin.demo import (
     VPCD_BASE_PORT,
     BridgeStack,
     claim_vpcd_slot,

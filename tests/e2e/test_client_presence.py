@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from e2e_stack import VpcdSlot, card_present, wait_for
 
-from bridge_server.demo import BridgeStack
+from bridge_admin.demo import BridgeStack
 
 pytestmark = pytest.mark.e2e
 

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 from admin_stack import admin_stack
 
-from bridge_server.admin_client import Target, call_sync
-from bridge_server.demo import BridgeStack
-from bridge_server.doctor import run_checks
-from bridge_server.pki import Pki
+from bridge_admin.client import Target, call_sync
+from bridge_admin.demo import BridgeStack
+from bridge_admin.doctor import run_checks
+from bridge_admin.pki import Pki
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,7 @@ def _status(stack: BridgeStack, name: str, *, ca: Path | None = None) -> dict[st
 def test_a_ready_vm_passes_and_the_exit_code_says_so(stack: BridgeStack) -> None:
     config = stack.write_client_config("build-vm-01", [0])
     proc = subprocess.run(
-        [sys.executable, "-m", "bridge_server.admin_cli", "doctor", "--config", str(config), "--json"],
+        [sys.executable, "-m", "bridge_admin.cli", "doctor", "--config", str(config), "--json"],
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     doc = json.loads(proc.stdout)

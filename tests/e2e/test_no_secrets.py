@@ -19,14 +19,14 @@ from pathlib import Path
 import pytest
 from e2e_stack import REPO, VpcdSlot
 
-from bridge_server.demo import (
+from bridge_admin.demo import (
     BridgeStack,
     osslsigncode_sign,
     osslsigncode_verify,
     pkcs11,
     read_certificate_pem,
 )
-from bridge_server.signing_tools import minimal_pe
+from bridge_admin.signing_tools import minimal_pe
 from bridge_server.simulator.piv import PivCard
 from bridge_server.simulator.profiles import PROFILES
 
@@ -74,7 +74,7 @@ def test_a_canary_pin_through_login_and_sign_is_found_nowhere(
     assert wrong.returncode != 0  # a wrong PIN too: failure paths log more
     config = str(stack.workdir / "server.yaml")
     status = subprocess.run(
-        [sys.executable, "-m", "bridge_server.admin_cli", "status", "--json", "--config", config],
+        [sys.executable, "-m", "bridge_admin.cli", "status", "--json", "--config", config],
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert status.returncode == 0, status.stderr
@@ -101,9 +101,9 @@ CRASH = textwrap.dedent(
     import structlog, trio
     from protocol.runtime.logging import configure_logging
     from bridge_server.config import LeaseConfig, TokenConfig, TokenMatch
-    from bridge_server.hub import Hub, Subscriber
-    from bridge_server.token_device import OpenedCard
-    from bridge_server.tokens import TokenManager
+    from bridge_server.net.hub import Hub, Subscriber
+    from bridge_server.tokens.device import OpenedCard
+    from bridge_server.tokens.manager import TokenManager
     from protocol import ccid
     from protocol.runtime.tls import PeerIdentity
     from datetime import UTC, datetime

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 from e2e_stack import VpcdSlot
 
-from bridge_server.audit import verify_file
-from bridge_server.demo import PIN, BridgeStack, pkcs11, pkcs11_sign
+from bridge_admin.demo import PIN, BridgeStack, pkcs11, pkcs11_sign
+from bridge_server.guard.audit import verify_file
 
 pytestmark = pytest.mark.e2e
 
@@ -51,7 +51,7 @@ def tokenbridge(stack: BridgeStack, *args: str) -> subprocess.CompletedProcess[s
     cmd = [
         sys.executable,
         "-m",
-        "bridge_server.admin_cli",
+        "bridge_admin.cli",
         *args,
         "--config",
         str(stack.workdir / "server.yaml"),

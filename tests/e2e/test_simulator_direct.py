@@ -24,7 +24,7 @@ from e2e_stack import (
     simulator_direct,
 )
 
-from bridge_server.signing_tools import (
+from bridge_admin.signing_tools import (
     certificate_table,
     minimal_pe,
     osslsigncode_sign_command,

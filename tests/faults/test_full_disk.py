@@ -23,11 +23,11 @@ import pytest
 from inproc import VERIFY_123456, Pki, running_server
 from structlog.testing import capture_logs
 
-from bridge_server.audit import AuditLog
-from bridge_server.audit_chain import anchor_path, key_path, load_key, read_anchor, verify_set
-from bridge_server.guardrails import Holder
-from bridge_server.metrics import server_rows
-from bridge_server.status_report import build_status
+from bridge_server.guard.audit import AuditLog
+from bridge_server.guard.audit_chain import anchor_path, key_path, load_key, read_anchor, verify_set
+from bridge_server.guard.guardrails import Holder
+from bridge_server.observe.metrics import server_rows
+from bridge_server.observe.status import build_status
 
 DISK_BYTES = 512 * 1024
 HOLDER = Holder("build-vm-01", ("build-vm-01",), admin=False, epoch=1)

@@ -52,7 +52,7 @@ from procstack import (
     wait_for,
 )
 
-from bridge_server.demo import BridgeStack, pkcs11, pkcs11_sign, read_certificate_pem
+from bridge_admin.demo import BridgeStack, pkcs11, pkcs11_sign, read_certificate_pem
 from protocol import ccid, wire
 from protocol.runtime.framed import FramedConnection
 
@@ -309,7 +309,7 @@ async def test_server_sigkilled_at_random_points_restarts_without_overlap_or_sta
 
 def verify_audit(path: Path) -> subprocess.CompletedProcess[str]:
     """`tokenbridge audit verify` on the audit log (hash chain intact)."""
-    cmd = [sys.executable, "-m", "bridge_server.admin_cli", "audit", "verify", str(path)]
+    cmd = [sys.executable, "-m", "bridge_admin.cli", "audit", "verify", str(path)]
     return subprocess.run(cmd, capture_output=True, text=True, check=False)
 
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import trio
 from inproc import Pki, expect, hello, open_lease, power_on, raw_client, running_server, wait_until
 
-from bridge_server.flood_limits import REFUSALS_AUDITED_PER_LEASE
-from bridge_server.listener import TARPIT_S
+from bridge_server.guard.flood_limits import REFUSALS_AUDITED_PER_LEASE
+from bridge_server.net.listener import TARPIT_S
 from protocol import ccid, wire
 from protocol.errors import CloseCode
 from protocol.runtime.framed import FramedConnection

@@ -1,6 +1,6 @@
 """Bad input at the TLS listener (reliability-anchors §7.2 B7): garbage, slowloris, floods.
 
-The server's limits (`limits` in the config, bridge_server/listener.py): at most
+The server's limits (`limits` in the config, bridge_server/net/listener.py): at most
 `max_handshakes` handshakes in flight, each bounded by `handshake_timeout_s` counted from
 accept (queueing for a handshake slot included), the ClientHello within the first-flight
 deadline (at most `handshake_timeout_s`), at most `max_connections` sessions.
@@ -34,7 +34,7 @@ from inproc import (
 from structlog.testing import capture_logs
 
 import bridge_server.app
-from bridge_server.listener import ConnectionHandler
+from bridge_server.net.listener import ConnectionHandler
 
 HANDSHAKE_TIMEOUT_S = 1.0
 MAX_HANDSHAKES = 8

@@ -20,9 +20,9 @@ from fuzz_support import budget, mutated
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bridge_server.ccid_driver import CcidDriver
 from bridge_server.errors import DeviceError, DeviceTimeoutError
-from bridge_server.usb_transport import DeviceInfo
+from bridge_server.usb.ccid_driver import CcidDriver
+from bridge_server.usb.transport import DeviceInfo
 from protocol import ccid
 from protocol.atr import Atr, Checksum
 from protocol.ccid import CcidClassDescriptor, CcidMessage, IccStatus, MessageType

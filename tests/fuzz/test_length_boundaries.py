@@ -208,7 +208,7 @@ def test_driver_marks_a_token_with_a_bad_atr_faulty_and_forwards_only_a_good_one
             self.queue = [self._healthy(ccid.decode_message(data)).encode()]
 
     async def power_on() -> bytes | None:
-        from bridge_server.ccid_driver import CcidDriver
+        from bridge_server.usb.ccid_driver import CcidDriver
 
         driver = CcidDriver(_Healthy(READERS["short"][0], _some_atr(n), None))  # type: ignore[arg-type]
         try:

@@ -22,8 +22,8 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 from server_fakes import FakeDevice, identity, make_manager
 
-from bridge_server.hub import Hub
-from bridge_server.session import SessionContext, serve_session
+from bridge_server.net.hub import Hub
+from bridge_server.net.session import SessionContext, serve_session
 from protocol import ccid, wire
 from protocol.connection import BridgeConnection, Role
 from protocol.runtime.framed import FramedConnection

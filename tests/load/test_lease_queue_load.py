@@ -19,8 +19,8 @@ import trio.testing
 from inproc import Pki, expect, hello, raw_client, running_server, wait_until
 from server_fakes import Client, FakeDevice, make_manager
 
-from bridge_server.hub import Hub
-from bridge_server.leases import EndReason
+from bridge_server.net.hub import Hub
+from bridge_server.tokens.leases import EndReason
 from protocol import wire
 
 N_CLIENTS = 50

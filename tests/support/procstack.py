@@ -24,8 +24,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, encode_dss_signature
 from inproc import SELECT_PIV, SIGN_9D, VERIFY_123456, apdu, expect, hello, power_on
 
-from bridge_server.demo import BridgeStack
-from bridge_server.demo import wait_for as poll
+from bridge_admin.demo import BridgeStack
+from bridge_admin.demo import wait_for as poll
 from protocol import wire
 from protocol.connection import BridgeConnection, Role
 from protocol.runtime.framed import FramedConnection

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from bridge_server import install
+from bridge_admin import install
 
 REPO = Path(__file__).resolve().parents[2]
 SYSTEMD = REPO / "systemd"
@@ -75,7 +75,7 @@ def test_server_unit_is_notify_with_watchdog_and_usb_access_only(tmp_path: Path)
 
 def test_server_stop_timeout_exceeds_twice_the_grace_period_plus_usb_release() -> None:
     from bridge_server.config import LimitsConfig
-    from bridge_server.tokens import CLEANUP_TIMEOUT_S
+    from bridge_server.tokens.manager import CLEANUP_TIMEOUT_S
 
     text = (SYSTEMD / "tokenbridge-server.service").read_text()
     stop_s = int(text.split("TimeoutStopSec=")[1].split("s", 1)[0])

@@ -41,11 +41,11 @@ async def test_direct_card_answers_atr_and_apdus_and_ignores_power_events() -> N
 
 
 async def test_via_usb_card_goes_through_the_usb_host_stack_and_power_cycles_for_real() -> None:
-    from bridge_server.ccid_driver import CcidDriver
     from bridge_server.simulator.backend import SimulatorBackend
     from bridge_server.simulator.direct import UsbDirectCard
     from bridge_server.simulator.usb_token import SimulatedToken
-    from bridge_server.usb_transport import AsyncUsbDevice, DeviceMatch
+    from bridge_server.usb.ccid_driver import CcidDriver
+    from bridge_server.usb.transport import AsyncUsbDevice, DeviceMatch
 
     profile = PROFILES["safenet-5110"]  # TPDU T=1: every APDU crosses CCID and T=1
     card = PivCard()

@@ -39,11 +39,11 @@ def _lines(out: io.StringIO) -> list[dict[str, object]]:
 def test_json_lines_carry_level_logger_timestamp_and_values() -> None:
     out = io.StringIO()
     configure_logging(json=True, stream=out)
-    structlog.get_logger("bridge_server.session").info("session.closed", peer="10.0.0.7", duration_ms=12)
+    structlog.get_logger("bridge_server.net.session").info("session.closed", peer="10.0.0.7", duration_ms=12)
     (line,) = _lines(out)
     assert line["event"] == "session.closed"
     assert line["level"] == "info"
-    assert line["logger"] == "bridge_server.session"
+    assert line["logger"] == "bridge_server.net.session"
     assert line["peer"] == "10.0.0.7"
     assert line["duration_ms"] == 12
     assert str(line["timestamp"]).endswith("Z")
@@ -157,8 +157,8 @@ def test_unknown_level_is_refused_with_the_choices() -> None:
 
 def test_debug_enabled_follows_the_configured_level_and_keeps_events_under_capture_logs() -> None:
     configure_logging(level="info", json=True, stream=io.StringIO())
-    assert debug_enabled("bridge_server.ccid_driver") is False
+    assert debug_enabled("bridge_server.usb.ccid_driver") is False
     with structlog.testing.capture_logs():  # tests capture every level: so must the guard
-        assert debug_enabled("bridge_server.ccid_driver") is True
+        assert debug_enabled("bridge_server.usb.ccid_driver") is True
     configure_logging(level="debug", json=True, stream=io.StringIO())
-    assert debug_enabled("bridge_server.ccid_driver") is True
+    assert debug_enabled("bridge_server.usb.ccid_driver") is True

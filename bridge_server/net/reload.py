@@ -1,0 +1,128 @@
+"""Reload TLS material (CRL, certificate, key, CA) without a restart, and drop revoked sessions.
+
+`TlsReloader` owns the server's current `ssl.SSLContext`. `reload()` builds a fresh context
+from the configured files; if that fails (a half-written CRL, a key that does not match) the
+old context stays in force and the failure is logged loudly (`tls.reload_failed`), so a bad
+file never takes the server off the air. New handshakes use the new context at once (the
+listener asks for the context per connection). After a successful reload every live session
+whose certificate serial is on the new CRL is told `Goodbye(REVOKED)` and closed.
+
+`watch()` polls the files' mtimes every `POLL_INTERVAL_S` (inotify would be a dependency and
+misses atomic renames on some file systems); SIGHUP calls `BridgeServer.reload_tls()` directly.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Callable
+from pathlib import Path
+from typing import Final
+
+import structlog
+import trio
+from cryptography import x509
+
+from bridge_server.config import TlsConfig
+from bridge_server.net.hub import Hub
+from protocol import wire
+from protocol.errors import CloseCode, TlsSetupError
+from protocol.runtime.tls import server_context
+
+log = structlog.get_logger(__name__)
+
+POLL_INTERVAL_S: Final = 1.0
+REVOKED_REASON: Final = "certificate_revoked"
+
+
+def revoked_serials(crl_path: Path | None) -> frozenset[int]:
+    """Serial numbers on the CRL (empty without one or when unreadable)."""
+    if crl_path is None:
+        return frozenset()
+    try:
+        crl = x509.load_pem_x509_crl(crl_path.read_bytes())
+    except (OSError, ValueError):
+        return frozenset()
+    return frozenset(r.serial_number for r in crl)
+
+
+def _mtimes(paths: list[Path]) -> tuple[float | None, ...]:
+    out: list[float | None] = []
+    for p in paths:
+        try:
+            out.append(p.stat().st_mtime_ns)
+        except OSError:
+            out.append(None)
+    return tuple(out)
+
+
+class TlsReloader:
+    """The current server context, rebuilt on demand from `tls`."""
+
+    def __init__(
+        self,
+        tls: TlsConfig,
+        hub: Hub,
+        *,
+        context: ssl.SSLContext | None = None,
+        build: Callable[[TlsConfig], ssl.SSLContext] | None = None,
+    ) -> None:
+        self.tls = tls
+        self.hub = hub
+        self._build = build or (lambda t: server_context(ca=t.ca, cert=t.cert, key=t.key, crl=t.crl))
+        self._fixed = context is not None  # a context handed in by a test is never rebuilt
+        self._context = context
+        self.reloads = 0
+        self._seen = _mtimes(self.paths)
+
+    @property
+    def paths(self) -> list[Path]:
+        return [p for p in (self.tls.ca, self.tls.cert, self.tls.key, self.tls.crl) if p is not None]
+
+    def current(self) -> ssl.SSLContext:
+        if self._context is None:
+            self._context = self._build(self.tls)  # first build: errors propagate (startup fails)
+        return self._context
+
+    def reload(self) -> bool:
+        """Rebuild the context; keep the old one on failure. Then drop revoked sessions."""
+        self._seen = _mtimes(self.paths)
+        if self._fixed:
+            return False
+        try:
+            fresh = self._build(self.tls)
+        except (TlsSetupError, OSError, ssl.SSLError, ValueError) as exc:
+            log.error(
+                "tls.reload_failed",
+                error=str(exc),
+                reason="the previous certificates and crl stay in force; fix the file and it reloads",
+            )
+            return False
+        self._context = fresh
+        self.reloads += 1
+        dropped = self.drop_revoked()
+        log.info("tls.reloaded", files=[str(p) for p in self.paths], dropped_sessions=dropped)
+        return True
+
+    def drop_revoked(self) -> int:
+        """Close every session whose certificate serial is on the CRL; returns how many."""
+        revoked = revoked_serials(self.tls.crl)
+        dropped = 0
+        for sub in self.hub:
+            if sub.cert_serial is not None and sub.cert_serial in revoked:
+                log.warning("session.revoked", conn_id=sub.conn_id, client_id=sub.name, reason=REVOKED_REASON)
+                sub.push(wire.Goodbye(code=CloseCode.REVOKED, reason="certificate revoked"))
+                sub.close(REVOKED_REASON)
+                dropped += 1
+        return dropped
+
+    def changed(self) -> bool:
+        return _mtimes(self.paths) != self._seen
+
+    async def watch(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Reload whenever a file's mtime changes (checked every `POLL_INTERVAL_S`)."""
+        task_status.started()
+        while True:
+            await trio.sleep(POLL_INTERVAL_S)
+            if self.changed():
+                log.info("tls.files_changed", files=[str(p) for p in self.paths])
+                self.reload()

@@ -1,0 +1,477 @@
+"""Token manager: one task per configured token, the only code that touches its card.
+
+Theory of operation
+-------------------
+`TokenManager.run` is a single loop that owns the card driver, so card access is serialised
+by construction. Sessions hand it commands through one bounded inbox (lease request,
+release, CCID frame) and it answers by `push()`ing wire messages into the sessions' own
+bounded outboxes, never awaiting a client. Disconnects use `detach()`, which is sync and
+cannot be lost (a session's `finally` must not block): the loop applies pending detaches
+before anything else it does.
+
+Policy lives in `LeaseBook` (pure); this loop sleeps until the next lease deadline or the
+next presence poll (at most `POLL_INTERVAL_S`), whichever is first, and turns the book's
+events into card actions and messages:
+
+- `Granted`: cold-reset the card (power off, power on) so nothing from an earlier lease
+  survives (DESIGN §4 isolation, CVE-2023-40660), then send `LeaseGranted` with the fresh ATR;
+- `Ended`: send `LeaseEnded` and power the card off, so a verified PIN dies with the lease;
+- `Queued` / `Dequeued` / `Refusal`: tell the client.
+
+Presence: every poll asks the driver whether the slot is there; a `DeviceError` or an empty
+slot means the token is gone (the holder's lease ends with `token_gone`, every session that
+may see the token gets `TokenStatus(present=False)`). While absent, each poll tries to
+reopen the device; the same serial resumes, a different one is refused and logged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final
+
+import structlog
+import trio
+
+from bridge_server.config import LeaseConfig, TokenConfig
+from bridge_server.errors import DeviceError, DeviceGoneError
+from bridge_server.guard.flood_guard import FloodGuard
+from bridge_server.guard.guardrails import Guardrails, Holder
+from bridge_server.guard.pin_guard import Attempt, Engaged
+from bridge_server.net.hub import Hub, Subscriber
+from bridge_server.tokens.device import CardOpener, OpenedCard, TokenDevice
+from bridge_server.tokens.epochs import EpochStore
+from bridge_server.tokens.leases import (
+    Dequeued,
+    Ended,
+    EndReason,
+    Granted,
+    LeaseBook,
+    LeaseEvent,
+    Queued,
+    Refusal,
+)
+from bridge_server.tokens.stats import TokenStats
+from bridge_server.tokens.virtual_reader import VirtualReader
+from protocol import wire
+from protocol.apdu import SW_UNKNOWN
+from protocol.ccid import MessageType, decode_message
+from protocol.errors import MalformedCcidMessageError
+
+if TYPE_CHECKING:  # the simulator is a test and demo feature: no import at run time
+    from bridge_server.simulator.usb_token import SimulatedToken
+
+log = structlog.get_logger(__name__)
+
+POLL_INTERVAL_S: Final = 1.0  # presence is checked at least this often (issue: unplug seen within 1 s)
+INBOX_CAPACITY: Final = 64
+CLEANUP_TIMEOUT_S: Final = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class _Command:
+    kind: str  # "request" | "release" | "frame" | "shutdown" | "wake" | "revoke" | "reset"
+    sub: Subscriber | None = None
+    epoch: int = 0
+    raw: bytes = b""
+
+
+_WAKE: Final = _Command("wake")
+
+
+class TokenManager:
+    """One token: its device, its leases, its card. See the module docstring."""
+
+    def __init__(
+        self,
+        token_id: int,
+        config: TokenConfig,
+        lease: LeaseConfig,
+        hub: Hub,
+        opener: CardOpener,
+        *,
+        first_epoch: int,
+        simulated: SimulatedToken | None = None,
+        guardrails: Guardrails | None = None,
+        epochs: EpochStore | None = None,
+    ) -> None:
+        self.token_id = token_id
+        self._epochs = epochs
+        # Command policy, PIN guard and audit (bridge_server/guard/guardrails.py); on by default.
+        self.rails = guardrails or Guardrails(config.name, policy=config.policy)
+        self.flood = FloodGuard(config.name, self.rails, hub.penalties)  # repeated refusals (issue 13 item 3)
+        self._holder: Holder | None = None
+        self.config = config
+        self.name = config.name
+        self.hub = hub
+        self.simulated = simulated  # SimulatedToken when `match.simulate`: evidence for tests
+        self.book = LeaseBook(
+            linger_s=lease.linger_s,
+            idle_timeout_s=lease.idle_timeout_s,
+            max_hold_s=lease.max_hold_s,
+            first_epoch=first_epoch,
+            present=False,
+        )
+        self.queue_timeout_s = lease.queue_timeout_s
+        self.atr = b""
+        self.device = TokenDevice(config.name, opener, config.match.serial, self.rails)
+        self._reader: VirtualReader | None = None
+        self._send, self._inbox = trio.open_memory_channel[_Command](INBOX_CAPACITY)
+        self._drops: dict[int, EndReason] = {}
+        self._status_changed = False
+        self._stopped = False
+        self.stats = TokenStats()  # counters for `status` and /metrics
+
+    @property
+    def _card(self) -> OpenedCard | None:
+        return self.device.card
+
+    def reconfigure(self, config: TokenConfig, lease: LeaseConfig) -> None:
+        """A config reload: new allow list, command policy and lease timings (not `match`).
+
+        The policy is screened per APDU, so it applies to the running lease from its next
+        command; everyone who could see the token before or now gets its new `TokenStatus`.
+        """
+        before = self.config
+        self.config = config
+        self.book.set_timeouts(
+            linger_s=lease.linger_s, idle_timeout_s=lease.idle_timeout_s, max_hold_s=lease.max_hold_s
+        )
+        self.queue_timeout_s = lease.queue_timeout_s
+        self.rails.policy = config.policy
+        if before.allow != config.allow:
+            for sub in self.hub:
+                if sub.admin or sub.may_use(before.allow) or sub.may_use(config.allow):
+                    sub.push(self.status_for(sub))
+
+    # -- session-facing API ----------------------------------------------------
+
+    @property
+    def present(self) -> bool:
+        return self._card is not None
+
+    def may_see(self, sub: Subscriber) -> bool:
+        return sub.admin or sub.may_use(self.config.allow)
+
+    def status_for(self, sub: Subscriber) -> wire.TokenStatus:
+        state = "absent" if not self.present else "leased" if self.book.holder else "free"
+        return wire.TokenStatus(
+            token_id=self.token_id,
+            name=self.name,
+            present=self.present,
+            allowed=sub.may_use(self.config.allow),
+            atr=self.atr if self.present else b"",
+            state=state,
+        )
+
+    async def request_lease(self, sub: Subscriber) -> None:
+        await self._send.send(_Command("request", sub))
+
+    async def release_lease(self, sub: Subscriber, epoch: int) -> None:
+        await self._send.send(_Command("release", sub, epoch))
+
+    async def submit_frame(self, sub: Subscriber, epoch: int, raw: bytes) -> None:
+        await self._send.send(_Command("frame", sub, epoch, raw))
+
+    def detach(self, conn_id: int, reason: EndReason = EndReason.DISCONNECTED) -> None:
+        """Forget a connection (sync, never lost): its lease ends and its queue slot goes."""
+        self._drops[conn_id] = reason
+        # If the inbox is full the loop still applies drops before its next command.
+        with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+            self._send.send_nowait(_WAKE)
+
+    async def shutdown(self) -> None:
+        """End every lease with `shutdown`, power the card off and make `run` return."""
+        await self._send.send(_Command("shutdown"))
+
+    async def revoke_lease(self) -> None:
+        """Admin: end the current lease with `revoked` (the card is powered off as usual)."""
+        await self._send.send(_Command("revoke"))
+
+    async def reset_token(self) -> None:
+        """Admin: end the lease, release the USB device and open it again (fresh power cycle)."""
+        await self._send.send(_Command("reset"))
+
+    def queue_view(self) -> list[tuple[int, str, float | None]]:
+        """The waiters in order: (conn_id, identity, queued since in trio time or None)."""
+        out = []
+        for conn_id in self.book.waiting:
+            sub = self.hub.get(conn_id)
+            out.append((conn_id, sub.name if sub else "?", self.stats.queued_since(conn_id)))
+        return out
+
+    def snapshot(self) -> dict[str, Any]:
+        holder = self.book.holder
+        return {
+            "token_id": self.token_id,
+            "present": self.present,
+            "serial": self.device.serial,
+            "atr": self.atr.hex(),
+            "holder": holder.identity if holder else None,
+            "epoch": holder.epoch if holder else None,
+            "apdus": holder.apdus if holder else 0,
+            "queue": len(self.book.waiting),
+            "pin_guard": self.rails.guard.status(self.name),
+        }
+
+    # -- the loop ----------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        await self._try_attach()
+        task_status.started()
+        try:
+            await self._loop()
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_TIMEOUT_S):
+                await self._stop()
+
+    async def _loop(self) -> None:
+        next_poll = trio.current_time() + POLL_INTERVAL_S
+        while not self._stopped:
+            await self._apply_drops()
+            await self._apply(self.book.tick(trio.current_time()))
+            deadline = self.book.next_deadline()
+            cmd: _Command | None = None
+            with trio.move_on_at(min(next_poll, math.inf if deadline is None else deadline)):
+                cmd = await self._inbox.receive()
+            if cmd is not None:
+                await self._handle(cmd)
+            if trio.current_time() >= next_poll:
+                await self.rails.audit.aretry()  # an unwritable audit log resumes by itself
+                await self._poll_presence()
+                next_poll = trio.current_time() + POLL_INTERVAL_S
+
+    async def _handle(self, cmd: _Command) -> None:
+        if cmd.kind == "shutdown":
+            await self._stop()
+            return
+        if cmd.kind in ("revoke", "reset"):
+            await self._apply(self.book.end(trio.current_time(), EndReason.REVOKED))
+            if cmd.kind == "reset" and self._card is not None:
+                log.warning("token.reset", token=self.name, reason="admin request")
+                await self._apply(await self._lose_card("reset by an admin"))
+                await self._try_attach()
+            return
+        sub = cmd.sub
+        if sub is None or sub.closed or sub.conn_id in self._drops or self.flood.ejected(sub.conn_id):
+            return  # wake-up, or a command that raced its session's end
+        now = trio.current_time()
+        if cmd.kind == "request":
+            if not sub.may_use(self.config.allow):
+                self._error(sub, "not_allowed", f"{sub.name!r} may not use token {self.name!r}")
+                return
+            if self.book.knows(sub.conn_id):  # a duplicate costs no audit line (issue 13 item 3)
+                self._error(
+                    sub, "already_leased", f"this connection already holds or waits for {self.name!r}"
+                )
+                await self.flood.duplicate_request(sub, now)
+                return
+            # DESIGN §4: no lease that the audit log cannot record (the line waits and is retried).
+            if not await self.rails.record("lease.requested", client_id=sub.name, conn_id=sub.conn_id):
+                msg = f"no new leases on {self.name!r}: {self.rails.audit.problem}; retried automatically"
+                self._error(sub, "audit_unavailable", msg)
+                return
+            self.stats.requested(sub.conn_id, now)
+            events = self.book.request(sub.conn_id, sub.name, now, queue_timeout=self.queue_timeout_s)
+            await self._apply(events)
+        elif cmd.kind == "release":
+            await self._apply(self.book.release(sub.conn_id, cmd.epoch, now))
+        elif cmd.kind == "frame":
+            await self._frame(sub, cmd.epoch, cmd.raw)
+
+    async def _frame(self, sub: Subscriber, epoch: int, raw: bytes) -> None:
+        refusal = self.book.check_frame(sub.conn_id, epoch)
+        if refusal is not None:
+            self._error(sub, refusal, f"no lease with epoch {epoch} on token {self.name!r}")
+            return
+        try:
+            msg = decode_message(raw)
+        except MalformedCcidMessageError as exc:
+            self._error(sub, "bad_ccid", str(exc))
+            return
+        assert self._reader is not None  # a holder always has a reader (set on grant)
+        result = await self._reader.execute(msg)
+        now = trio.current_time()
+        self.book.note_frame(now, apdu=result.apdu)
+        if result.apdu:
+            self.stats.apdu(msg.data, result.response.data)
+        holder = self._holder or Holder(sub.name, sub.identity.names, sub.admin, epoch)
+        guard_events: list[Attempt | Engaged] = []
+        if result.apdu:
+            guard_events = self.rails.observe(msg.data, result.response.data, holder)
+        elif result.answer_lost:  # the card may have counted it: the guard counts it too
+            guard_events = self.rails.observe(msg.data, SW_UNKNOWN.to_bytes(2, "big"), holder)
+        sub.push(wire.CcidFrame(token_id=self.token_id, epoch=epoch, message=result.response.encode()))
+        if result.refused is not None:
+            code = "pin_guard" if result.refused.kind == "pin_guard" else "command_refused"
+            sub.push(wire.ErrorMessage(code=code, message=self.rails.notice(result.refused)))
+            await self.flood.refused(sub, result.refused, holder, now)
+        await self.rails.record_guard_events(guard_events, holder)
+        if result.powered_off:
+            self.book.note_power_off(now)
+        if result.failure is not None:
+            await self._device_failed(result.failure, during=msg.msg_type)
+
+    # -- events -> actions -------------------------------------------------------
+
+    async def _apply(self, events: list[LeaseEvent]) -> None:
+        pending = list(events)
+        await self._run_events(pending)
+        if self._status_changed:  # after the LeaseEnded messages, so a client sees the cause first
+            self._status_changed = False
+            self._broadcast_status()
+
+    async def _run_events(self, pending: list[LeaseEvent]) -> None:
+        while pending:
+            event = pending.pop(0)
+            if isinstance(event, Granted):
+                pending += await self._grant(event)
+            elif isinstance(event, Ended):
+                pending += await self._ended(event)
+            elif isinstance(event, Queued):
+                self._push(event.conn_id, wire.LeaseQueued(token_id=self.token_id, position=event.position))
+            elif isinstance(event, Dequeued):
+                self.stats.forget(event.conn_id)
+                self._error_to(event.conn_id, str(event.reason), f"lease request for {self.name!r} ended")
+            elif isinstance(event, Refusal):
+                self._error_to(event.conn_id, event.code, f"lease rule on token {self.name!r}: {event.code}")
+
+    async def _grant(self, event: Granted) -> list[LeaseEvent]:
+        now = trio.current_time()
+        sub = self.hub.get(event.conn_id)
+        if sub is None or sub.closed or self._card is None:
+            return self.book.drop(event.conn_id, now, EndReason.DISCONNECTED)
+        driver = self._card.driver
+        if self._epochs is not None:
+            self._epochs.note_granted(self.name, event.epoch)  # persisted before any client sees it
+        try:
+            # DESIGN §4: cold reset before every grant; nothing crosses from one lease to the next.
+            await driver.power_off()
+            atr = await driver.power_on()
+        except DeviceError as exc:
+            return await self._device_failed(exc, during=None, apply=False)
+        self.atr = atr
+        holder = self._holder = Holder(sub.name, sub.identity.names, sub.admin, event.epoch)
+        self.rails.private_key_ops = 0
+        self._reader = VirtualReader(driver, atr, screen=lambda raw: self.rails.screen(raw, holder))
+        if self.simulated is not None:
+            self.simulated.current_epoch = event.epoch
+        sub.push(wire.LeaseGranted(token_id=self.token_id, epoch=event.epoch, atr=atr))
+        self.stats.granted(event.conn_id, now)
+        await self.rails.record(
+            "lease.granted", client_id=event.identity, conn_id=event.conn_id, lease_epoch=event.epoch
+        )
+        log.info(
+            "lease.granted",
+            token=self.name,
+            client_id=event.identity,
+            conn_id=event.conn_id,
+            lease_epoch=event.epoch,
+        )
+        return []
+
+    async def _ended(self, event: Ended) -> list[LeaseEvent]:
+        self._reader = None
+        if self.simulated is not None:
+            self.simulated.current_epoch = None
+        msg = wire.LeaseEnded(token_id=self.token_id, epoch=event.epoch, reason=str(event.reason))
+        self._push(event.conn_id, msg)
+        self.stats.ended(event.held_s, str(event.reason))
+        self._holder = None
+        await self.flood.lease_ended(event.identity, event.epoch, trio.current_time())
+        await self.rails.record(
+            "lease.released", client_id=event.identity, conn_id=event.conn_id, lease_epoch=event.epoch,
+            reason=str(event.reason), duration_ms=round(event.held_s * 1000), apdus=event.apdus,
+            private_key_ops=self.rails.private_key_ops,
+        )  # fmt: skip
+        log.info(
+            "lease.ended",
+            token=self.name,
+            client_id=event.identity,
+            conn_id=event.conn_id,
+            lease_epoch=event.epoch,
+            duration_ms=round(event.held_s * 1000),
+            apdus=event.apdus,
+            reason=str(event.reason),
+        )
+        if self._card is not None and event.reason is not EndReason.TOKEN_GONE:
+            try:
+                await self._card.driver.power_off()  # the verified PIN dies with the lease
+            except DeviceError as exc:
+                return await self._device_failed(exc, during=None, apply=False)
+        return []
+
+    async def _device_failed(
+        self, exc: DeviceError, *, during: MessageType | None, apply: bool = True
+    ) -> list[LeaseEvent]:
+        """The card failed: end the lease; if the device is gone, mark the token absent."""
+        now = trio.current_time()
+        log.warning(
+            "device.failed", token=self.name, error=str(exc), msg_type=during.name if during else None
+        )
+        if isinstance(exc, DeviceGoneError):
+            events = await self._lose_card(str(exc))
+        else:
+            events = self.book.end(now, EndReason.DEVICE_ERROR)
+        if apply:
+            await self._apply(events)
+            return []
+        return events
+
+    # -- presence ----------------------------------------------------------------
+
+    async def _poll_presence(self) -> None:
+        if self._card is None:
+            await self._try_attach()
+            return
+        why = await self.device.probe()
+        if why is not None:
+            await self._apply(await self._lose_card(why))
+
+    async def _lose_card(self, why: str) -> list[LeaseEvent]:
+        self._reader = None
+        await self.device.forget(why)
+        self._status_changed = True
+        return self.book.set_present(False, trio.current_time())
+
+    async def _try_attach(self) -> None:
+        atr = await self.device.attach()
+        if atr is None:
+            return
+        self.atr = atr
+        self._broadcast_status()
+        await self._apply(self.book.set_present(True, trio.current_time()))
+
+    async def _stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        await self._apply(self.book.shutdown(trio.current_time()))
+        await self.device.shut_down()
+        self._send.close()
+
+    # -- helpers -------------------------------------------------------------------
+
+    async def _apply_drops(self) -> None:
+        drops, self._drops = self._drops, {}
+        for conn_id, reason in drops.items():
+            self.stats.forget(conn_id)
+            self.flood.forget(conn_id)
+            await self._apply(self.book.drop(conn_id, trio.current_time(), reason))
+
+    def _broadcast_status(self) -> None:
+        for sub in self.hub:
+            if self.may_see(sub):
+                sub.push(self.status_for(sub))
+
+    def _push(self, conn_id: int, msg: object) -> None:
+        sub = self.hub.get(conn_id)
+        if sub is not None:
+            sub.push(msg)
+
+    def _error(self, sub: Subscriber, code: str, message: str) -> None:
+        sub.push(wire.ErrorMessage(code=code, message=message, token_id=self.token_id))
+
+    def _error_to(self, conn_id: int, code: str, message: str) -> None:
+        self._push(conn_id, wire.ErrorMessage(code=code, message=message, token_id=self.token_id))

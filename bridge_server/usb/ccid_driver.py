@@ -1,0 +1,421 @@
+"""CCID host driver: what libccid does for pcscd, done by the token server over `AsyncUsbDevice`.
+
+Theory of operation
+-------------------
+One `CcidDriver` per claimed token, one exchange at a time (a trio.Lock): write a PC_to_RDR
+command with the next 8-bit bSeq, then read until the response that echoes that bSeq. Frames
+with another bSeq are stale leftovers of an abandoned exchange and are dropped (at most
+`MAX_STALE_FRAMES`, reference §1.3). A response whose bStatus says "time extension" (0x80) is
+re-read with the per-frame wait multiplied by bError (reference §1.10.3), under a hard cap on
+the total wait. Every response is checked for type, bSeq and length before use.
+
+`power_on()` follows reference §1.10.1: IccPowerOn (automatic voltage, else 5 V → 3 V → 1.8 V),
+ATR, SetParameters unless the reader negotiates itself (AUTO_PPS_PROP), and for TPDU T=1 a fresh
+`T1Reader` plus the S(IFS) request unless AUTO_IFSD (or the 0529:0620 fw 0.12/0.13 quirk). We
+never send a PPS: the card then stays at its default Fd/Dd, which every token here accepts, and
+SetParameters says so (Fi/Di 0x11 unless the card is in specific mode, reference §1.12).
+
+`transmit()` hides the exchange level (reference §1.10.2): TPDU T=1 (one block per XfrBlock,
+bBWI = WTX multiplier), TPDU T=0 (one XfrBlock, 61xx/6Cxx handled), short APDU (one XfrBlock) and
+extended APDU (wLevelParameter chaining both ways, §1.10.4). A failed exchange leaves the card
+in an unknown state, so the driver cold-resets it (power off, power on) and raises CardError:
+the caller fails the APDU instead of inventing a status word. Nothing here sends a PIN-class
+command twice (promise P2, docs/guardrails.md): `T1Reader` ends it in T1Error after a resynch,
+a T=0 6Cxx answer to it goes back as it is, and no failed exchange is ever retried (the cold
+reset below is all the recovery there is). An exchange cancelled half-way
+(lease revoked, client gone) triggers the same reset before the next APDU. We send no
+PC_to_RDR_Abort: libccid never does, most tokens stall the ABORT class request (§1.6), and the
+cold reset supersedes it. Nor the Gemalto GET_FIRMWARE_FEATURES escape: it only feeds pinpad
+logic we do not have.
+"""
+
+from __future__ import annotations
+
+import structlog
+import trio
+
+from bridge_server.errors import (
+    CardError,
+    DeviceError,
+    DeviceGoneError,
+    DeviceStallError,
+    DeviceTimeoutError,
+)
+from bridge_server.usb.ccid_policy import (
+    CHAIN_BEGIN,
+    CHAIN_MIDDLE,
+    CHAIN_MORE,
+    MAX_RESPONSE_APDU,
+    MAX_STALE_FRAMES,
+    MAX_T0_ROUNDS,
+    MAX_T1_IFS,
+    choose_protocol,
+    effective_features,
+    extended_chunks,
+    power_select_sequence,
+    slot_error_name,
+    slot_failure,
+    t0_parameters,
+    t1_parameters,
+)
+from bridge_server.usb.transport import AsyncUsbDevice
+from protocol import ccid
+from protocol.apdu import redact
+from protocol.atr import Atr
+from protocol.ccid import (
+    CcidMessage,
+    CommandStatus,
+    ExchangeLevel,
+    Feature,
+    HardwareError,
+    IccStatus,
+    NotifySlotChange,
+    SlotError,
+)
+from protocol.errors import MalformedAtrError, MalformedCcidMessageError, T1Error
+from protocol.runtime.logging import debug_enabled
+from protocol.t1 import ApduComplete, SendBlock, T1Reader, at_most_once
+
+log = structlog.get_logger(__name__)
+
+_RESET_WORTHY = (CardError, T1Error, MalformedCcidMessageError, DeviceStallError, DeviceTimeoutError)
+
+
+class CcidDriver:
+    """Async CCID host for one single-slot token; see the module docstring."""
+
+    def __init__(
+        self, device: AsyncUsbDevice, *, frame_timeout_s: float = 10.0, max_wait_s: float = 60.0
+    ) -> None:
+        self._device = device
+        self._desc = device.descriptor
+        self._level = self._desc.exchange_level
+        if self._level is ExchangeLevel.CHARACTER:
+            raise DeviceError(f"{device.info.describe()}: character-level ccid readers are not supported")
+        self._features = effective_features(self._desc, device.info)
+        self._frame_timeout_s = frame_timeout_s
+        self._max_wait_s = max_wait_s
+        self._seq = 0
+        self._lock = trio.Lock()
+        self._atr: Atr | None = None
+        self._protocol: int | None = None
+        self._t1: T1Reader | None = None
+        self._interrupted = False
+
+    @property
+    def atr(self) -> bytes | None:
+        return None if self._atr is None else self._atr.raw
+
+    @property
+    def protocol(self) -> int | None:
+        return self._protocol
+
+    # ---- public API ----
+
+    async def power_on(self) -> bytes:
+        """Cold start: IccPowerOn, parameters, IFSD. Returns the ATR."""
+        async with self._lock:
+            return await self._power_on()
+
+    async def power_off(self) -> None:
+        async with self._lock:
+            self._forget_card()
+            resp = await self._exchange(ccid.icc_power_off(self._next_seq()))
+            if resp.command_status is CommandStatus.FAILED:
+                raise slot_failure("IccPowerOff", resp)
+
+    async def slot_present(self) -> bool:
+        async with self._lock:
+            resp = await self._exchange(ccid.get_slot_status(self._next_seq()))
+            # ICC_MUTE here only means "no card answering" (reference §1.4): use bmICCStatus.
+            return resp.icc_status is not IccStatus.ABSENT
+
+    async def transmit(self, apdu: bytes) -> bytes:
+        """Whole C-APDU in, whole R-APDU out, at whatever level the reader exchanges."""
+        async with self._lock:
+            if self._interrupted:
+                log.warning("card.reset", reason="previous exchange interrupted")
+                await self._recover()
+            if self._atr is None:
+                raise CardError("the card is not powered on; power it on first")
+            self._check_fits(apdu)
+            debug = debug_enabled(__name__)
+            if debug:
+                log.debug("apdu.sent", apdu=redact(apdu))
+            self._interrupted = True  # cleared only when the exchange ends, not when it is cancelled
+            try:
+                rapdu = await self._transmit_bounded(apdu)
+            except DeviceGoneError:
+                self._forget_card()
+                raise
+            except _RESET_WORTHY as exc:
+                log.warning("apdu.failed", reason=str(exc))
+                await self._recover()
+                if isinstance(exc, DeviceTimeoutError):
+                    raise
+                raise CardError(
+                    f"apdu exchange failed and the card was reset: {exc}", getattr(exc, "slot_error", None)
+                ) from exc
+            self._interrupted = False
+            if debug:
+                log.debug("apdu.received", sw=rapdu[-2:].hex(), length=len(rapdu))
+            return rapdu
+
+    async def watch_interrupts(
+        self, send_channel: trio.MemorySendChannel[NotifySlotChange | HardwareError]
+    ) -> None:
+        """Forward interrupt-IN events until the device goes (DeviceGoneError); closes the channel.
+
+        Returns at once when the device has no interrupt endpoint: poll `slot_present()` instead.
+        """
+        async with send_channel:
+            if not self._device.has_interrupt:
+                return
+            while True:
+                raw = await self._device.read_interrupt()
+                try:
+                    event = ccid.decode_interrupt(raw)
+                except MalformedCcidMessageError as exc:
+                    log.warning("ccid.interrupt_dropped", reason=str(exc))
+                    continue
+                await send_channel.send(event)
+
+    # ---- power-up ----
+
+    async def _power_on(self) -> bytes:
+        self._forget_card()
+        self._interrupted = False
+        resp = await self._icc_power_on()
+        try:
+            atr = Atr.parse(resp.data)
+        except MalformedAtrError as exc:
+            raise CardError(
+                f"card answered power-on with a malformed atr {resp.data.hex(' ')}: {exc}"
+            ) from exc
+        protocol = choose_protocol(atr, self._desc)
+        if not self._features & Feature.AUTO_PPS_PROP:
+            await self._set_parameters(protocol, atr)
+        if self._level is ExchangeLevel.TPDU and protocol == 1:
+            self._t1 = T1Reader(ifsc=atr.ifsc, checksum=atr.checksum)
+            if not self._features & Feature.AUTO_IFSD:
+                await self._negotiate_ifsd()
+        self._atr, self._protocol = atr, protocol
+        log.info("card.powered_on", protocol=protocol, level=self._level.value, atr=atr.raw.hex())
+        return atr.raw
+
+    async def _icc_power_on(self) -> CcidMessage:
+        resp: CcidMessage | None = None
+        for select in power_select_sequence(self._desc, self._features):
+            if resp is not None:  # deactivate before trying the next class (ISO 7816-3 §6.2.4)
+                await self._exchange(ccid.icc_power_off(self._next_seq()))
+            resp = await self._exchange(ccid.icc_power_on(self._next_seq(), power_select=select))
+            if resp.command_status is CommandStatus.OK:
+                return resp
+            if resp.icc_status is IccStatus.ABSENT:
+                break
+        assert resp is not None
+        raise slot_failure("IccPowerOn", resp)
+
+    async def _set_parameters(self, protocol: int, atr: Atr) -> None:
+        params = t1_parameters(atr) if protocol == 1 else t0_parameters(atr)
+        resp = await self._exchange(ccid.set_parameters(self._next_seq(), protocol, params))
+        if resp.command_status is not CommandStatus.FAILED:
+            return
+        # libccid: bError 1..127 = "parameter not changeable" is success; 0 = not supported (§1.4).
+        if 0 <= resp.error < 0x80:
+            log.info("ccid.parameters_kept", reason=slot_error_name(resp.error))
+            return
+        raise slot_failure("SetParameters", resp)
+
+    async def _negotiate_ifsd(self) -> None:
+        assert self._t1 is not None
+        ifsd = min(self._desc.max_ifsd, MAX_T1_IFS)
+        if ifsd <= 0:
+            return
+        try:
+            await self._run_t1(self._t1.begin_ifs(ifsd))
+        except T1Error as exc:
+            raise CardError(f"T=1 IFSD negotiation (IFSD {ifsd}) failed: {exc}") from exc
+
+    # ---- exchange levels ----
+
+    def _check_fits(self, apdu: bytes) -> None:
+        limit = self._desc.max_apdu_data
+        # Short APDU and T=0 TPDU carry the whole APDU in one XfrBlock; libccid refuses, so do we.
+        one_block = self._level is ExchangeLevel.SHORT_APDU or (
+            self._level is ExchangeLevel.TPDU and self._protocol == 0
+        )
+        if one_block and len(apdu) > limit:
+            raise CardError(
+                f"apdu of {len(apdu)} bytes exceeds the reader's {limit}-byte limit at "
+                f"{self._level.value} level (no chaining there)"
+            )
+
+    async def _transmit_bounded(self, apdu: bytes) -> bytes:
+        """The whole APDU under one `max_wait_s` deadline: a token that keeps the exchange alive
+        with well-formed chatter (endless T=1 S(WTX), empty chained blocks) is cut off, not
+        served forever (found by tests/fuzz/test_ccid_driver_fuzz.py)."""
+        with trio.move_on_after(self._max_wait_s):
+            return await self._transmit_level(apdu)
+        raise DeviceTimeoutError(
+            f"{self._device.info.describe()}: apdu exchange not finished within {self._max_wait_s:g} s"
+        )
+
+    async def _transmit_level(self, apdu: bytes) -> bytes:
+        if self._level is ExchangeLevel.EXTENDED_APDU:
+            return await self._transmit_extended(apdu)
+        if self._level is ExchangeLevel.SHORT_APDU:
+            return await self._xfr_ok(apdu)
+        if self._protocol == 1:
+            assert self._t1 is not None
+            return await self._run_t1(self._t1.begin_apdu(apdu))
+        return await self._transmit_t0(apdu)
+
+    async def _run_t1(self, block: bytes) -> bytes:
+        """Drive the T1Reader: one T=1 block per XfrBlock until it reports completion."""
+        assert self._t1 is not None
+        bwi = 0
+        step: SendBlock | ApduComplete
+        while True:
+            resp = await self._xfr(block, bwi=bwi)
+            if resp.command_status is CommandStatus.FAILED:
+                recoverable = (SlotError.XFR_PARITY_ERROR, SlotError.ICC_MUTE)
+                if resp.error not in recoverable or resp.icc_status is IccStatus.ABSENT:
+                    raise slot_failure("XfrBlock", resp)
+                step = self._t1.receive_error()  # libccid: parity/mute → R-block (§1.10.5)
+            else:
+                step = self._t1.receive(resp.data)
+            if isinstance(step, ApduComplete):
+                return step.apdu
+            block, bwi = step.block, step.wtx
+
+    async def _transmit_t0(self, apdu: bytes) -> bytes:
+        """T=0 TPDU: 6Cxx → resend with Le=xx; 61xx → GET RESPONSE until the card is done."""
+        if len(apdu) > 5 and len(apdu) == 6 + apdu[4]:
+            apdu = apdu[:-1]  # ISO 7816-3 §12.2.1: case 4 goes as case 3; the card answers 61xx
+        resp = await self._xfr_ok(apdu)
+        # 6Cxx asks for the same header again; a PIN-class command is never sent twice (P2),
+        # so its 6Cxx goes back to the client, which decides itself whether to send it again.
+        if len(resp) >= 2 and resp[-2] == 0x6C and len(apdu) == 5 and not at_most_once(apdu):
+            resp = await self._xfr_ok(apdu[:4] + resp[-1:])
+        body = bytearray()
+        for _ in range(MAX_T0_ROUNDS):
+            if len(resp) < 2 or resp[-2] != 0x61:
+                return bytes(body + resp)
+            body += resp[:-2]
+            if len(body) > MAX_RESPONSE_APDU:
+                raise CardError(f"T=0 response exceeds {MAX_RESPONSE_APDU} bytes")
+            resp = await self._xfr_ok(bytes([apdu[0] & ~0x10 & 0xFF, 0xC0, 0x00, 0x00, resp[-1]]))
+        raise CardError(f"card kept answering 61xx for {MAX_T0_ROUNDS} rounds")
+
+    async def _transmit_extended(self, apdu: bytes) -> bytes:
+        chunks = extended_chunks(apdu, self._desc.max_ccid_message_length)
+        for data, level in chunks[:-1]:
+            await self._xfr_ok(data, level=level)  # an empty DataBlock acknowledges each chunk
+        data, level = chunks[-1]
+        resp = await self._xfr_checked(data, level=level)
+        body = bytearray(resp.data)
+        while resp.chain_parameter in (CHAIN_BEGIN, CHAIN_MIDDLE, CHAIN_MORE):
+            resp = await self._xfr_checked(b"", level=CHAIN_MORE)
+            body += resp.data
+            if len(body) > MAX_RESPONSE_APDU:
+                raise CardError(f"chained response exceeds {MAX_RESPONSE_APDU} bytes")
+        return bytes(body)
+
+    async def _xfr(self, data: bytes, *, bwi: int = 0, level: int = 0) -> CcidMessage:
+        msg = ccid.xfr_block(self._next_seq(), data, bwi=bwi, level_parameter=level)
+        return await self._exchange(msg, wait_multiplier=max(1, bwi))
+
+    async def _xfr_checked(self, data: bytes, *, level: int = 0) -> CcidMessage:
+        resp = await self._xfr(data, level=level)
+        if resp.command_status is CommandStatus.FAILED:
+            raise slot_failure("XfrBlock", resp)
+        return resp
+
+    async def _xfr_ok(self, data: bytes, *, level: int = 0) -> bytes:
+        return (await self._xfr_checked(data, level=level)).data
+
+    # ---- one command, one response ----
+
+    def _next_seq(self) -> int:
+        seq, self._seq = self._seq, (self._seq + 1) & 0xFF
+        return seq
+
+    async def _exchange(self, msg: CcidMessage, *, wait_multiplier: int = 1) -> CcidMessage:
+        expected = ccid.response_type_for(msg.msg_type)
+        with trio.move_on_after(self._max_wait_s) as total:
+            return await self._receive(msg, expected, self._frame_timeout_s * wait_multiplier)
+        assert total.cancelled_caught
+        raise DeviceTimeoutError(
+            f"{self._device.info.describe()}: no final answer to {msg.msg_type.name} "
+            f"(bSeq {msg.seq}) within {self._max_wait_s:g} s"
+        )
+
+    async def _receive(
+        self, msg: CcidMessage, expected: ccid.MessageType, frame_timeout_s: float
+    ) -> CcidMessage:
+        """Send `msg` and read until its answer: the write and the first read are one
+        `transceive` (one worker-thread hop), later frames (stale, time extension) plain reads."""
+        seq, command = msg.seq, msg.encode()
+        stale = 0
+        wait_s = frame_timeout_s
+        while True:
+            with trio.move_on_after(wait_s) as frame:
+                raw = await (self._device.transceive(command) if command else self._device.read())
+            command = b""  # sent; a cancelled transceive does not get here (it raises below)
+            if frame.cancelled_caught:
+                raise DeviceTimeoutError(
+                    f"{self._device.info.describe()}: no ccid frame for bSeq {seq} within {wait_s:g} s"
+                )
+            try:
+                resp = ccid.decode_message(raw)
+                _ = resp.icc_status, resp.command_status  # RFU bStatus bits raise here, not later
+            except MalformedCcidMessageError as exc:
+                # Callers (token manager, virtual reader) handle DeviceError: a token that sends
+                # garbage fails the exchange like any other card fault (found by tests/fuzz).
+                raise CardError(f"{self._device.info.describe()}: malformed ccid answer: {exc}") from exc
+            if resp.seq != seq:
+                stale += 1
+                log.debug("ccid.stale_dropped", seq=resp.seq, expected_seq=seq)
+                if stale >= MAX_STALE_FRAMES:
+                    raise CardError(f"{stale} ccid frames with a foreign bSeq (expected {seq})")
+                continue
+            if resp.msg_type is not expected:
+                raise CardError(f"ccid answer type {resp.msg_type.name} does not match {expected.name}")
+            if resp.command_status is CommandStatus.TIME_EXTENSION:
+                # CCID 1.1 §6.2.6: bError is the multiplier of the waiting time (0 = keep it).
+                wait_s = frame_timeout_s * max(1, resp.error)
+                log.debug("ccid.time_extension", seq=seq, multiplier=resp.error)
+                continue
+            return resp
+
+    # ---- recovery ----
+
+    def _forget_card(self) -> None:
+        self._atr, self._protocol, self._t1 = None, None, None
+
+    async def _recover(self) -> None:
+        """Cold reset after a failed or interrupted exchange; the card state is unknown otherwise."""
+        self._interrupted = False
+        self._forget_card()
+        try:
+            await self._exchange(ccid.icc_power_off(self._next_seq()))
+            await self._power_on()
+        except DeviceGoneError:
+            raise
+        except (DeviceError, MalformedCcidMessageError, T1Error) as exc:
+            log.warning("card.reset_failed", reason=str(exc))
+        else:
+            log.info("card.reset", reason="failed exchange")
+
+
+__all__ = [
+    "CcidDriver",
+    "choose_protocol",
+    "effective_features",
+    "extended_chunks",
+    "power_select_sequence",
+    "slot_error_name",
+    "t0_parameters",
+    "t1_parameters",
+]

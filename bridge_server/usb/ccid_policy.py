@@ -1,0 +1,106 @@
+"""Pure decisions of the CCID host driver (sync, no I/O): parameters, voltages, chunking.
+
+Split out of `bridge_server.usb.ccid_driver` (which re-exports these names) so the rules that come
+straight from the reference (§1.8, §1.9, §1.10.4, §1.12) are tested without a device.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from bridge_server.errors import CardError, DeviceError
+from bridge_server.usb.transport import DeviceInfo
+from protocol import ccid
+from protocol.atr import Atr, Checksum
+from protocol.ccid import CcidClassDescriptor, CcidMessage, Feature, IccStatus, SlotError
+
+MAX_STALE_FRAMES: Final = 10  # libccid re-reads up to 10 frames with a foreign bSeq (reference §1.3)
+MAX_RESPONSE_APDU: Final = 65536 + 2  # Ne ≤ 65536 plus SW1 SW2 (ISO 7816-4 §5.1)
+MAX_T0_ROUNDS: Final = 256  # 61xx rounds: 256 * 256 bytes already exceeds MAX_RESPONSE_APDU
+MAX_T1_IFS: Final = 254  # ISO 7816-3 §11.4.2: IFSD 0xFF is reserved
+CHAIN_WHOLE, CHAIN_BEGIN, CHAIN_END, CHAIN_MIDDLE, CHAIN_MORE = 0x00, 0x01, 0x02, 0x03, 0x10
+# bPowerSelect by bVoltageSupport bit, in libccid's fallback order (reference §1.8).
+_VOLTAGES: Final = ((0x01, 1, "5.0 V"), (0x02, 2, "3.0 V"), (0x04, 3, "1.8 V"))
+_AUTO_IFSD_QUIRK: Final = {(0x0529, 0x0620, 0x0012), (0x0529, 0x0620, 0x0013)}  # reference §5 quirks
+
+
+def power_select_sequence(desc: CcidClassDescriptor, features: int) -> tuple[int, ...]:
+    """bPowerSelect values to try, in order."""
+    if features & (Feature.AUTO_VOLTAGE | Feature.AUTO_ACTIVATION):
+        return (0,)
+    chosen = tuple(select for bit, select, _ in _VOLTAGES if desc.voltage_support & bit)
+    return chosen or (0,)
+
+
+def choose_protocol(atr: Atr, desc: CcidClassDescriptor) -> int:
+    """First protocol the card offers that the reader supports (T=1 before T=0 when both)."""
+    offered = [p for p in atr.protocols if p in (0, 1) and p in desc.supported_protocols]
+    if not offered:
+        raise CardError(
+            f"card offers protocols {list(atr.protocols)} but the reader supports "
+            f"{sorted(desc.supported_protocols)}"
+        )
+    return 1 if 1 in offered else 0
+
+
+def _findex_dindex(atr: Atr) -> int:
+    # Without a PPS the card stays at Fd/Dd (0x11); in specific mode (TA2) TA1 already applies.
+    return atr.ta1 if atr.specific_mode and atr.ta1 is not None else 0x11
+
+
+def t1_parameters(atr: Atr) -> bytes:
+    """The 7-byte T=1 SetParameters structure (reference §1.9)."""
+    tcckst = 0x10 | (0x01 if atr.checksum is Checksum.CRC else 0) | (0x02 if atr.ts == 0x3F else 0)
+    return bytes(
+        [
+            _findex_dindex(atr),
+            tcckst,
+            atr.tc1 or 0,  # bGuardTimeT1 = TC1
+            (atr.bwi << 4) | atr.cwi,
+            0,  # bClockStop: not allowed
+            min(atr.ifsc, MAX_T1_IFS),
+            0,  # bNadValue
+        ]
+    )
+
+
+def t0_parameters(atr: Atr) -> bytes:
+    """The 5-byte T=0 SetParameters structure (reference §1.9; WI from TC2, default 10)."""
+    wi = atr.interface_bytes[1].get("TC", 10) if len(atr.interface_bytes) > 1 else 10
+    return bytes([_findex_dindex(atr), 0x02 if atr.ts == 0x3F else 0, atr.tc1 or 0, wi, 0])
+
+
+def effective_features(desc: CcidClassDescriptor, info: DeviceInfo) -> int:
+    """dwFeatures with libccid's per-device overrides applied (ccid_open_hack_post)."""
+    features = desc.features
+    if (info.vid, info.pid, info.bcd_device) in _AUTO_IFSD_QUIRK:
+        # IFSD negotiation makes these firmwares return empty answers (Debian #993647).
+        features |= Feature.AUTO_IFSD
+    return features
+
+
+def extended_chunks(apdu: bytes, max_message_length: int) -> list[tuple[bytes, int]]:
+    """(abData, wLevelParameter) per XfrBlock for an extended-level command (reference §1.10.4)."""
+    size = min(ccid.MAX_DATA_LENGTH, max_message_length - ccid.HEADER_LEN)
+    if size <= 0:
+        raise DeviceError(f"dwMaxCCIDMessageLength {max_message_length} leaves no room for data")
+    pieces = [apdu[i : i + size] for i in range(0, len(apdu), size)] or [b""]
+    if len(pieces) == 1:
+        return [(pieces[0], CHAIN_WHOLE)]
+    levels = [CHAIN_BEGIN] + [CHAIN_MIDDLE] * (len(pieces) - 2) + [CHAIN_END]
+    return list(zip(pieces, levels, strict=True))
+
+
+def slot_error_name(error: int) -> str:
+    try:
+        return SlotError(error).name
+    except ValueError:
+        return f"bad field at offset {error}" if 0 < error < 0x80 else f"vendor error 0x{error:02x}"
+
+
+def slot_failure(what: str, resp: CcidMessage) -> CardError:
+    icc = resp.b7 & 0x03
+    where = "no card in the slot" if icc == IccStatus.ABSENT else f"icc status {icc}"
+    return CardError(
+        f"{what} failed: {slot_error_name(resp.error)} (bError 0x{resp.error:02x}, {where})", resp.error
+    )
