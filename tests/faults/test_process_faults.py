@@ -53,6 +53,7 @@ from procstack import (
 )
 
 from bridge_admin.demo import BridgeStack, pkcs11, pkcs11_sign, read_certificate_pem
+from bridge_server.guard.flood_limits import REFUSED_COMMANDS
 from protocol import ccid, wire
 from protocol.runtime.framed import FramedConnection
 
@@ -139,6 +140,10 @@ async def guarded_lease(client: FramedConnection, log: ProbeLog) -> int:
     return int(granted.epoch)
 
 
+# Two refusals per probe at most every PROBE_INTERVAL_S: half the refused-command rate limit.
+PROBE_INTERVAL_S = 2 / (REFUSED_COMMANDS["rate_per_s"] / 2)
+
+
 @dataclass
 class ProbeLog:
     """What the PIN prober saw: its leases and every answer to a PIN it presented."""
@@ -171,6 +176,10 @@ async def pin_prober(stack: BridgeStack, log: ProbeLog) -> None:
                 while True:
                     with trio.fail_after(5):
                         await probe_once(client, log)
+                    # Each probe is two refused PIN commands; a client that repeats refused
+                    # commands faster than REFUSED_COMMANDS allows is ejected (guard/flood_limits.py),
+                    # which is right for a real client but not what this test is about.
+                    await trio.sleep(PROBE_INTERVAL_S)
             finally:
                 await trio.aclose_forcefully(tls)
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
