@@ -473,3 +473,42 @@ def test_after_handshake_legal_messages_arrive_intact_in_both_directions(msgs: l
         if p.conn[role].our_state is not OPEN or p.conn[role].their_state is not OPEN:
             break
         assert p.send(role, msg) == [msg]
+
+
+# --- send_failed (h11's Connection.send_failed) ------------------------------------------------
+
+
+@pytest.mark.parametrize("role", list(Role))
+@pytest.mark.parametrize("at", ["greeting", "open"])
+def test_send_failed_puts_our_side_in_error_and_refuses_every_later_send(role: Role, at: str) -> None:
+    pair = ConnectionPair()
+    if at == "open":
+        pair.handshake()
+    conn = pair.conn[role]
+    their_state = conn.their_state
+    conn.send_failed()
+    assert (conn.our_state, conn.their_state) == (ERROR, their_state)
+    for msg in SAMPLES:
+        with pytest.raises(LocalProtocolError):
+            conn.send(msg)
+    assert conn.our_state is ERROR
+
+
+def test_send_failed_is_idempotent_and_leaves_receiving_alone() -> None:
+    pair = ConnectionPair()
+    pair.handshake()
+    client = pair.conn[CLIENT]
+    client.send_failed()
+    client.send_failed()
+    assert client.our_state is ERROR
+    client.receive_data(pair.conn[SERVER].send(Ping(nonce=3)))
+    assert drain(client) == [Ping(nonce=3)]  # frames already in flight are still read
+
+
+def test_every_role_and_state_goes_to_error_on_send_failed() -> None:
+    for role, mine, theirs in itertools.product(Role, ConnState, ConnState):
+        other = SERVER if role is CLIENT else CLIENT
+        cs = ConnectionState()
+        cs.states = {role: mine, other: theirs}
+        cs.process_send_failed(role)
+        assert cs.states == {role: ERROR, other: theirs}
