@@ -42,6 +42,7 @@ from protocol import wire
 from protocol.connection import BridgeConnection, Role
 from protocol.errors import CloseCode, RemoteProtocolError
 from protocol.runtime.framed import FramedConnection
+from protocol.vocabulary import ErrorCode, RefusalReason
 
 log = structlog.get_logger(__name__)
 
@@ -83,7 +84,7 @@ def may_use_any(identity: Identity, tokens: Sequence[TokenManager]) -> bool:
     return any(n in t.config.allow for t in tokens for n in identity.names)
 
 
-async def send_refusal(stream: trio.abc.Stream, code: CloseCode, reason: str, message: str) -> None:
+async def send_refusal(stream: trio.abc.Stream, code: CloseCode, reason: RefusalReason, message: str) -> None:
     """Send `Refused` as the first frame (TLS 1.3 rejections are only seen on the first read)."""
     framed = FramedConnection(stream, BridgeConnection(Role.SERVER))
     msg = wire.Refused(version=wire.PROTOCOL_VERSION, code=code, reason=reason, message=message)
@@ -206,7 +207,7 @@ class _Session:
         if not 0 <= msg.token_id < len(tokens) or not tokens[msg.token_id].may_see(self.sub):
             self.sub.push(
                 wire.ErrorMessage(
-                    code="unknown_token",
+                    code=ErrorCode.UNKNOWN_TOKEN,
                     token_id=msg.token_id,
                     message=f"no token with id {msg.token_id}",
                 )
@@ -224,7 +225,9 @@ class _Session:
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             self.sub.push(
                 wire.ErrorMessage(
-                    code="shutting_down", token_id=msg.token_id, message="the server is shutting down"
+                    code=ErrorCode.SHUTTING_DOWN,
+                    token_id=msg.token_id,
+                    message="the server is shutting down",
                 )
             )
 
@@ -276,12 +279,13 @@ async def _serve_session(
     with structlog.contextvars.bound_contextvars(conn_id=conn_id, peer=peer, client_id=identity.name):
         admin = is_admin(identity, ctx.admins)
         if not admin and not may_use_any(identity, ctx.tokens):
-            log.warning("session.refused", reason="not_allowed", names=list(identity.names))
-            await audit_event(ctx, "connection.refused", identity, peer=peer, reason="not_allowed")
+            refusal = RefusalReason.NOT_ALLOWED
+            log.warning("session.refused", reason=str(refusal), names=list(identity.names))
+            await audit_event(ctx, "connection.refused", identity, peer=peer, reason=str(refusal))
             await send_refusal(
                 stream,
                 CloseCode.NOT_AUTHORIZED,
-                "not_allowed",
+                refusal,
                 f"certificate {identity.name!r} is on no token's allow list of this server; "
                 "ask an operator to add it to tokens[].allow",
             )

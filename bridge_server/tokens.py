@@ -58,6 +58,7 @@ from protocol import wire
 from protocol.apdu import SW_UNKNOWN
 from protocol.ccid import MessageType, decode_message
 from protocol.errors import MalformedCcidMessageError
+from protocol.vocabulary import ErrorCode
 
 log = structlog.get_logger(__name__)
 
@@ -238,18 +239,18 @@ class TokenManager:
         now = trio.current_time()
         if cmd.kind == "request":
             if not sub.may_use(self.config.allow):
-                self._error(sub, "not_allowed", f"{sub.name!r} may not use token {self.name!r}")
+                self._error(sub, ErrorCode.NOT_ALLOWED, f"{sub.name!r} may not use token {self.name!r}")
                 return
             if self.book.knows(sub.conn_id):  # a duplicate costs no audit line (issue 13 item 3)
                 self._error(
-                    sub, "already_leased", f"this connection already holds or waits for {self.name!r}"
+                    sub, ErrorCode.ALREADY_LEASED, f"this connection already holds or waits for {self.name!r}"
                 )
                 await self.flood.duplicate_request(sub, now)
                 return
             # DESIGN §4: no lease that the audit log cannot record (the line waits and is retried).
             if not await self.rails.record("lease.requested", client_id=sub.name, conn_id=sub.conn_id):
                 msg = f"no new leases on {self.name!r}: {self.rails.audit.problem}; retried automatically"
-                self._error(sub, "audit_unavailable", msg)
+                self._error(sub, ErrorCode.AUDIT_UNAVAILABLE, msg)
                 return
             self.stats.requested(sub.conn_id, now)
             events = self.book.request(sub.conn_id, sub.name, now, queue_timeout=self.queue_timeout_s)
@@ -267,7 +268,7 @@ class TokenManager:
         try:
             msg = decode_message(raw)
         except MalformedCcidMessageError as exc:
-            self._error(sub, "bad_ccid", str(exc))
+            self._error(sub, ErrorCode.BAD_CCID, str(exc))
             return
         assert self._reader is not None  # a holder always has a reader (set on grant)
         result = await self._reader.execute(msg)
@@ -283,7 +284,8 @@ class TokenManager:
             guard_events = self.rails.observe(msg.data, SW_UNKNOWN.to_bytes(2, "big"), holder)
         sub.push(wire.CcidFrame(token_id=self.token_id, epoch=epoch, message=result.response.encode()))
         if result.refused is not None:
-            code = "pin_guard" if result.refused.kind == "pin_guard" else "command_refused"
+            pin = result.refused.kind == "pin_guard"
+            code = ErrorCode.PIN_GUARD if pin else ErrorCode.COMMAND_REFUSED
             sub.push(wire.ErrorMessage(code=code, message=self.rails.notice(result.refused)))
             await self.flood.refused(sub, result.refused, holder, now)
         await self.rails.record_guard_events(guard_events, holder)
@@ -312,7 +314,9 @@ class TokenManager:
                 self._push(event.conn_id, wire.LeaseQueued(token_id=self.token_id, position=event.position))
             elif isinstance(event, Dequeued):
                 self.stats.forget(event.conn_id)
-                self._error_to(event.conn_id, str(event.reason), f"lease request for {self.name!r} ended")
+                # queue_timeout and shutdown are words of both vocabularies (protocol/vocabulary.py)
+                code = ErrorCode(event.reason.value)
+                self._error_to(event.conn_id, code, f"lease request for {self.name!r} ended")
             elif isinstance(event, Refusal):
                 self._error_to(event.conn_id, event.code, f"lease rule on token {self.name!r}: {event.code}")
 
@@ -354,7 +358,7 @@ class TokenManager:
         self._reader = None
         if self.simulated is not None:
             self.simulated.current_epoch = None
-        msg = wire.LeaseEnded(token_id=self.token_id, epoch=event.epoch, reason=str(event.reason))
+        msg = wire.LeaseEnded(token_id=self.token_id, epoch=event.epoch, reason=event.reason)
         self._push(event.conn_id, msg)
         self.stats.ended(event.held_s, str(event.reason))
         self._holder = None
@@ -449,8 +453,8 @@ class TokenManager:
         if sub is not None:
             sub.push(msg)
 
-    def _error(self, sub: Subscriber, code: str, message: str) -> None:
+    def _error(self, sub: Subscriber, code: ErrorCode, message: str) -> None:
         sub.push(wire.ErrorMessage(code=code, message=message, token_id=self.token_id))
 
-    def _error_to(self, conn_id: int, code: str, message: str) -> None:
+    def _error_to(self, conn_id: int, code: ErrorCode, message: str) -> None:
         self._push(conn_id, wire.ErrorMessage(code=code, message=message, token_id=self.token_id))

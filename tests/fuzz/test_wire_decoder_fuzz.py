@@ -31,7 +31,7 @@ CLIENT_SESSION = b"".join(
         wire.LeaseRelease(token_id=0, epoch=1000),
         wire.Ping(nonce=7),
         wire.AdminRequest(request_id=1, action="status", args={"a": [1, {"b": None}]}),
-        wire.ErrorMessage(code="x", message="y", token_id=None),
+        wire.ErrorMessage(code="bad_ccid", message="y", token_id=None),
         wire.Goodbye(code=CloseCode.NORMAL, reason="bye"),
     )
 )
