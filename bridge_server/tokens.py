@@ -28,8 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, assert_never
 
 import structlog
 import trio
@@ -52,6 +51,17 @@ from bridge_server.leases import (
 )
 from bridge_server.metrics import TokenStats
 from bridge_server.pin_guard import Attempt, Engaged
+from bridge_server.token_commands import (
+    Command,
+    ReleaseLease,
+    RequestLease,
+    ResetToken,
+    RevokeLease,
+    SessionCommand,
+    Shutdown,
+    SubmitFrame,
+    Wake,
+)
 from bridge_server.token_device import CardOpener, OpenedCard, TokenDevice
 from bridge_server.virtual_reader import VirtualReader
 from protocol import wire
@@ -67,15 +77,7 @@ INBOX_CAPACITY: Final = 64
 CLEANUP_TIMEOUT_S: Final = 5.0
 
 
-@dataclass(frozen=True, slots=True)
-class _Command:
-    kind: str  # "request" | "release" | "frame" | "shutdown" | "wake" | "revoke" | "reset"
-    sub: Subscriber | None = None
-    epoch: int = 0
-    raw: bytes = b""
-
-
-_WAKE: Final = _Command("wake")
+_WAKE: Final = Wake()
 
 
 class TokenManager:
@@ -115,7 +117,7 @@ class TokenManager:
         self.atr = b""
         self.device = TokenDevice(config.name, opener, config.match.serial, self.rails)
         self._reader: VirtualReader | None = None
-        self._send, self._inbox = trio.open_memory_channel[_Command](INBOX_CAPACITY)
+        self._send, self._inbox = trio.open_memory_channel[Command](INBOX_CAPACITY)
         self._drops: dict[int, EndReason] = {}
         self._status_changed = False
         self._stopped = False
@@ -146,13 +148,13 @@ class TokenManager:
         )
 
     async def request_lease(self, sub: Subscriber) -> None:
-        await self._send.send(_Command("request", sub))
+        await self._send.send(RequestLease(sub))
 
     async def release_lease(self, sub: Subscriber, epoch: int) -> None:
-        await self._send.send(_Command("release", sub, epoch))
+        await self._send.send(ReleaseLease(sub, epoch))
 
     async def submit_frame(self, sub: Subscriber, epoch: int, raw: bytes) -> None:
-        await self._send.send(_Command("frame", sub, epoch, raw))
+        await self._send.send(SubmitFrame(sub, epoch, raw))
 
     def detach(self, conn_id: int, reason: EndReason = EndReason.DISCONNECTED) -> None:
         """Forget a connection (sync, never lost): its lease ends and its queue slot goes."""
@@ -163,15 +165,15 @@ class TokenManager:
 
     async def shutdown(self) -> None:
         """End every lease with `shutdown`, power the card off and make `run` return."""
-        await self._send.send(_Command("shutdown"))
+        await self._send.send(Shutdown())
 
     async def revoke_lease(self) -> None:
         """Admin: end the current lease with `revoked` (the card is powered off as usual)."""
-        await self._send.send(_Command("revoke"))
+        await self._send.send(RevokeLease())
 
     async def reset_token(self) -> None:
         """Admin: end the lease, release the USB device and open it again (fresh power cycle)."""
-        await self._send.send(_Command("reset"))
+        await self._send.send(ResetToken())
 
     def queue_view(self) -> list[tuple[int, str, float | None]]:
         """The waiters in order: (conn_id, identity, queued since in trio time or None)."""
@@ -212,7 +214,7 @@ class TokenManager:
             await self._apply_drops()
             await self._apply(self.book.tick(trio.current_time()))
             deadline = self.book.next_deadline()
-            cmd: _Command | None = None
+            cmd: Command | None = None
             with trio.move_on_at(min(next_poll, math.inf if deadline is None else deadline)):
                 cmd = await self._inbox.receive()
             if cmd is not None:
@@ -222,43 +224,53 @@ class TokenManager:
                 await self._poll_presence()
                 next_poll = trio.current_time() + POLL_INTERVAL_S
 
-    async def _handle(self, cmd: _Command) -> None:
-        if cmd.kind == "shutdown":
-            await self._stop()
+    async def _handle(self, cmd: Command) -> None:
+        match cmd:
+            case Shutdown():
+                await self._stop()
+            case RevokeLease() | ResetToken():
+                await self._apply(self.book.end(trio.current_time(), EndReason.REVOKED))
+                if isinstance(cmd, ResetToken) and self._card is not None:
+                    log.warning("token.reset", token=self.name, reason="admin request")
+                    await self._apply(await self._lose_card("reset by an admin"))
+                    await self._try_attach()
+            case Wake():
+                pass  # the loop applies pending detaches first
+            case RequestLease() | ReleaseLease() | SubmitFrame():
+                sub = cmd.sub
+                if sub.closed or sub.conn_id in self._drops or self.flood.ejected(sub.conn_id):
+                    return  # a command that raced its session's end
+                await self._from_session(cmd, sub, trio.current_time())
+            case _:
+                assert_never(cmd)  # mypy: a new command type must be handled here
+
+    async def _from_session(self, cmd: SessionCommand, sub: Subscriber, now: float) -> None:
+        match cmd:
+            case RequestLease():
+                await self._request(sub, now)
+            case ReleaseLease(epoch=epoch):
+                await self._apply(self.book.release(sub.conn_id, epoch, now))
+            case SubmitFrame(epoch=epoch, raw=raw):
+                await self._frame(sub, epoch, raw)
+
+    async def _request(self, sub: Subscriber, now: float) -> None:
+        if not sub.may_use(self.config.allow):
+            self._error(sub, ErrorCode.NOT_ALLOWED, f"{sub.name!r} may not use token {self.name!r}")
             return
-        if cmd.kind in ("revoke", "reset"):
-            await self._apply(self.book.end(trio.current_time(), EndReason.REVOKED))
-            if cmd.kind == "reset" and self._card is not None:
-                log.warning("token.reset", token=self.name, reason="admin request")
-                await self._apply(await self._lose_card("reset by an admin"))
-                await self._try_attach()
+        if self.book.knows(sub.conn_id):  # a duplicate costs no audit line (issue 13 item 3)
+            self._error(
+                sub, ErrorCode.ALREADY_LEASED, f"this connection already holds or waits for {self.name!r}"
+            )
+            await self.flood.duplicate_request(sub, now)
             return
-        sub = cmd.sub
-        if sub is None or sub.closed or sub.conn_id in self._drops or self.flood.ejected(sub.conn_id):
-            return  # wake-up, or a command that raced its session's end
-        now = trio.current_time()
-        if cmd.kind == "request":
-            if not sub.may_use(self.config.allow):
-                self._error(sub, ErrorCode.NOT_ALLOWED, f"{sub.name!r} may not use token {self.name!r}")
-                return
-            if self.book.knows(sub.conn_id):  # a duplicate costs no audit line (issue 13 item 3)
-                self._error(
-                    sub, ErrorCode.ALREADY_LEASED, f"this connection already holds or waits for {self.name!r}"
-                )
-                await self.flood.duplicate_request(sub, now)
-                return
-            # DESIGN §4: no lease that the audit log cannot record (the line waits and is retried).
-            if not await self.rails.record("lease.requested", client_id=sub.name, conn_id=sub.conn_id):
-                msg = f"no new leases on {self.name!r}: {self.rails.audit.problem}; retried automatically"
-                self._error(sub, ErrorCode.AUDIT_UNAVAILABLE, msg)
-                return
-            self.stats.requested(sub.conn_id, now)
-            events = self.book.request(sub.conn_id, sub.name, now, queue_timeout=self.queue_timeout_s)
-            await self._apply(events)
-        elif cmd.kind == "release":
-            await self._apply(self.book.release(sub.conn_id, cmd.epoch, now))
-        elif cmd.kind == "frame":
-            await self._frame(sub, cmd.epoch, cmd.raw)
+        # DESIGN §4: no lease that the audit log cannot record (the line waits and is retried).
+        if not await self.rails.record("lease.requested", client_id=sub.name, conn_id=sub.conn_id):
+            msg = f"no new leases on {self.name!r}: {self.rails.audit.problem}; retried automatically"
+            self._error(sub, ErrorCode.AUDIT_UNAVAILABLE, msg)
+            return
+        self.stats.requested(sub.conn_id, now)
+        events = self.book.request(sub.conn_id, sub.name, now, queue_timeout=self.queue_timeout_s)
+        await self._apply(events)
 
     async def _frame(self, sub: Subscriber, epoch: int, raw: bytes) -> None:
         refusal = self.book.check_frame(sub.conn_id, epoch)
