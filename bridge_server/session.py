@@ -27,9 +27,9 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Protocol, TypeAlias
 
 import structlog
 import trio
@@ -51,6 +51,33 @@ OUTBOX_CAPACITY: Final = 64
 FAREWELL_TIMEOUT_S: Final = 1.0
 
 
+AdminAnswer: TypeAlias = tuple[bool, dict[str, Any], str]
+"""(ok, JSON result, error) for one admin action."""
+
+
+class AdminHandler(Protocol):
+    """Answers admins' `AdminRequest`s: `bridge_server.admin.AdminDispatcher` fits (a Protocol,
+    because admin.py imports the server that imports this module)."""
+
+    async def handle(self, action: str, args: Mapping[str, Any] | None, *, actor: str) -> AdminAnswer: ...
+
+
+class AuditSink(Protocol):
+    """Where connection and admin events go: `bridge_server.audit.AuditLog` fits."""
+
+    async def record(self, event: str, **fields: Any) -> bool: ...
+
+
+class NoAdminActions:
+    """The `AdminHandler` of a context built without one (tests): every action is refused."""
+
+    async def handle(self, action: str, args: Mapping[str, Any] | None, *, actor: str) -> AdminAnswer:
+        return False, {}, f"action {action[:64]!r}: this server answers no admin actions"
+
+
+NO_ADMIN_ACTIONS: Final = NoAdminActions()
+
+
 @dataclass(frozen=True, slots=True)
 class SessionContext:
     """What every session shares: the hub, the tokens (index = token_id) and the policy."""
@@ -59,8 +86,8 @@ class SessionContext:
     tokens: Sequence[TokenManager]
     admins: tuple[str, ...] = ()
     heartbeat_s: float = 10.0
-    dispatcher: Any = None  # bridge_server.admin.AdminDispatcher: answers AdminRequest from admins
-    audit: Any = None  # bridge_server.audit.AuditLog: connection and admin events
+    dispatcher: AdminHandler = NO_ADMIN_ACTIONS  # answers AdminRequest from admins
+    audit: AuditSink | None = None  # connection and admin events (docs/guardrails.md)
 
 
 async def audit_event(
@@ -104,7 +131,7 @@ class _Session:
         self._nonces = itertools.count(1)
         self._ping_sent: tuple[int, float] | None = None  # (nonce, trio time) of the last Ping
 
-    async def run(self, outbox: trio.MemoryReceiveChannel[Any]) -> None:
+    async def run(self, outbox: trio.MemoryReceiveChannel[wire.Message]) -> None:
         hello_timeout = self.ctx.heartbeat_s * wire.HEARTBEAT_MISSES
         identity = self.sub.identity
         await self.framed.send(
@@ -145,7 +172,7 @@ class _Session:
             self.reason = reason
         self.sub.cancel_scope.cancel()
 
-    async def _writer(self, outbox: trio.MemoryReceiveChannel[Any]) -> None:
+    async def _writer(self, outbox: trio.MemoryReceiveChannel[wire.Message]) -> None:
         async for msg in outbox:
             if self.reason is not None:
                 # The session is ending (e.g. the reader is sending its heartbeat Goodbye): a
@@ -237,24 +264,11 @@ class _Session:
             return wire.AdminResponse(
                 request_id=req.request_id, ok=False, result={}, error=f"{self.sub.name!r} is not an admin"
             )
-        if self.ctx.dispatcher is not None:
-            ok, result, error = await self.ctx.dispatcher.handle(req.action, req.args, actor=self.sub.name)
-            if req.action != "status":  # reads are not admin actions
-                await audit_event(self.ctx, "admin.action", self.sub.identity, action=req.action[:64], ok=ok)
-            ok, result, error = wire_result(ok, result, error)
-            return wire.AdminResponse(request_id=req.request_id, ok=ok, result=result, error=error)
-        if req.action == "status":
-            result = {
-                "tokens": {t.name: t.snapshot() for t in self.ctx.tokens},
-                "sessions": len(self.ctx.hub),
-            }
-            return wire.AdminResponse(request_id=req.request_id, ok=True, result=result)
-        return wire.AdminResponse(
-            request_id=req.request_id,
-            ok=False,
-            result={},
-            error=f"action {req.action[:64]!r} is not implemented yet",
-        )
+        ok, result, error = await self.ctx.dispatcher.handle(req.action, req.args, actor=self.sub.name)
+        if req.action != "status":  # reads are not admin actions
+            await audit_event(self.ctx, "admin.action", self.sub.identity, action=req.action[:64], ok=ok)
+        ok, result, error = wire_result(ok, result, error)
+        return wire.AdminResponse(request_id=req.request_id, ok=ok, result=result, error=error)
 
 
 async def serve_session(
@@ -290,7 +304,7 @@ async def _serve_session(
                 "ask an operator to add it to tokens[].allow",
             )
             return
-        send_channel, receive_channel = trio.open_memory_channel[Any](OUTBOX_CAPACITY)
+        send_channel, receive_channel = trio.open_memory_channel[wire.Message](OUTBOX_CAPACITY)
         sub = Subscriber(conn_id, identity, send_channel, admin=admin, peer=peer, cert_serial=cert_serial)
         session = _Session(FramedConnection(stream, BridgeConnection(Role.SERVER)), sub, ctx)
         started = trio.current_time()

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Final, assert_never
+from typing import TYPE_CHECKING, Any, Final, assert_never
 
 import structlog
 import trio
@@ -70,6 +70,9 @@ from protocol.ccid import MessageType, decode_message
 from protocol.errors import MalformedCcidMessageError
 from protocol.vocabulary import ErrorCode
 
+if TYPE_CHECKING:
+    from bridge_server.simulator.usb_token import SimulatedToken
+
 log = structlog.get_logger(__name__)
 
 POLL_INTERVAL_S: Final = 1.0  # presence is checked at least this often (issue: unplug seen within 1 s)
@@ -92,7 +95,7 @@ class TokenManager:
         opener: CardOpener,
         *,
         first_epoch: int,
-        simulated: Any = None,
+        simulated: SimulatedToken | None = None,
         guardrails: Guardrails | None = None,
         epochs: EpochStore | None = None,
     ) -> None:
@@ -460,7 +463,7 @@ class TokenManager:
             if self.may_see(sub):
                 sub.push(self.status_for(sub))
 
-    def _push(self, conn_id: int, msg: object) -> None:
+    def _push(self, conn_id: int, msg: wire.Message) -> None:
         sub = self.hub.get(conn_id)
         if sub is not None:
             sub.push(msg)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any
@@ -13,7 +13,7 @@ import trio.testing
 from server_fakes import ATR, SW_OK, VERIFY, FakeDevice, identity, make_manager
 
 from bridge_server.hub import Hub
-from bridge_server.session import SessionContext, serve_session
+from bridge_server.session import AdminAnswer, SessionContext, serve_session
 from bridge_server.tokens import TokenManager
 from protocol import ccid, wire
 from protocol.connection import BridgeConnection, Role
@@ -23,13 +23,33 @@ from protocol.runtime.framed import FramedConnection
 HEARTBEAT = 10.0
 
 
+class StatusOnly:
+    """A stand-in AdminHandler: answers `status` from the tokens, records what it was asked."""
+
+    def __init__(self, tokens: list[TokenManager]) -> None:
+        self.tokens = tokens
+        self.asked: list[tuple[str, str]] = []
+
+    async def handle(self, action: str, args: Mapping[str, Any] | None, *, actor: str) -> AdminAnswer:
+        self.asked.append((action, actor))
+        if action == "status":
+            return True, {"tokens": {t.name: t.snapshot() for t in self.tokens}}, ""
+        return False, {}, f"unknown action {action!r}"
+
+
 class Env:
-    def __init__(self, nursery: trio.Nursery, *, admins: tuple[str, ...] = ("ops",)) -> None:
+    def __init__(
+        self, nursery: trio.Nursery, *, admins: tuple[str, ...] = ("ops",), dispatcher: bool = True
+    ) -> None:
         self.nursery = nursery
         self.hub = Hub()
         self.device = FakeDevice()
         self.manager: TokenManager = make_manager(self.hub, self.device, allow=("vm1", "vm2"))
-        self.ctx = SessionContext(hub=self.hub, tokens=[self.manager], admins=admins, heartbeat_s=HEARTBEAT)
+        self.admin = StatusOnly([self.manager])
+        self.ctx = SessionContext(
+            hub=self.hub, tokens=[self.manager], admins=admins, heartbeat_s=HEARTBEAT,
+            **({"dispatcher": self.admin} if dispatcher else {}),
+        )  # fmt: skip
         self.done: dict[str, float] = {}
 
     async def start(self) -> None:
@@ -100,7 +120,21 @@ async def test_admin_sees_every_token_flagged_and_gets_status(nursery: trio.Nurs
         assert resp.result["tokens"]["codesign"]["present"] is True
         await client.send(wire.AdminRequest(request_id=8, action="revoke", args={"token": "codesign"}))
         resp = await expect(client, wire.AdminResponse)
-        assert (resp.ok, "not implemented" in resp.error) == (False, True)
+        assert (resp.ok, resp.error) == (False, "unknown action 'revoke'")
+    assert env.admin.asked == [("status", "ops"), ("revoke", "ops")]
+
+
+async def test_without_a_dispatcher_a_session_answers_no_admin_action_not_even_status(
+    nursery: trio.Nursery,
+) -> None:
+    """One status path: the dispatcher's (bridge_server/admin.py); the session has no fallback."""
+    env = Env(nursery, dispatcher=False)
+    await env.start()
+    async with env.connect("ops") as client:
+        await client.send(wire.AdminRequest(request_id=7, action="status", args={}))
+        resp = await expect(client, wire.AdminResponse)
+        assert (resp.ok, resp.result) == (False, {})
+        assert "answers no admin actions" in resp.error
 
 
 async def test_non_admin_admin_request_is_refused(nursery: trio.Nursery) -> None:
