@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Final
 
 import trio
+import trio.lowlevel
 
 from protocol._sentinel import NEED_DATA
 
@@ -56,6 +57,10 @@ class FramedConnection:
         async with self._send_lock:
             if self._send_broken:
                 raise trio.BrokenResourceError("an earlier send on this connection failed half-way")
+            # A cancellation that arrived while we waited for the lock is taken here, before
+            # the state machine commits anything (no checkpoint between this and send_all's
+            # own first check: trio streams write nothing when cancelled on entry).
+            await trio.lowlevel.checkpoint_if_cancelled()
             # Inside the lock: the order on the wire equals the order the state machine saw.
             data = self.conn.send(msg)
             try:

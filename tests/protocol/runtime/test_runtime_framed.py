@@ -253,3 +253,37 @@ async def test_a_send_that_fails_half_way_marks_the_state_machine_broken(block: 
     # the stream may hold half a frame: nothing more may be written to it
     with pytest.raises(trio.BrokenResourceError, match="earlier send"):
         await framed.send(Goodbye(code=CloseCode.NORMAL, reason="bye"))
+
+
+async def test_a_send_cancelled_before_it_starts_changes_nothing() -> None:
+    server, client = _bridge_pair()
+    welcome = Welcome(version=PROTOCOL_VERSION, server="test", identity="bridge", heartbeat_interval=10.0)
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await server.send(welcome)
+    assert scope.cancelled_caught
+    assert server.conn.our_state is ConnState.AWAIT_GREETING  # nothing committed, nothing broken
+    await server.send(welcome)
+    assert await client.receive() == welcome
+
+
+async def test_a_send_cancelled_while_it_waited_for_the_lock_changes_nothing() -> None:
+    """The cancellation lands just as the lock is handed over: taken before the state commits."""
+    server, client = _bridge_pair()
+    welcome = Welcome(version=PROTOCOL_VERSION, server="test", identity="bridge", heartbeat_interval=10.0)
+    scope = trio.CancelScope()
+
+    async def sender() -> None:
+        with scope:
+            await server.send(welcome)
+
+    await server._send_lock.acquire()  # another send in progress
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(sender)
+        await trio.testing.wait_all_tasks_blocked()
+        server._send_lock.release()  # ownership passes to the waiting sender...
+        scope.cancel()  # ...which is cancelled before it runs again
+    assert scope.cancelled_caught
+    assert server.conn.our_state is ConnState.AWAIT_GREETING  # nothing committed, nothing broken
+    await server.send(welcome)
+    assert await client.receive() == welcome
