@@ -265,3 +265,70 @@ async def test_shutdown_goodbye_from_the_outbox_ends_the_session(nursery: trio.N
         bye = await expect(client, wire.Goodbye)
         assert bye.code is CloseCode.SHUTTING_DOWN
         assert isinstance(await client.receive(), wire.ConnectionClosed)
+
+
+class WhoWrites(trio.abc.Stream):
+    """A server-side stream that records the task behind every write."""
+
+    def __init__(self, inner: trio.abc.Stream) -> None:
+        self.inner = inner
+        self.writers: list[str] = []
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        self.writers.append(trio.lowlevel.current_task().name.rsplit(".", 1)[-1])
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self.inner.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def _serve_and_watch(env: Env, client_moves: Any) -> tuple[list[str], list[Any]]:
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    watched = WhoWrites(server_stream)
+    client = FramedConnection(client_stream, BridgeConnection(Role.CLIENT))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(partial(serve_session, watched, identity("vm1"), env.ctx, peer="memory"))
+        received = await client_moves(client, client_stream)
+    return watched.writers, received
+
+
+async def _drain(client: FramedConnection) -> list[Any]:
+    got: list[Any] = []
+    while not isinstance(msg := await client.receive(), wire.ConnectionClosed):
+        got.append(msg)
+    return got
+
+
+async def test_only_the_writer_task_writes_whatever_ends_the_session(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Greeting, heartbeat Goodbye and protocol-error Goodbye all leave through the writer."""
+    env = Env(nursery)
+    await env.start()
+
+    async def silent(client: FramedConnection, raw: trio.abc.Stream) -> list[Any]:
+        await client.receive()  # Welcome
+        await client.send(wire.ClientHello(version=wire.PROTOCOL_VERSION, software="test"))
+        return await _drain(client)  # Pongs never sent: heartbeat_lost
+
+    writers, got = await _serve_and_watch(env, silent)
+    assert isinstance(got[-1], wire.Goodbye) and got[-1].code is CloseCode.HEARTBEAT_TIMEOUT
+    assert set(writers) == {"_writer"}, writers
+
+    async def rude(client: FramedConnection, raw: trio.abc.Stream) -> list[Any]:
+        await client.receive()  # Welcome
+        await raw.send_all(b"\x99\x00\x00\x00\x00\x00")  # unknown frame type, before ClientHello
+        data = b""
+        while chunk := await raw.receive_some(65536):
+            data += chunk
+        return [data]
+
+    writers, (data,) = await _serve_and_watch(env, rude)
+    assert data[0] == wire.FrameType.GOODBYE
+    assert set(writers) == {"_writer"}, writers
