@@ -12,8 +12,7 @@ from fuzz_support import budget, chunks, corpus_files, mutated
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from protocol import ccid, wire
-from protocol._sentinel import NEED_DATA
+from protocol import NEED_DATA, ccid, wire
 from protocol.connection import BridgeConnection, Role
 from protocol.errors import CloseCode, RemoteProtocolError
 

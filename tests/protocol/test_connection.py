@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocol._sentinel import NEED_DATA
+from protocol import NEED_DATA
 from protocol._transitions import TRANSITIONS, ConnectionState
 from protocol.connection import BridgeConnection, ConnectionClosed, ConnState, Role
 from protocol.errors import CloseCode, LocalProtocolError, RemoteProtocolError

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocol._sentinel import NEED_DATA
+from protocol import NEED_DATA
 from protocol.errors import CloseCode, LocalProtocolError, MalformedFrameError, RemoteProtocolError
 from protocol.vocabulary import ErrorCode, LeaseEndReason, RefusalReason
 from protocol.wire import (

@@ -10,7 +10,7 @@ import trio
 import trio.lowlevel
 import trio.testing
 
-from protocol._sentinel import NEED_DATA
+from protocol import NEED_DATA
 from protocol.connection import BridgeConnection, ConnState, Role
 from protocol.errors import CloseCode, RemoteProtocolError
 from protocol.runtime.framed import RECEIVE_CHUNK, FramedConnection
