@@ -55,7 +55,6 @@ class RefusalReason(StrEnum):
     CERTIFICATE_PURPOSE = "certificate_purpose"
     TOO_MANY_CONNECTIONS = "too_many_connections"
     TOO_MANY_REQUESTS = "too_many_requests"
-    UNSUPPORTED_VERSION = "unsupported_version"
 
 
 class LeaseEndReason(StrEnum):

@@ -313,7 +313,7 @@ def test_server_refuses_a_client_hello_of_another_major_version_with_refused() -
         server.next_event()
     assert info.value.close_code is CloseCode.UNSUPPORTED_VERSION
     refusal = Refused(
-        version=PROTOCOL_VERSION, code=info.value.close_code, reason="unsupported_version", message="upgrade"
+        version=PROTOCOL_VERSION, code=info.value.close_code, reason="not_allowed", message="upgrade"
     )
     p.conn[CLIENT].receive_data(server.send(refusal))
     assert server.our_state is CLOSED
@@ -323,9 +323,7 @@ def test_server_refuses_a_client_hello_of_another_major_version_with_refused() -
 
 def test_client_reads_a_refusal_whatever_its_version() -> None:
     client = BridgeConnection(CLIENT)
-    refusal = Refused(
-        version=7, code=CloseCode.UNSUPPORTED_VERSION, reason="unsupported_version", message="upgrade"
-    )
+    refusal = Refused(version=7, code=CloseCode.UNSUPPORTED_VERSION, reason="not_allowed", message="upgrade")
     client.receive_data(encode_message(refusal))
     assert client.next_event() == refusal
     assert client.their_state is CLOSED
