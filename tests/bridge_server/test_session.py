@@ -13,7 +13,8 @@ import trio.testing
 from server_fakes import ATR, SW_OK, VERIFY, FakeDevice, identity, make_manager
 
 from bridge_server.hub import Hub
-from bridge_server.session import AdminAnswer, SessionContext, serve_session
+from bridge_server.session import SessionContext, serve_session
+from bridge_server.session_context import AdminAnswer
 from bridge_server.tokens import TokenManager
 from protocol import ccid, wire
 from protocol.connection import BridgeConnection, Role
