@@ -39,8 +39,7 @@ from bridge_client.backoff import Backoff
 from bridge_client.errors import CardFailure, LeaseError, TunnelError
 from bridge_client.tunnel import Tunnel
 from bridge_client.tunnel_state import TokenState, connect_error_cause
-from protocol import ccid
-from protocol._sentinel import NEED_DATA
+from protocol import NEED_DATA, ccid
 from protocol.apdu import redact
 from protocol.errors import RemoteProtocolError
 from protocol.runtime.logging import debug_enabled

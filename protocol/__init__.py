@@ -1,1 +1,50 @@
-"""tokenbridge."""
+"""tokenbridge's sans-I/O protocol codecs, and their small runtime helpers.
+
+The public API is these modules (and the names below); a module whose name starts with `_`
+is private: only code inside `protocol/` imports it (tests/protocol/test_public_api.py).
+Within a public module, a name that starts with `_` is private too, and a module's
+`__all__`, where it has one, is its whole public surface.
+
+Pure (no I/O, clock or concurrency; tests/protocol/test_purity.py):
+
+- `protocol.wire`: bridge frames and messages, `encode_message` / `decode_message`;
+- `protocol.vocabulary`: the machine words on the wire (`ErrorCode`, `RefusalReason`,
+  `LeaseEndReason`);
+- `protocol.connection`: `BridgeConnection`, the h11-style state machine of one bridge
+  connection;
+- `protocol.errors`: `CloseCode` and the exception hierarchy;
+- `protocol.ccid`, `protocol.apdu`, `protocol.atr`, `protocol.t1`: smart-card codecs
+  (CCID messages, APDUs, ATRs, the T=1 block protocol for both reader and card);
+- `protocol.vpcd`: vsmartcard's vpcd socket protocol.
+
+Runtime helpers (they do I/O; the daemons share them):
+
+- `protocol.runtime.framed`: `FramedConnection`, a `BridgeConnection` over a trio stream;
+- `protocol.runtime.tls`, `protocol.runtime.config`, `protocol.runtime.logging`,
+  `protocol.runtime.sdnotify`.
+
+`NEED_DATA` (and its type `NeedData`) is what every sans-I/O decoder's `next_event()` returns
+when it needs more bytes.
+"""
+
+from protocol._sentinel import NEED_DATA, NeedData
+
+__all__ = ["NEED_DATA", "PUBLIC_MODULES", "NeedData"]
+
+PUBLIC_MODULES = (
+    "protocol.apdu",
+    "protocol.atr",
+    "protocol.ccid",
+    "protocol.connection",
+    "protocol.errors",
+    "protocol.t1",
+    "protocol.vocabulary",
+    "protocol.vpcd",
+    "protocol.wire",
+    "protocol.runtime.config",
+    "protocol.runtime.framed",
+    "protocol.runtime.logging",
+    "protocol.runtime.sdnotify",
+    "protocol.runtime.tls",
+)
+"""The public modules of this package (everything else in it is private)."""

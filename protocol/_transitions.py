@@ -25,6 +25,9 @@ The rules (DESIGN §3, docs/protocol.md §4):
   7. A side whose frames broke the protocol is in ERROR for good. The other side may then
      only say farewell to it: Goodbye, or Refused from the server.
   8. EOF from a side moves it to CLOSED, unless it is in ERROR.
+  9. A side whose bytes did not all leave (its send failed or was cancelled half-way) is in
+     ERROR for good: the stream may hold part of a frame, so it sends nothing more (h11's
+     send_failed). What the other side already sent is still read.
 
 An illegal move raises LocalProtocolError and changes nothing; the caller turns it into a
 RemoteProtocolError when the move was the peer's.
@@ -115,6 +118,7 @@ class ConnectionState:
     def __init__(self) -> None:
         self.states: dict[Role, ConnState] = {_C: AWAIT_GREETING, _S: AWAIT_GREETING}
         self.reached_open: set[Role] = set()
+        self.send_failed: set[Role] = set()  # in ERROR by rule 9, not for breaking the protocol
 
     def process_message(self, role: Role, msg_type: type[Message]) -> None:
         """Apply `role` sending a message of `msg_type`. Raises LocalProtocolError, changing nothing."""
@@ -125,7 +129,7 @@ class ConnectionState:
         new_state = TRANSITIONS[role][state].get(msg_type)
         if new_state is None:
             raise LocalProtocolError(f"the {role.value} may not send {name} in state {state.name}")
-        if self.states[peer] is ERROR and msg_type not in FAREWELLS:
+        if self.states[peer] is ERROR and peer not in self.send_failed and msg_type not in FAREWELLS:
             raise LocalProtocolError(f"only a farewell may follow a protocol error, not {name}")  # rule 7
         if msg_type is ClientHello and _S not in self.reached_open:
             raise LocalProtocolError("the client may not send ClientHello before Welcome")  # rule 3
@@ -137,6 +141,13 @@ class ConnectionState:
 
     def process_error(self, role: Role) -> None:
         """`role` broke the protocol (rule 7)."""
+        self.send_failed.discard(role)
+        self.states[role] = ERROR
+
+    def process_send_failed(self, role: Role) -> None:
+        """`role`'s last send did not reach the stream whole (rule 9)."""
+        if self.states[role] is not ERROR:
+            self.send_failed.add(role)
         self.states[role] = ERROR
 
     def process_eof(self, role: Role) -> None:

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from enum import Enum
+from enum import Enum, StrEnum
 from typing import Final
 
 from protocol.errors import CloseCode
+from protocol.vocabulary import ErrorCode, LeaseEndReason, RefusalReason
 
 MAX_STRING_CHARS: Final = 1024
 """Longest string field (names, reasons, messages), in characters."""
@@ -50,6 +51,9 @@ class Kind(Enum):
     ATR = "atr"  # [string] lowercase hex of 0..33 bytes
     INTERVAL = "interval"  # [number] seconds, 0 < x <= MAX_HEARTBEAT_INTERVAL
     CLOSE_CODE = "close_code"  # [number] a CloseCode value
+    ERROR_CODE = "error_code"  # [string] a word: ErrorCode (protocol/vocabulary.py)
+    REFUSAL_REASON = "refusal_reason"  # [string] a word: RefusalReason
+    LEASE_END_REASON = "lease_end_reason"  # [string] a word: LeaseEndReason
     OBJECT = "object"  # [object] bounded JSON object (admin args)
     DOCUMENT = "document"  # [object] larger bounded JSON object (admin result)
 
@@ -178,8 +182,39 @@ def check(kind: Kind, value: object) -> object:
     return _CHECKS[kind](value)
 
 
+# Word fields: `text` on the wire, drawn from a closed vocabulary (protocol/vocabulary.py).
+_WORDS: Final[dict[Kind, type[StrEnum]]] = {
+    Kind.ERROR_CODE: ErrorCode,
+    Kind.REFUSAL_REASON: RefusalReason,
+    Kind.LEASE_END_REASON: LeaseEndReason,
+}
+_CHECKS.update(dict.fromkeys(_WORDS, _text))
+
+
+def _send_word(vocabulary: type[StrEnum], value: object) -> str:
+    """A sender speaks only the vocabulary: a member, or the exact text of one."""
+    try:
+        return str(vocabulary(_text(value)))
+    except ValueError:
+        raise ValueError(
+            f"{_show(value)} is not a {vocabulary.__name__}; add it to protocol/vocabulary.py "
+            "and docs/protocol.md before sending it"
+        ) from None
+
+
+def _received_word(vocabulary: type[StrEnum], raw: object) -> str:
+    """A receiver accepts any word (a newer peer may know more): a member if we know it."""
+    text = _text(raw)
+    try:
+        return vocabulary(text)
+    except ValueError:
+        return text
+
+
 def to_json(kind: Kind, value: object) -> object:
     """Validate a Python-side value and return its JSON form. Raises ValueError."""
+    if kind in _WORDS:
+        return _send_word(_WORDS[kind], value)
     value = check(kind, value)
     if kind is Kind.ATR:
         return value.hex()  # type: ignore[attr-defined]  # _atr returned bytes
@@ -190,6 +225,8 @@ def to_json(kind: Kind, value: object) -> object:
 
 def from_json(kind: Kind, raw: object) -> object:
     """Convert and validate a JSON value received from the peer. Raises ValueError."""
+    if kind in _WORDS:
+        return _received_word(_WORDS[kind], raw)
     if kind is Kind.ATR:
         raw = _unhex(raw)
     return check(kind, raw)

@@ -5,6 +5,11 @@ Bytes in through `receive_data` (`b""` = EOF), events out through `next_event`, 
 `protocol/wire.py`; every state rule lives in `protocol/_transitions.py`. What this module adds:
 the version check on the greeting frames, the conversion of illegal peer moves into
 `RemoteProtocolError`, and the sticky ERROR state after one.
+
+As in h11, `send` commits the state transition when it returns the bytes, before they reach
+the stream. The I/O layer that fails to write them (the stream broke, or the send was
+cancelled half-way) must call `send_failed()`: our side moves to ERROR and every later `send`
+raises `LocalProtocolError` (`protocol/runtime/framed.py` does this).
 """
 
 from __future__ import annotations
@@ -130,6 +135,14 @@ class BridgeConnection:
         data = encode_message(msg)
         self._state.process_message(self._our_role, type(msg))
         return data
+
+    def send_failed(self) -> None:
+        """Tell the state machine that bytes from `send` did not all reach the peer.
+
+        Our side moves to ERROR for good (the stream may hold part of a frame): every later
+        `send` raises `LocalProtocolError`. Receiving is unaffected. Idempotent.
+        """
+        self._state.process_send_failed(self._our_role)
 
 
 def _check_version(msg: Message) -> None:

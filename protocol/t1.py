@@ -57,6 +57,9 @@ from protocol._t1_blocks import (
     s_block,
     swap_nibbles,
 )
+from protocol._t1_blocks import (
+    encode as encode_block,
+)
 from protocol._t1_card import T1Card
 from protocol.apdu import PIN_INS
 from protocol.atr import Checksum
@@ -70,12 +73,16 @@ __all__ = [
     "ApduComplete",
     "Checksum",
     "Idle",
+    "SType",
     "SendBlock",
     "T1Card",
     "T1Reader",
     "at_most_once",
     "crc16",
+    "encode_block",
+    "i_block",
     "lrc",
+    "s_block",
 ]
 
 

@@ -7,7 +7,8 @@ keys are exactly the fields of the message dataclass; the CCID data frame is bin
 `token_id:u16be epoch:u32be` then one raw CCID message. `encode_message` and `decode_message`
 translate between dataclasses and frames with the same strict field checks
 (`protocol/_wire_fields.py`) in both directions: a bad value is a `LocalProtocolError` when we
-send it and a `MalformedFrameError` when the peer does.
+send it and a `MalformedFrameError` when the peer does. The one asymmetry is the machine words
+(`protocol/vocabulary.py`): we send only words of the vocabulary, and accept unknown ones.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from __future__ import annotations
 import json
 import struct
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import Any, Final, TypeAlias
 
 from protocol._framing import (
@@ -35,6 +35,7 @@ from protocol._framing import (
 )
 from protocol._wire_fields import Kind, from_json, to_json
 from protocol.errors import CloseCode, LocalProtocolError, MalformedFrameError
+from protocol.vocabulary import ErrorCode, LeaseEndReason, RefusalReason
 
 __all__ = [
     "CCID_PREFIX_LEN",
@@ -68,6 +69,7 @@ __all__ = [
     "Message",
     "Ping",
     "Pong",
+    "RefusalReason",
     "Refused",
     "TokenStatus",
     "Welcome",
@@ -87,44 +89,6 @@ HEARTBEAT_MISSES: Final = 3
 _CCID_PREFIX: Final = struct.Struct(">HI")
 
 
-class ErrorCode(StrEnum):  # ruff S105 below: "token" in a name is a USB token, not a secret
-    """Well-known `ErrorMessage.code` values (docs/protocol.md §6). The field is a plain string."""
-
-    LEASE_REQUIRED = "lease_required"
-    STALE_EPOCH = "stale_epoch"
-    QUEUE_TIMEOUT = "queue_timeout"
-    QUEUE_FULL = "queue_full"
-    NOT_ALLOWED = "not_allowed"
-    UNKNOWN_TOKEN = "unknown_token"  # noqa: S105
-    TOKEN_ABSENT = "token_absent"  # noqa: S105
-    ALREADY_LEASED = "already_leased"
-    PIN_GUARD = "pin_guard"
-    APDU_REFUSED = "apdu_refused"
-    BAD_CCID = "bad_ccid"
-    AUDIT_UNAVAILABLE = "audit_unavailable"
-    INTERNAL = "internal"
-
-
-class LeaseEndReason(StrEnum):
-    """`LeaseEnded.reason` values the server sends (docs/protocol.md §5.3).
-
-    `released` and `linger_expired` are endings the client asked for; every other reason means
-    the card was taken away from a holder that may still believe it is logged in.
-    """
-
-    RELEASED = "released"
-    LINGER_EXPIRED = "linger_expired"
-    IDLE_TIMEOUT = "idle_timeout"
-    MAX_HOLD = "max_hold"
-    DISCONNECTED = "disconnected"
-    HEARTBEAT_LOST = "heartbeat_lost"
-    TOKEN_GONE = "token_gone"  # noqa: S105
-    DEVICE_ERROR = "device_error"
-    REVOKED = "revoked"
-    QUEUE_TIMEOUT = "queue_timeout"
-    SHUTDOWN = "shutdown"
-
-
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Welcome:
     version: int
@@ -137,7 +101,7 @@ class Welcome:
 class Refused:
     version: int
     code: CloseCode
-    reason: str
+    reason: RefusalReason | str  # a plain str only when received: an unknown word (vocabulary.py)
     message: str
 
 
@@ -185,7 +149,7 @@ class LeaseRelease:
 class LeaseEnded:
     token_id: int
     epoch: int
-    reason: str
+    reason: LeaseEndReason | str  # a plain str only when received: an unknown word
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -207,7 +171,7 @@ class Pong:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ErrorMessage:
-    code: str
+    code: ErrorCode | str  # a plain str only when received: an unknown word
     message: str
     token_id: int | None = None
 
@@ -261,7 +225,7 @@ _CONTROL: Final[dict[type[Message], tuple[FrameType, tuple[tuple[str, Kind], ...
     ),
     Refused: (
         FrameType.REFUSED,
-        (("version", _V), ("code", Kind.CLOSE_CODE), ("reason", _T), ("message", _T)),
+        (("version", _V), ("code", Kind.CLOSE_CODE), ("reason", Kind.REFUSAL_REASON), ("message", _T)),
     ),
     ClientHello: (FrameType.CLIENT_HELLO, (("version", _V), ("software", _T))),
     TokenStatus: (
@@ -279,10 +243,13 @@ _CONTROL: Final[dict[type[Message], tuple[FrameType, tuple[tuple[str, Kind], ...
     LeaseQueued: (FrameType.LEASE_QUEUED, (("token_id", _U16), ("position", _U32))),
     LeaseGranted: (FrameType.LEASE_GRANTED, (("token_id", _U16), ("epoch", _U32), ("atr", Kind.ATR))),
     LeaseRelease: (FrameType.LEASE_RELEASE, (("token_id", _U16), ("epoch", _U32))),
-    LeaseEnded: (FrameType.LEASE_ENDED, (("token_id", _U16), ("epoch", _U32), ("reason", _T))),
+    LeaseEnded: (
+        FrameType.LEASE_ENDED,
+        (("token_id", _U16), ("epoch", _U32), ("reason", Kind.LEASE_END_REASON)),
+    ),
     Ping: (FrameType.PING, (("nonce", Kind.U64),)),
     Pong: (FrameType.PONG, (("nonce", Kind.U64),)),
-    ErrorMessage: (FrameType.ERROR, (("code", _T), ("message", _T), ("token_id", Kind.OPT_U16))),
+    ErrorMessage: (FrameType.ERROR, (("code", Kind.ERROR_CODE), ("message", _T), ("token_id", Kind.OPT_U16))),
     AdminRequest: (FrameType.ADMIN_REQUEST, (("request_id", _U32), ("action", _T), ("args", Kind.OBJECT))),
     AdminResponse: (
         FrameType.ADMIN_RESPONSE,

@@ -13,13 +13,14 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Iterator
-from typing import Any, TypeAlias
+from typing import TypeAlias
 
 import structlog
 import trio
 
 from bridge_server.guard.flood_limits import PenaltyBox
 from protocol.runtime.tls import PeerIdentity
+from protocol.wire import Message
 
 log = structlog.get_logger(__name__)
 
@@ -36,7 +37,7 @@ class Subscriber:
         self,
         conn_id: int,
         identity: Identity,
-        outbox: trio.MemorySendChannel[Any],
+        outbox: trio.MemorySendChannel[Message],
         *,
         admin: bool,
         peer: str = "",
@@ -62,7 +63,7 @@ class Subscriber:
         """Whether one of the certificate's names is on a token's allow list."""
         return any(n in allow for n in self.identity.names)
 
-    def push(self, msg: object) -> bool:
+    def push(self, msg: Message) -> bool:
         """Queue `msg` for the client without waiting; a full outbox ends the session."""
         if self.closed:
             return False

@@ -36,6 +36,7 @@ from bridge_server.net.hub import Identity
 from bridge_server.net.session import SessionContext, audit_event, send_refusal, serve_session
 from protocol.errors import CloseCode, TlsSetupError
 from protocol.runtime.tls import describe_handshake_error, peer_identity
+from protocol.vocabulary import RefusalReason
 
 log = structlog.get_logger(__name__)
 
@@ -162,7 +163,7 @@ class ConnectionHandler:
             try:
                 identity = peer_identity(tls)
             except TlsSetupError as exc:  # a certificate made for another role (or none)
-                await send_refusal(tls, CloseCode.NOT_AUTHORIZED, "certificate_purpose", str(exc))
+                await send_refusal(tls, CloseCode.NOT_AUTHORIZED, RefusalReason.CERTIFICATE_PURPOSE, str(exc))
                 raise
             if self.connections >= self._limits.max_connections:
                 await self._refuse_busy(tls, identity, peer)
@@ -180,9 +181,9 @@ class ConnectionHandler:
             await trio.aclose_forcefully(stream)
 
     async def _refuse_busy(self, tls: trio.SSLStream[trio.abc.Stream], identity: Identity, peer: str) -> None:
-        reason = "too_many_connections"
-        log.warning("session.refused", peer=peer, client_id=identity.name, reason=reason)
-        await audit_event(self._ctx, "connection.refused", identity, peer=peer, reason=reason)
+        reason = RefusalReason.TOO_MANY_CONNECTIONS
+        log.warning("session.refused", peer=peer, client_id=identity.name, reason=str(reason))
+        await audit_event(self._ctx, "connection.refused", identity, peer=peer, reason=str(reason))
         await send_refusal(
             tls, CloseCode.TOO_MANY_CONNECTIONS, reason,
             f"the server already has {self._limits.max_connections} connections; retry later",
@@ -200,10 +201,10 @@ class ConnectionHandler:
         remaining = penalties.remaining(name, trio.current_time())
         if remaining is None:
             return False
-        reason = "too_many_requests"
+        reason = RefusalReason.TOO_MANY_REQUESTS
         if penalties.first_refusal(name):  # once per ban: a reconnect loop must not fill the log
-            log.warning("session.refused", peer=peer, client_id=name, reason=reason)
-            await audit_event(self._ctx, "connection.refused", identity, peer=peer, reason=reason)
+            log.warning("session.refused", peer=peer, client_id=name, reason=str(reason))
+            await audit_event(self._ctx, "connection.refused", identity, peer=peer, reason=str(reason))
         if self._tarpit[name] < TARPIT_PER_IDENTITY:
             self._tarpit[name] += 1
             try:

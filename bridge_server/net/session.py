@@ -9,14 +9,18 @@ peer breaks the protocol, the socket dies, the greeting never comes) and logs ex
 The greeting (docs/protocol.md §4): we speak first, `Welcome` or `Refused` (an identity on no
 token's allow list and not an admin is refused before it sees anything); the client answers
 `ClientHello`; only then do we register the session with the hub and send a `TokenStatus` per
-token it may see. Three tasks then share the connection:
+token it may see. Three tasks share the connection:
 
-- the reader dispatches the client's messages to the token managers; silence for
-  `HEARTBEAT_MISSES` heartbeat intervals ends the session (`heartbeat_lost`);
-- the writer is the only task that writes: it drains the session's bounded outbox, into
-  which everyone (token tasks, the reader, the pinger) `push()`es without waiting. A full
-  outbox means the client is not reading: the session ends (`slow_client`) instead of making
-  anyone wait;
+- the writer is the only task that writes, from the `Welcome` to the last `Goodbye`: it
+  drains the session's bounded outbox, into which everyone (token tasks, the reader, the
+  pinger) `push()`es without waiting. A full outbox means the client is not reading: the
+  session ends (`slow_client`) instead of making anyone wait. A task that decides the session
+  is over (heartbeat lost, protocol error) calls the sync `_say_goodbye`: the writer finishes
+  the frame it is sending, drops what is queued and sends that `Goodbye` (bounded by
+  `FAREWELL_TIMEOUT_S`), so no frame is ever written by two tasks or cut in half;
+- the reader (first the greeting, then the session) dispatches the client's messages to the
+  token managers; silence for `HEARTBEAT_MISSES` heartbeat intervals ends the session
+  (`heartbeat_lost`);
 - the pinger pushes a `Ping` every heartbeat interval.
 
 Whatever ends the session, its `finally` detaches it from every token (sync, so it cannot be
@@ -27,22 +31,34 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any, Final
+from typing import Final
 
 import structlog
 import trio
 
 from bridge_server import SERVER_SOFTWARE
 from bridge_server.net.admin import wire_result
-from bridge_server.net.hub import Hub, Identity, Subscriber
+from bridge_server.net.hub import Identity, Subscriber
+from bridge_server.net.session_context import SessionContext, audit_event, is_admin, may_use_any
 from bridge_server.tokens.leases import EndReason
-from bridge_server.tokens.manager import TokenManager
 from protocol import wire
 from protocol.connection import BridgeConnection, Role
-from protocol.errors import CloseCode, RemoteProtocolError
+from protocol.errors import CloseCode, LocalProtocolError, RemoteProtocolError
 from protocol.runtime.framed import FramedConnection
+from protocol.vocabulary import ErrorCode, RefusalReason
+
+# SessionContext and its helpers live in session_context.py; re-exported for existing importers.
+__all__ = [
+    "FAREWELL_TIMEOUT_S",
+    "OUTBOX_CAPACITY",
+    "SERVER_SOFTWARE",
+    "SessionContext",
+    "audit_event",
+    "is_admin",
+    "may_use_any",
+    "send_refusal",
+    "serve_session",
+]
 
 log = structlog.get_logger(__name__)
 
@@ -50,40 +66,7 @@ OUTBOX_CAPACITY: Final = 64
 FAREWELL_TIMEOUT_S: Final = 1.0
 
 
-@dataclass(frozen=True, slots=True)
-class SessionContext:
-    """What every session shares: the hub, the tokens (index = token_id) and the policy."""
-
-    hub: Hub
-    tokens: Sequence[TokenManager]
-    admins: tuple[str, ...] = ()
-    heartbeat_s: float = 10.0
-    dispatcher: Any = None  # bridge_server.net.admin.AdminDispatcher: answers AdminRequest from admins
-    audit: Any = None  # bridge_server.guard.audit.AuditLog: connection and admin events
-
-
-async def audit_event(
-    ctx: SessionContext, event: str, identity: Identity | None = None, **fields: Any
-) -> None:
-    """Append an audit line (docs/guardrails.md); shielded, so a closing session still records it."""
-    if ctx.audit is None:
-        return
-    if identity is not None:
-        fields.update(client_id=identity.name, names=list(identity.names))
-        fields["fingerprint"] = identity.fingerprint_sha256
-    with trio.CancelScope(shield=True):
-        await ctx.audit.record(event, **fields)
-
-
-def is_admin(identity: Identity, admins: tuple[str, ...]) -> bool:
-    return any(n in admins for n in identity.names)
-
-
-def may_use_any(identity: Identity, tokens: Sequence[TokenManager]) -> bool:
-    return any(n in t.config.allow for t in tokens for n in identity.names)
-
-
-async def send_refusal(stream: trio.abc.Stream, code: CloseCode, reason: str, message: str) -> None:
+async def send_refusal(stream: trio.abc.Stream, code: CloseCode, reason: RefusalReason, message: str) -> None:
     """Send `Refused` as the first frame (TLS 1.3 rejections are only seen on the first read)."""
     framed = FramedConnection(stream, BridgeConnection(Role.SERVER))
     msg = wire.Refused(version=wire.PROTOCOL_VERSION, code=code, reason=reason, message=message)
@@ -102,34 +85,44 @@ class _Session:
         self.ccid_frames = 0
         self._nonces = itertools.count(1)
         self._ping_sent: tuple[int, float] | None = None  # (nonce, trio time) of the last Ping
+        self._farewell: wire.Goodbye | None = None  # set by _say_goodbye, sent by the writer
+        self._writer_waiting = trio.CancelScope()  # the writer's wait for its outbox
+        self._welcome_sent = trio.Event()  # we speak first: nothing is read before Welcome is out
 
-    async def run(self, outbox: trio.MemoryReceiveChannel[Any]) -> None:
-        hello_timeout = self.ctx.heartbeat_s * wire.HEARTBEAT_MISSES
-        identity = self.sub.identity
-        await self.framed.send(
-            wire.Welcome(
-                version=wire.PROTOCOL_VERSION,
-                server=SERVER_SOFTWARE,
-                identity=identity.name,
-                heartbeat_interval=self.ctx.heartbeat_s,
-            )
-        )
-        event: object = None
-        with trio.move_on_after(hello_timeout):
-            event = await self.framed.receive()
-        if event is None:
-            self.reason = "hello_timeout"
-            return
-        if isinstance(event, wire.ConnectionClosed | wire.Goodbye):  # Goodbye may come first (tests/fuzz)
-            self.reason = "closed_before_hello"
-            return
-        # The state machine guarantees the client's first frame is ClientHello.
-        self._opened(event)
+    async def run(self, outbox: trio.MemoryReceiveChannel[wire.Message]) -> None:
         with self.sub.cancel_scope:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._writer, outbox)
+                nursery.start_soon(self._writer, outbox)  # from here on, the only task that writes
+                self.sub.push(
+                    wire.Welcome(
+                        version=wire.PROTOCOL_VERSION,
+                        server=SERVER_SOFTWARE,
+                        identity=self.sub.identity.name,
+                        heartbeat_interval=self.ctx.heartbeat_s,
+                    )
+                )
+                hello = await self._greeting()
+                if hello is None:
+                    return  # _greeting has ended the session (or asked the writer for a Goodbye)
+                self._opened(hello)
                 nursery.start_soon(self._pinger)
                 nursery.start_soon(self._reader)
+
+    async def _greeting(self) -> wire.Message | None:
+        """The client's first frame (the state machine allows only ClientHello), or None."""
+        await self._welcome_sent.wait()  # our state machine must be OPEN before ClientHello arrives
+        event: wire.Message | wire.ConnectionClosed | None = None
+        with trio.move_on_after(self.ctx.heartbeat_s * wire.HEARTBEAT_MISSES):
+            event = await self._receive()
+        if self.reason is not None:  # a protocol error: the writer says goodbye
+            return None
+        if event is None:
+            self._finish("hello_timeout")
+            return None
+        if isinstance(event, wire.ConnectionClosed | wire.Goodbye):  # Goodbye may come first (tests/fuzz)
+            self._finish("closed_before_hello")
+            return None
+        return event
 
     def _opened(self, hello: object) -> None:
         software = getattr(hello, "software", "")
@@ -144,17 +137,60 @@ class _Session:
             self.reason = reason
         self.sub.cancel_scope.cancel()
 
-    async def _writer(self, outbox: trio.MemoryReceiveChannel[Any]) -> None:
-        async for msg in outbox:
-            if self.reason is not None:
-                # The session is ending (e.g. the reader is sending its heartbeat Goodbye): a
+    async def _writer(self, outbox: trio.MemoryReceiveChannel[wire.Message]) -> None:
+        """The only task that writes: the outbox in order, or the farewell once one is asked for."""
+        while self._farewell is None:
+            with trio.CancelScope() as self._writer_waiting:
+                msg = await outbox.receive()
+            if self._farewell is not None or self.reason is not None:
+                # The session is ending (e.g. the reader asked for its heartbeat Goodbye): a
                 # Ping queued at the same instant must not follow the Goodbye (tests/fuzz).
-                return
-            await self.framed.send(msg)
+                break
+            try:
+                await self.framed.send(msg)
+            except LocalProtocolError:
+                if self._farewell is None:
+                    raise  # a bug: we built an illegal message
+                break  # the client broke the protocol while we waited for the send lock
             self.frames_out += 1
-            if isinstance(msg, wire.Goodbye):
+            if isinstance(msg, wire.Welcome):
+                self._welcome_sent.set()
+            elif isinstance(msg, wire.Goodbye):
                 self._finish(msg.reason)
                 return
+        if self._farewell is not None:
+            await self._send_farewell(self._farewell)
+
+    async def _send_farewell(self, goodbye: wire.Goodbye) -> None:
+        with trio.move_on_after(FAREWELL_TIMEOUT_S):
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await self.framed.send(goodbye)
+                self.frames_out += 1
+        self._finish(goodbye.reason)
+
+    def _say_goodbye(self, code: CloseCode, text: str, *, reason: str) -> None:
+        """Ask the writer to send `Goodbye` next, and nothing after it; the session then ends.
+
+        Sync: whoever decides the session is over (the reader) never writes itself. The writer
+        finishes the frame it may be sending, skips its queued messages and sends the Goodbye;
+        the whole farewell is bounded by `FAREWELL_TIMEOUT_S`.
+        """
+        if self.reason is None:
+            self.reason = reason
+        if self._farewell is None:
+            self._farewell = wire.Goodbye(code=code, reason=text)
+        self._writer_waiting.cancel()
+        scope = self.sub.cancel_scope
+        scope.deadline = min(scope.deadline, trio.current_time() + FAREWELL_TIMEOUT_S)
+
+    async def _receive(self) -> wire.Message | wire.ConnectionClosed | None:
+        """The next event from the client, or None after a protocol error (Goodbye asked for)."""
+        try:
+            return await self.framed.receive()
+        except RemoteProtocolError as remote:
+            log.warning("session.protocol_error", error=str(remote), close_code=remote.close_code.name)
+            self._say_goodbye(remote.close_code, str(remote)[:200], reason="protocol_error")
+            return None
 
     async def _pinger(self) -> None:
         while True:
@@ -167,19 +203,16 @@ class _Session:
         silence = self.ctx.heartbeat_s * wire.HEARTBEAT_MISSES
         while True:
             with trio.move_on_after(silence):
-                event = await self.framed.receive()
+                event = await self._receive()
+                if event is None:
+                    return  # a protocol error: the writer says goodbye
                 self.frames_in += 1
                 if not await self._dispatch(event):
                     return
                 continue
-            await self._say_goodbye(CloseCode.HEARTBEAT_TIMEOUT, str(EndReason.HEARTBEAT_LOST))
+            lost = str(EndReason.HEARTBEAT_LOST)
+            self._say_goodbye(CloseCode.HEARTBEAT_TIMEOUT, lost, reason=lost)
             return
-
-    async def _say_goodbye(self, code: CloseCode, reason: str) -> None:
-        self.reason = reason
-        with trio.move_on_after(FAREWELL_TIMEOUT_S):
-            await self.framed.send(wire.Goodbye(code=code, reason=reason))
-        self._finish(reason)
 
     async def _dispatch(self, event: object) -> bool:
         """Handle one message; False when the session is over."""
@@ -206,7 +239,7 @@ class _Session:
         if not 0 <= msg.token_id < len(tokens) or not tokens[msg.token_id].may_see(self.sub):
             self.sub.push(
                 wire.ErrorMessage(
-                    code="unknown_token",
+                    code=ErrorCode.UNKNOWN_TOKEN,
                     token_id=msg.token_id,
                     message=f"no token with id {msg.token_id}",
                 )
@@ -224,7 +257,9 @@ class _Session:
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             self.sub.push(
                 wire.ErrorMessage(
-                    code="shutting_down", token_id=msg.token_id, message="the server is shutting down"
+                    code=ErrorCode.SHUTTING_DOWN,
+                    token_id=msg.token_id,
+                    message="the server is shutting down",
                 )
             )
 
@@ -234,24 +269,11 @@ class _Session:
             return wire.AdminResponse(
                 request_id=req.request_id, ok=False, result={}, error=f"{self.sub.name!r} is not an admin"
             )
-        if self.ctx.dispatcher is not None:
-            ok, result, error = await self.ctx.dispatcher.handle(req.action, req.args, actor=self.sub.name)
-            if req.action != "status":  # reads are not admin actions
-                await audit_event(self.ctx, "admin.action", self.sub.identity, action=req.action[:64], ok=ok)
-            ok, result, error = wire_result(ok, result, error)
-            return wire.AdminResponse(request_id=req.request_id, ok=ok, result=result, error=error)
-        if req.action == "status":
-            result = {
-                "tokens": {t.name: t.snapshot() for t in self.ctx.tokens},
-                "sessions": len(self.ctx.hub),
-            }
-            return wire.AdminResponse(request_id=req.request_id, ok=True, result=result)
-        return wire.AdminResponse(
-            request_id=req.request_id,
-            ok=False,
-            result={},
-            error=f"action {req.action[:64]!r} is not implemented yet",
-        )
+        ok, result, error = await self.ctx.dispatcher.handle(req.action, req.args, actor=self.sub.name)
+        if req.action != "status":  # reads are not admin actions
+            await audit_event(self.ctx, "admin.action", self.sub.identity, action=req.action[:64], ok=ok)
+        ok, result, error = wire_result(ok, result, error)
+        return wire.AdminResponse(request_id=req.request_id, ok=ok, result=result, error=error)
 
 
 async def serve_session(
@@ -276,17 +298,18 @@ async def _serve_session(
     with structlog.contextvars.bound_contextvars(conn_id=conn_id, peer=peer, client_id=identity.name):
         admin = is_admin(identity, ctx.admins)
         if not admin and not may_use_any(identity, ctx.tokens):
-            log.warning("session.refused", reason="not_allowed", names=list(identity.names))
-            await audit_event(ctx, "connection.refused", identity, peer=peer, reason="not_allowed")
+            refusal = RefusalReason.NOT_ALLOWED
+            log.warning("session.refused", reason=str(refusal), names=list(identity.names))
+            await audit_event(ctx, "connection.refused", identity, peer=peer, reason=str(refusal))
             await send_refusal(
                 stream,
                 CloseCode.NOT_AUTHORIZED,
-                "not_allowed",
+                refusal,
                 f"certificate {identity.name!r} is on no token's allow list of this server; "
                 "ask an operator to add it to tokens[].allow",
             )
             return
-        send_channel, receive_channel = trio.open_memory_channel[Any](OUTBOX_CAPACITY)
+        send_channel, receive_channel = trio.open_memory_channel[wire.Message](OUTBOX_CAPACITY)
         sub = Subscriber(conn_id, identity, send_channel, admin=admin, peer=peer, cert_serial=cert_serial)
         session = _Session(FramedConnection(stream, BridgeConnection(Role.SERVER)), sub, ctx)
         started = trio.current_time()
@@ -295,7 +318,7 @@ async def _serve_session(
         try:
             await session.run(receive_channel)
         except Exception as exc:  # the firewall: one client never takes the server down
-            reason = await _classify_failure(exc, session)
+            reason = _classify_failure(exc)
         finally:
             sub.closed = True
             reason = sub.close_reason or session.reason or reason
@@ -321,15 +344,16 @@ def _leaves(exc: BaseException) -> list[BaseException]:
     return [exc]
 
 
-async def _classify_failure(exc: Exception, session: _Session) -> str:
-    """The close reason for an exception out of a session (flattening the nursery's groups)."""
+def _classify_failure(exc: Exception) -> str:
+    """The close reason for an exception out of a session (flattening the nursery's groups).
+
+    Nothing is written here: a protocol error the reader sees is answered by the writer
+    (`_Session._say_goodbye`); one that still escapes is only logged.
+    """
     leaves = [e for e in _leaves(exc) if not isinstance(e, trio.Cancelled)]
     remote = next((e for e in leaves if isinstance(e, RemoteProtocolError)), None)
     if remote is not None:
         log.warning("session.protocol_error", error=str(remote), close_code=remote.close_code.name)
-        with trio.move_on_after(FAREWELL_TIMEOUT_S):
-            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                await session.framed.send(wire.Goodbye(code=remote.close_code, reason=str(remote)[:200]))
         return "protocol_error"
     if leaves and all(isinstance(e, trio.BrokenResourceError | trio.ClosedResourceError) for e in leaves):
         return "connection_lost"

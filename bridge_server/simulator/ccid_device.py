@@ -23,7 +23,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, Protocol
 
-from protocol._t1_blocks import SType, s_block
 from protocol.atr import Atr, Checksum
 from protocol.ccid import (
     HEADER_LEN,
@@ -41,7 +40,7 @@ from protocol.ccid import (
     status_byte,
 )
 from protocol.errors import LocalProtocolError
-from protocol.t1 import ApduComplete, Idle, SendBlock, T1Card
+from protocol.t1 import ApduComplete, Idle, SendBlock, SType, T1Card, s_block
 
 from .faults import Evidence, Faults
 

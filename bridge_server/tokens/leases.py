@@ -32,7 +32,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Final
 
-from protocol.wire import LeaseEndReason
+from protocol.vocabulary import ErrorCode, LeaseEndReason
 
 EPOCH_MAX: Final = 0xFFFFFFFF  # wire: epoch is u32be
 
@@ -79,7 +79,7 @@ class Dequeued:
 @dataclass(frozen=True, slots=True)
 class Refusal:
     conn_id: int
-    code: str  # wire ErrorMessage code: "lease_required", "stale_epoch", "already_leased", ...
+    code: ErrorCode  # the ErrorMessage code the client gets
 
 
 LeaseEvent = Granted | Queued | Ended | Dequeued | Refusal
@@ -141,12 +141,12 @@ class LeaseBook:
         held = self.holder is not None and self.holder.conn_id == conn_id
         return held or any(w.conn_id == conn_id for w in self._queue)
 
-    def check_frame(self, conn_id: int, epoch: int) -> str | None:
+    def check_frame(self, conn_id: int, epoch: int) -> ErrorCode | None:
         """None if `conn_id` may send a frame under `epoch`, else the refusal code."""
         if self.holder is None or self.holder.conn_id != conn_id:
-            return "lease_required"
+            return ErrorCode.LEASE_REQUIRED
         if epoch != self.holder.epoch:
-            return "stale_epoch"
+            return ErrorCode.STALE_EPOCH
         return None
 
     def next_deadline(self) -> float | None:
@@ -159,11 +159,11 @@ class LeaseBook:
 
     def request(self, conn_id: int, identity: str, now: float, *, queue_timeout: float) -> list[LeaseEvent]:
         if self.closed:
-            return [Refusal(conn_id, "shutting_down")]
+            return [Refusal(conn_id, ErrorCode.SHUTTING_DOWN)]
         if self.holder is not None and self.holder.conn_id == conn_id:
-            return [Refusal(conn_id, "already_leased")]
+            return [Refusal(conn_id, ErrorCode.ALREADY_LEASED)]
         if conn_id in self.waiting:
-            return [Refusal(conn_id, "already_leased")]
+            return [Refusal(conn_id, ErrorCode.ALREADY_LEASED)]
         before = self.waiting
         self._queue.append(_Waiter(conn_id, identity, now + queue_timeout))
         return self._grant_next(now) + self._positions(before)

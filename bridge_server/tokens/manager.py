@@ -28,8 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, assert_never
 
 import structlog
 import trio
@@ -52,12 +51,27 @@ from bridge_server.tokens.leases import (
     Queued,
     Refusal,
 )
+from bridge_server.tokens.commands import (
+    Command,
+    ReleaseLease,
+    RequestLease,
+    ResetToken,
+    RevokeLease,
+    SessionCommand,
+    Shutdown,
+    SubmitFrame,
+    Wake,
+)
 from bridge_server.tokens.stats import TokenStats
 from bridge_server.tokens.virtual_reader import VirtualReader
 from protocol import wire
 from protocol.apdu import SW_UNKNOWN
 from protocol.ccid import MessageType, decode_message
 from protocol.errors import MalformedCcidMessageError
+from protocol.vocabulary import ErrorCode
+
+if TYPE_CHECKING:
+    from bridge_server.simulator.usb_token import SimulatedToken
 
 if TYPE_CHECKING:  # the simulator is a test and demo feature: no import at run time
     from bridge_server.simulator.usb_token import SimulatedToken
@@ -69,15 +83,7 @@ INBOX_CAPACITY: Final = 64
 CLEANUP_TIMEOUT_S: Final = 5.0
 
 
-@dataclass(frozen=True, slots=True)
-class _Command:
-    kind: str  # "request" | "release" | "frame" | "shutdown" | "wake" | "revoke" | "reset"
-    sub: Subscriber | None = None
-    epoch: int = 0
-    raw: bytes = b""
-
-
-_WAKE: Final = _Command("wake")
+_WAKE: Final = Wake()
 
 
 class TokenManager:
@@ -117,7 +123,7 @@ class TokenManager:
         self.atr = b""
         self.device = TokenDevice(config.name, opener, config.match.serial, self.rails)
         self._reader: VirtualReader | None = None
-        self._send, self._inbox = trio.open_memory_channel[_Command](INBOX_CAPACITY)
+        self._send, self._inbox = trio.open_memory_channel[Command](INBOX_CAPACITY)
         self._drops: dict[int, EndReason] = {}
         self._status_changed = False
         self._stopped = False
@@ -166,13 +172,13 @@ class TokenManager:
         )
 
     async def request_lease(self, sub: Subscriber) -> None:
-        await self._send.send(_Command("request", sub))
+        await self._send.send(RequestLease(sub))
 
     async def release_lease(self, sub: Subscriber, epoch: int) -> None:
-        await self._send.send(_Command("release", sub, epoch))
+        await self._send.send(ReleaseLease(sub, epoch))
 
     async def submit_frame(self, sub: Subscriber, epoch: int, raw: bytes) -> None:
-        await self._send.send(_Command("frame", sub, epoch, raw))
+        await self._send.send(SubmitFrame(sub, epoch, raw))
 
     def detach(self, conn_id: int, reason: EndReason = EndReason.DISCONNECTED) -> None:
         """Forget a connection (sync, never lost): its lease ends and its queue slot goes."""
@@ -183,15 +189,15 @@ class TokenManager:
 
     async def shutdown(self) -> None:
         """End every lease with `shutdown`, power the card off and make `run` return."""
-        await self._send.send(_Command("shutdown"))
+        await self._send.send(Shutdown())
 
     async def revoke_lease(self) -> None:
         """Admin: end the current lease with `revoked` (the card is powered off as usual)."""
-        await self._send.send(_Command("revoke"))
+        await self._send.send(RevokeLease())
 
     async def reset_token(self) -> None:
         """Admin: end the lease, release the USB device and open it again (fresh power cycle)."""
-        await self._send.send(_Command("reset"))
+        await self._send.send(ResetToken())
 
     def queue_view(self) -> list[tuple[int, str, float | None]]:
         """The waiters in order: (conn_id, identity, queued since in trio time or None)."""
@@ -232,7 +238,7 @@ class TokenManager:
             await self._apply_drops()
             await self._apply(self.book.tick(trio.current_time()))
             deadline = self.book.next_deadline()
-            cmd: _Command | None = None
+            cmd: Command | None = None
             with trio.move_on_at(min(next_poll, math.inf if deadline is None else deadline)):
                 cmd = await self._inbox.receive()
             if cmd is not None:
@@ -242,43 +248,53 @@ class TokenManager:
                 await self._poll_presence()
                 next_poll = trio.current_time() + POLL_INTERVAL_S
 
-    async def _handle(self, cmd: _Command) -> None:
-        if cmd.kind == "shutdown":
-            await self._stop()
+    async def _handle(self, cmd: Command) -> None:
+        match cmd:
+            case Shutdown():
+                await self._stop()
+            case RevokeLease() | ResetToken():
+                await self._apply(self.book.end(trio.current_time(), EndReason.REVOKED))
+                if isinstance(cmd, ResetToken) and self._card is not None:
+                    log.warning("token.reset", token=self.name, reason="admin request")
+                    await self._apply(await self._lose_card("reset by an admin"))
+                    await self._try_attach()
+            case Wake():
+                pass  # the loop applies pending detaches first
+            case RequestLease() | ReleaseLease() | SubmitFrame():
+                sub = cmd.sub
+                if sub.closed or sub.conn_id in self._drops or self.flood.ejected(sub.conn_id):
+                    return  # a command that raced its session's end
+                await self._from_session(cmd, sub, trio.current_time())
+            case _:
+                assert_never(cmd)  # mypy: a new command type must be handled here
+
+    async def _from_session(self, cmd: SessionCommand, sub: Subscriber, now: float) -> None:
+        match cmd:
+            case RequestLease():
+                await self._request(sub, now)
+            case ReleaseLease(epoch=epoch):
+                await self._apply(self.book.release(sub.conn_id, epoch, now))
+            case SubmitFrame(epoch=epoch, raw=raw):
+                await self._frame(sub, epoch, raw)
+
+    async def _request(self, sub: Subscriber, now: float) -> None:
+        if not sub.may_use(self.config.allow):
+            self._error(sub, ErrorCode.NOT_ALLOWED, f"{sub.name!r} may not use token {self.name!r}")
             return
-        if cmd.kind in ("revoke", "reset"):
-            await self._apply(self.book.end(trio.current_time(), EndReason.REVOKED))
-            if cmd.kind == "reset" and self._card is not None:
-                log.warning("token.reset", token=self.name, reason="admin request")
-                await self._apply(await self._lose_card("reset by an admin"))
-                await self._try_attach()
+        if self.book.knows(sub.conn_id):  # a duplicate costs no audit line (issue 13 item 3)
+            self._error(
+                sub, ErrorCode.ALREADY_LEASED, f"this connection already holds or waits for {self.name!r}"
+            )
+            await self.flood.duplicate_request(sub, now)
             return
-        sub = cmd.sub
-        if sub is None or sub.closed or sub.conn_id in self._drops or self.flood.ejected(sub.conn_id):
-            return  # wake-up, or a command that raced its session's end
-        now = trio.current_time()
-        if cmd.kind == "request":
-            if not sub.may_use(self.config.allow):
-                self._error(sub, "not_allowed", f"{sub.name!r} may not use token {self.name!r}")
-                return
-            if self.book.knows(sub.conn_id):  # a duplicate costs no audit line (issue 13 item 3)
-                self._error(
-                    sub, "already_leased", f"this connection already holds or waits for {self.name!r}"
-                )
-                await self.flood.duplicate_request(sub, now)
-                return
-            # DESIGN §4: no lease that the audit log cannot record (the line waits and is retried).
-            if not await self.rails.record("lease.requested", client_id=sub.name, conn_id=sub.conn_id):
-                msg = f"no new leases on {self.name!r}: {self.rails.audit.problem}; retried automatically"
-                self._error(sub, "audit_unavailable", msg)
-                return
-            self.stats.requested(sub.conn_id, now)
-            events = self.book.request(sub.conn_id, sub.name, now, queue_timeout=self.queue_timeout_s)
-            await self._apply(events)
-        elif cmd.kind == "release":
-            await self._apply(self.book.release(sub.conn_id, cmd.epoch, now))
-        elif cmd.kind == "frame":
-            await self._frame(sub, cmd.epoch, cmd.raw)
+        # DESIGN §4: no lease that the audit log cannot record (the line waits and is retried).
+        if not await self.rails.record("lease.requested", client_id=sub.name, conn_id=sub.conn_id):
+            msg = f"no new leases on {self.name!r}: {self.rails.audit.problem}; retried automatically"
+            self._error(sub, ErrorCode.AUDIT_UNAVAILABLE, msg)
+            return
+        self.stats.requested(sub.conn_id, now)
+        events = self.book.request(sub.conn_id, sub.name, now, queue_timeout=self.queue_timeout_s)
+        await self._apply(events)
 
     async def _frame(self, sub: Subscriber, epoch: int, raw: bytes) -> None:
         refusal = self.book.check_frame(sub.conn_id, epoch)
@@ -288,7 +304,7 @@ class TokenManager:
         try:
             msg = decode_message(raw)
         except MalformedCcidMessageError as exc:
-            self._error(sub, "bad_ccid", str(exc))
+            self._error(sub, ErrorCode.BAD_CCID, str(exc))
             return
         assert self._reader is not None  # a holder always has a reader (set on grant)
         result = await self._reader.execute(msg)
@@ -304,7 +320,8 @@ class TokenManager:
             guard_events = self.rails.observe(msg.data, SW_UNKNOWN.to_bytes(2, "big"), holder)
         sub.push(wire.CcidFrame(token_id=self.token_id, epoch=epoch, message=result.response.encode()))
         if result.refused is not None:
-            code = "pin_guard" if result.refused.kind == "pin_guard" else "command_refused"
+            pin = result.refused.kind == "pin_guard"
+            code = ErrorCode.PIN_GUARD if pin else ErrorCode.COMMAND_REFUSED
             sub.push(wire.ErrorMessage(code=code, message=self.rails.notice(result.refused)))
             await self.flood.refused(sub, result.refused, holder, now)
         await self.rails.record_guard_events(guard_events, holder)
@@ -333,7 +350,9 @@ class TokenManager:
                 self._push(event.conn_id, wire.LeaseQueued(token_id=self.token_id, position=event.position))
             elif isinstance(event, Dequeued):
                 self.stats.forget(event.conn_id)
-                self._error_to(event.conn_id, str(event.reason), f"lease request for {self.name!r} ended")
+                # queue_timeout and shutdown are words of both vocabularies (protocol/vocabulary.py)
+                code = ErrorCode(event.reason.value)
+                self._error_to(event.conn_id, code, f"lease request for {self.name!r} ended")
             elif isinstance(event, Refusal):
                 self._error_to(event.conn_id, event.code, f"lease rule on token {self.name!r}: {event.code}")
 
@@ -375,7 +394,7 @@ class TokenManager:
         self._reader = None
         if self.simulated is not None:
             self.simulated.current_epoch = None
-        msg = wire.LeaseEnded(token_id=self.token_id, epoch=event.epoch, reason=str(event.reason))
+        msg = wire.LeaseEnded(token_id=self.token_id, epoch=event.epoch, reason=event.reason)
         self._push(event.conn_id, msg)
         self.stats.ended(event.held_s, str(event.reason))
         self._holder = None
@@ -465,13 +484,13 @@ class TokenManager:
             if self.may_see(sub):
                 sub.push(self.status_for(sub))
 
-    def _push(self, conn_id: int, msg: object) -> None:
+    def _push(self, conn_id: int, msg: wire.Message) -> None:
         sub = self.hub.get(conn_id)
         if sub is not None:
             sub.push(msg)
 
-    def _error(self, sub: Subscriber, code: str, message: str) -> None:
+    def _error(self, sub: Subscriber, code: ErrorCode, message: str) -> None:
         sub.push(wire.ErrorMessage(code=code, message=message, token_id=self.token_id))
 
-    def _error_to(self, conn_id: int, code: str, message: str) -> None:
+    def _error_to(self, conn_id: int, code: ErrorCode, message: str) -> None:
         self._push(conn_id, wire.ErrorMessage(code=code, message=message, token_id=self.token_id))

@@ -9,8 +9,10 @@ machine checks frame lengths from the header before buffering, DESIGN §3).
 
 Errors are not translated: `RemoteProtocolError` from the state machine, and
 `trio.BrokenResourceError` / `trio.ClosedResourceError` from the stream, reach the caller as-is
-so the session task can pick the close code. A send cancelled half-way leaves the stream
-unusable (trio's rule for `send_all`); the session must close it.
+so the session task can pick the close code. A send that raises or is cancelled half-way
+leaves the stream unusable (trio's rule for `send_all`): the adapter then calls the state
+machine's `send_failed()` (our side moves to ERROR, as in h11) and every later `send` raises
+`trio.BrokenResourceError` without touching the stream; the session must close it.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Final
 
 import trio
+import trio.lowlevel
 
 from protocol._sentinel import NEED_DATA
 
@@ -47,13 +50,25 @@ class FramedConnection:
         # StrictFIFOLock: senders go out in the order they asked (trio docs, "Lock fairness").
         self._send_lock = trio.StrictFIFOLock()
         self._receiving = False
+        self._send_broken = False
 
     async def send(self, msg: Message) -> None:
         """Serialise `msg` through the state machine and write it whole before the next send."""
         async with self._send_lock:
+            if self._send_broken:
+                raise trio.BrokenResourceError("an earlier send on this connection failed half-way")
+            # A cancellation that arrived while we waited for the lock is taken here, before
+            # the state machine commits anything (no checkpoint between this and send_all's
+            # own first check: trio streams write nothing when cancelled on entry).
+            await trio.lowlevel.checkpoint_if_cancelled()
             # Inside the lock: the order on the wire equals the order the state machine saw.
             data = self.conn.send(msg)
-            await self.stream.send_all(data)
+            try:
+                await self.stream.send_all(data)
+            except BaseException:  # trio.Cancelled included: part of the frame may be out
+                self._send_broken = True
+                self.conn.send_failed()
+                raise
 
     async def receive(self) -> Message | ConnectionClosed:
         """The next message, or `ConnectionClosed` once the peer's EOF has been processed."""

@@ -38,6 +38,12 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from protocol.errors import TlsSetupError
 
 __all__ = [
+    "EXPIRED",
+    "HOSTNAME_MISMATCH",
+    "NOT_OUR_CA",
+    "NO_CLIENT_CERT",
+    "PROTOCOL_VERSION",
+    "REVOKED",
     "PeerIdentity",
     "check_peer_purpose",
     "client_context",
@@ -45,6 +51,7 @@ __all__ = [
     "describe_handshake_error",
     "peer_identity",
     "peer_identity_from_der",
+    "purpose_problem",
     "server_context",
 ]
 

@@ -20,8 +20,7 @@ from role_certs import CertRole, issue_cert
 
 from bridge_client.backoff import Backoff
 from bridge_client.tunnel import Tunnel
-from protocol import wire
-from protocol._sentinel import NEED_DATA
+from protocol import NEED_DATA, wire
 from protocol.connection import BridgeConnection, Role
 from protocol.runtime.framed import FramedConnection
 from protocol.runtime.tls import client_context, server_context

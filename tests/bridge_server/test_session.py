@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any
@@ -14,6 +14,7 @@ from server_fakes import ATR, SW_OK, VERIFY, FakeDevice, identity, make_manager
 
 from bridge_server.net.hub import Hub
 from bridge_server.net.session import SessionContext, serve_session
+from bridge_server.net.session_context import AdminAnswer
 from bridge_server.tokens.manager import TokenManager
 from protocol import ccid, wire
 from protocol.connection import BridgeConnection, Role
@@ -23,13 +24,33 @@ from protocol.runtime.framed import FramedConnection
 HEARTBEAT = 10.0
 
 
+class StatusOnly:
+    """A stand-in AdminHandler: answers `status` from the tokens, records what it was asked."""
+
+    def __init__(self, tokens: list[TokenManager]) -> None:
+        self.tokens = tokens
+        self.asked: list[tuple[str, str]] = []
+
+    async def handle(self, action: str, args: Mapping[str, Any] | None, *, actor: str) -> AdminAnswer:
+        self.asked.append((action, actor))
+        if action == "status":
+            return True, {"tokens": {t.name: t.snapshot() for t in self.tokens}}, ""
+        return False, {}, f"unknown action {action!r}"
+
+
 class Env:
-    def __init__(self, nursery: trio.Nursery, *, admins: tuple[str, ...] = ("ops",)) -> None:
+    def __init__(
+        self, nursery: trio.Nursery, *, admins: tuple[str, ...] = ("ops",), dispatcher: bool = True
+    ) -> None:
         self.nursery = nursery
         self.hub = Hub()
         self.device = FakeDevice()
         self.manager: TokenManager = make_manager(self.hub, self.device, allow=("vm1", "vm2"))
-        self.ctx = SessionContext(hub=self.hub, tokens=[self.manager], admins=admins, heartbeat_s=HEARTBEAT)
+        self.admin = StatusOnly([self.manager])
+        self.ctx = SessionContext(
+            hub=self.hub, tokens=[self.manager], admins=admins, heartbeat_s=HEARTBEAT,
+            **({"dispatcher": self.admin} if dispatcher else {}),
+        )  # fmt: skip
         self.done: dict[str, float] = {}
 
     async def start(self) -> None:
@@ -100,7 +121,21 @@ async def test_admin_sees_every_token_flagged_and_gets_status(nursery: trio.Nurs
         assert resp.result["tokens"]["codesign"]["present"] is True
         await client.send(wire.AdminRequest(request_id=8, action="revoke", args={"token": "codesign"}))
         resp = await expect(client, wire.AdminResponse)
-        assert (resp.ok, "not implemented" in resp.error) == (False, True)
+        assert (resp.ok, resp.error) == (False, "unknown action 'revoke'")
+    assert env.admin.asked == [("status", "ops"), ("revoke", "ops")]
+
+
+async def test_without_a_dispatcher_a_session_answers_no_admin_action_not_even_status(
+    nursery: trio.Nursery,
+) -> None:
+    """One status path: the dispatcher's (bridge_server/net/admin.py); the session has no fallback."""
+    env = Env(nursery, dispatcher=False)
+    await env.start()
+    async with env.connect("ops") as client:
+        await client.send(wire.AdminRequest(request_id=7, action="status", args={}))
+        resp = await expect(client, wire.AdminResponse)
+        assert (resp.ok, resp.result) == (False, {})
+        assert "answers no admin actions" in resp.error
 
 
 async def test_non_admin_admin_request_is_refused(nursery: trio.Nursery) -> None:
@@ -231,3 +266,70 @@ async def test_shutdown_goodbye_from_the_outbox_ends_the_session(nursery: trio.N
         bye = await expect(client, wire.Goodbye)
         assert bye.code is CloseCode.SHUTTING_DOWN
         assert isinstance(await client.receive(), wire.ConnectionClosed)
+
+
+class WhoWrites(trio.abc.Stream):
+    """A server-side stream that records the task behind every write."""
+
+    def __init__(self, inner: trio.abc.Stream) -> None:
+        self.inner = inner
+        self.writers: list[str] = []
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        self.writers.append(trio.lowlevel.current_task().name.rsplit(".", 1)[-1])
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self.inner.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def _serve_and_watch(env: Env, client_moves: Any) -> tuple[list[str], list[Any]]:
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    watched = WhoWrites(server_stream)
+    client = FramedConnection(client_stream, BridgeConnection(Role.CLIENT))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(partial(serve_session, watched, identity("vm1"), env.ctx, peer="memory"))
+        received = await client_moves(client, client_stream)
+    return watched.writers, received
+
+
+async def _drain(client: FramedConnection) -> list[Any]:
+    got: list[Any] = []
+    while not isinstance(msg := await client.receive(), wire.ConnectionClosed):
+        got.append(msg)
+    return got
+
+
+async def test_only_the_writer_task_writes_whatever_ends_the_session(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Greeting, heartbeat Goodbye and protocol-error Goodbye all leave through the writer."""
+    env = Env(nursery)
+    await env.start()
+
+    async def silent(client: FramedConnection, raw: trio.abc.Stream) -> list[Any]:
+        await client.receive()  # Welcome
+        await client.send(wire.ClientHello(version=wire.PROTOCOL_VERSION, software="test"))
+        return await _drain(client)  # Pongs never sent: heartbeat_lost
+
+    writers, got = await _serve_and_watch(env, silent)
+    assert isinstance(got[-1], wire.Goodbye) and got[-1].code is CloseCode.HEARTBEAT_TIMEOUT
+    assert set(writers) == {"_writer"}, writers
+
+    async def rude(client: FramedConnection, raw: trio.abc.Stream) -> list[Any]:
+        await client.receive()  # Welcome
+        await raw.send_all(b"\x99\x00\x00\x00\x00\x00")  # unknown frame type, before ClientHello
+        data = b""
+        while chunk := await raw.receive_some(65536):
+            data += chunk
+        return [data]
+
+    writers, (data,) = await _serve_and_watch(env, rude)
+    assert data[0] == wire.FrameType.GOODBYE
+    assert set(writers) == {"_writer"}, writers

@@ -15,13 +15,11 @@ import pytest
 import trio
 import trio.testing
 
-from protocol import apdu, ccid, t1, vpcd, wire
-from protocol._framing import max_payload
-from protocol._sentinel import NEED_DATA
-from protocol._t1_blocks import MAX_INF, encode
+from protocol import NEED_DATA, apdu, ccid, t1, vpcd, wire
 from protocol.atr import MAX_ATR_LENGTH, Atr, Checksum
 from protocol.errors import LocalProtocolError, MalformedFrameError, ProtocolError
-from protocol.t1 import SendBlock
+from protocol.t1 import MAX_INF, SendBlock
+from protocol.wire import max_payload
 
 
 def _rejects(fn: Callable[[], object], *errors: type[BaseException]) -> bool:
@@ -99,10 +97,10 @@ def _t1_len(n: int) -> bool:
     """An I-block of LEN n from the card: accepted (acknowledged / completed) or answered with an
     R-block error; LEN 0xFF is reserved and the block encoder refuses INF > 254."""
     if n > MAX_INF:
-        return _rejects(lambda: encode(0, 0, bytes(n), Checksum.LRC), ValueError)
+        return _rejects(lambda: t1.encode_block(0, 0, bytes(n), Checksum.LRC), ValueError)
     reader = t1.T1Reader(ifsd=MAX_INF)
     reader.begin_apdu(b"\x00\xb0\x00\x00")
-    step = reader.receive(encode(0, 0, bytes(n - 2) + b"\x90\x00", Checksum.LRC))
+    step = reader.receive(t1.encode_block(0, 0, bytes(n - 2) + b"\x90\x00", Checksum.LRC))
     return not isinstance(step, SendBlock)
 
 

@@ -72,7 +72,7 @@ _MESSAGES = st.one_of(
     st.builds(lambda n: wire.Ping(nonce=n), st.integers(0, 0xFFFFFFFF)),
     st.builds(lambda n: wire.Pong(nonce=n), st.integers(0, 0xFFFFFFFF)),
     st.builds(lambda a: wire.AdminRequest(request_id=1, action=a, args={}), st.sampled_from(("status", "x"))),
-    st.builds(lambda c: wire.ErrorMessage(code=c, message="m"), st.text(max_size=8)),
+    st.builds(lambda c: wire.ErrorMessage(code=c, message="m"), st.sampled_from(wire.ErrorCode)),
     st.just(wire.ClientHello(version=1, software="again")),
     st.just(wire.LeaseGranted(token_id=0, epoch=EPOCH, atr=b"\x3b\x00")),  # server-only
     st.just(wire.Welcome(version=1, server="x", identity="y", heartbeat_interval=1.0)),

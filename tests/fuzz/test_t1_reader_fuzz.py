@@ -14,10 +14,9 @@ from fuzz_support import budget, mutated
 from hypothesis import given
 from hypothesis import strategies as st
 
-from protocol._t1_blocks import SType, i_block, s_block
 from protocol.atr import Checksum
 from protocol.errors import T1Error
-from protocol.t1 import ApduComplete, Idle, SendBlock, T1Card, T1Reader
+from protocol.t1 import ApduComplete, Idle, SendBlock, SType, T1Card, T1Reader, i_block, s_block
 
 MAX_RESPONSE = 600
 NAD = 0  # the card answers with SAD/DAD swapped: still 0

@@ -11,7 +11,7 @@ from fuzz_support import budget, chunks
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from protocol._sentinel import NEED_DATA
+from protocol import NEED_DATA
 from protocol.errors import RemoteProtocolError
 from protocol.vpcd import Apdu, Closed, Control, VpcdCardSide, VpcdControl, VpcdReaderSide, frame
 

@@ -12,8 +12,7 @@ from fuzz_support import budget, chunks, corpus_files, mutated
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from protocol import ccid, wire
-from protocol._sentinel import NEED_DATA
+from protocol import NEED_DATA, ccid, wire
 from protocol.connection import BridgeConnection, Role
 from protocol.errors import CloseCode, RemoteProtocolError
 
@@ -31,7 +30,7 @@ CLIENT_SESSION = b"".join(
         wire.LeaseRelease(token_id=0, epoch=1000),
         wire.Ping(nonce=7),
         wire.AdminRequest(request_id=1, action="status", args={"a": [1, {"b": None}]}),
-        wire.ErrorMessage(code="x", message="y", token_id=None),
+        wire.ErrorMessage(code="bad_ccid", message="y", token_id=None),
         wire.Goodbye(code=CloseCode.NORMAL, reason="bye"),
     )
 )

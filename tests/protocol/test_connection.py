@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocol._sentinel import NEED_DATA
+from protocol import NEED_DATA
 from protocol._transitions import TRANSITIONS, ConnectionState
 from protocol.connection import BridgeConnection, ConnectionClosed, ConnState, Role
 from protocol.errors import CloseCode, LocalProtocolError, RemoteProtocolError
@@ -313,7 +313,7 @@ def test_server_refuses_a_client_hello_of_another_major_version_with_refused() -
         server.next_event()
     assert info.value.close_code is CloseCode.UNSUPPORTED_VERSION
     refusal = Refused(
-        version=PROTOCOL_VERSION, code=info.value.close_code, reason="version", message="upgrade"
+        version=PROTOCOL_VERSION, code=info.value.close_code, reason="not_allowed", message="upgrade"
     )
     p.conn[CLIENT].receive_data(server.send(refusal))
     assert server.our_state is CLOSED
@@ -323,7 +323,7 @@ def test_server_refuses_a_client_hello_of_another_major_version_with_refused() -
 
 def test_client_reads_a_refusal_whatever_its_version() -> None:
     client = BridgeConnection(CLIENT)
-    refusal = Refused(version=7, code=CloseCode.UNSUPPORTED_VERSION, reason="version", message="upgrade")
+    refusal = Refused(version=7, code=CloseCode.UNSUPPORTED_VERSION, reason="not_allowed", message="upgrade")
     client.receive_data(encode_message(refusal))
     assert client.next_event() == refusal
     assert client.their_state is CLOSED
@@ -473,3 +473,42 @@ def test_after_handshake_legal_messages_arrive_intact_in_both_directions(msgs: l
         if p.conn[role].our_state is not OPEN or p.conn[role].their_state is not OPEN:
             break
         assert p.send(role, msg) == [msg]
+
+
+# --- send_failed (h11's Connection.send_failed) ------------------------------------------------
+
+
+@pytest.mark.parametrize("role", list(Role))
+@pytest.mark.parametrize("at", ["greeting", "open"])
+def test_send_failed_puts_our_side_in_error_and_refuses_every_later_send(role: Role, at: str) -> None:
+    pair = ConnectionPair()
+    if at == "open":
+        pair.handshake()
+    conn = pair.conn[role]
+    their_state = conn.their_state
+    conn.send_failed()
+    assert (conn.our_state, conn.their_state) == (ERROR, their_state)
+    for msg in SAMPLES:
+        with pytest.raises(LocalProtocolError):
+            conn.send(msg)
+    assert conn.our_state is ERROR
+
+
+def test_send_failed_is_idempotent_and_leaves_receiving_alone() -> None:
+    pair = ConnectionPair()
+    pair.handshake()
+    client = pair.conn[CLIENT]
+    client.send_failed()
+    client.send_failed()
+    assert client.our_state is ERROR
+    client.receive_data(pair.conn[SERVER].send(Ping(nonce=3)))
+    assert drain(client) == [Ping(nonce=3)]  # frames already in flight are still read
+
+
+def test_every_role_and_state_goes_to_error_on_send_failed() -> None:
+    for role, mine, theirs in itertools.product(Role, ConnState, ConnState):
+        other = SERVER if role is CLIENT else CLIENT
+        cs = ConnectionState()
+        cs.states = {role: mine, other: theirs}
+        cs.process_send_failed(role)
+        assert cs.states == {role: ERROR, other: theirs}

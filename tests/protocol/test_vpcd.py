@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocol._sentinel import NEED_DATA
+from protocol import NEED_DATA
 from protocol.errors import LocalProtocolError, RemoteProtocolError
 from protocol.vpcd import (
     Apdu,

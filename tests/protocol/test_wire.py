@@ -10,8 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocol._sentinel import NEED_DATA
+from protocol import NEED_DATA
 from protocol.errors import CloseCode, LocalProtocolError, MalformedFrameError, RemoteProtocolError
+from protocol.vocabulary import ErrorCode, LeaseEndReason, RefusalReason
 from protocol.wire import (
     _CONTROL,
     MAX_CCID_PAYLOAD,
@@ -425,7 +426,10 @@ def test_decode_message_accepts_ccid_payload_of_exactly_the_maximum() -> None:
         AdminRequest(request_id=1, action="a", args={"t": (1, 2)}),
         AdminRequest(request_id=1, action="a", args={1: 2}),  # type: ignore[dict-item]
         AdminResponse(request_id=1, ok=True, result={"a": float("inf")}),
-        ErrorMessage(code="x", message="y", token_id=70000),
+        ErrorMessage(code="bad_ccid", message="y", token_id=70000),
+        ErrorMessage(code="queue_full", message="y"),  # not a word of ErrorCode
+        LeaseEnded(token_id=1, epoch=1, reason="lost"),
+        Refused(version=1, code=CloseCode.NORMAL, reason="version", message=""),
         CcidFrame(token_id=1, epoch=1, message=bytes(9)),
         CcidFrame(token_id=1, epoch=1, message=bytes(10 + 65547)),
         CcidFrame(token_id=70000, epoch=1, message=bytes(10)),
@@ -446,7 +450,7 @@ def test_encode_message_refuses_control_payload_over_the_limit() -> None:
 
 
 def test_encode_message_writes_error_token_id_null_and_close_code_as_number() -> None:
-    assert encode_message(ErrorMessage(code="a", message="b")).endswith(b',"token_id":null}')
+    assert encode_message(ErrorMessage(code="bad_ccid", message="b")).endswith(b',"token_id":null}')
     assert encode_message(Goodbye(code=CloseCode.REVOKED, reason="")) == control_frame(
         FrameType.GOODBYE, '{"code":9,"reason":""}'
     )
@@ -483,7 +487,13 @@ MESSAGES: dict[type[Any], st.SearchStrategy[Any]] = {
         identity=text,
         heartbeat_interval=st.floats(min_value=1e-6, max_value=3600.0),
     ),
-    Refused: st.builds(Refused, version=u16, code=st.sampled_from(CloseCode), reason=text, message=text),
+    Refused: st.builds(
+        Refused,
+        version=u16,
+        code=st.sampled_from(CloseCode),
+        reason=st.sampled_from(RefusalReason),
+        message=text,
+    ),
     ClientHello: st.builds(ClientHello, version=u16, software=text),
     TokenStatus: st.builds(
         TokenStatus,
@@ -498,11 +508,13 @@ MESSAGES: dict[type[Any], st.SearchStrategy[Any]] = {
     LeaseQueued: st.builds(LeaseQueued, token_id=u16, position=u32),
     LeaseGranted: st.builds(LeaseGranted, token_id=u16, epoch=u32, atr=atr),
     LeaseRelease: st.builds(LeaseRelease, token_id=u16, epoch=u32),
-    LeaseEnded: st.builds(LeaseEnded, token_id=u16, epoch=u32, reason=text),
+    LeaseEnded: st.builds(LeaseEnded, token_id=u16, epoch=u32, reason=st.sampled_from(LeaseEndReason)),
     CcidFrame: st.builds(CcidFrame, token_id=u16, epoch=u32, message=ccid_message),
     Ping: st.builds(Ping, nonce=u64),
     Pong: st.builds(Pong, nonce=u64),
-    ErrorMessage: st.builds(ErrorMessage, code=text, message=text, token_id=st.none() | u16),
+    ErrorMessage: st.builds(
+        ErrorMessage, code=st.sampled_from(ErrorCode), message=text, token_id=st.none() | u16
+    ),
     AdminRequest: st.builds(AdminRequest, request_id=u32, action=text, args=json_object),
     AdminResponse: st.builds(AdminResponse, request_id=u32, ok=st.booleans(), result=json_object, error=text),
     Goodbye: st.builds(Goodbye, code=st.sampled_from(CloseCode), reason=text),

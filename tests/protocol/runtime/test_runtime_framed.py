@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import pytest
@@ -9,11 +10,11 @@ import trio
 import trio.lowlevel
 import trio.testing
 
-from protocol._sentinel import NEED_DATA
-from protocol.connection import BridgeConnection, Role
-from protocol.errors import RemoteProtocolError
+from protocol import NEED_DATA
+from protocol.connection import BridgeConnection, ConnState, Role
+from protocol.errors import CloseCode, RemoteProtocolError
 from protocol.runtime.framed import RECEIVE_CHUNK, FramedConnection
-from protocol.wire import PROTOCOL_VERSION, ClientHello, ConnectionClosed, Ping, Pong, Welcome
+from protocol.wire import PROTOCOL_VERSION, ClientHello, ConnectionClosed, Goodbye, Ping, Pong, Welcome
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,9 @@ class LineConnection:
     def send(self, msg: bytes) -> bytes:
         self.sent.append(msg)
         return msg + b"\n"
+
+    def send_failed(self) -> None:
+        self.broken = True
 
 
 class ChoppyStream(trio.abc.Stream):
@@ -216,3 +220,70 @@ async def test_garbage_from_the_peer_raises_remote_protocol_error() -> None:
     await a.send_all(b"\xee" * 64)
     with pytest.raises(RemoteProtocolError):
         await client.receive()
+
+
+# --- a failed or cancelled send breaks the connection (h11's send_failed) -----------------------
+
+
+class _FailingStream(ChoppyStream):
+    """send_all writes a few bytes, then fails (or blocks until cancelled)."""
+
+    def __init__(self, inner: trio.abc.Stream, *, block: bool) -> None:
+        super().__init__(inner)
+        self.block = block
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.inner.send_all(bytes(data)[:3])
+        if self.block:
+            await trio.sleep_forever()
+        raise trio.BrokenResourceError("wire cut")
+
+
+@pytest.mark.parametrize("block", [False, True])
+async def test_a_send_that_fails_half_way_marks_the_state_machine_broken(block: bool) -> None:
+    a, _b = trio.testing.memory_stream_pair()
+    conn = BridgeConnection(Role.SERVER)
+    framed = FramedConnection(_FailingStream(a, block=block), conn)
+    welcome = Welcome(version=PROTOCOL_VERSION, server="test", identity="bridge", heartbeat_interval=10.0)
+    with trio.move_on_after(1) as scope:
+        with contextlib.nullcontext() if block else pytest.raises(trio.BrokenResourceError):
+            await framed.send(welcome)
+    assert scope.cancelled_caught is block
+    assert conn.our_state is ConnState.ERROR
+    # the stream may hold half a frame: nothing more may be written to it
+    with pytest.raises(trio.BrokenResourceError, match="earlier send"):
+        await framed.send(Goodbye(code=CloseCode.NORMAL, reason="bye"))
+
+
+async def test_a_send_cancelled_before_it_starts_changes_nothing() -> None:
+    server, client = _bridge_pair()
+    welcome = Welcome(version=PROTOCOL_VERSION, server="test", identity="bridge", heartbeat_interval=10.0)
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await server.send(welcome)
+    assert scope.cancelled_caught
+    assert server.conn.our_state is ConnState.AWAIT_GREETING  # nothing committed, nothing broken
+    await server.send(welcome)
+    assert await client.receive() == welcome
+
+
+async def test_a_send_cancelled_while_it_waited_for_the_lock_changes_nothing() -> None:
+    """The cancellation lands just as the lock is handed over: taken before the state commits."""
+    server, client = _bridge_pair()
+    welcome = Welcome(version=PROTOCOL_VERSION, server="test", identity="bridge", heartbeat_interval=10.0)
+    scope = trio.CancelScope()
+
+    async def sender() -> None:
+        with scope:
+            await server.send(welcome)
+
+    await server._send_lock.acquire()  # another send in progress
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(sender)
+        await trio.testing.wait_all_tasks_blocked()
+        server._send_lock.release()  # ownership passes to the waiting sender...
+        scope.cancel()  # ...which is cancelled before it runs again
+    assert scope.cancelled_caught
+    assert server.conn.our_state is ConnState.AWAIT_GREETING  # nothing committed, nothing broken
+    await server.send(welcome)
+    assert await client.receive() == welcome

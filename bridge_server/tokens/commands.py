@@ -1,0 +1,82 @@
+"""What a session or an admin asks of a `TokenManager`: one small frozen type per request.
+
+The manager's inbox carries exactly these (`Command`); `TokenManager._handle` dispatches on the
+type, so each command holds only the fields it needs and a new request is a new type that mypy
+makes the loop handle.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final, TypeAlias
+
+from bridge_server.net.hub import Subscriber
+
+__all__ = [
+    "COMMAND_TYPES",
+    "Command",
+    "ReleaseLease",
+    "RequestLease",
+    "ResetToken",
+    "RevokeLease",
+    "Shutdown",
+    "SubmitFrame",
+    "Wake",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class RequestLease:
+    """The client's `LeaseRequest`."""
+
+    sub: Subscriber
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseLease:
+    """The client's `LeaseRelease` of the lease with `epoch`."""
+
+    sub: Subscriber
+    epoch: int
+
+
+@dataclass(frozen=True, slots=True)
+class SubmitFrame:
+    """One CCID message (`raw`, still encoded) under the lease with `epoch`."""
+
+    sub: Subscriber
+    epoch: int
+    raw: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Wake:
+    """Nothing to do but look at the pending detaches (sent by the sync `detach`)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Shutdown:
+    """End every lease with `shutdown`, power the card off, stop the loop."""
+
+
+@dataclass(frozen=True, slots=True)
+class RevokeLease:
+    """Admin: end the current lease with `revoked`."""
+
+
+@dataclass(frozen=True, slots=True)
+class ResetToken:
+    """Admin: end the lease, release the USB device and open it again."""
+
+
+Command: TypeAlias = RequestLease | ReleaseLease | SubmitFrame | Wake | Shutdown | RevokeLease | ResetToken
+COMMAND_TYPES: Final[tuple[type[Command], ...]] = (
+    RequestLease,
+    ReleaseLease,
+    SubmitFrame,
+    Wake,
+    Shutdown,
+    RevokeLease,
+    ResetToken,
+)
+SessionCommand: TypeAlias = RequestLease | ReleaseLease | SubmitFrame
