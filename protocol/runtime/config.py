@@ -20,6 +20,7 @@ from typing import Any, Final
 import yaml  # type: ignore[import-untyped]  # no stubs in the venv
 
 from protocol.errors import ConfigError
+from protocol.runtime.address import parse_address
 
 __all__ = [
     "Fields",
@@ -361,31 +362,6 @@ def resolve_path(value: str | Path, config_path: Path) -> Path:
 
 
 def parse_hostport(value: str, default_port: int, *, listen: bool = False) -> tuple[str, int]:
-    """`host`, `host:port`, `[v6]`, `[v6]:port` or a bare IPv6 address -> (host, port).
-
-    With `listen`, port 0 (the kernel picks a free port) is allowed. Raises ValueError with the
-    offending text; callers wrap it in a ConfigError naming the key.
-    """
-    text = value.strip()
-    if not text:
-        raise ValueError("empty address; expected host or host:port")
-    if text.startswith("["):
-        host, sep, rest = text[1:].partition("]")
-        if not sep or not host:
-            raise ValueError(f"bad address {text!r}: unclosed '[' around an ipv6 address")
-        if rest and not rest.startswith(":"):
-            raise ValueError(f"bad address {text!r}: expected ':port' after ']'")
-        has_port, port_text = bool(rest), rest[1:]
-    elif text.count(":") > 1:  # bare IPv6, no port possible without brackets
-        host, has_port, port_text = text, False, ""
-    else:
-        host, sep, port_text = text.partition(":")
-        has_port = bool(sep)
-        if not host:
-            raise ValueError(f"bad address {text!r}: missing host before ':'")
-    if not has_port:
-        return host, default_port
-    lowest = 0 if listen else 1
-    if not port_text.isdigit() or not lowest <= int(port_text) <= 65535:
-        raise ValueError(f"bad port {port_text!r} in {text!r}: expected {lowest}..65535")
-    return host, int(port_text)
+    """(host, port) of `value`: `protocol.runtime.address.parse_address` as a tuple."""
+    address = parse_address(value, default_port, listen=listen)
+    return address.host, address.port

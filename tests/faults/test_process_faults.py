@@ -37,14 +37,13 @@ from typing import Any
 import pytest
 import trio
 from e2e_stack import VpcdSlot, card_states, reader_name
-from inproc import SELECT_PIV, VERIFY_123456, apdu, hello, open_lease, power_on
+from inproc import SELECT_PIV, VERIFY_123456, apdu, greet, power_on, request_lease
 from procstack import (
     VERIFY_STATUS_QUERY,
     Grant,
     SignerLog,
     ccid_signer,
     client_ssl,
-    connect,
     control,
     overlapping_leases,
     read_json,
@@ -54,6 +53,7 @@ from procstack import (
 
 from bridge_server.demo import BridgeStack, pkcs11, pkcs11_sign, read_certificate_pem
 from protocol import ccid, wire
+from protocol.runtime.connect import ConnectFailed
 from protocol.runtime.framed import FramedConnection
 
 pytestmark = pytest.mark.e2e
@@ -90,15 +90,16 @@ def holder(stack: BridgeStack) -> object:
 
 async def pin_retries(stack: BridgeStack) -> int:
     """The card's PIN retry counter, from the empty VERIFY status query (spends no retry)."""
-    tls, client = await connect(client_ssl(stack), stack.server_port)
+    greeted = await greet(client_ssl(stack), stack.server_port)
+    client = greeted.conn
     try:
         with trio.fail_after(10):
-            granted = await open_lease(client)
+            granted = await request_lease(client)
             await power_on(client, granted.epoch)
             await apdu(client, granted.epoch, 1, SELECT_PIV)
             sw = await apdu(client, granted.epoch, 2, VERIFY_STATUS_QUERY)
     finally:
-        await trio.aclose_forcefully(tls)
+        await greeted.aclose()
     assert sw[0] == 0x63 and sw[1] & 0xF0 == 0xC0, sw.hex()
     return sw[1] & 0x0F
 
@@ -164,16 +165,20 @@ async def pin_prober(stack: BridgeStack, log: ProbeLog) -> None:
     while True:
         try:
             with trio.fail_after(5):
-                tls, client = await connect(client_ssl(stack), stack.server_port)
+                greeted = await greet(client_ssl(stack), stack.server_port)
             try:
-                with trio.fail_after(5):
-                    await hello(client)
                 while True:
                     with trio.fail_after(5):
-                        await probe_once(client, log)
+                        await probe_once(greeted.conn, log)
             finally:
-                await trio.aclose_forcefully(tls)
-        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
+                await greeted.aclose()
+        except (
+            ConnectFailed,
+            OSError,
+            trio.BrokenResourceError,
+            trio.ClosedResourceError,
+            trio.TooSlowError,
+        ):
             log.connection_errors += 1
             await trio.sleep(0.02)
 
@@ -182,17 +187,17 @@ async def engage_guard(stack: BridgeStack) -> list[bytes]:
     """Wrong PINs to the guarded token until its guard answers 6983 (at most three)."""
     log = ProbeLog()
     answers: list[bytes] = []
-    tls, client = await connect(client_ssl(stack), stack.server_port)
+    greeted = await greet(client_ssl(stack), stack.server_port)
+    client = greeted.conn
     try:
         with trio.fail_after(10):
-            await hello(client)
             epoch = await guarded_lease(client, log)
             for seq in range(2, 5):
                 answers.append(await token_apdu(client, GUARDED, epoch, seq, WRONG_VERIFY))
                 if answers[-1] == REFUSED:
                     break
     finally:
-        await trio.aclose_forcefully(tls)
+        await greeted.aclose()
     return answers
 
 

@@ -22,12 +22,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, encode_dss_signature
-from inproc import SELECT_PIV, SIGN_9D, VERIFY_123456, apdu, expect, hello, power_on
+from inproc import SELECT_PIV, SIGN_9D, VERIFY_123456, apdu, expect, greet, power_on
 
 from bridge_server.demo import BridgeStack
 from bridge_server.demo import wait_for as poll
 from protocol import wire
-from protocol.connection import BridgeConnection, Role
+from protocol.runtime.connect import ConnectFailed
 from protocol.runtime.framed import FramedConnection
 from protocol.runtime.tls import client_context
 
@@ -71,17 +71,6 @@ class SignerLog:
     connection_errors: int = 0
 
 
-async def connect(ctx: ssl.SSLContext, port: int) -> tuple[trio.SSLStream[trio.abc.Stream], FramedConnection]:
-    tcp = await trio.open_tcp_stream("127.0.0.1", port)
-    tls = trio.SSLStream(tcp, ctx, server_hostname="localhost")
-    try:
-        await tls.do_handshake()
-    except BaseException:
-        await trio.aclose_forcefully(tls)
-        raise
-    return tls, FramedConnection(tls, BridgeConnection(Role.CLIENT))
-
-
 async def sign_once(client: FramedConnection, log: SignerLog) -> None:
     """Lease, cold power-on, SELECT, VERIFY, sign, release."""
     await client.send(wire.LeaseRequest(token_id=0))
@@ -104,16 +93,20 @@ async def ccid_signer(ctx: ssl.SSLContext, port: int, log: SignerLog) -> None:
     while True:
         try:
             with trio.fail_after(5):
-                tls, client = await connect(ctx, port)
+                greeted = await greet(ctx, port, "ccid-signer")
             try:
-                with trio.fail_after(5):
-                    await hello(client)
                 while True:
                     with trio.fail_after(5):
-                        await sign_once(client, log)
+                        await sign_once(greeted.conn, log)
             finally:
-                await trio.aclose_forcefully(tls)
-        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
+                await greeted.aclose()
+        except (
+            ConnectFailed,
+            OSError,
+            trio.BrokenResourceError,
+            trio.ClosedResourceError,
+            trio.TooSlowError,
+        ):
             log.connection_errors += 1
             await trio.sleep(0.02)
 
