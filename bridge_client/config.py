@@ -83,6 +83,19 @@ def load_client_config(path: Path) -> ClientConfig:
     return parse_client_config(load_yaml(path), path)
 
 
+def load_tls_files(path: Path) -> TlsFiles:
+    """Only the `tls` section of the file at `path`: what SIGHUP applies (docs/client.md)."""
+    return parse_tls_files(load_yaml(path), path)
+
+
+def parse_tls_files(raw: dict[str, Any], path: Path) -> TlsFiles:
+    tls_raw = require_mapping(raw, "tls", path)
+    reject_unknown(tls_raw, ["ca", "cert", "key"], path, "tls")
+    return TlsFiles(
+        *(resolve_path(require_str(tls_raw, k, path, prefix="tls"), path) for k in ("ca", "cert", "key"))
+    )
+
+
 def parse_client_config(raw: dict[str, Any], path: Path) -> ClientConfig:
     reject_unknown(raw, ["server", "server_name", "tls", "readers", "lease", "reconnect", "status"], path)
     server = require_str(raw, "server", path)
@@ -90,11 +103,7 @@ def parse_client_config(raw: dict[str, Any], path: Path) -> ClientConfig:
         server_address = parse_address(server, DEFAULT_PORT)
     except ValueError as exc:
         raise ConfigError(str(path), "server", str(exc)) from None
-    tls_raw = require_mapping(raw, "tls", path)
-    reject_unknown(tls_raw, ["ca", "cert", "key"], path, "tls")
-    tls = TlsFiles(
-        *(resolve_path(require_str(tls_raw, k, path, prefix="tls"), path) for k in ("ca", "cert", "key"))
-    )
+    tls = parse_tls_files(raw, path)
     lease = optional_mapping(raw, "lease", path) or {}
     reject_unknown(lease, ["queue_timeout_s"], path, "lease")
     reconnect = optional_mapping(raw, "reconnect", path) or {}

@@ -25,6 +25,7 @@ from protocol.runtime.address import parse_address
 __all__ = [
     "Fields",
     "dotted",
+    "dump_yaml",
     "load_yaml",
     "optional_bool",
     "optional_float",
@@ -112,6 +113,13 @@ def _describe_yaml_error(exc: yaml.MarkedYAMLError) -> str:
     if problem.startswith("duplicate key"):
         return problem
     return f"yaml syntax error at line {mark.line + 1}, column {mark.column + 1}: {problem}"
+
+
+def dump_yaml(document: Mapping[str, Any], *, comment: str = "") -> str:
+    """`document` as YAML text via `yaml.safe_dump` (never f-strings: a value with `: `, `#` or
+    quotes must read back as itself), keys in the given order, led by `# comment` if any."""
+    text: str = yaml.safe_dump(dict(document), sort_keys=False, default_flow_style=False, allow_unicode=True)
+    return f"# {comment}\n{text}" if comment else text
 
 
 # --- typed fields -----------------------------------------------------------------------------
@@ -271,9 +279,11 @@ def optional_bool(
     return default if value is _MISSING else _check_bool(value, path, key, prefix)
 
 
-def _check_str_list(value: object, path: str | Path, key: str, prefix: str) -> list[str]:
+def _check_str_list(
+    value: object, path: str | Path, key: str, prefix: str, what: str = "a list of strings"
+) -> list[str]:
     if not isinstance(value, list):
-        raise _wrong(path, prefix, key, "a list of strings", value)
+        raise _wrong(path, prefix, key, what, value)
     return [_check_str(item, path, f"{key}[{i}]", prefix) for i, item in enumerate(value)]
 
 
@@ -290,9 +300,11 @@ def optional_str_list(
     default: Iterable[str] = (),
     *,
     prefix: str = "",
+    what: str = "a list of strings",
 ) -> list[str]:
+    """`what` names the list in the message ("a list of identity names")."""
     value = _get(mapping, key, path, prefix, False)
-    return list(default) if value is _MISSING else _check_str_list(value, path, key, prefix)
+    return list(default) if value is _MISSING else _check_str_list(value, path, key, prefix, what)
 
 
 def _check_mapping(value: object, path: str | Path, key: str, prefix: str) -> dict[str, Any]:
