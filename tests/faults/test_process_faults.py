@@ -47,13 +47,13 @@ from procstack import (
     control,
     overlapping_leases,
     read_json,
+    reconnecting,
     verify_signature,
     wait_for,
 )
 
 from bridge_server.demo import BridgeStack, pkcs11, pkcs11_sign, read_certificate_pem
 from protocol import ccid, wire
-from protocol.runtime.connect import ConnectFailed
 from protocol.runtime.framed import FramedConnection
 
 pytestmark = pytest.mark.e2e
@@ -162,25 +162,7 @@ async def probe_once(client: FramedConnection, log: ProbeLog) -> None:
 
 async def pin_prober(stack: BridgeStack, log: ProbeLog) -> None:
     """Present PINs to the guarded token forever, one lease per probe, reconnecting after failures."""
-    while True:
-        try:
-            with trio.fail_after(5):
-                greeted = await greet(client_ssl(stack), stack.server_port)
-            try:
-                while True:
-                    with trio.fail_after(5):
-                        await probe_once(greeted.conn, log)
-            finally:
-                await greeted.aclose()
-        except (
-            ConnectFailed,
-            OSError,
-            trio.BrokenResourceError,
-            trio.ClosedResourceError,
-            trio.TooSlowError,
-        ):
-            log.connection_errors += 1
-            await trio.sleep(0.02)
+    await reconnecting(client_ssl(stack), stack.server_port, lambda conn: probe_once(conn, log), log)
 
 
 async def engage_guard(stack: BridgeStack) -> list[bytes]:

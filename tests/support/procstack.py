@@ -13,6 +13,7 @@ import json
 import socket
 import ssl
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,6 +91,14 @@ async def sign_once(client: FramedConnection, log: SignerLog) -> None:
 
 async def ccid_signer(ctx: ssl.SSLContext, port: int, log: SignerLog) -> None:
     """Sign in a loop forever, one lease per signature, reconnecting after every failure."""
+    await reconnecting(ctx, port, lambda conn: sign_once(conn, log), log)
+
+
+async def reconnecting(
+    ctx: ssl.SSLContext, port: int, step: Callable[[FramedConnection], Awaitable[None]], log: Any
+) -> None:
+    """Greet and run `step` forever; count each lost or refused connection in
+    `log.connection_errors` and connect again (5 s bound on each greeting and step)."""
     while True:
         try:
             with trio.fail_after(5):
@@ -97,7 +106,7 @@ async def ccid_signer(ctx: ssl.SSLContext, port: int, log: SignerLog) -> None:
             try:
                 while True:
                     with trio.fail_after(5):
-                        await sign_once(greeted.conn, log)
+                        await step(greeted.conn)
             finally:
                 await greeted.aclose()
         except (
