@@ -20,7 +20,6 @@ from typing import Any, Final
 import yaml  # type: ignore[import-untyped]  # no stubs in the venv
 
 from protocol.errors import ConfigError
-from protocol.runtime.address import parse_address
 
 __all__ = [
     "Fields",
@@ -33,7 +32,6 @@ __all__ = [
     "optional_mapping",
     "optional_str",
     "optional_str_list",
-    "parse_hostport",
     "reject_unknown",
     "require_bool",
     "require_float",
@@ -371,9 +369,3 @@ def resolve_path(value: str | Path, config_path: Path) -> Path:
     if candidate.is_absolute():
         return candidate
     return config_path.parent / candidate
-
-
-def parse_hostport(value: str, default_port: int, *, listen: bool = False) -> tuple[str, int]:
-    """(host, port) of `value`: `protocol.runtime.address.parse_address` as a tuple."""
-    address = parse_address(value, default_port, listen=listen)
-    return address.host, address.port

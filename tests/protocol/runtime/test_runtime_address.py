@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import astuple
+
 import pytest
 
 from protocol.runtime.address import Address, parse_address
@@ -50,3 +52,33 @@ def test_bad_addresses_are_refused_naming_the_text(text: str) -> None:
     with pytest.raises(ValueError) as info:
         parse_address(text, 7447, listen=True)
     assert repr(text.strip()) in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("bridge.example:7443", ("bridge.example", 7443)),
+        ("bridge.example", ("bridge.example", 7000)),
+        ("10.0.0.7:1", ("10.0.0.7", 1)),
+        ("[::1]:7443", ("::1", 7443)),
+        ("[fe80::1]", ("fe80::1", 7000)),
+        ("::1", ("::1", 7000)),
+    ],
+)
+def test_parse_address_accepts_host_port_forms(text: str, expected: tuple[str, int]) -> None:
+    assert astuple(parse_address(text, 7000)) == expected
+
+
+BAD_ADDRESSES = ["host:", "host:0", "host:65536", "host:http", ":7000", "[::1", "[::1]x"]
+
+
+@pytest.mark.parametrize("text", BAD_ADDRESSES)
+def test_parse_address_rejects_bad_addresses_naming_them(text: str) -> None:
+    with pytest.raises(ValueError) as info:
+        parse_address(text, 7000)
+    assert repr(text) in str(info.value)
+
+
+def test_parse_address_rejects_empty_text() -> None:
+    with pytest.raises(ValueError, match="empty address"):
+        parse_address("  ", 7000)
