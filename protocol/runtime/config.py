@@ -359,7 +359,7 @@ class Fields:
     reject_unknown = staticmethod(reject_unknown)
 
 
-# --- paths and addresses ----------------------------------------------------------------------
+# --- paths (addresses: protocol.runtime.address) --------------------------------------------
 
 
 def resolve_path(value: str | Path, config_path: Path) -> Path:
