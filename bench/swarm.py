@@ -8,25 +8,23 @@ prints `ready N` once every client is greeted, and runs until stdin closes.
 from __future__ import annotations
 
 import argparse
+import ssl
 import sys
 from pathlib import Path
 
 import trio
 
 from protocol import wire
-from protocol.connection import BridgeConnection, Role
-from protocol.runtime.framed import FramedConnection
+from protocol.runtime.address import Address, parse_address
+from protocol.runtime.connect import connect
 from protocol.runtime.tls import client_context
 
 BATCH = 16  # stay under the server's concurrent-handshake limit
 
 
-async def _one(host: str, port: int, ctx: object, ready: trio.MemorySendChannel[int]) -> None:
-    tcp = await trio.open_tcp_stream(host, port)
-    stream = trio.SSLStream(tcp, ctx, server_hostname="localhost")  # type: ignore[arg-type]
-    conn = FramedConnection(stream, BridgeConnection(Role.CLIENT))
-    assert isinstance(await conn.receive(), wire.Welcome)
-    await conn.send(wire.ClientHello(version=wire.PROTOCOL_VERSION, software="bench-swarm"))
+async def _one(address: Address, ctx: ssl.SSLContext, ready: trio.MemorySendChannel[int]) -> None:
+    greeted = await connect(address, ctx, server_name="localhost", software="bench-swarm")
+    conn = greeted.conn
     await ready.send(1)
     while True:
         msg = await conn.receive()
@@ -37,7 +35,7 @@ async def _one(host: str, port: int, ctx: object, ready: trio.MemorySendChannel[
 
 
 async def _main(args: argparse.Namespace) -> None:
-    host, port = args.server.rsplit(":", 1)
+    address = parse_address(args.server, wire.DEFAULT_PORT)
     bundle = Path(args.bundle)
     ctx = client_context(
         ca=bundle / "ca.pem", cert=bundle / f"{args.name}.pem", key=bundle / f"{args.name}.key"
@@ -47,7 +45,7 @@ async def _main(args: argparse.Namespace) -> None:
         greeted = 0
         for start in range(0, args.count, BATCH):
             for _ in range(min(BATCH, args.count - start)):
-                nursery.start_soon(_one, host, int(port), ctx, send)
+                nursery.start_soon(_one, address, ctx, send)
             while greeted < min(start + BATCH, args.count):
                 greeted += await receive.receive()
         print(f"ready {greeted}", flush=True)

@@ -13,6 +13,7 @@ from bridge_admin.commands import COMMANDS as ADMIN_COMMANDS
 from bridge_admin.commands import add_admin_commands, run_admin_command
 from bridge_admin.pki import Pki, PkiError
 from protocol.errors import BridgeError
+from protocol.wire import DEFAULT_PORT
 
 DESCRIPTION = "Administer tokenbridge: try it on a simulated token, and set up the deployment's certificates."
 
@@ -76,7 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_cli = psub.add_parser("issue-client", help="issue a client bundle (key, cert, CA, client.yaml)")
     p_cli.add_argument("name", help="the client's identity (certificate CN), e.g. build-vm-01")
     p_cli.add_argument("--admin", action="store_true", help="mark it as an admin identity")
-    p_cli.add_argument("--server", default="tokenhost.example:7447", help="server address for client.yaml")
+    p_cli.add_argument(
+        "--server", default=f"tokenhost.example:{DEFAULT_PORT}", help="server address for client.yaml"
+    )
     p_cli.add_argument(
         "--token", action="append", dest="tokens", help="token name(s) for client.yaml readers"
     )

@@ -19,11 +19,16 @@ from typing import Any, Final
 
 import trio
 
-from protocol.errors import BridgeError, TlsSetupError
+from protocol.errors import BridgeError
+from protocol.runtime.address import Address, parse_address
+from protocol.runtime.connect import ConnectFailed, connect
+from protocol.runtime.tls import client_context
+from protocol.wire import DEFAULT_PORT
 
 DEFAULT_SERVER_CONFIG: Final = Path("/etc/tokenbridge/server.yaml")
 REQUEST_TIMEOUT_S: Final = 15.0
 MAX_RESPONSE: Final = 16 * 1024 * 1024
+SOFTWARE: Final = "tokenbridge-admin/0.1.0"
 _ids = itertools.count(1)
 
 
@@ -34,15 +39,14 @@ class AdminClientError(BridgeError):
 @dataclass(frozen=True)
 class Target:
     socket: Path | None = None
-    host: str | None = None
-    port: int = 0
+    address: Address | None = None
     server_name: str | None = None
     cert: Path | None = None
     key: Path | None = None
     ca: Path | None = None
 
     def describe(self) -> str:
-        return f"control socket {self.socket}" if self.socket else f"server {self.host}:{self.port}"
+        return f"control socket {self.socket}" if self.socket else f"server {self.address}"
 
 
 def add_target_options(parser: argparse.ArgumentParser) -> None:
@@ -75,16 +79,19 @@ def _bundle_files(folder: Path) -> tuple[Path, Path, Path]:
 def resolve_target(args: argparse.Namespace) -> Target:
     """Pick the server from the parsed options (see the module docstring)."""
     if args.server:
-        from bridge_server.config import parse_listen
-
-        host, port = parse_listen(args.server, "--server", "--server")
+        try:
+            address = parse_address(args.server, DEFAULT_PORT)
+        except ValueError as exc:
+            raise AdminClientError(f"--server: {exc}") from None
         if args.bundle is not None:
             cert, key, ca = _bundle_files(args.bundle)
         else:
             cert, key, ca = args.cert, args.key, args.ca
         if cert is None or key is None or ca is None:
             raise AdminClientError("--server needs --bundle DIR or all of --cert, --key and --ca")
-        return Target(host=host, port=port, server_name=args.server_name or host, cert=cert, key=key, ca=ca)
+        return Target(
+            address=address, server_name=args.server_name or address.host, cert=cert, key=key, ca=ca
+        )
     if args.socket is not None:
         return Target(socket=args.socket)
     from bridge_server.config import load_server_config
@@ -125,40 +132,23 @@ class AdminSession:
             await trio.aclose_forcefully(self._stream)
 
     async def _open_tls(self) -> None:
-        from protocol import wire
-        from protocol.connection import BridgeConnection, Role
-        from protocol.runtime.framed import FramedConnection
-        from protocol.runtime.tls import check_peer_purpose, client_context
-
         t = self.target
-        assert t.host is not None
+        assert t.address is not None
         assert t.cert is not None
         assert t.key is not None
         assert t.ca is not None
         ctx = client_context(ca=t.ca, cert=t.cert, key=t.key)
-        tcp = await trio.open_tcp_stream(t.host, t.port)
-        self._stream = tls = trio.SSLStream(tcp, ctx, server_hostname=t.server_name)
         try:
-            await tls.do_handshake()
-        except trio.BrokenResourceError as exc:
-            from protocol.runtime.tls import describe_handshake_error
-
-            raise AdminClientError(
-                f"tls handshake with {t.describe()} failed: {describe_handshake_error(exc)}"
-            ) from exc
-        try:
-            check_peer_purpose(tls)  # OpenSSL takes a server certificate with no EKU, or both
-        except TlsSetupError as exc:
-            raise AdminClientError(f"tls handshake with {t.describe()} failed: {exc}") from exc
-        self._framed = FramedConnection(tls, BridgeConnection(Role.CLIENT))
-        first = await self._framed.receive()
-        if isinstance(first, wire.Refused):
-            raise AdminClientError(f"{t.describe()} refused us: {first.reason}: {first.message}")
-        if not isinstance(first, wire.Welcome):
-            raise AdminClientError(f"{t.describe()} did not greet us (got {type(first).__name__})")
-        await self._framed.send(
-            wire.ClientHello(version=wire.PROTOCOL_VERSION, software="tokenbridge-admin/0.1.0")
-        )
+            greeted = await connect(
+                t.address,
+                ctx,
+                server_name=t.server_name or t.address.host,
+                software=SOFTWARE,
+                name_fix="fix --server or --server-name",
+            )
+        except ConnectFailed as exc:
+            raise AdminClientError(str(exc)) from exc
+        self._stream, self._framed = greeted.stream, greeted.conn
 
     async def request(self, action: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
         """`{"ok", "result", "error"}` for one action."""

@@ -34,10 +34,13 @@ from bridge_admin.signing_tools import (
     osslsigncode_verify_command,
 )
 from protocol.errors import BridgeError
+from protocol.runtime.address import Address
+from protocol.runtime.config import dump_yaml
+from protocol.vpcd import DEFAULT_PORT as VPCD_PORT
 
 T = TypeVar("T")
 
-VPCD_BASE_PORT = 35963
+VPCD_BASE_PORT = VPCD_PORT  # slot n of the demo's vpcd readers is VPCD_BASE_PORT + n
 VPCD_SLOTS = (0, 1)
 LOCK_DIR = Path(os.environ.get("TOKENBRIDGE_E2E_LOCK_DIR", tempfile.gettempdir()))
 PIN = "123456"
@@ -181,43 +184,50 @@ class BridgeStack:
         self.pki.init(name="tokenbridge demo CA (throw-away)")
         self.pki.issue_server(["localhost", "127.0.0.1"], out=self.pki.folder)
         for name in clients:
-            self.pki.issue_client(name, server=f"127.0.0.1:{self.server_port}", tokens=self.token_names)
+            self.pki.issue_client(
+                name, server=str(Address("127.0.0.1", self.server_port)), tokens=self.token_names
+            )
 
     def write_server_config(self, allow: list[str]) -> Path:
-        tokens = "\n".join(
-            f"  - name: {name}\n    match: {{simulate: {profile}, state: state}}\n"
-            f"    allow: [{', '.join(allow)}]"
+        tokens = [
+            {"name": name, "match": {"simulate": profile, "state": "state"}, "allow": list(allow)}
             for name, profile in zip(self.token_names, self.profiles, strict=True)
-        )
-        lease = ", ".join(f"{k}: {v}" for k, v in self.lease.items())
+        ]
+        document = {
+            "listen": str(Address("127.0.0.1", self.server_port)),
+            "tls": {
+                "ca": "pki/ca.pem",
+                "cert": "pki/localhost.pem",
+                "key": "pki/localhost.key",
+                "crl": "pki/crl.pem",
+            },
+            "heartbeat_s": self.heartbeat_s,
+            "tokens": tokens,
+            "lease": dict(self.lease),
+            "audit": {"path": "audit.jsonl"},
+            "control": {"socket": "control.sock"},
+        }
         path = self.workdir / "server.yaml"
-        path.write_text(
-            f'listen: "127.0.0.1:{self.server_port}"\n'
-            f"tls: {{ca: pki/ca.pem, cert: pki/localhost.pem, key: pki/localhost.key, crl: pki/crl.pem}}\n"
-            f"heartbeat_s: {self.heartbeat_s}\n"
-            f"tokens:\n{tokens}\n"
-            f"lease: {{{lease}}}\n"
-            f"audit: {{path: audit.jsonl}}\n"
-            f"control: {{socket: control.sock}}\n"
-        )
+        path.write_text(dump_yaml(document))
         (self.workdir / "state").mkdir(exist_ok=True)
         return path
 
     def write_client_config(self, name: str, slots: list[int]) -> Path:
         bundle = self.pki.folder / "clients" / name
-        readers = "\n".join(
-            f'  - token: {tok}\n    vpcd: {{connect: "127.0.0.1:{VPCD_BASE_PORT + slot}"}}'
+        readers = [
+            {"token": tok, "vpcd": {"connect": str(Address("127.0.0.1", VPCD_BASE_PORT + slot))}}
             for tok, slot in zip(self.token_names, slots, strict=False)
-        )
+        ]
+        document = {
+            "server": str(Address("127.0.0.1", self.server_port)),
+            "server_name": "localhost",
+            "tls": {"ca": f"{bundle}/ca.pem", "cert": f"{bundle}/{name}.pem", "key": f"{bundle}/{name}.key"},
+            "reconnect": {"initial_s": 0.2, "max_s": 2},
+            "status": {"socket": f"{self.workdir}/client-{name}.sock"},
+            "readers": readers,
+        }
         path = self.workdir / f"client-{name}.yaml"
-        path.write_text(
-            f'server: "127.0.0.1:{self.server_port}"\n'
-            f"server_name: localhost\n"
-            f"tls: {{ca: {bundle}/ca.pem, cert: {bundle}/{name}.pem, key: {bundle}/{name}.key}}\n"
-            f"reconnect: {{initial_s: 0.2, max_s: 2}}\n"
-            f"status: {{socket: {self.workdir}/client-{name}.sock}}\n"
-            f"readers:\n{readers}\n"
-        )
+        path.write_text(dump_yaml(document))
         return path
 
     def _spawn(self, name: str, cmd: list[str]) -> Daemon:

@@ -24,12 +24,19 @@ from typing import Any, Final
 import trio
 from cryptography import x509
 
+from protocol import wire
+from protocol.errors import TlsSetupError
+from protocol.runtime.connect import ConnectFailed, connect, describe_connect_error
+from protocol.runtime.framed import FramedConnection
+from protocol.runtime.tls import client_context
+
 PCSCD_SOCKET: Final = Path("/run/pcscd/pcscd.comm")
 VPCD_CONF_DIR: Final = Path("/etc/reader.conf.d")
 VPCD_DRIVER_GLOB: Final = "/usr/lib/pcsc/drivers/serial/libifdvpcd.so*"
 LOOPBACK_DROPIN: Final = Path("/etc/systemd/system/pcscd.service.d/tokenbridge-loopback.conf")
 EXPIRY_WARNING_DAYS: Final = 30
 SERVER_TIMEOUT_S: Final = 10.0
+SOFTWARE: Final = "tokenbridge-doctor"
 STATUS_WAIT_S: Final = 2.0
 _ANY_ADDRESS: Final = ("0.0.0.0", "*", "[::]", "::")  # noqa: S104 - detecting, not binding
 
@@ -164,58 +171,15 @@ def check_certificates(cert: Path, key: Path, ca: Path, now: dt.datetime) -> Che
 
 async def probe_server(config: Any) -> tuple[Check, dict[str, Any]]:
     """TLS handshake and greeting; on Welcome, the TokenStatus messages seen within a moment."""
-    from protocol import wire
-    from protocol.connection import BridgeConnection, Role
-    from protocol.errors import TlsSetupError
-    from protocol.runtime.framed import FramedConnection
-    from protocol.runtime.tls import check_peer_purpose, client_context, describe_handshake_error
-
-    where = f"{config.server_host}:{config.server_port}"
-    tls = config.tls
+    where = config.server_address
     try:
-        ctx = client_context(ca=tls.ca, cert=tls.cert, key=tls.key)
+        ctx = client_context(ca=config.tls.ca, cert=config.tls.cert, key=config.tls.key)
         with trio.fail_after(SERVER_TIMEOUT_S):
-            tcp = await trio.open_tcp_stream(config.server_host, config.server_port)
-            stream = trio.SSLStream(tcp, ctx, server_hostname=config.server_name)
-            async with stream:
-                await stream.do_handshake()
-                check_peer_purpose(stream)  # OpenSSL takes a server certificate with no EKU, or both
-                framed = FramedConnection(stream, BridgeConnection(Role.CLIENT))
-                first = await framed.receive()
-                if isinstance(first, wire.Refused):
-                    return Check(
-                        "server",
-                        "fail",
-                        f"{where} refused this identity: {first.reason}: {first.message}",
-                        "ask an operator to add this certificate's name to the token's allow list",
-                    ), {}
-                if isinstance(first, wire.ConnectionClosed):
-                    return Check(
-                        "server",
-                        "fail",
-                        f"{where} closed the connection right after the TLS handshake: it refused "
-                        "this certificate (another CA, expired or revoked; its log says which)",
-                        "the server must trust this certificate's CA; a revoked or expired "
-                        "certificate needs a new bundle",
-                    ), {}
-                if not isinstance(first, wire.Welcome):
-                    return Check(
-                        "server", "fail", f"{where} sent {type(first).__name__} instead of Welcome"
-                    ), {}
-                await framed.send(
-                    wire.ClientHello(version=wire.PROTOCOL_VERSION, software="tokenbridge-doctor")
-                )
-                tokens: dict[str, Any] = {}
-                with trio.move_on_after(STATUS_WAIT_S):
-                    while len(tokens) < len(config.readers):
-                        msg = await framed.receive()
-                        if isinstance(msg, wire.TokenStatus):
-                            tokens[msg.name] = msg
-                        elif isinstance(msg, wire.Refused | wire.Goodbye | wire.ConnectionClosed):
-                            break
-                return Check(
-                    "server", "ok", f"{where} accepted identity {first.identity!r} ({first.server})"
-                ), tokens
+            greeted = await connect(where, ctx, server_name=config.server_name, software=SOFTWARE)
+            try:
+                tokens = await _token_statuses(greeted.conn, len(config.readers))
+            finally:
+                await greeted.aclose()
     except TlsSetupError as exc:
         return Check(
             "server", "fail", f"tls with {where} failed: {exc}", "reissue the certificate it names"
@@ -227,23 +191,38 @@ async def probe_server(config: Any) -> tuple[Check, dict[str, Any]]:
             f"{where} did not answer within {SERVER_TIMEOUT_S:.0f} s",
             "check the address in client.yaml and the firewall between this VM and the server",
         ), {}
-    except trio.BrokenResourceError as exc:
-        return Check(
-            "server",
-            "fail",
-            f"tls with {where} failed: {describe_handshake_error(exc)}",
-            "the server must trust this certificate's CA and this VM the server's (same PKI); "
-            "a revoked or expired certificate needs a new bundle",
-        ), {}
-    except OSError as exc:
-        return Check(
-            "server",
-            "fail",
-            f"cannot connect to {where}: {exc.strerror or exc}",
-            "is tokenbridge-server running there, and the address in client.yaml right?",
-        ), {}
-    except Exception as exc:
+    except ConnectFailed as exc:
+        return Check("server", "fail", str(exc), _SERVER_FIXES[exc.stage]), {}
+    except (trio.BrokenResourceError, OSError) as exc:
+        return Check("server", "fail", describe_connect_error(exc, where)), {}
+    except Exception as exc:  # a garbled answer: say what it was rather than crash the preflight
         return Check("server", "fail", f"{where}: {exc}"), {}
+    welcome = greeted.welcome
+    return Check("server", "ok", f"{where} accepted identity {welcome.identity!r} ({welcome.server})"), tokens
+
+
+_SERVER_FIXES: Final = {
+    "network": "is tokenbridge-server running there, and the address in client.yaml right?",
+    "tls": "the server must trust this certificate's CA and this VM the server's (same PKI); "
+    "a revoked or expired certificate needs a new bundle",
+    "closed": "the server must trust this certificate's CA; a revoked or expired certificate "
+    "needs a new bundle",
+    "greeting": "is that address a tokenbridge-server of this version?",
+    "refused": "ask an operator to add this certificate's name to the token's allow list",
+}
+
+
+async def _token_statuses(conn: FramedConnection, wanted: int) -> dict[str, Any]:
+    """The TokenStatus messages that arrive within STATUS_WAIT_S, by token name."""
+    tokens: dict[str, Any] = {}
+    with trio.move_on_after(STATUS_WAIT_S):
+        while len(tokens) < wanted:
+            msg = await conn.receive()
+            if isinstance(msg, wire.TokenStatus):
+                tokens[msg.name] = msg
+            elif isinstance(msg, wire.Refused | wire.Goodbye | wire.ConnectionClosed):
+                break
+    return tokens
 
 
 def check_tokens(readers: Any, seen: dict[str, Any]) -> list[Check]:
@@ -293,7 +272,7 @@ def run_checks(config_path: Path, *, pcscd_socket: Path | None = None) -> list[C
     except Exception as exc:
         checks.append(Check("config", "fail", str(exc), "fix the file, or pass --config PATH"))
         return checks
-    checks.append(Check("config", "ok", f"{config_path}: server {config.server_host}:{config.server_port}"))
+    checks.append(Check("config", "ok", f"{config_path}: server {config.server_address}"))
     checks.append(check_vpcd({r.vpcd_port for r in config.readers}))
     tls = config.tls
     checks.append(check_certificates(tls.cert, tls.key, tls.ca, dt.datetime.now(dt.UTC)))

@@ -1,7 +1,9 @@
 """`tokenbridge install-service server|client`: put the systemd units and friends in place.
 
-The canonical files live in the repository's `systemd/`; `bridge_server/service_files/` is the
-copy that `pip install` ships (a test keeps the two identical). Installing writes:
+The files live once, in the repository's `systemd/` (examples in `systemd/examples/`). A wheel
+ships that folder as data files (pyproject `[tool.setuptools.data-files]`), installed as
+`<prefix>/share/tokenbridge/systemd/`; a source checkout (editable install) reads it in place.
+`files_dir()` finds whichever is there. Installing writes:
 
 - the unit, with ExecStart pointing at this installation's `tokenbridge-server|client`;
 - sysusers and tmpfiles snippets (the `tokenbridge` user, /etc, /var/lib and /run folders);
@@ -15,10 +17,11 @@ enable --now), so `--prefix` trees and `--dry-run` behave exactly like the real 
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
+import sysconfig
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Final
 
@@ -26,6 +29,8 @@ from bridge_server.config import ServerConfig, load_server_config
 from protocol.errors import ConfigError
 
 CANONICAL_BINDIR: Final = "/opt/tokenbridge/bin"
+SHARE_SUBDIR: Final = Path("share/tokenbridge/systemd")  # pyproject data-files put systemd/ here
+MARKER: Final = "tokenbridge-server.service"
 UDEV_LINE: Final = (
     'ACTION!="remove|unbind", SUBSYSTEM=="usb", ENV{{DEVTYPE}}=="usb_device", '
     'ATTR{{idVendor}}=="{vid:04x}", ATTR{{idProduct}}=="{pid:04x}", '
@@ -44,9 +49,26 @@ class Action:
     keep_existing: bool = False  # configs: never overwrite what an operator wrote
 
 
+def files_dir() -> Path:
+    """The shipped `systemd/` folder: the source checkout's own (editable installs), else
+    `<prefix>/share/tokenbridge/systemd` of this installation or of the user scheme."""
+    data_dirs = [sysconfig.get_path("data"), sysconfig.get_path("data", f"{os.name}_user")]
+    candidates = [Path(__file__).resolve().parents[1] / "systemd"]  # a checkout: its live files
+    candidates += [Path(d) / SHARE_SUBDIR for d in data_dirs if d]
+    for folder in candidates:
+        if (folder / MARKER).is_file():  # not some other package's `systemd` folder
+            return folder
+    raise FileNotFoundError(
+        f"the tokenbridge systemd files are not installed (looked in {', '.join(map(str, candidates))}); "
+        "reinstall tokenbridge with pip"
+    )
+
+
 def service_file(name: str) -> bytes:
-    """One of the shipped files (bridge_server/service_files/NAME)."""
-    return resources.files("bridge_server").joinpath("service_files", name).read_bytes()
+    """One of the shipped files: systemd/NAME, or systemd/examples/NAME for the example configs."""
+    folder = files_dir()
+    path = folder / "examples" / name if name.endswith(".yaml") else folder / name
+    return path.read_bytes()
 
 
 def find_bindir() -> str:

@@ -57,8 +57,8 @@ class ClientApp:
             nursery.start_soon(self._announce_ready)
             log.info(
                 "client.started",
-                server=f"{self.config.server_host}:{self.config.server_port}",
-                readers=[f"{r.token}@{r.vpcd_host}:{r.vpcd_port}" for r in self.config.readers],
+                server=str(self.config.server_address),
+                readers=[f"{r.token}@{r.vpcd_address}" for r in self.config.readers],
             )
             task_status.started()
 

@@ -63,10 +63,7 @@ def main(argv: list[str] | None = None) -> int:
             return _status(args)
         config = load_client_config(args.config)
         if args.command == "check-config":
-            print(
-                f"{args.config}: ok ({len(config.readers)} reader(s), server {config.server_host}:"
-                f"{config.server_port})"
-            )
+            print(f"{args.config}: ok ({len(config.readers)} reader(s), server {config.server_address})")
             return 0
         configure_logging(level=args.log_level)
         from bridge_client.app import main_async

@@ -21,21 +21,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from protocol import vpcd as vpcd_protocol
+from protocol import wire
 from protocol.errors import ConfigError
+from protocol.runtime.address import Address, parse_address
 from protocol.runtime.config import (
     load_yaml,
     optional_float,
     optional_mapping,
     optional_str,
-    parse_hostport,
     reject_unknown,
     require_mapping,
     require_str,
     resolve_path,
 )
 
-DEFAULT_PORT = 7447
-VPCD_BASE_PORT = 35963
+DEFAULT_PORT = wire.DEFAULT_PORT
+VPCD_BASE_PORT = vpcd_protocol.DEFAULT_PORT  # reader slot n connects to VPCD_BASE_PORT + n
 DEFAULT_CONFIG = Path("/etc/tokenbridge/client.yaml")
 DEFAULT_STATUS_SOCKET = Path("/run/tokenbridge/client.sock")
 
@@ -53,6 +55,10 @@ class ReaderConfig:
     vpcd_host: str
     vpcd_port: int
 
+    @property
+    def vpcd_address(self) -> Address:
+        return Address(self.vpcd_host, self.vpcd_port)
+
 
 @dataclass(frozen=True)
 class ClientConfig:
@@ -68,23 +74,36 @@ class ClientConfig:
     connect_timeout_s: float = 10.0
     status_socket: Path | None = None
 
+    @property
+    def server_address(self) -> Address:
+        return Address(self.server_host, self.server_port)
+
 
 def load_client_config(path: Path) -> ClientConfig:
     return parse_client_config(load_yaml(path), path)
+
+
+def load_tls_files(path: Path) -> TlsFiles:
+    """Only the `tls` section of the file at `path`: what SIGHUP applies (docs/client.md)."""
+    return parse_tls_files(load_yaml(path), path)
+
+
+def parse_tls_files(raw: dict[str, Any], path: Path) -> TlsFiles:
+    tls_raw = require_mapping(raw, "tls", path)
+    reject_unknown(tls_raw, ["ca", "cert", "key"], path, "tls")
+    return TlsFiles(
+        *(resolve_path(require_str(tls_raw, k, path, prefix="tls"), path) for k in ("ca", "cert", "key"))
+    )
 
 
 def parse_client_config(raw: dict[str, Any], path: Path) -> ClientConfig:
     reject_unknown(raw, ["server", "server_name", "tls", "readers", "lease", "reconnect", "status"], path)
     server = require_str(raw, "server", path)
     try:
-        host, port = parse_hostport(server, DEFAULT_PORT)
+        server_address = parse_address(server, DEFAULT_PORT)
     except ValueError as exc:
         raise ConfigError(str(path), "server", str(exc)) from None
-    tls_raw = require_mapping(raw, "tls", path)
-    reject_unknown(tls_raw, ["ca", "cert", "key"], path, "tls")
-    tls = TlsFiles(
-        *(resolve_path(require_str(tls_raw, k, path, prefix="tls"), path) for k in ("ca", "cert", "key"))
-    )
+    tls = parse_tls_files(raw, path)
     lease = optional_mapping(raw, "lease", path) or {}
     reject_unknown(lease, ["queue_timeout_s"], path, "lease")
     reconnect = optional_mapping(raw, "reconnect", path) or {}
@@ -100,9 +119,9 @@ def parse_client_config(raw: dict[str, Any], path: Path) -> ClientConfig:
         raise ConfigError(str(path), "reconnect.max_s", f"must be at least reconnect.initial_s ({initial})")
     return ClientConfig(
         path=path,
-        server_host=host,
-        server_port=port,
-        server_name=optional_str(raw, "server_name", path) or host,
+        server_host=server_address.host,
+        server_port=server_address.port,
+        server_name=optional_str(raw, "server_name", path) or server_address.host,
         tls=tls,
         readers=_parse_readers(raw, path),
         queue_timeout_s=_queue_timeout(lease, path),
@@ -137,14 +156,14 @@ def _parse_readers(raw: dict[str, Any], path: Path) -> tuple[ReaderConfig, ...]:
         token = require_str(item, "token", path, prefix=prefix)
         vpcd = optional_mapping(item, "vpcd", path, prefix=prefix) or {}
         reject_unknown(vpcd, ["connect"], path, f"{prefix}.vpcd")
-        text = (
-            optional_str(vpcd, "connect", path, prefix=f"{prefix}.vpcd")
-            or f"127.0.0.1:{VPCD_BASE_PORT + index}"
+        text = optional_str(vpcd, "connect", path, prefix=f"{prefix}.vpcd") or str(
+            Address("127.0.0.1", VPCD_BASE_PORT + index)
         )
         try:
-            host, port = parse_hostport(text, VPCD_BASE_PORT + index)
+            address = parse_address(text, VPCD_BASE_PORT + index)
         except ValueError as exc:
             raise ConfigError(str(path), f"{prefix}.vpcd.connect", str(exc)) from None
+        host, port = address.host, address.port
         if not _is_loopback(host):
             raise ConfigError(
                 str(path),

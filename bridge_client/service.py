@@ -4,9 +4,10 @@
   has ended, connected or failed and retrying: "started" means the client is doing its job,
   not that the server is up (a build VM that boots before the token host must not fail).
 - `STATUS=` says what the tunnel and each reader are doing, sent whenever it changes.
-- SIGHUP re-reads the config file's `tls` section and builds a new client context for the
-  next connection; the open tunnel keeps its session. A broken file keeps the old context
-  and is logged as `reload.failed`. Other settings need a restart.
+- SIGHUP re-reads only the config file's `tls` section (`load_tls_files`, not the whole
+  file) and builds a new client context for the next connection; the open tunnel keeps its
+  session. A broken file keeps the old context and is logged as `reload.failed`. Other
+  settings need a restart.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any, Final
 import structlog
 import trio
 
-from bridge_client.config import load_client_config
+from bridge_client.config import load_tls_files
 from protocol.errors import BridgeError
 from protocol.runtime.tls import client_context
 
@@ -62,7 +63,7 @@ def reload_tls(app: Any) -> bool:
     """Build a new client context from the config file's tls files; keep the old on failure."""
     path = app.config.path
     try:
-        tls = load_client_config(path).tls
+        tls = load_tls_files(path)
         ctx: ssl.SSLContext = client_context(ca=tls.ca, cert=tls.cert, key=tls.key)
     except (BridgeError, OSError, ssl.SSLError, ValueError) as exc:
         log.error(

@@ -46,7 +46,7 @@ def snapshot(app: StatusSource) -> dict[str, Any]:
         readers.append(
             {
                 "token": link.token,
-                "vpcd": f"{link.host}:{link.port}",
+                "vpcd": str(link.address),
                 "card": link.status.state,
                 "reason": link.status.reason,
                 "apdus": link.status.apdus,
@@ -65,7 +65,7 @@ def snapshot(app: StatusSource) -> dict[str, Any]:
         "tunnel": {
             "state": st.state,
             "reason": st.reason,
-            "server": f"{app.config.server_host}:{app.config.server_port}",
+            "server": str(app.config.server_address),
             "server_software": st.server,
             "identity": st.identity,
             "connected_for_s": None if st.connected_since is None else round(now - st.connected_since, 1),

@@ -36,21 +36,15 @@ import trio
 
 from bridge_client.backoff import Backoff
 from bridge_client.errors import CardFailure, LeaseError, TunnelDown, TunnelRefused
-from bridge_client.tunnel_state import (
-    Pending,
-    TokenState,
-    TunnelStatus,
-    describe_connect_error,
-)
+from bridge_client.tunnel_state import Pending, TokenState, TunnelStatus
 from protocol import ccid
-from protocol.connection import BridgeConnection, ConnectionClosed, Role
-from protocol.errors import CloseCode, RemoteProtocolError, TlsSetupError
+from protocol.connection import ConnectionClosed
+from protocol.errors import CloseCode, RemoteProtocolError
+from protocol.runtime.address import Address
+from protocol.runtime.connect import ConnectFailed, ConnectRefused, connect, describe_connect_error
 from protocol.runtime.framed import FramedConnection
-from protocol.runtime.tls import HOSTNAME_MISMATCH, check_peer_purpose, describe_handshake_error
 from protocol.wire import (
-    PROTOCOL_VERSION,
     CcidFrame,
-    ClientHello,
     ErrorMessage,
     Goodbye,
     LeaseEnded,
@@ -60,7 +54,6 @@ from protocol.wire import (
     LeaseRequest,
     Ping,
     Pong,
-    Refused,
     TokenStatus,
     Welcome,
 )
@@ -143,8 +136,10 @@ class Tunnel:
             except TunnelRefused as exc:
                 reason = str(exc)
                 self.status.state = "refused"
+            except ConnectFailed as exc:
+                reason = str(exc)
             except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError) as exc:
-                reason = describe_connect_error(exc, self.host, self.port)
+                reason = describe_connect_error(exc, self.address)
             except RemoteProtocolError as exc:
                 reason = f"protocol error from server: {exc}"
             except TunnelDown as exc:
@@ -156,82 +151,42 @@ class Tunnel:
             self._notify()
             log.warning(
                 "tunnel.disconnected",
-                peer=f"{self.host}:{self.port}",
+                peer=str(self.address),
                 reason=reason,
                 retry_in_s=round(delay, 2),
             )
             await trio.sleep(delay)
 
+    @property
+    def address(self) -> Address:
+        return Address(self.host, self.port)
+
     async def _connect_and_serve(self) -> None:
         with trio.fail_after(self.connect_timeout_s):
-            tcp = await self.open_stream(self.host, self.port)
-        stream = trio.SSLStream(tcp, self.ssl_context, server_hostname=self.server_name)
+            try:
+                greeted = await connect(
+                    self.address,
+                    self.ssl_context,
+                    server_name=self.server_name,
+                    software=SOFTWARE,
+                    open_stream=self.open_stream,
+                )
+            except ConnectRefused as exc:
+                raise TunnelRefused(exc.code, exc.message) from exc
         try:
-            with trio.fail_after(self.connect_timeout_s):
-                conn, first = await self._handshake(stream)
-        except BaseException:
-            await trio.aclose_forcefully(stream)
-            raise
-        try:
-            await self._serve(conn, first)
+            await self._serve(greeted.conn, greeted.welcome)
         finally:
             self._teardown()
-            await trio.aclose_forcefully(stream)
+            await greeted.aclose()
 
-    async def _handshake(self, stream: trio.SSLStream[trio.abc.Stream]) -> tuple[FramedConnection, object]:
-        """TLS handshake (server certificate and name checked), then the server's first frame."""
-        where = f"{self.host}:{self.port}"
-        try:
-            await stream.do_handshake()
-        except (trio.BrokenResourceError, ssl.SSLError) as exc:
-            why = describe_handshake_error(exc)
-            if why == HOSTNAME_MISMATCH:
-                why += (
-                    f" (the server certificate does not name {self.server_name!r}; fix server or "
-                    "server_name in the client config)"
-                )
-            raise TunnelDown(f"TLS handshake with {where} failed: {why}") from exc
-        try:
-            check_peer_purpose(stream)  # OpenSSL takes a server certificate with no EKU, or both
-        except TlsSetupError as exc:
-            raise TunnelDown(f"TLS handshake with {where} failed: {exc}") from exc
-        conn = FramedConnection(stream, BridgeConnection(Role.CLIENT))
-        # TLS 1.3: the server checks our certificate after our side of the handshake is done,
-        # so its verdict shows on this first read: an alert, a cut connection or a plain close.
-        closed_early = (
-            "it closed the connection right after the TLS handshake, so it most likely refused "
-            "our client certificate (another CA, expired or revoked; the server log's "
-            "tls.handshake_failed line says which)"
-        )
-        try:
-            first = await conn.receive()
-        except trio.BrokenResourceError as exc:
-            why = describe_handshake_error(exc)
-            if not why.startswith("peer refused our certificate"):
-                why = closed_early
-            raise TunnelDown(f"server {where} refused this client: {why}") from exc
-        if isinstance(first, ConnectionClosed):
-            raise TunnelDown(f"server {where} refused this client: {closed_early}")
-        return conn, first
-
-    async def _serve(self, conn: FramedConnection, first: object) -> None:
-        if isinstance(first, Refused):
-            raise TunnelRefused(first.reason, first.message)
-        if not isinstance(first, Welcome):
-            raise TunnelDown(
-                f"server's first frame was {type(first).__name__}, expected Welcome (is "
-                f"{self.host}:{self.port} a tokenbridge-server of this version?)"
-            )
-        await conn.send(ClientHello(version=PROTOCOL_VERSION, software=SOFTWARE))
+    async def _serve(self, conn: FramedConnection, first: Welcome) -> None:
         self._conn = conn
         self.backoff.reset()
         self.status.state, self.status.reason = "connected", ""
         self.status.server, self.status.identity = first.server, first.identity
         self.status.connected_since = time.time()
         self._notify()
-        log.info(
-            "tunnel.connected", peer=f"{self.host}:{self.port}", server=first.server, client_id=first.identity
-        )
+        log.info("tunnel.connected", peer=str(self.address), server=first.server, client_id=first.identity)
         interval = max(0.05, first.heartbeat_interval)
         # Errors are caught inside the nursery body: trio's strict exception groups would
         # otherwise wrap them and `run` could not tell a dropped tunnel from a bug.
@@ -283,7 +238,7 @@ class Tunnel:
             with trio.move_on_after(silence):
                 msg = await conn.receive()
             if msg is None:
-                log.warning("tunnel.heartbeat_lost", peer=f"{self.host}:{self.port}", silent_s=silence)
+                log.warning("tunnel.heartbeat_lost", peer=str(self.address), silent_s=silence)
                 raise _HeartbeatLost(
                     f"heartbeat lost: nothing heard from the server for {silence:g} s "
                     f"({MISSED_HEARTBEATS} heartbeat intervals); network or server stalled"

@@ -1,7 +1,7 @@
 """What the tunnel knows (token table, its own status) and how connection failures read.
 
-Split out of tunnel.py so the connection loop stays readable; everything here is plain data
-or pure functions (`describe_connect_error` turns trio/OS errors into operator words).
+Split out of tunnel.py so the connection loop stays readable; everything here is plain data.
+How a failed connection reads is `protocol.runtime.connect.describe_connect_error`.
 """
 
 from __future__ import annotations
@@ -9,8 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import trio
-
-from protocol.runtime.tls import describe_handshake_error
 
 
 @dataclass
@@ -68,30 +66,3 @@ class TunnelStatus:
     connected_since: float | None = None
     rtt_ms: float | None = None
     attempts: int = 0
-
-
-def connect_error_cause(exc: BaseException) -> BaseException:
-    """The error worth reporting from a failed `trio.open_tcp_stream`.
-
-    trio raises OSError("all attempts to connect to ... failed") from a group of the
-    per-address errors (ConnectionRefusedError...): the first of those says what happened.
-    """
-    cause = exc.__cause__
-    if type(exc) is OSError and exc.strerror is None and isinstance(cause, BaseExceptionGroup):
-        leaves = [e for e in cause.exceptions if isinstance(e, OSError)]
-        if leaves:
-            return leaves[0]
-    return exc
-
-
-def describe_connect_error(exc: BaseException, host: str, port: int) -> str:
-    exc = connect_error_cause(exc)
-    if isinstance(exc, trio.TooSlowError):
-        return f"timed out connecting to {host}:{port} (server down or a firewall drops packets)"
-    if isinstance(exc, ConnectionRefusedError):
-        return f"connection refused by {host}:{port} (is tokenbridge-server running and listening there?)"
-    if isinstance(exc, OSError) and exc.strerror:
-        return f"cannot reach {host}:{port}: {exc.strerror}"
-    if isinstance(exc, trio.BrokenResourceError) and exc.__cause__ is not None:
-        return f"connection to {host}:{port} broke: {describe_handshake_error(exc.__cause__)}"
-    return f"connection to {host}:{port} failed: {exc!r}"

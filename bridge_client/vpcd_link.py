@@ -38,12 +38,14 @@ import trio
 from bridge_client.backoff import Backoff
 from bridge_client.errors import CardFailure, LeaseError, TunnelError
 from bridge_client.tunnel import Tunnel
-from bridge_client.tunnel_state import TokenState, connect_error_cause
+from bridge_client.tunnel_state import TokenState
 from protocol import NEED_DATA, ccid
 from protocol.apdu import redact
 from protocol.errors import RemoteProtocolError
+from protocol.runtime.address import Address
+from protocol.runtime.connect import connect_error_cause
 from protocol.runtime.logging import debug_enabled
-from protocol.vpcd import MAX_ATR_LENGTH, Apdu, Closed, Control, VpcdCardSide, VpcdControl
+from protocol.vpcd import DEFAULT_PORT, MAX_ATR_LENGTH, Apdu, Closed, Control, VpcdCardSide, VpcdControl
 
 log = structlog.get_logger(__name__)
 
@@ -65,7 +67,7 @@ class VpcdLink:
     tunnel: Tunnel
     token: str
     host: str = "127.0.0.1"
-    port: int = 35963
+    port: int = DEFAULT_PORT
     queue_timeout_s: float = 900.0
     backoff: Backoff = field(default_factory=lambda: Backoff(initial_s=0.25, max_s=5.0))
     # How the vpcd connection is opened; tests pass a memory-stream factory.
@@ -73,6 +75,10 @@ class VpcdLink:
 
     def __post_init__(self) -> None:
         self.status = ReaderStatus()
+
+    @property
+    def address(self) -> Address:
+        return Address(self.host, self.port)
 
     @property
     def _tok(self) -> TokenState:
@@ -95,7 +101,7 @@ class VpcdLink:
                 cause = connect_error_cause(exc)
                 why = cause.strerror if isinstance(cause, OSError) and cause.strerror else str(cause)
                 self.status.reason = (
-                    f"cannot connect to vpcd at {self.host}:{self.port}: {why} (is pcscd running "
+                    f"cannot connect to vpcd at {self.address}: {why} (is pcscd running "
                     "with vsmartcard-vpcd, and is this the slot's port?)"
                 )
                 log.warning(

@@ -20,8 +20,9 @@ Pure (no I/O, clock or concurrency; tests/protocol/test_purity.py):
 Runtime helpers (they do I/O; the daemons share them):
 
 - `protocol.runtime.framed`: `FramedConnection`, a `BridgeConnection` over a trio stream;
-- `protocol.runtime.tls`, `protocol.runtime.config`, `protocol.runtime.logging`,
-  `protocol.runtime.sdnotify`.
+- `protocol.runtime.connect`: the one connect-and-greet path, over `protocol.runtime.address`;
+- `protocol.runtime.tls`, `protocol.runtime.config` with `protocol.runtime.schema`,
+  `protocol.runtime.logging`, `protocol.runtime.sdnotify`.
 
 `NEED_DATA` (and its type `NeedData`) is what every sans-I/O decoder's `next_event()` returns
 when it needs more bytes.
@@ -41,9 +42,12 @@ PUBLIC_MODULES = (
     "protocol.vocabulary",
     "protocol.vpcd",
     "protocol.wire",
+    "protocol.runtime.address",
     "protocol.runtime.config",
+    "protocol.runtime.connect",
     "protocol.runtime.framed",
     "protocol.runtime.logging",
+    "protocol.runtime.schema",
     "protocol.runtime.sdnotify",
     "protocol.runtime.tls",
 )

@@ -35,6 +35,7 @@ from bridge_server.net.admission import MAX_FIRST_RECORD, HandshakeBook, first_r
 from bridge_server.net.hub import Identity
 from bridge_server.net.session import SessionContext, audit_event, send_refusal, serve_session
 from protocol.errors import CloseCode, TlsSetupError
+from protocol.runtime.address import Address
 from protocol.runtime.tls import describe_handshake_error, peer_identity
 from protocol.vocabulary import RefusalReason
 
@@ -47,7 +48,7 @@ def describe_peer(stream: trio.abc.Stream) -> str:
         host, port = sock.getpeername()[:2] if sock is not None else ("?", 0)
     except OSError:
         return "unknown"
-    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return str(Address(str(host), port))
 
 
 def peer_host(stream: trio.abc.Stream) -> str:

@@ -12,15 +12,17 @@ import trio
 from bridge_server.simulator.direct import DirectCard, main_async, main_usb_async
 from bridge_server.simulator.piv import PivCard
 from bridge_server.simulator.profiles import PROFILES
+from protocol.runtime.address import parse_address
 from protocol.runtime.logging import configure_logging
 from protocol.vpcd import DEFAULT_PORT
 
 
 def parse_host_port(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
-    return host.strip("[]"), int(port)
+    try:
+        address = parse_address(text, DEFAULT_PORT)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return address.host, address.port
 
 
 def build_parser() -> argparse.ArgumentParser:

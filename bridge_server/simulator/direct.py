@@ -27,6 +27,7 @@ from bridge_server.errors import DeviceError
 from bridge_server.simulator.piv import PivCard
 from protocol.apdu import redact
 from protocol.errors import RemoteProtocolError
+from protocol.runtime.address import Address
 from protocol.vpcd import Apdu, Closed, Control, VpcdCardSide, VpcdControl
 
 if TYPE_CHECKING:
@@ -172,16 +173,17 @@ def _quickack(stream: trio.abc.Stream) -> None:
 async def run_direct(direct: VpcdCard, host: str, port: int) -> None:
     """Keep the card inserted in the vpcd slot at host:port until cancelled."""
     delay = RECONNECT_INITIAL_S
+    peer = str(Address(host, port))
     while True:
         try:
             stream = await trio.open_tcp_stream(host, port)
         except OSError as exc:
-            log.info("vpcd.connect_failed", peer=f"{host}:{port}", reason=str(exc), retry_s=delay)
+            log.info("vpcd.connect_failed", peer=peer, reason=str(exc), retry_s=delay)
             await trio.sleep(delay)
             delay = min(delay * 2, RECONNECT_MAX_S)
             continue
         delay = RECONNECT_INITIAL_S
-        log.info("vpcd.connected", peer=f"{host}:{port}")
+        log.info("vpcd.connected", peer=peer)
         async with stream:
             try:
                 await serve_connection(stream, direct)
@@ -194,7 +196,7 @@ async def run_direct(direct: VpcdCard, host: str, port: int) -> None:
             ) as exc:
                 reason = str(exc) or type(exc).__name__
         await direct.removed()  # the card left the reader
-        log.info("vpcd.disconnected", peer=f"{host}:{port}", reason=reason, **asdict(direct.card.counters))
+        log.info("vpcd.disconnected", peer=peer, reason=reason, **asdict(direct.card.counters))
         await trio.sleep(RECONNECT_INITIAL_S)
 
 

@@ -39,6 +39,17 @@ from bridge_server.guard.flood_guard import FloodGuard
 from bridge_server.guard.guardrails import Guardrails, Holder
 from bridge_server.guard.pin_guard import Attempt, Engaged
 from bridge_server.net.hub import Hub, Subscriber
+from bridge_server.tokens.commands import (
+    Command,
+    ReleaseLease,
+    RequestLease,
+    ResetToken,
+    RevokeLease,
+    SessionCommand,
+    Shutdown,
+    SubmitFrame,
+    Wake,
+)
 from bridge_server.tokens.device import CardOpener, OpenedCard, TokenDevice
 from bridge_server.tokens.epochs import EpochStore
 from bridge_server.tokens.leases import (
@@ -50,17 +61,6 @@ from bridge_server.tokens.leases import (
     LeaseEvent,
     Queued,
     Refusal,
-)
-from bridge_server.tokens.commands import (
-    Command,
-    ReleaseLease,
-    RequestLease,
-    ResetToken,
-    RevokeLease,
-    SessionCommand,
-    Shutdown,
-    SubmitFrame,
-    Wake,
 )
 from bridge_server.tokens.stats import TokenStats
 from bridge_server.tokens.virtual_reader import VirtualReader

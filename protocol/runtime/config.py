@@ -24,6 +24,7 @@ from protocol.errors import ConfigError
 __all__ = [
     "Fields",
     "dotted",
+    "dump_yaml",
     "load_yaml",
     "optional_bool",
     "optional_float",
@@ -31,7 +32,6 @@ __all__ = [
     "optional_mapping",
     "optional_str",
     "optional_str_list",
-    "parse_hostport",
     "reject_unknown",
     "require_bool",
     "require_float",
@@ -111,6 +111,13 @@ def _describe_yaml_error(exc: yaml.MarkedYAMLError) -> str:
     if problem.startswith("duplicate key"):
         return problem
     return f"yaml syntax error at line {mark.line + 1}, column {mark.column + 1}: {problem}"
+
+
+def dump_yaml(document: Mapping[str, Any], *, comment: str = "") -> str:
+    """`document` as YAML text via `yaml.safe_dump` (never f-strings: a value with `: `, `#` or
+    quotes must read back as itself), keys in the given order, led by `# comment` if any."""
+    text: str = yaml.safe_dump(dict(document), sort_keys=False, default_flow_style=False, allow_unicode=True)
+    return f"# {comment}\n{text}" if comment else text
 
 
 # --- typed fields -----------------------------------------------------------------------------
@@ -270,9 +277,11 @@ def optional_bool(
     return default if value is _MISSING else _check_bool(value, path, key, prefix)
 
 
-def _check_str_list(value: object, path: str | Path, key: str, prefix: str) -> list[str]:
+def _check_str_list(
+    value: object, path: str | Path, key: str, prefix: str, what: str = "a list of strings"
+) -> list[str]:
     if not isinstance(value, list):
-        raise _wrong(path, prefix, key, "a list of strings", value)
+        raise _wrong(path, prefix, key, what, value)
     return [_check_str(item, path, f"{key}[{i}]", prefix) for i, item in enumerate(value)]
 
 
@@ -289,9 +298,11 @@ def optional_str_list(
     default: Iterable[str] = (),
     *,
     prefix: str = "",
+    what: str = "a list of strings",
 ) -> list[str]:
+    """`what` names the list in the message ("a list of identity names")."""
     value = _get(mapping, key, path, prefix, False)
-    return list(default) if value is _MISSING else _check_str_list(value, path, key, prefix)
+    return list(default) if value is _MISSING else _check_str_list(value, path, key, prefix, what)
 
 
 def _check_mapping(value: object, path: str | Path, key: str, prefix: str) -> dict[str, Any]:
@@ -348,7 +359,7 @@ class Fields:
     reject_unknown = staticmethod(reject_unknown)
 
 
-# --- paths and addresses ----------------------------------------------------------------------
+# --- paths (addresses: protocol.runtime.address) --------------------------------------------
 
 
 def resolve_path(value: str | Path, config_path: Path) -> Path:
@@ -358,34 +369,3 @@ def resolve_path(value: str | Path, config_path: Path) -> Path:
     if candidate.is_absolute():
         return candidate
     return config_path.parent / candidate
-
-
-def parse_hostport(value: str, default_port: int, *, listen: bool = False) -> tuple[str, int]:
-    """`host`, `host:port`, `[v6]`, `[v6]:port` or a bare IPv6 address -> (host, port).
-
-    With `listen`, port 0 (the kernel picks a free port) is allowed. Raises ValueError with the
-    offending text; callers wrap it in a ConfigError naming the key.
-    """
-    text = value.strip()
-    if not text:
-        raise ValueError("empty address; expected host or host:port")
-    if text.startswith("["):
-        host, sep, rest = text[1:].partition("]")
-        if not sep or not host:
-            raise ValueError(f"bad address {text!r}: unclosed '[' around an ipv6 address")
-        if rest and not rest.startswith(":"):
-            raise ValueError(f"bad address {text!r}: expected ':port' after ']'")
-        has_port, port_text = bool(rest), rest[1:]
-    elif text.count(":") > 1:  # bare IPv6, no port possible without brackets
-        host, has_port, port_text = text, False, ""
-    else:
-        host, sep, port_text = text.partition(":")
-        has_port = bool(sep)
-        if not host:
-            raise ValueError(f"bad address {text!r}: missing host before ':'")
-    if not has_port:
-        return host, default_port
-    lowest = 0 if listen else 1
-    if not port_text.isdigit() or not lowest <= int(port_text) <= 65535:
-        raise ValueError(f"bad port {port_text!r} in {text!r}: expected {lowest}..65535")
-    return host, int(port_text)

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from bridge_client.cli import main
-from bridge_client.config import load_client_config, parse_client_config
+from bridge_client.config import load_client_config, load_tls_files, parse_client_config
 from protocol.errors import ConfigError
 
 CONFIG = Path("/etc/tokenbridge/client.yaml")
@@ -180,3 +180,18 @@ def test_check_config_reports_the_file_and_key_and_exits_2(
     )
     assert main(["--config", str(path), "check-config"]) == 0
     assert "ok (1 reader(s), server tokenhost.example:7447)" in capsys.readouterr().out
+
+
+def test_a_reload_reads_only_the_tls_section(tmp_path: Path) -> None:
+    # SIGHUP applies new certificate files and nothing else: it needs no readers, no server.
+    path = tmp_path / "client.yaml"
+    path.write_text("tls: {ca: pki/ca.pem, cert: pki/vm.pem, key: pki/vm.key}\n")
+    tls = load_tls_files(path)
+    assert (tls.ca, tls.cert, tls.key) == (
+        tmp_path / "pki/ca.pem",
+        tmp_path / "pki/vm.pem",
+        tmp_path / "pki/vm.key",
+    )
+    path.write_text("tls: {ca: a, cert: b, keys: c}\n")
+    with pytest.raises(ConfigError, match=r"tls\.keys: unknown key; did you mean 'key'"):
+        load_tls_files(path)

@@ -126,9 +126,26 @@ def test_token_errors_name_the_list_index() -> None:
     assert err.key == "tokens[0].match.simulate"
 
 
-def test_numeric_serial_from_yaml_becomes_text() -> None:
+def test_a_numeric_serial_is_refused_with_the_quoting_fix() -> None:
+    # YAML reads `serial: 0012345` as a number (octal, even): the leading zeros are gone, so the
+    # one config layer refuses it for both daemons instead of guessing the text.
     doc = minimal(tokens=[{"name": "t", "match": {"vid": 1, "serial": 12345678}, "allow": []}])
-    assert parse_server_config(doc, CFG).tokens[0].match.serial == "12345678"
+    err = error_of(doc)
+    assert err.key == "tokens[0].match.serial"
+    assert "quote it: '12345678'" in err.problem
+
+
+def test_usb_ids_may_be_written_in_hex_text() -> None:
+    doc = minimal(tokens=[{"name": "t", "match": {"vid": "0x0529", "pid": 1568}, "allow": []}])
+    assert parse_server_config(doc, CFG).tokens[0].match == TokenMatch(vid=0x0529, pid=0x0620)
+
+
+@pytest.mark.parametrize("value", [".nan", ".inf"])
+def test_durations_must_be_finite(value: str) -> None:
+    import yaml
+
+    err = error_of(minimal(lease={"linger_s": yaml.safe_load(value)}))
+    assert (err.key, "finite" in err.problem) == ("lease.linger_s", True)
 
 
 def test_tokens_must_be_a_non_empty_list() -> None:

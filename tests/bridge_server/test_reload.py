@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ssl
 from pathlib import Path
-from typing import Any
 
 import pytest
 import structlog
@@ -14,7 +13,8 @@ from bridge_admin.pki import Pki
 from bridge_server.app import BridgeServer
 from bridge_server.config import parse_server_config
 from protocol import wire
-from protocol.connection import BridgeConnection, Role
+from protocol.runtime.address import Address
+from protocol.runtime.connect import ConnectFailed, Greeted, connect
 from protocol.runtime.framed import FramedConnection
 from protocol.runtime.tls import client_context
 
@@ -49,20 +49,10 @@ def _ctx(pki: Pki, name: str) -> ssl.SSLContext:
     return client_context(ca=b / "ca.pem", cert=b / f"{name}.pem", key=b / f"{name}.key")
 
 
-async def _open(pki: Pki, port: int, name: str) -> tuple[Any, FramedConnection]:
-    tcp = await trio.open_tcp_stream("127.0.0.1", port)
-    tls = trio.SSLStream(tcp, _ctx(pki, name), server_hostname="localhost")
-    framed = FramedConnection(tls, BridgeConnection(Role.CLIENT))
-    try:
-        await tls.do_handshake()
-        first = await framed.receive()
-        if not isinstance(first, wire.Welcome):
-            raise trio.BrokenResourceError(f"not welcomed: {first}")
-    except BaseException:
-        await trio.aclose_forcefully(tls)
-        raise
-    await framed.send(wire.ClientHello(version=wire.PROTOCOL_VERSION, software="reload-test"))
-    return tls, framed
+async def _open(pki: Pki, port: int, name: str) -> Greeted:
+    return await connect(
+        Address("127.0.0.1", port), _ctx(pki, name), server_name="localhost", software="reload-test"
+    )
 
 
 async def _alive(framed: FramedConnection) -> bool:
@@ -93,18 +83,18 @@ async def test_revoked_client_is_dropped_within_seconds_and_cannot_return(tmp_pa
     async with trio.open_nursery() as nursery:
         port = (await nursery.start(server.run))[0].socket.getsockname()[1]
         with trio.fail_after(20):
-            tls1, vm1 = await _open(pki, port, "build-vm-01")
-            tls2, vm2 = await _open(pki, port, "build-vm-02")
+            one, two = await _open(pki, port, "build-vm-01"), await _open(pki, port, "build-vm-02")
             start = trio.current_time()
             pki.revoke("build-vm-01")
             with trio.fail_after(5):
-                await _closed(vm1)
+                await _closed(one.conn)
             dropped_after = trio.current_time() - start
-            assert await _alive(vm2)
-            with pytest.raises(trio.BrokenResourceError):
+            assert await _alive(two.conn)
+            with pytest.raises(ConnectFailed, match="refused this client") as refused:
                 await _open(pki, port, "build-vm-01")  # TLS 1.3: the refusal shows on the first read
-            for tls in (tls1, tls2):
-                await trio.aclose_forcefully(tls)
+            assert refused.value.stage == "closed"
+            for greeted in (one, two):
+                await greeted.aclose()
         server.request_shutdown()
     assert dropped_after < 5
     assert server.reloader.reloads == 1
@@ -121,9 +111,9 @@ async def test_a_bad_crl_keeps_the_old_context_and_says_so(tmp_path: Path) -> No
             assert server.reload_tls() is False
         assert server.reloader.current() is before
         with trio.fail_after(10):
-            tls, vm = await _open(pki, port, "build-vm-02")
-            assert await _alive(vm)
-            await trio.aclose_forcefully(tls)
+            greeted = await _open(pki, port, "build-vm-02")
+            assert await _alive(greeted.conn)
+            await greeted.aclose()
         server.request_shutdown()
     failed = [e for e in logs if e["event"] == "tls.reload_failed"]
     assert failed and failed[0]["log_level"] == "error" and "crl" in failed[0]["error"]

@@ -9,8 +9,8 @@ import pytest
 import trio
 from server_fakes import Client, FakeDevice, make_manager
 
-from bridge_server.tokens import commands as cmds
 from bridge_server.net.hub import Hub
+from bridge_server.tokens import commands as cmds
 
 
 def test_every_command_is_a_small_frozen_dataclass_with_only_the_fields_it_needs() -> None:

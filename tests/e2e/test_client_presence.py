@@ -17,6 +17,7 @@ import pytest
 from e2e_stack import VpcdSlot, card_present, wait_for
 
 from bridge_admin.demo import BridgeStack
+from protocol.runtime.config import dump_yaml, load_yaml
 
 pytestmark = pytest.mark.e2e
 
@@ -97,12 +98,11 @@ def test_no_card_appears_for_a_token_this_client_may_not_use(stack: BridgeStack,
     stack.profiles = ["safenet-5110", "yubikey5"]  # tokens "codesign" and "token1"
     stack.make_pki(["build-vm-01", "build-vm-02"])
     config = stack.write_server_config(allow=["build-vm-02"])
-    text = config.read_text()
+    document = load_yaml(config)
     # token1 also allows build-vm-01; codesign (the reader's token) does not.
-    head, sep, tail = text.partition("  - name: token1")
-    config.write_text(
-        head + sep + tail.replace("allow: [build-vm-02]", "allow: [build-vm-02, build-vm-01]", 1)
-    )
+    assert document["tokens"][1]["name"] == "token1"
+    document["tokens"][1]["allow"].append("build-vm-01")
+    config.write_text(dump_yaml(document))
     stack.start_server()
     client = stack.start_client("build-vm-01", [vpcd_slot.index])  # one reader: codesign
     status = wait_for(

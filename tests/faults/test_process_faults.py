@@ -37,17 +37,17 @@ from typing import Any
 import pytest
 import trio
 from e2e_stack import VpcdSlot, card_states, reader_name
-from inproc import SELECT_PIV, VERIFY_123456, apdu, hello, open_lease, power_on
+from inproc import SELECT_PIV, VERIFY_123456, apdu, greet, power_on, request_lease
 from procstack import (
     VERIFY_STATUS_QUERY,
     Grant,
     SignerLog,
     ccid_signer,
     client_ssl,
-    connect,
     control,
     overlapping_leases,
     read_json,
+    reconnecting,
     verify_signature,
     wait_for,
 )
@@ -91,15 +91,16 @@ def holder(stack: BridgeStack) -> object:
 
 async def pin_retries(stack: BridgeStack) -> int:
     """The card's PIN retry counter, from the empty VERIFY status query (spends no retry)."""
-    tls, client = await connect(client_ssl(stack), stack.server_port)
+    greeted = await greet(client_ssl(stack), stack.server_port)
+    client = greeted.conn
     try:
         with trio.fail_after(10):
-            granted = await open_lease(client)
+            granted = await request_lease(client)
             await power_on(client, granted.epoch)
             await apdu(client, granted.epoch, 1, SELECT_PIV)
             sw = await apdu(client, granted.epoch, 2, VERIFY_STATUS_QUERY)
     finally:
-        await trio.aclose_forcefully(tls)
+        await greeted.aclose()
     assert sw[0] == 0x63 and sw[1] & 0xF0 == 0xC0, sw.hex()
     return sw[1] & 0x0F
 
@@ -166,42 +167,32 @@ async def probe_once(client: FramedConnection, log: ProbeLog) -> None:
 
 async def pin_prober(stack: BridgeStack, log: ProbeLog) -> None:
     """Present PINs to the guarded token forever, one lease per probe, reconnecting after failures."""
-    while True:
-        try:
-            with trio.fail_after(5):
-                tls, client = await connect(client_ssl(stack), stack.server_port)
-            try:
-                with trio.fail_after(5):
-                    await hello(client)
-                while True:
-                    with trio.fail_after(5):
-                        await probe_once(client, log)
-                    # Each probe is two refused PIN commands; a client that repeats refused
-                    # commands faster than REFUSED_COMMANDS allows is ejected (guard/flood_limits.py),
-                    # which is right for a real client but not what this test is about.
-                    await trio.sleep(PROBE_INTERVAL_S)
-            finally:
-                await trio.aclose_forcefully(tls)
-        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
-            log.connection_errors += 1
-            await trio.sleep(0.02)
+    await reconnecting(client_ssl(stack), stack.server_port, lambda conn: probe_paced(conn, log), log)
+
+
+async def probe_paced(client: FramedConnection, log: ProbeLog) -> None:
+    """One probe, then a pause: each probe is two refused PIN commands, and a client that repeats
+    refused commands faster than REFUSED_COMMANDS allows is ejected (guard/flood_limits.py), which
+    is right for a real client but not what this test is about."""
+    await probe_once(client, log)
+    await trio.sleep(PROBE_INTERVAL_S)
 
 
 async def engage_guard(stack: BridgeStack) -> list[bytes]:
     """Wrong PINs to the guarded token until its guard answers 6983 (at most three)."""
     log = ProbeLog()
     answers: list[bytes] = []
-    tls, client = await connect(client_ssl(stack), stack.server_port)
+    greeted = await greet(client_ssl(stack), stack.server_port)
+    client = greeted.conn
     try:
         with trio.fail_after(10):
-            await hello(client)
             epoch = await guarded_lease(client, log)
             for seq in range(2, 5):
                 answers.append(await token_apdu(client, GUARDED, epoch, seq, WRONG_VERIFY))
                 if answers[-1] == REFUSED:
                     break
     finally:
-        await trio.aclose_forcefully(tls)
+        await greeted.aclose()
     return answers
 
 

@@ -32,9 +32,8 @@ from inproc import (
     Pki,
     apdu,
     expect,
-    hello,
     open_fds,
-    open_wire_client,
+    open_greeted_client,
     power_on,
     running_server,
     wait_until,
@@ -64,8 +63,7 @@ async def connect_and_sign(pki: Pki, port: int) -> float:
     """Seconds for one allowed client: TLS, greeting, lease, power on, SELECT, VERIFY, SIGN."""
     start = time.monotonic()
     with trio.fail_after(CLIENT_GIVES_UP_S):
-        async with open_wire_client(pki.client(), port) as client:
-            await hello(client)
+        async with open_greeted_client(pki.client(), port) as client:
             await client.send(wire.LeaseRequest(token_id=0))
             msg = await expect(client, wire.LeaseGranted | wire.Refused | wire.ErrorMessage)
             assert isinstance(msg, wire.LeaseGranted), msg

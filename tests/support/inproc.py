@@ -26,6 +26,8 @@ from bridge_server.app import BridgeServer
 from bridge_server.config import parse_server_config
 from protocol import ccid, wire
 from protocol.connection import BridgeConnection, Role
+from protocol.runtime.address import Address
+from protocol.runtime.connect import Greeted, connect
 from protocol.runtime.framed import FramedConnection
 from protocol.runtime.tls import client_context
 
@@ -81,9 +83,25 @@ async def running_server(
             server.request_shutdown()
 
 
+async def greet(ctx: ssl.SSLContext, port: int, software: str = "fault-test") -> Greeted:
+    """The product's one connect path to 127.0.0.1:port: TLS, Welcome, our ClientHello sent."""
+    return await connect(Address("127.0.0.1", port), ctx, server_name="localhost", software=software)
+
+
+@asynccontextmanager
+async def open_greeted_client(ctx: ssl.SSLContext, port: int) -> AsyncIterator[FramedConnection]:
+    """`greet`, closed on exit."""
+    greeted = await greet(ctx, port)
+    try:
+        yield greeted.conn
+    finally:
+        await greeted.aclose()
+
+
 @asynccontextmanager
 async def open_wire_client(ctx: ssl.SSLContext, port: int) -> AsyncIterator[FramedConnection]:
-    """A bare mutual-TLS bridge connection to 127.0.0.1:port, handshake done, nothing read yet."""
+    """A bare mutual-TLS bridge connection to 127.0.0.1:port, handshake done, nothing read yet
+    (for tests of the greeting itself; everything else uses `greet`)."""
     tcp = await trio.open_tcp_stream("127.0.0.1", port)
     tls = trio.SSLStream(tcp, ctx, server_hostname="localhost")
     try:
@@ -118,6 +136,11 @@ async def hello(client: FramedConnection) -> None:
 
 async def open_lease(client: FramedConnection) -> wire.LeaseGranted:
     await hello(client)
+    return await request_lease(client)
+
+
+async def request_lease(client: FramedConnection) -> wire.LeaseGranted:
+    """A lease on token 0 over a greeted connection."""
     await client.send(wire.LeaseRequest(token_id=0))
     return await expect(client, wire.LeaseGranted)
 

@@ -13,6 +13,7 @@ import json
 import socket
 import ssl
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,12 +23,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, encode_dss_signature
-from inproc import SELECT_PIV, SIGN_9D, VERIFY_123456, apdu, expect, hello, power_on
+from inproc import SELECT_PIV, SIGN_9D, VERIFY_123456, apdu, expect, greet, power_on
 
 from bridge_admin.demo import BridgeStack
 from bridge_admin.demo import wait_for as poll
 from protocol import wire
-from protocol.connection import BridgeConnection, Role
+from protocol.runtime.connect import ConnectFailed
 from protocol.runtime.framed import FramedConnection
 from protocol.runtime.tls import client_context
 
@@ -71,17 +72,6 @@ class SignerLog:
     connection_errors: int = 0
 
 
-async def connect(ctx: ssl.SSLContext, port: int) -> tuple[trio.SSLStream[trio.abc.Stream], FramedConnection]:
-    tcp = await trio.open_tcp_stream("127.0.0.1", port)
-    tls = trio.SSLStream(tcp, ctx, server_hostname="localhost")
-    try:
-        await tls.do_handshake()
-    except BaseException:
-        await trio.aclose_forcefully(tls)
-        raise
-    return tls, FramedConnection(tls, BridgeConnection(Role.CLIENT))
-
-
 async def sign_once(client: FramedConnection, log: SignerLog) -> None:
     """Lease, cold power-on, SELECT, VERIFY, sign, release."""
     await client.send(wire.LeaseRequest(token_id=0))
@@ -101,19 +91,31 @@ async def sign_once(client: FramedConnection, log: SignerLog) -> None:
 
 async def ccid_signer(ctx: ssl.SSLContext, port: int, log: SignerLog) -> None:
     """Sign in a loop forever, one lease per signature, reconnecting after every failure."""
+    await reconnecting(ctx, port, lambda conn: sign_once(conn, log), log)
+
+
+async def reconnecting(
+    ctx: ssl.SSLContext, port: int, step: Callable[[FramedConnection], Awaitable[None]], log: Any
+) -> None:
+    """Greet and run `step` forever; count each lost or refused connection in
+    `log.connection_errors` and connect again (5 s bound on each greeting and step)."""
     while True:
         try:
             with trio.fail_after(5):
-                tls, client = await connect(ctx, port)
+                greeted = await greet(ctx, port, "ccid-signer")
             try:
-                with trio.fail_after(5):
-                    await hello(client)
                 while True:
                     with trio.fail_after(5):
-                        await sign_once(client, log)
+                        await step(greeted.conn)
             finally:
-                await trio.aclose_forcefully(tls)
-        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
+                await greeted.aclose()
+        except (
+            ConnectFailed,
+            OSError,
+            trio.BrokenResourceError,
+            trio.ClosedResourceError,
+            trio.TooSlowError,
+        ):
             log.connection_errors += 1
             await trio.sleep(0.02)
 

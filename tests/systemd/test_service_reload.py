@@ -15,6 +15,7 @@ from systemd_support import make_stack, served_serial, server_cmd, spawn
 from bridge_client import service as client_service
 from bridge_server.config import LeaseConfig, load_server_config
 from bridge_server.service import plan_reload, status_line
+from protocol.runtime.config import dump_yaml, load_yaml
 
 
 def _serial(pem: Path) -> int:
@@ -72,12 +73,10 @@ def test_sighup_applies_a_new_allow_list_and_names_what_needs_a_restart(tmp_path
     try:
         proc.wait_log('"server.ready"', timeout=30)
         config = stack.workdir / "server.yaml"
-        text = config.read_text()
-        config.write_text(
-            text.replace("allow: [build-vm-01]", "allow: [build-vm-01, build-vm-02]").replace(
-                f"127.0.0.1:{stack.server_port}", "127.0.0.1:1"
-            )
-        )
+        document = load_yaml(config)
+        document["tokens"][0]["allow"].append("build-vm-02")
+        document["listen"] = "127.0.0.1:1"
+        config.write_text(dump_yaml(document))
         mark = len(proc.log())
         proc.signal(signal.SIGHUP)
         after = proc.wait_log('"reload.applied"', after=mark)

@@ -20,7 +20,6 @@ from bridge_admin import install
 
 REPO = Path(__file__).resolve().parents[2]
 SYSTEMD = REPO / "systemd"
-SHIPPED = REPO / "bridge_server" / "service_files"
 BINDIR = str(Path(sys.executable).parent)
 PCSCD_UNIT = Path("/lib/systemd/system/pcscd.service")
 
@@ -130,12 +129,11 @@ def test_sysusers_and_tmpfiles_create_the_user_and_private_folders(tmp_path: Pat
         assert (tmp_path / folder).stat().st_mode & 0o777 == 0o750, folder
 
 
-def test_packaged_copies_equal_the_canonical_files() -> None:
-    canonical = {
-        p.name: p.read_bytes() for p in [*SYSTEMD.glob("*.*"), *(SYSTEMD / "examples").glob("*.yaml")]
-    }
-    shipped = {p.name: p.read_bytes() for p in SHIPPED.iterdir() if p.is_file()}
-    assert shipped == canonical, "run: cp systemd/*.* systemd/examples/*.yaml bridge_server/service_files/"
+def test_the_systemd_files_exist_once_and_the_installer_reads_that_copy() -> None:
+    assert not (REPO / "bridge_server" / "service_files").exists()
+    assert install.files_dir() in (SYSTEMD, Path(sys.prefix) / install.SHARE_SUBDIR)
+    for p in [*SYSTEMD.glob("*.*"), *(SYSTEMD / "examples").glob("*.yaml")]:
+        assert install.service_file(p.name) == p.read_bytes(), p.name
 
 
 def test_install_service_server_writes_units_rules_and_keeps_an_existing_config(tmp_path: Path) -> None:

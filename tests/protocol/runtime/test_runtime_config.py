@@ -17,7 +17,6 @@ from protocol.runtime.config import (
     optional_mapping,
     optional_str,
     optional_str_list,
-    parse_hostport,
     reject_unknown,
     require_float,
     require_int,
@@ -211,33 +210,3 @@ def test_relative_paths_resolve_against_the_config_folder() -> None:
     assert resolve_path("certs/ca.pem", config_path) == Path("/etc/bridge/certs/ca.pem")
     assert resolve_path("/srv/ca.pem", config_path) == Path("/srv/ca.pem")
     assert resolve_path("~/ca.pem", config_path) == Path.home() / "ca.pem"
-
-
-@pytest.mark.parametrize(
-    ("text", "expected"),
-    [
-        ("bridge.example:7443", ("bridge.example", 7443)),
-        ("bridge.example", ("bridge.example", 7000)),
-        ("10.0.0.7:1", ("10.0.0.7", 1)),
-        ("[::1]:7443", ("::1", 7443)),
-        ("[fe80::1]", ("fe80::1", 7000)),
-        ("::1", ("::1", 7000)),
-    ],
-)
-def test_parse_hostport_accepts_host_port_forms(text: str, expected: tuple[str, int]) -> None:
-    assert parse_hostport(text, 7000) == expected
-
-
-BAD_ADDRESSES = ["host:", "host:0", "host:65536", "host:http", ":7000", "[::1", "[::1]x"]
-
-
-@pytest.mark.parametrize("text", BAD_ADDRESSES)
-def test_parse_hostport_rejects_bad_addresses_naming_them(text: str) -> None:
-    with pytest.raises(ValueError) as info:
-        parse_hostport(text, 7000)
-    assert repr(text) in str(info.value)
-
-
-def test_parse_hostport_rejects_empty_text() -> None:
-    with pytest.raises(ValueError, match="empty address"):
-        parse_hostport("  ", 7000)
