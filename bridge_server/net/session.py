@@ -231,6 +231,7 @@ class _Session:
     async def _admin(self, req: wire.AdminRequest) -> wire.AdminResponse:
         if not self.sub.admin:
             log.warning("admin.refused", action=req.action[:64])
+            await audit_event(self.ctx, "admin.refused", self.sub.identity, action=req.action[:64])
             return wire.AdminResponse(
                 request_id=req.request_id, ok=False, result={}, error=f"{self.sub.name!r} is not an admin"
             )

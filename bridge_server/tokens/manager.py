@@ -268,7 +268,9 @@ class TokenManager:
                 await self.flood.duplicate_request(sub, now)
                 return
             # DESIGN §4: no lease that the audit log cannot record (the line waits and is retried).
-            if not await self.rails.record("lease.requested", client_id=sub.name, conn_id=sub.conn_id):
+            if not await self.rails.record(
+                "lease.requested", **_who(sub).audit_fields(), conn_id=sub.conn_id
+            ):
                 msg = f"no new leases on {self.name!r}: {self.rails.audit.problem}; retried automatically"
                 self._error(sub, "audit_unavailable", msg)
                 return
@@ -296,7 +298,7 @@ class TokenManager:
         self.book.note_frame(now, apdu=result.apdu)
         if result.apdu:
             self.stats.apdu(msg.data, result.response.data)
-        holder = self._holder or Holder(sub.name, sub.identity.names, sub.admin, epoch)
+        holder = self._holder or _who(sub, epoch)
         guard_events: list[Attempt | Engaged] = []
         if result.apdu:
             guard_events = self.rails.observe(msg.data, result.response.data, holder)
@@ -352,7 +354,7 @@ class TokenManager:
         except DeviceError as exc:
             return await self._device_failed(exc, during=None, apply=False)
         self.atr = atr
-        holder = self._holder = Holder(sub.name, sub.identity.names, sub.admin, event.epoch)
+        holder = self._holder = _who(sub, event.epoch)
         self.rails.private_key_ops = 0
         self._reader = VirtualReader(driver, atr, screen=lambda raw: self.rails.screen(raw, holder))
         if self.simulated is not None:
@@ -360,7 +362,7 @@ class TokenManager:
         sub.push(wire.LeaseGranted(token_id=self.token_id, epoch=event.epoch, atr=atr))
         self.stats.granted(event.conn_id, now)
         await self.rails.record(
-            "lease.granted", client_id=event.identity, conn_id=event.conn_id, lease_epoch=event.epoch
+            "lease.granted", **holder.audit_fields(), conn_id=event.conn_id, lease_epoch=event.epoch
         )
         log.info(
             "lease.granted",
@@ -378,10 +380,11 @@ class TokenManager:
         msg = wire.LeaseEnded(token_id=self.token_id, epoch=event.epoch, reason=str(event.reason))
         self._push(event.conn_id, msg)
         self.stats.ended(event.held_s, str(event.reason))
+        who = self._holder.audit_fields() if self._holder is not None else {"client_id": event.identity}
         self._holder = None
         await self.flood.lease_ended(event.identity, event.epoch, trio.current_time())
         await self.rails.record(
-            "lease.released", client_id=event.identity, conn_id=event.conn_id, lease_epoch=event.epoch,
+            "lease.released", **who, conn_id=event.conn_id, lease_epoch=event.epoch,
             reason=str(event.reason), duration_ms=round(event.held_s * 1000), apdus=event.apdus,
             private_key_ops=self.rails.private_key_ops,
         )  # fmt: skip
@@ -475,3 +478,9 @@ class TokenManager:
 
     def _error_to(self, conn_id: int, code: str, message: str) -> None:
         self._push(conn_id, wire.ErrorMessage(code=code, message=message, token_id=self.token_id))
+
+
+def _who(sub: Subscriber, epoch: int = 0) -> Holder:
+    """The certificate-derived identity a lease and its audit lines belong to (S11)."""
+    ident = sub.identity
+    return Holder(sub.name, ident.names, sub.admin, epoch, fingerprint=ident.fingerprint_sha256)
