@@ -20,6 +20,7 @@ import ssl
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import replace
+from datetime import datetime
 from functools import partial
 from typing import Any
 
@@ -125,6 +126,10 @@ class BridgeServer:
     @property
     def tls_refusals(self) -> Mapping[str, int]:
         return self.handler.refusals if self.handler is not None else {}
+
+    @property
+    def crl_next_update(self) -> datetime | None:
+        return self.reloader.crl_next_update
 
     def listen_addresses(self) -> list[str]:
         return [describe_peer_address(lst.socket.getsockname()) for lst in self.listeners]

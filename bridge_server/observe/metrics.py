@@ -9,13 +9,14 @@ management network, it has no authentication.
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Callable, Iterable
 from typing import Final
 
 import structlog
 import trio
 
-from bridge_server.observe.status import pin_guard_state
+from bridge_server.observe.status import crl_status, pin_guard_state
 from bridge_server.view import ServerView
 
 log = structlog.get_logger(__name__)
@@ -55,6 +56,11 @@ _HELP: Final = {
     ),
     "tokenbridge_state_saved": ("gauge", "1 while the state file's last write succeeded (0: full disk?)"),
     "tokenbridge_tls_refusals_total": ("counter", "failed TLS handshakes, by reason"),
+    "tokenbridge_crl_next_update_seconds": (
+        "gauge",
+        "seconds until the CRL in force passes next_update (negative: stale, new handshakes fail)",
+    ),
+    "tokenbridge_crl_stale": ("gauge", "1 once the CRL in force is past next_update (fail closed)"),
 }
 
 
@@ -100,6 +106,10 @@ def server_rows(server: ServerView) -> list[tuple[str, float, dict[str, str]]]:
     }
     rows += [("tokenbridge_state_saved", float(ok), {"file": f}) for f, ok in saved.items()]
     rows.append(("tokenbridge_audit_truncated", float(server.audit.truncated), {}))
+    crl = crl_status(server, dt.datetime.now(dt.UTC))
+    if crl is not None:
+        rows.append(("tokenbridge_crl_next_update_seconds", float(crl["seconds_left"]), {}))
+        rows.append(("tokenbridge_crl_stale", float(crl["state"] == "stale"), {}))
     for reason, n in sorted(server.tls_refusals.items()):
         rows.append(("tokenbridge_tls_refusals_total", float(n), {"reason": reason}))
     return rows
