@@ -39,6 +39,10 @@ def _line(name: str, value: float, **labels: str) -> str:
 
 _HELP: Final = {
     "tokenbridge_token_present": ("gauge", "1 when the token's USB device is attached"),
+    "tokenbridge_token_refused_device": (
+        "gauge",
+        "1 while a device with another serial is plugged in where the token was (refused)",
+    ),
     "tokenbridge_token_leased": ("gauge", "1 while a client holds the token's lease"),
     "tokenbridge_queue_length": ("gauge", "clients waiting for the token's lease"),
     "tokenbridge_leases_total": ("counter", "leases granted"),
@@ -85,6 +89,7 @@ def server_rows(server: ServerView) -> list[tuple[str, float, dict[str, str]]]:
         guard = pin_guard_state(server, tok.name)
         rows += [
             ("tokenbridge_token_present", float(tok.present), t),
+            ("tokenbridge_token_refused_device", float(tok.device.refused_serial is not None), t),
             ("tokenbridge_token_leased", float(tok.book.holder is not None), t),
             ("tokenbridge_queue_length", float(len(tok.book.waiting)), t),
             ("tokenbridge_leases_total", float(s.leases_total), t),

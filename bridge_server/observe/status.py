@@ -83,6 +83,7 @@ def _token(server: ServerView, tok: TokenManager, now: float, wall: float) -> di
         "serial": tok.snapshot()["serial"],
         "simulated": tok.simulated is not None,
         "present": tok.present,
+        "refused_device": tok.device.refused_serial,  # F5: another serial where this token was
         "atr": tok.atr.hex() if tok.present else "",
         "state": token_state(tok.present, holder is not None, guard),
         "holder": held,
@@ -181,9 +182,27 @@ def build_status(server: ServerView) -> dict[str, Any]:
         "tokens": [_token(server, tok, now, wall) for tok in server.tokens],
         "clients": clients,
         "warnings": certificate_warnings(server, dt.datetime.now(dt.UTC))
+        + _device_warnings(server)
         + _audit_warning(server)
         + _state_warnings(server),
     }
+
+
+def _device_warnings(server: ServerView) -> list[dict[str, Any]]:
+    """F5: a different token plugged in where a configured one was (refused, never served)."""
+    out: list[dict[str, Any]] = []
+    for tok in server.tokens:
+        other = tok.device.refused_serial
+        if other is not None:
+            message = (
+                f"token {tok.name!r}: a different device (serial {other}) is plugged in where serial "
+                f"{tok.device.serial} was; it is refused. Plug the right token back in, or if the "
+                "token was replaced on purpose, set tokens[].match.serial and restart the server"
+            )
+            out.append(
+                {"subject": f"token {tok.name}", "not_after": None, "days_left": None, "message": message}
+            )
+    return out
 
 
 def _audit_warning(server: ServerView) -> list[dict[str, Any]]:
