@@ -41,6 +41,7 @@ log = structlog.get_logger(__name__)
 
 POLL_INTERVAL_S: Final = 1.0
 REVOKED_REASON: Final = "certificate_revoked"
+FAREWELL_S: Final = 2.0  # how long a revoked session's Goodbye may take before the session is cut
 CRL_WARNING_S: Final = 7 * 86400.0  # warn a week ahead: `tokenbridge pki crl` re-signs it
 
 
@@ -147,8 +148,10 @@ class TlsReloader:
         for sub in self.hub:
             if sub.cert_serial is not None and sub.cert_serial in revoked:
                 log.warning("session.revoked", conn_id=sub.conn_id, client_id=sub.name, reason=REVOKED_REASON)
-                sub.push(wire.Goodbye(code=CloseCode.REVOKED, reason="certificate revoked"))
-                sub.close(REVOKED_REASON)
+                # S3: the Goodbye must reach the client before the session ends (a close() here
+                # would cancel the writer first); the lease ends `revoked` (session.py).
+                goodbye = wire.Goodbye(code=CloseCode.REVOKED, reason="certificate revoked")
+                sub.farewell(goodbye, REVOKED_REASON, grace_s=FAREWELL_S)
                 dropped += 1
         return dropped
 

@@ -37,7 +37,9 @@ from protocol.connection import BridgeConnection, Role
 from protocol.runtime.framed import FramedConnection
 from protocol.runtime.tls import client_context
 
-NOW = dt.datetime.now(dt.UTC).replace(microsecond=0)
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC).replace(microsecond=0)
 
 
 def make_pki(folder: Path) -> Pki:
@@ -101,35 +103,37 @@ class _Earlier(dt.datetime):
 
     @classmethod
     def now(cls, tz: Any = None) -> Any:
-        return NOW - dt.timedelta(minutes=90)
+        return utcnow() - dt.timedelta(minutes=90)
 
 
 # -- the state and the warning, with the clock injected ------------------------------------------
 
 
 def test_crl_state_warns_a_week_ahead_and_is_stale_from_next_update_on() -> None:
-    due = NOW + dt.timedelta(hours=24)
+    now = utcnow()
+    due = now + dt.timedelta(hours=24)
     assert crl_state(due, due - dt.timedelta(seconds=CRL_WARNING_S + 1)) == "fresh"
     assert crl_state(due, due - dt.timedelta(seconds=CRL_WARNING_S)) == "expiring"
-    assert crl_state(due, NOW) == "expiring"  # the alert fires at least 24 h before
+    assert crl_state(due, now) == "expiring"  # the alert fires at least 24 h before
     assert crl_state(due, due - dt.timedelta(seconds=1)) == "expiring"
     assert crl_state(due, due) == "stale"
-    assert crl_state(None, NOW) == "fresh"
+    assert crl_state(None, now) == "fresh"
 
 
 def test_reloader_logs_expiring_then_expired_once_each_as_its_clock_passes_next_update(
     tmp_path: Path,
 ) -> None:
+    now = utcnow()
     pki = make_pki(tmp_path)
-    write_crl(pki, last=NOW - dt.timedelta(minutes=5), next_=NOW + dt.timedelta(seconds=5))
-    clock = [NOW]
+    write_crl(pki, last=now - dt.timedelta(minutes=5), next_=now + dt.timedelta(seconds=5))
+    clock = [now]
     reloader = TlsReloader(make_server(tmp_path).config.tls, Hub(), clock=lambda: clock[0])
     reloader.current()
-    assert reloader.crl_next_update == NOW + dt.timedelta(seconds=5)
+    assert reloader.crl_next_update == now + dt.timedelta(seconds=5)
     with structlog.testing.capture_logs() as logs:
         assert reloader.check_crl() == "expiring"
         assert reloader.check_crl() == "expiring"
-        clock[0] = NOW + dt.timedelta(seconds=5)
+        clock[0] = now + dt.timedelta(seconds=5)
         assert reloader.crl_seconds_left() == 0
         assert reloader.check_crl() == "stale"
         assert reloader.check_crl() == "stale"
@@ -142,8 +146,9 @@ def test_reloader_logs_expiring_then_expired_once_each_as_its_clock_passes_next_
 
 
 async def test_status_and_metrics_warn_while_the_crl_is_days_from_stale(tmp_path: Path) -> None:
+    now = utcnow()
     pki = make_pki(tmp_path)
-    write_crl(pki, last=NOW - dt.timedelta(minutes=5), next_=NOW + dt.timedelta(days=2))
+    write_crl(pki, last=now - dt.timedelta(minutes=5), next_=now + dt.timedelta(days=2))
     server = make_server(tmp_path)
     async with trio.open_nursery() as nursery:
         await nursery.start(server.run)
@@ -161,8 +166,9 @@ async def test_status_and_metrics_warn_while_the_crl_is_days_from_stale(tmp_path
 async def test_a_crl_past_next_update_refuses_new_clients_until_a_fresh_one_is_written(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    now = utcnow()
     pki = make_pki(tmp_path)
-    write_crl(pki, last=NOW - dt.timedelta(hours=2), next_=NOW - dt.timedelta(hours=1))
+    write_crl(pki, last=now - dt.timedelta(hours=2), next_=now - dt.timedelta(hours=1))
     server = make_server(tmp_path)
     monkeypatch.setattr(tls_module, "datetime", _Earlier)  # loaded "while still fresh"
     async with trio.open_nursery() as nursery:
@@ -195,8 +201,9 @@ def test_openssl_itself_refuses_a_client_once_the_loaded_crl_is_past_next_update
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The fail-closed part does not depend on our poll: the verification itself fails."""
+    now = utcnow()
     pki = make_pki(tmp_path)
-    write_crl(pki, last=NOW - dt.timedelta(hours=2), next_=NOW - dt.timedelta(hours=1))
+    write_crl(pki, last=now - dt.timedelta(hours=2), next_=now - dt.timedelta(hours=1))
     tls = make_server(tmp_path).config.tls
     monkeypatch.setattr(tls_module, "datetime", _Earlier)
     ctx = tls_module.server_context(ca=tls.ca, cert=tls.cert, key=tls.key, crl=tls.crl)
