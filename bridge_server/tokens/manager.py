@@ -56,7 +56,7 @@ from bridge_server.tokens.stats import TokenStats
 from bridge_server.tokens.virtual_reader import VirtualReader
 from protocol import wire
 from protocol.apdu import SW_UNKNOWN
-from protocol.ccid import MessageType, decode_message
+from protocol.ccid import CcidMessage, MessageType, decode_message
 from protocol.errors import MalformedCcidMessageError
 
 if TYPE_CHECKING:  # the simulator is a test and demo feature: no import at run time
@@ -121,6 +121,9 @@ class TokenManager:
         self._drops: dict[int, EndReason] = {}
         self._status_changed = False
         self._stopped = False
+        self._leases_ended = trio.Event()  # shutdown: every lease ended (the card is powered off next)
+        self._in_flight: trio.CancelScope | None = None  # the exchange at the card, if any
+        self._abort_at: float | None = None  # shutdown: when an exchange at the card is abandoned
         self.stats = TokenStats()  # counters for `status` and /metrics
 
     @property
@@ -181,9 +184,19 @@ class TokenManager:
         with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
             self._send.send_nowait(_WAKE)
 
-    async def shutdown(self) -> None:
-        """End every lease with `shutdown`, power the card off and make `run` return."""
-        await self._send.send(_Command("shutdown"))
+    async def shutdown(self, *, abort_after_s: float = 0.0) -> None:
+        """End every lease with `shutdown`, power the card off and make `run` return (F8).
+
+        An exchange at the card gets `abort_after_s` to finish; then it is abandoned and its
+        client gets an explicit CCID failure (CMD_ABORTED), never a status word. Returns once
+        every lease has ended (the caller bounds the wait); the card is powered off after that,
+        shielded, as soon as it answers (a busy card queues the power-off behind its work)."""
+        self._abort_at = trio.current_time() + abort_after_s
+        if self._in_flight is not None:
+            self._in_flight.deadline = min(self._in_flight.deadline, self._abort_at)
+        with contextlib.suppress(trio.ClosedResourceError, trio.BrokenResourceError):
+            await self._send.send(_Command("shutdown"))
+        await self._leases_ended.wait()
 
     async def revoke_lease(self) -> None:
         """Admin: end the current lease with `revoked` (the card is powered off as usual)."""
@@ -244,7 +257,8 @@ class TokenManager:
 
     async def _handle(self, cmd: _Command) -> None:
         if cmd.kind == "shutdown":
-            await self._stop()
+            with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_TIMEOUT_S):
+                await self._stop()  # shielded: the card is powered off even as the server's deadline hits
             return
         if cmd.kind in ("revoke", "reset"):
             await self._apply(self.book.end(trio.current_time(), EndReason.REVOKED))
@@ -293,7 +307,16 @@ class TokenManager:
             self._error(sub, "bad_ccid", str(exc))
             return
         assert self._reader is not None  # a holder always has a reader (set on grant)
-        result = await self._reader.execute(msg)
+        reader = self._reader
+        with trio.CancelScope(deadline=math.inf if self._abort_at is None else self._abort_at) as scope:
+            self._in_flight = scope
+            try:
+                result = await reader.execute(msg)
+            finally:
+                self._in_flight = None
+        if scope.cancelled_caught:
+            await self._abandoned(sub, epoch, msg, reader)
+            return
         now = trio.current_time()
         self.book.note_frame(now, apdu=result.apdu)
         if result.apdu:
@@ -314,6 +337,15 @@ class TokenManager:
             self.book.note_power_off(now)
         if result.failure is not None:
             await self._device_failed(result.failure, during=msg.msg_type)
+
+    async def _abandoned(self, sub: Subscriber, epoch: int, msg: CcidMessage, reader: VirtualReader) -> None:
+        """Shutdown abandoned this exchange: an explicit failure, and a PIN counts as tried."""
+        log.warning("apdu.abandoned", token=self.name, client_id=sub.name, reason="server shutting down")
+        sub.push(wire.CcidFrame(token_id=self.token_id, epoch=epoch, message=reader.aborted(msg).encode()))
+        if msg.msg_type is MessageType.PC_to_RDR_XfrBlock:  # the card may have counted a VERIFY
+            holder = self._holder or _who(sub, epoch)
+            events = self.rails.observe(msg.data, SW_UNKNOWN.to_bytes(2, "big"), holder)
+            await self.rails.record_guard_events(events, holder)
 
     # -- events -> actions -------------------------------------------------------
 
@@ -398,7 +430,8 @@ class TokenManager:
             apdus=event.apdus,
             reason=str(event.reason),
         )
-        if self._card is not None and event.reason is not EndReason.TOKEN_GONE:
+        if self._card is not None and event.reason is not EndReason.TOKEN_GONE and not self._stopped:
+            # (at shutdown `device.shut_down()` powers it off, after every lease has ended)
             try:
                 await self._card.driver.power_off()  # the verified PIN dies with the lease
             except DeviceError as exc:
@@ -451,6 +484,7 @@ class TokenManager:
             return
         self._stopped = True
         await self._apply(self.book.shutdown(trio.current_time()))
+        self._leases_ended.set()
         await self.device.shut_down()
         self._send.close()
 
