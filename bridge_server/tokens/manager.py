@@ -414,7 +414,7 @@ class TokenManager:
         self.stats.ended(event.held_s, str(event.reason))
         who = self._holder.audit_fields() if self._holder is not None else {"client_id": event.identity}
         self._holder = None
-        await self.flood.lease_ended(event.identity, event.epoch, trio.current_time())
+        await self.flood.lease_ended(who, event.epoch, trio.current_time())
         await self.rails.record(
             "lease.released", **who, conn_id=event.conn_id, lease_epoch=event.epoch,
             reason=str(event.reason), duration_ms=round(event.held_s * 1000), apdus=event.apdus,

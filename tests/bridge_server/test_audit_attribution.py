@@ -67,9 +67,27 @@ async def _lease_with_pin_and_refusal(pki: Pki, port: int) -> None:
         assert await _xfr(c, granted.epoch, 2, WRONG_PIN) == b"\x63\xc2"  # the guard engages
         assert await _xfr(c, granted.epoch, 3, VERIFY_123456) == b"\x69\x83"  # refused by the guard
         assert await _xfr(c, granted.epoch, 4, UPDATE_BINARY) == b"\x69\x85"  # refused by the policy
+        for seq in range(5, 25):  # past the 20 refusals audited one by one: a summary line follows
+            assert await _xfr(c, granted.epoch, seq & 0xFF, UPDATE_BINARY) == b"\x69\x85"
         await c.send(wire.LeaseRelease(token_id=0, epoch=granted.epoch))
         while not isinstance(await c.receive(), wire.LeaseEnded):
             pass
+
+
+async def _ejected_flooder(pki: Pki, port: int) -> None:
+    """Refused commands past the flood limit: the server ejects the session (audited)."""
+    async with raw_client(pki, port) as c:
+        granted = await open_lease(c)
+        for seq in range(400):
+            msg = ccid.xfr_block(seq & 0xFF, UPDATE_BINARY).encode()
+            await c.send(wire.CcidFrame(token_id=0, epoch=granted.epoch, message=msg))
+            while True:
+                reply = await c.receive()
+                if isinstance(reply, wire.Goodbye):
+                    return
+                if isinstance(reply, wire.CcidFrame):
+                    break
+        raise AssertionError("never ejected")
 
 
 async def test_every_client_event_names_the_certificate_identity_sans_and_fingerprint(
@@ -82,6 +100,7 @@ async def test_every_client_event_names_the_certificate_identity_sans_and_finger
             await _refused_stranger(pki, port)
             await _admin_status(pki, port)
             await _lease_with_pin_and_refusal(pki, port)
+            await _ejected_flooder(pki, port)
     lines = audit_lines(audit)
     expected = {
         ("connection.refused", "stranger"),
@@ -95,6 +114,8 @@ async def test_every_client_event_names_the_certificate_identity_sans_and_finger
         ("pin.verified", "build-vm-01"),
         ("pin_guard.engaged", "build-vm-01"),
         ("command.refused", "build-vm-01"),
+        ("command.refused_summary", "build-vm-01"),
+        ("connection.ejected", "build-vm-01"),
         ("lease.released", "build-vm-01"),
         ("connection.closed", "build-vm-01"),
     }
@@ -108,4 +129,4 @@ async def test_every_client_event_names_the_certificate_identity_sans_and_finger
         assert "ops-console" not in json.dumps(entry)  # a protocol field never names anyone
     assert [e["outcome"] for e in lines if e["event"] == "pin.verified"] == ["wrong_pin"]
     refusals = [e["reason"] for e in lines if e["event"] == "command.refused"]
-    assert refusals == ["pin_guard", "policy"]
+    assert refusals[:3] == ["pin_guard", "policy", "policy"]
