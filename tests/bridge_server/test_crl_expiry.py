@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 import structlog
 import trio
+import trio.testing
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from inproc import wait_until
@@ -29,7 +30,7 @@ from bridge_admin.pki import Pki
 from bridge_server.app import BridgeServer
 from bridge_server.config import parse_server_config
 from bridge_server.net.hub import Hub
-from bridge_server.net.reload import CRL_WARNING_S, TlsReloader, crl_state
+from bridge_server.net.reload import CRL_WARNING_S, POLL_INTERVAL_S, TlsReloader, crl_state
 from bridge_server.observe.metrics import server_rows
 from bridge_server.observe.status import build_status
 from protocol import wire
@@ -140,6 +141,25 @@ def test_reloader_logs_expiring_then_expired_once_each_as_its_clock_passes_next_
     events = [(e["event"], e["log_level"]) for e in logs]
     assert events == [("crl.expiring", "warning"), ("crl.expired", "error")]
     assert "tokenbridge pki crl" in logs[1]["reason"]
+
+
+async def test_the_file_watcher_checks_the_crl_at_every_poll(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    now = utcnow()
+    pki = make_pki(tmp_path)
+    write_crl(pki, last=now - dt.timedelta(minutes=5), next_=now + dt.timedelta(seconds=30))
+    clock = [now]
+    reloader = TlsReloader(make_server(tmp_path).config.tls, Hub(), clock=lambda: clock[0])
+    reloader.current()
+    with structlog.testing.capture_logs() as logs:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(reloader.watch)
+            await trio.sleep(POLL_INTERVAL_S * 1.5)
+            clock[0] = now + dt.timedelta(seconds=30)
+            await trio.sleep(POLL_INTERVAL_S)
+            nursery.cancel_scope.cancel()
+    assert [e["event"] for e in logs] == ["crl.expiring", "crl.expired"]
 
 
 # -- through the real server ----------------------------------------------------------------------
