@@ -96,3 +96,39 @@ async def test_sigterm_with_a_signature_in_flight_fails_it_explicitly_and_powers
     audit = [json.loads(line) for line in (tmp_path / "audit.log").read_text().splitlines()]
     released = [e for e in audit if e["event"] == "lease.released"]
     assert [(e["lease_epoch"], e["reason"]) for e in released] == [(granted.epoch, "shutdown")]
+
+
+async def test_a_verify_abandoned_at_shutdown_counts_as_a_pin_attempt(tmp_path: Path) -> None:
+    """P2: the card may have counted the PIN; the guard must count it too (answer lost = tried)."""
+    pki = Pki(tmp_path)
+    config = server_config(
+        tmp_path, heartbeat_s=5.0, allow=("build-vm-01",), limits={"grace_period_s": GRACE_S},
+        audit={"path": "audit.log"},
+    )  # fmt: skip
+    server = BridgeServer(config)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(watch_signals, server)
+        port = (await nursery.start(server.run))[0].socket.getsockname()[1]
+        sim = server.tokens[0].simulated
+        assert sim is not None
+        async with raw_client(pki, port) as c:
+            with trio.fail_after(30):
+                granted = await open_lease(c)
+                await power_on(c, granted.epoch, 0)
+                assert (await apdu(c, granted.epoch, 1, SELECT_PIV))[-2:] == SW_OK
+                attempts = sim.evidence.pin_attempts
+                sim.faults.delay_next_s = SLOW_SIGN_S  # the card answers the VERIFY late
+                msg = ccid.xfr_block(2, VERIFY_123456).encode()
+                await c.send(wire.CcidFrame(token_id=0, epoch=granted.epoch, message=msg))
+                while sim.evidence.pin_attempts == attempts:  # noqa: ASYNC110 -- the card's own thread
+                    await trio.sleep(0.01)
+                os.kill(os.getpid(), signal.SIGTERM)
+                frame = None
+                while frame is None:
+                    m = await c.receive()
+                    if isinstance(m, wire.CcidFrame):
+                        frame = ccid.decode_message(m.message)
+    assert frame is not None and frame.error == ccid.SlotError.CMD_ABORTED and frame.data == b""
+    audit = [json.loads(line) for line in (tmp_path / "audit.log").read_text().splitlines()]
+    pins = [(e["sw"], e["client_id"]) for e in audit if e["event"] == "pin.verified"]
+    assert pins == [("6F00", "build-vm-01")]  # counted, with no answer to go by
