@@ -253,3 +253,25 @@ def _handshake_error(server: ssl.SSLContext, client: ssl.SSLContext) -> BaseExce
         s_in.write(c_out.read())
         c_in.write(s_out.read())
     return None
+
+
+async def test_a_crl_file_that_disappears_keeps_the_loaded_one_in_force_and_says_so(tmp_path: Path) -> None:
+    """F13 "missing CRL": the reload fails loudly, the CRL already loaded stays in force (with
+    its own next_update, after which new handshakes fail as above)."""
+    now = utcnow()
+    pki = make_pki(tmp_path)
+    write_crl(pki, last=now - dt.timedelta(minutes=5), next_=now + dt.timedelta(days=2))
+    server = make_server(tmp_path)
+    async with trio.open_nursery() as nursery:
+        port = (await nursery.start(server.run))[0].socket.getsockname()[1]
+        with trio.fail_after(20):
+            due = server.reloader.crl_next_update
+            pki.crl_path.unlink()
+            with structlog.testing.capture_logs() as logs:
+                assert server.reload_tls() is False
+            assert await connect(pki, port) is True
+            after = server.reloader.crl_next_update
+        server.request_shutdown()
+    failed = [e for e in logs if e["event"] == "tls.reload_failed"]
+    assert failed and failed[0]["log_level"] == "error" and "not found" in failed[0]["error"]
+    assert after == due == now + dt.timedelta(days=2)
