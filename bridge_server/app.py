@@ -20,6 +20,7 @@ import ssl
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import replace
+from datetime import datetime
 from functools import partial
 from typing import Any
 
@@ -126,6 +127,10 @@ class BridgeServer:
     def tls_refusals(self) -> Mapping[str, int]:
         return self.handler.refusals if self.handler is not None else {}
 
+    @property
+    def crl_next_update(self) -> datetime | None:
+        return self.reloader.crl_next_update
+
     def listen_addresses(self) -> list[str]:
         return [describe_peer_address(lst.socket.getsockname()) for lst in self.listeners]
 
@@ -218,7 +223,8 @@ class BridgeServer:
         with trio.move_on_after(grace_period_s) as scope:
             async with trio.open_nursery() as nursery:
                 for token in self.tokens:
-                    nursery.start_soon(token.shutdown)
+                    # F8: an exchange at the card gets half the grace period, then fails explicitly
+                    nursery.start_soon(partial(token.shutdown, abort_after_s=grace_period_s / 2))
         if scope.cancelled_caught:
             log.warning(
                 "server.tokens_slow", reason="an exchange was still running at the end of the grace period"

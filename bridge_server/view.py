@@ -8,6 +8,7 @@ parts (tokens, hub, audit, PIN guard, epochs). Tests hand in small fakes that ha
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from datetime import datetime
 from typing import Any, Protocol
 
 from bridge_server.config import ServerConfig
@@ -50,6 +51,10 @@ class ServerView(Protocol):
     @property
     def tls_refusals(self) -> Mapping[str, int]:
         """Handshakes refused since start, by reason."""
+
+    @property
+    def crl_next_update(self) -> datetime | None:
+        """`next_update` of the CRL in force (None without a CRL); past it, handshakes fail."""
 
     def listen_addresses(self) -> list[str]: ...
 

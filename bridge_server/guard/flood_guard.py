@@ -8,6 +8,8 @@ listener refuses the identity's new connections for a while (`PenaltyBox`, in th
 
 from __future__ import annotations
 
+from typing import Any
+
 import structlog
 
 from bridge_server.guard.flood_limits import (
@@ -55,20 +57,21 @@ class FloodGuard:
         if self.digest.note(refused.kind, refused.ins, now):
             await self.rails.record_refusal(refused, holder)
         elif self.digest.summary_due(now):
-            await self.write_summary(holder.name, holder.epoch, now)
+            await self.write_summary(holder.audit_fields(), holder.epoch, now)
         if not self.refusals.take(sub.name, now):
             await self._eject(sub, "it kept sending commands the server refuses", now)
 
-    async def write_summary(self, client_id: str, epoch: int, now: float) -> None:
+    async def write_summary(self, who: dict[str, Any], epoch: int, now: float) -> None:
         """The refusals counted but not audited one by one (at lease end and every interval)."""
         fields = self.digest.take_summary(now)
         if fields is None:
             return
-        await self.rails.record("command.refused_summary", client_id=client_id, lease_epoch=epoch, **fields)
-        log.warning("command.refused_summary", token=self.token, client_id=client_id, **fields)
+        await self.rails.record("command.refused_summary", **who, lease_epoch=epoch, **fields)
+        log.warning("command.refused_summary", token=self.token, client_id=who.get("client_id"), **fields)
 
-    async def lease_ended(self, client_id: str, epoch: int, now: float) -> None:
-        await self.write_summary(client_id, epoch, now)
+    async def lease_ended(self, who: dict[str, Any], epoch: int, now: float) -> None:
+        """`who`: the holder's audit fields (`Holder.audit_fields`)."""
+        await self.write_summary(who, epoch, now)
         self.digest = RefusalDigest()
 
     async def _eject(self, sub: Subscriber, why: str, now: float) -> None:
@@ -78,6 +81,12 @@ class FloodGuard:
         self.penalties.ban(sub.name, now)
         log.warning("session.ejected", token=self.token, client_id=sub.name, conn_id=sub.conn_id, reason=why)
         await self.rails.record(
-            "connection.ejected", client_id=sub.name, conn_id=sub.conn_id, reason=EJECTED_REASON, detail=why
+            "connection.ejected",
+            client_id=sub.name,
+            names=list(sub.identity.names),
+            fingerprint=sub.identity.fingerprint_sha256,
+            conn_id=sub.conn_id,
+            reason=EJECTED_REASON,
+            detail=why,
         )
         sub.push(wire.Goodbye(code=CloseCode.TOO_MANY_REQUESTS, reason=f"{EJECTED_REASON}: {why}"))

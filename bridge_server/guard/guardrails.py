@@ -47,6 +47,11 @@ class Holder:
     names: tuple[str, ...]
     admin: bool
     epoch: int = 0
+    fingerprint: str = ""  # SHA-256 of the holder's certificate, for attributable audit lines
+
+    def audit_fields(self) -> dict[str, Any]:
+        """Who, as every audit line about a client names it: identity, SANs and fingerprint (S11)."""
+        return {"client_id": self.name, "names": list(self.names), "fingerprint": self.fingerprint}
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,7 +187,7 @@ class Guardrails:
         for ev in events:
             if isinstance(ev, Attempt):
                 await self.record(
-                    "pin.verified", client_id=holder.name, lease_epoch=holder.epoch, ins=f"{ev.ins:02X}",
+                    "pin.verified", **holder.audit_fields(), lease_epoch=holder.epoch, ins=f"{ev.ins:02X}",
                     reference=ev.ref, sw=f"{ev.sw:04X}", outcome=ev.outcome, retries_left=ev.retries_left,
                     failures=ev.failures,
                 )  # fmt: skip
@@ -195,7 +200,7 @@ class Guardrails:
                 )
             else:
                 await self.record(
-                    "pin_guard.engaged", client_id=holder.name, reference=ev.ref, reason=ev.reason,
+                    "pin_guard.engaged", **holder.audit_fields(), reference=ev.ref, reason=ev.reason,
                     retries_left=ev.retries_left, failures=ev.failures,
                 )  # fmt: skip
                 log.warning(
@@ -205,7 +210,7 @@ class Guardrails:
 
     async def record_refusal(self, refused: Screened, holder: Holder) -> None:
         await self.record(
-            "command.refused", client_id=holder.name, lease_epoch=holder.epoch, ins=f"{refused.ins:02X}",
+            "command.refused", **holder.audit_fields(), lease_epoch=holder.epoch, ins=f"{refused.ins:02X}",
             sw=f"{refused.sw:04X}", reason=refused.kind, detail=refused.detail,
         )  # fmt: skip
         log.warning(

@@ -77,6 +77,20 @@ class Subscriber:
             return False
         return True
 
+    def farewell(self, goodbye: Message, reason: str, *, grace_s: float) -> None:
+        """End the session with `goodbye` as its last message (sent within `grace_s`, else cut).
+
+        From now on the session counts as closed (the tokens ignore its commands); its writer
+        sends what is queued, then the Goodbye, and ends the session (session.py)."""
+        pushed = self.push(goodbye)
+        if self.close_reason is None:
+            self.close_reason = reason
+        self.closed = True
+        if pushed:
+            self.cancel_scope.deadline = min(self.cancel_scope.deadline, trio.current_time() + grace_s)
+        else:
+            self.cancel_scope.cancel()
+
     def close(self, reason: str) -> None:
         """End the session (from any task): its firewall logs `reason` and detaches it."""
         if self.close_reason is None:

@@ -70,6 +70,30 @@ def cert_serial(tls: trio.SSLStream[trio.abc.Stream]) -> int | None:
     return x509.load_der_x509_certificate(der).serial_number
 
 
+def check_leaf(tls: trio.SSLStream[trio.abc.Stream], identity: Identity) -> None:
+    """S1: a client presents a leaf certificate, never a CA's (OpenSSL accepts CA:TRUE as a leaf).
+
+    Raises:
+        TlsSetupError: naming the certificate and how to get a proper one.
+    """
+    from cryptography import x509
+
+    der = tls.getpeercert(binary_form=True)
+    if not isinstance(der, bytes) or not der:
+        return
+    try:
+        constraints = x509.load_der_x509_certificate(der).extensions.get_extension_for_class(
+            x509.BasicConstraints
+        )
+    except x509.ExtensionNotFound:
+        return
+    if constraints.value.ca:
+        raise TlsSetupError(
+            f"client certificate {identity.name!r} is a CA certificate (basicConstraints CA:TRUE); "
+            "a client must present a leaf: issue one with `tokenbridge pki issue-client`"
+        )
+
+
 FIRST_FLIGHT_TIMEOUT_S: Final = 2.0  # a client sends its ClientHello right after connecting
 SLOT_EVICT_AFTER_S: Final = 1.0  # a real handshake needs a few round trips, not seconds
 MAX_WAITING_PER_HANDSHAKE: Final = 16  # waiting connections per handshake slot, in total
@@ -163,7 +187,8 @@ class ConnectionHandler:
             stream = tls
             try:
                 identity = peer_identity(tls)
-            except TlsSetupError as exc:  # a certificate made for another role (or none)
+                check_leaf(tls, identity)
+            except TlsSetupError as exc:  # a certificate made for another role, a CA's (or none)
                 await send_refusal(tls, CloseCode.NOT_AUTHORIZED, RefusalReason.CERTIFICATE_PURPOSE, str(exc))
                 raise
             if self.connections >= self._limits.max_connections:

@@ -39,6 +39,7 @@ import trio
 from bridge_server import SERVER_SOFTWARE
 from bridge_server.net.admin import wire_result
 from bridge_server.net.hub import Identity, Subscriber
+from bridge_server.net.reload import REVOKED_REASON
 from bridge_server.net.session_context import SessionContext, audit_event, is_admin, may_use_any
 from bridge_server.tokens.leases import EndReason
 from protocol import wire
@@ -266,6 +267,7 @@ class _Session:
     async def _admin(self, req: wire.AdminRequest) -> wire.AdminResponse:
         if not self.sub.admin:
             log.warning("admin.refused", action=req.action[:64])
+            await audit_event(self.ctx, "admin.refused", self.sub.identity, action=req.action[:64])
             return wire.AdminResponse(
                 request_id=req.request_id, ok=False, result={}, error=f"{self.sub.name!r} is not an admin"
             )
@@ -322,7 +324,7 @@ async def _serve_session(
         finally:
             sub.closed = True
             reason = sub.close_reason or session.reason or reason
-            drop = EndReason.HEARTBEAT_LOST if reason == EndReason.HEARTBEAT_LOST else EndReason.DISCONNECTED
+            drop = _END_REASONS.get(reason, EndReason.DISCONNECTED)
             for token in ctx.tokens:
                 token.detach(conn_id, drop)
             ctx.hub.remove(sub)
@@ -336,6 +338,13 @@ async def _serve_session(
                 ccid_frames=session.ccid_frames,
             )
             await audit_event(ctx, "connection.closed", identity, conn_id=conn_id, reason=reason)
+
+
+# How a session's close reason ends its lease (anything else: disconnected).
+_END_REASONS: Final = {
+    str(EndReason.HEARTBEAT_LOST): EndReason.HEARTBEAT_LOST,
+    REVOKED_REASON: EndReason.REVOKED,  # S3: the certificate was revoked while connected
+}
 
 
 def _leaves(exc: BaseException) -> list[BaseException]:

@@ -9,13 +9,14 @@ management network, it has no authentication.
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Callable, Iterable
 from typing import Final
 
 import structlog
 import trio
 
-from bridge_server.observe.status import pin_guard_state
+from bridge_server.observe.status import crl_status, pin_guard_state
 from bridge_server.view import ServerView
 
 log = structlog.get_logger(__name__)
@@ -38,6 +39,10 @@ def _line(name: str, value: float, **labels: str) -> str:
 
 _HELP: Final = {
     "tokenbridge_token_present": ("gauge", "1 when the token's USB device is attached"),
+    "tokenbridge_token_refused_device": (
+        "gauge",
+        "1 while a device with another serial is plugged in where the token was (refused)",
+    ),
     "tokenbridge_token_leased": ("gauge", "1 while a client holds the token's lease"),
     "tokenbridge_queue_length": ("gauge", "clients waiting for the token's lease"),
     "tokenbridge_leases_total": ("counter", "leases granted"),
@@ -55,6 +60,11 @@ _HELP: Final = {
     ),
     "tokenbridge_state_saved": ("gauge", "1 while the state file's last write succeeded (0: full disk?)"),
     "tokenbridge_tls_refusals_total": ("counter", "failed TLS handshakes, by reason"),
+    "tokenbridge_crl_next_update_seconds": (
+        "gauge",
+        "seconds until the CRL in force passes next_update (negative: stale, new handshakes fail)",
+    ),
+    "tokenbridge_crl_stale": ("gauge", "1 once the CRL in force is past next_update (fail closed)"),
 }
 
 
@@ -79,6 +89,7 @@ def server_rows(server: ServerView) -> list[tuple[str, float, dict[str, str]]]:
         guard = pin_guard_state(server, tok.name)
         rows += [
             ("tokenbridge_token_present", float(tok.present), t),
+            ("tokenbridge_token_refused_device", float(tok.device.refused_serial is not None), t),
             ("tokenbridge_token_leased", float(tok.book.holder is not None), t),
             ("tokenbridge_queue_length", float(len(tok.book.waiting)), t),
             ("tokenbridge_leases_total", float(s.leases_total), t),
@@ -100,6 +111,10 @@ def server_rows(server: ServerView) -> list[tuple[str, float, dict[str, str]]]:
     }
     rows += [("tokenbridge_state_saved", float(ok), {"file": f}) for f, ok in saved.items()]
     rows.append(("tokenbridge_audit_truncated", float(server.audit.truncated), {}))
+    crl = crl_status(server, dt.datetime.now(dt.UTC))
+    if crl is not None:
+        rows.append(("tokenbridge_crl_next_update_seconds", float(crl["seconds_left"]), {}))
+        rows.append(("tokenbridge_crl_stale", float(crl["state"] == "stale"), {}))
     for reason, n in sorted(server.tls_refusals.items()):
         rows.append(("tokenbridge_tls_refusals_total", float(n), {"reason": reason}))
     return rows

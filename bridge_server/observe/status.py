@@ -15,6 +15,7 @@ import trio
 from cryptography import x509
 
 from bridge_server import SERVER_SOFTWARE
+from bridge_server.net.reload import crl_state
 from bridge_server.tokens.manager import TokenManager
 from bridge_server.view import ServerView
 
@@ -82,6 +83,7 @@ def _token(server: ServerView, tok: TokenManager, now: float, wall: float) -> di
         "serial": tok.snapshot()["serial"],
         "simulated": tok.simulated is not None,
         "present": tok.present,
+        "refused_device": tok.device.refused_serial,  # F5: another serial where this token was
         "atr": tok.atr.hex() if tok.present else "",
         "state": token_state(tok.present, holder is not None, guard),
         "holder": held,
@@ -104,6 +106,18 @@ def _expiry(subject: str, not_after: dt.datetime, now: dt.datetime) -> dict[str,
     }
 
 
+def crl_status(server: ServerView, now: dt.datetime) -> dict[str, Any] | None:
+    """The CRL in force: next_update, seconds_left and state (fresh/expiring/stale); None without one."""
+    due = server.crl_next_update
+    if due is None:
+        return None
+    return {
+        "next_update": due.isoformat(timespec="seconds"),
+        "seconds_left": round((due - now).total_seconds()),
+        "state": crl_state(due, now),
+    }
+
+
 def certificate_warnings(server: ServerView, now: dt.datetime) -> list[dict[str, Any]]:
     """Server certificate, CA and CRL near expiry or expired; connected clients' certificates too."""
     out: list[dict[str, Any]] = []
@@ -122,20 +136,18 @@ def certificate_warnings(server: ServerView, now: dt.datetime) -> list[dict[str,
             )
             continue
         out.append(_expiry(f"{subject} {path.name}", cert.not_valid_after_utc, now) or {})
-    if tls.crl is not None:
-        try:
-            crl = x509.load_pem_x509_crl(tls.crl.read_bytes())
-            if crl.next_update_utc is not None and (crl.next_update_utc - now).days < 7:
-                out.append(
-                    {
-                        "subject": "crl",
-                        "not_after": crl.next_update_utc.isoformat(),
-                        "days_left": round((crl.next_update_utc - now).total_seconds() / 86400, 1),
-                        "message": "the crl goes stale soon: run `tokenbridge pki crl`",
-                    }
-                )
-        except (OSError, ValueError):
-            pass
+    crl = crl_status(server, now)
+    if crl is not None and crl["state"] != "fresh":
+        due = dt.datetime.fromisoformat(crl["next_update"])
+        if crl["state"] == "stale":
+            message = (
+                f"the crl went stale at {due:%Y-%m-%d %H:%M} UTC: every new connection is refused "
+                "until a fresh one is published (`tokenbridge pki crl`)"
+            )
+        else:
+            message = f"the crl goes stale at {due:%Y-%m-%d %H:%M} UTC: run `tokenbridge pki crl` before"
+        days = round(crl["seconds_left"] / 86400, 2)
+        out.append({"subject": "crl", "not_after": crl["next_update"], "days_left": days, "message": message})
     for sub in server.hub:
         out.append(_expiry(f"client certificate of {sub.name}", sub.identity.not_after, now) or {})
     return [w for w in out if w]
@@ -164,14 +176,33 @@ def build_status(server: ServerView) -> dict[str, Any]:
             "uptime_s": round(wall - server.started_at, 1),
             "listen": server.listen_addresses(),
             "audit": server.audit.status(),  # docs/guardrails.md: why new leases are refused
+            "crl": crl_status(server, dt.datetime.now(dt.UTC)),  # F13: stale means new handshakes fail
             "state": {"pin_guard": server.guard_store.status(), "epochs": server.epochs.status()},
         },
         "tokens": [_token(server, tok, now, wall) for tok in server.tokens],
         "clients": clients,
         "warnings": certificate_warnings(server, dt.datetime.now(dt.UTC))
+        + _device_warnings(server)
         + _audit_warning(server)
         + _state_warnings(server),
     }
+
+
+def _device_warnings(server: ServerView) -> list[dict[str, Any]]:
+    """F5: a different token plugged in where a configured one was (refused, never served)."""
+    out: list[dict[str, Any]] = []
+    for tok in server.tokens:
+        other = tok.device.refused_serial
+        if other is not None:
+            message = (
+                f"token {tok.name!r}: a different device (serial {other}) is plugged in where serial "
+                f"{tok.device.serial} was; it is refused. Plug the right token back in, or if the "
+                "token was replaced on purpose, set tokens[].match.serial and restart the server"
+            )
+            out.append(
+                {"subject": f"token {tok.name}", "not_after": None, "days_left": None, "message": message}
+            )
+    return out
 
 
 def _audit_warning(server: ServerView) -> list[dict[str, Any]]:

@@ -51,6 +51,7 @@ class TokenDevice:
         try:
             card = await self._opener()
         except DeviceNotFoundError:
+            self._refused_serial = None  # the impostor, if any, is gone too
             return None
         except DeviceError as exc:
             log.warning("device.open_failed", token=self.name, error=str(exc))
@@ -82,6 +83,11 @@ class TokenDevice:
             self._refused_serial = card.serial
             await self._rails.record("token.refused", device=card.serial, expected=self.serial)
         await self.close(card)
+
+    @property
+    def refused_serial(self) -> str | None:
+        """The serial of a different token plugged in where this one was (refused), else None."""
+        return self._refused_serial
 
     async def probe(self) -> str | None:
         """None while the token is there; otherwise why it is considered gone."""

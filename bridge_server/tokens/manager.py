@@ -66,7 +66,7 @@ from bridge_server.tokens.stats import TokenStats
 from bridge_server.tokens.virtual_reader import VirtualReader
 from protocol import wire
 from protocol.apdu import SW_UNKNOWN
-from protocol.ccid import MessageType, decode_message
+from protocol.ccid import CcidMessage, MessageType, decode_message
 from protocol.errors import MalformedCcidMessageError
 from protocol.vocabulary import ErrorCode
 
@@ -127,6 +127,9 @@ class TokenManager:
         self._drops: dict[int, EndReason] = {}
         self._status_changed = False
         self._stopped = False
+        self._leases_ended = trio.Event()  # shutdown: every lease ended (the card is powered off next)
+        self._in_flight: trio.CancelScope | None = None  # the exchange at the card, if any
+        self._abort_at: float | None = None  # shutdown: when an exchange at the card is abandoned
         self.stats = TokenStats()  # counters for `status` and /metrics
 
     @property
@@ -187,9 +190,19 @@ class TokenManager:
         with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
             self._send.send_nowait(_WAKE)
 
-    async def shutdown(self) -> None:
-        """End every lease with `shutdown`, power the card off and make `run` return."""
-        await self._send.send(Shutdown())
+    async def shutdown(self, *, abort_after_s: float = 0.0) -> None:
+        """End every lease with `shutdown`, power the card off and make `run` return (F8).
+
+        An exchange at the card gets `abort_after_s` to finish; then it is abandoned and its
+        client gets an explicit CCID failure (CMD_ABORTED), never a status word. Returns once
+        every lease has ended (the caller bounds the wait); the card is powered off after that,
+        shielded, as soon as it answers (a busy card queues the power-off behind its work)."""
+        self._abort_at = trio.current_time() + abort_after_s
+        if self._in_flight is not None:
+            self._in_flight.deadline = min(self._in_flight.deadline, self._abort_at)
+        with contextlib.suppress(trio.ClosedResourceError, trio.BrokenResourceError):
+            await self._send.send(Shutdown())
+        await self._leases_ended.wait()
 
     async def revoke_lease(self) -> None:
         """Admin: end the current lease with `revoked` (the card is powered off as usual)."""
@@ -251,7 +264,8 @@ class TokenManager:
     async def _handle(self, cmd: Command) -> None:
         match cmd:
             case Shutdown():
-                await self._stop()
+                with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_TIMEOUT_S):
+                    await self._stop()  # shielded: the card is powered off even as the server's deadline hits
             case RevokeLease() | ResetToken():
                 await self._apply(self.book.end(trio.current_time(), EndReason.REVOKED))
                 if isinstance(cmd, ResetToken) and self._card is not None:
@@ -288,7 +302,7 @@ class TokenManager:
             await self.flood.duplicate_request(sub, now)
             return
         # DESIGN §4: no lease that the audit log cannot record (the line waits and is retried).
-        if not await self.rails.record("lease.requested", client_id=sub.name, conn_id=sub.conn_id):
+        if not await self.rails.record("lease.requested", **_who(sub).audit_fields(), conn_id=sub.conn_id):
             msg = f"no new leases on {self.name!r}: {self.rails.audit.problem}; retried automatically"
             self._error(sub, ErrorCode.AUDIT_UNAVAILABLE, msg)
             return
@@ -307,12 +321,21 @@ class TokenManager:
             self._error(sub, ErrorCode.BAD_CCID, str(exc))
             return
         assert self._reader is not None  # a holder always has a reader (set on grant)
-        result = await self._reader.execute(msg)
+        reader = self._reader
+        with trio.CancelScope(deadline=math.inf if self._abort_at is None else self._abort_at) as scope:
+            self._in_flight = scope
+            try:
+                result = await reader.execute(msg)
+            finally:
+                self._in_flight = None
+        if scope.cancelled_caught:
+            await self._abandoned(sub, epoch, msg, reader)
+            return
         now = trio.current_time()
         self.book.note_frame(now, apdu=result.apdu)
         if result.apdu:
             self.stats.apdu(msg.data, result.response.data)
-        holder = self._holder or Holder(sub.name, sub.identity.names, sub.admin, epoch)
+        holder = self._holder or _who(sub, epoch)
         guard_events: list[Attempt | Engaged] = []
         if result.apdu:
             guard_events = self.rails.observe(msg.data, result.response.data, holder)
@@ -329,6 +352,15 @@ class TokenManager:
             self.book.note_power_off(now)
         if result.failure is not None:
             await self._device_failed(result.failure, during=msg.msg_type)
+
+    async def _abandoned(self, sub: Subscriber, epoch: int, msg: CcidMessage, reader: VirtualReader) -> None:
+        """Shutdown abandoned this exchange: an explicit failure, and a PIN counts as tried."""
+        log.warning("apdu.abandoned", token=self.name, client_id=sub.name, reason="server shutting down")
+        sub.push(wire.CcidFrame(token_id=self.token_id, epoch=epoch, message=reader.aborted(msg).encode()))
+        if msg.msg_type is MessageType.PC_to_RDR_XfrBlock:  # the card may have counted a VERIFY
+            holder = self._holder or _who(sub, epoch)
+            events = self.rails.observe(msg.data, SW_UNKNOWN.to_bytes(2, "big"), holder)
+            await self.rails.record_guard_events(events, holder)
 
     # -- events -> actions -------------------------------------------------------
 
@@ -371,7 +403,7 @@ class TokenManager:
         except DeviceError as exc:
             return await self._device_failed(exc, during=None, apply=False)
         self.atr = atr
-        holder = self._holder = Holder(sub.name, sub.identity.names, sub.admin, event.epoch)
+        holder = self._holder = _who(sub, event.epoch)
         self.rails.private_key_ops = 0
         self._reader = VirtualReader(driver, atr, screen=lambda raw: self.rails.screen(raw, holder))
         if self.simulated is not None:
@@ -379,7 +411,7 @@ class TokenManager:
         sub.push(wire.LeaseGranted(token_id=self.token_id, epoch=event.epoch, atr=atr))
         self.stats.granted(event.conn_id, now)
         await self.rails.record(
-            "lease.granted", client_id=event.identity, conn_id=event.conn_id, lease_epoch=event.epoch
+            "lease.granted", **holder.audit_fields(), conn_id=event.conn_id, lease_epoch=event.epoch
         )
         log.info(
             "lease.granted",
@@ -397,10 +429,11 @@ class TokenManager:
         msg = wire.LeaseEnded(token_id=self.token_id, epoch=event.epoch, reason=event.reason)
         self._push(event.conn_id, msg)
         self.stats.ended(event.held_s, str(event.reason))
+        who = self._holder.audit_fields() if self._holder is not None else {"client_id": event.identity}
         self._holder = None
-        await self.flood.lease_ended(event.identity, event.epoch, trio.current_time())
+        await self.flood.lease_ended(who, event.epoch, trio.current_time())
         await self.rails.record(
-            "lease.released", client_id=event.identity, conn_id=event.conn_id, lease_epoch=event.epoch,
+            "lease.released", **who, conn_id=event.conn_id, lease_epoch=event.epoch,
             reason=str(event.reason), duration_ms=round(event.held_s * 1000), apdus=event.apdus,
             private_key_ops=self.rails.private_key_ops,
         )  # fmt: skip
@@ -414,7 +447,8 @@ class TokenManager:
             apdus=event.apdus,
             reason=str(event.reason),
         )
-        if self._card is not None and event.reason is not EndReason.TOKEN_GONE:
+        if self._card is not None and event.reason is not EndReason.TOKEN_GONE and not self._stopped:
+            # (at shutdown `device.shut_down()` powers it off, after every lease has ended)
             try:
                 await self._card.driver.power_off()  # the verified PIN dies with the lease
             except DeviceError as exc:
@@ -467,6 +501,7 @@ class TokenManager:
             return
         self._stopped = True
         await self._apply(self.book.shutdown(trio.current_time()))
+        self._leases_ended.set()
         await self.device.shut_down()
         self._send.close()
 
@@ -494,3 +529,9 @@ class TokenManager:
 
     def _error_to(self, conn_id: int, code: ErrorCode, message: str) -> None:
         self._push(conn_id, wire.ErrorMessage(code=code, message=message, token_id=self.token_id))
+
+
+def _who(sub: Subscriber, epoch: int = 0) -> Holder:
+    """The certificate-derived identity a lease and its audit lines belong to (S11)."""
+    ident = sub.identity
+    return Holder(sub.name, ident.names, sub.admin, epoch, fingerprint=ident.fingerprint_sha256)

@@ -158,6 +158,10 @@ class VirtualReader:
             )
         return FrameResult(data_block(msg.seq, rapdu), apdu=True)
 
+    def aborted(self, msg: CcidMessage) -> CcidMessage:
+        """The explicit failure for a command abandoned at the card (shutdown): never a SW."""
+        return self._failed(msg, SlotError.CMD_ABORTED).response
+
     def _failed(self, msg: CcidMessage, error: int, *, icc: IccStatus | None = None) -> FrameResult:
         status = status_byte(self._icc if icc is None else icc, CommandStatus.FAILED)
         try:

@@ -375,6 +375,10 @@ class CcidDriver:
                 # garbage fails the exchange like any other card fault (found by tests/fuzz).
                 raise CardError(f"{self._device.info.describe()}: malformed ccid answer: {exc}") from exc
             if resp.seq != seq:
+                if resp.command_status is CommandStatus.TIME_EXTENSION:
+                    # The card is still busy with an abandoned exchange (shutdown, a client gone):
+                    # its time extensions only say so; the total wait (`_exchange`) bounds them.
+                    continue
                 stale += 1
                 log.debug("ccid.stale_dropped", seq=resp.seq, expected_seq=seq)
                 if stale >= MAX_STALE_FRAMES:

@@ -7,6 +7,7 @@ import dataclasses
 
 import pytest
 import trio
+import trio.testing
 from server_fakes import Client, FakeDevice, make_manager
 
 from bridge_server.net.hub import Hub
@@ -37,7 +38,10 @@ async def test_each_request_puts_its_own_command_type_in_the_inbox() -> None:
     await manager.submit_frame(client.sub, 7, b"\x62" + bytes(9))
     await manager.revoke_lease()
     await manager.reset_token()
-    await manager.shutdown()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(manager.shutdown)  # then waits for the leases to end: nobody runs them
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.cancel_scope.cancel()
     manager.detach(client.sub.conn_id)
     queued = []
     with pytest.raises(trio.WouldBlock):
