@@ -39,7 +39,7 @@ demo: deps
 	$(VENV)/bin/tokenbridge demo
 
 bench: deps
-	$(PY) -m bench
+	$(PY) -m bench $(BENCH_ARGS)
 
 fuzz: $(STAMP)
 	$(PY) -m bench.fuzz --minutes $(FUZZ_MINUTES)
