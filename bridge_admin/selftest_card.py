@@ -81,6 +81,13 @@ def sw_of(rapdu: bytes) -> int:
 
 def ber_tlv(data: bytes) -> dict[int, bytes]:
     """Top-level BER-TLV objects of `data` by tag (first one wins); raises on a truncated one."""
+    try:
+        return _ber_tlv(data)
+    except IndexError:
+        raise CardStepError(f"truncated BER-TLV in the card's answer ({len(data)} bytes)") from None
+
+
+def _ber_tlv(data: bytes) -> dict[int, bytes]:
     out: dict[int, bytes] = {}
     pos = 0
     while pos < len(data):

@@ -16,6 +16,7 @@ import trio
 
 from bridge_admin.cli import main
 from bridge_admin.selftest import Options, run_selftest
+from bridge_admin.selftest_card import CardStepError, ber_tlv
 from bridge_admin.selftest_report import render_text
 from bridge_admin.selftest_target import Target, read_pin, resolve_target
 from bridge_server.simulator.piv_state import (
@@ -303,3 +304,10 @@ def test_read_pin_from_a_file(tmp_path: Path) -> None:
     assert "chmod 600" in read_pin(str(path))[2]
     with pytest.raises(ConfigError, match="cannot read the PIN file"):
         read_pin(str(tmp_path / "missing"))
+
+
+def test_a_truncated_answer_is_a_card_step_error_not_a_crash() -> None:
+    assert ber_tlv(bytes.fromhex("5302AABB")) == {0x53: b"\xaa\xbb"}
+    for broken in ("5F", "5F C1", "53 82 01", "53 05 AA"):
+        with pytest.raises(CardStepError):
+            ber_tlv(bytes.fromhex(broken))
