@@ -292,8 +292,12 @@ async def _replug(report: Report, target: Target, options: Options, holder: dict
 
 
 async def _power_on_again(report: Report, driver: CcidDriver, device: TappedDevice, features: int) -> None:
+    mark = len(device.trace)
     atr = await report.step("power on after replug", driver.power_on, fatal=True)
-    report.sections["replug"] = {"atr_unchanged": atr == bytes.fromhex(report.sections["atr"]["raw"])}
+    report.sections["replug"] = {
+        "atr_unchanged": atr == bytes.fromhex(report.sections["atr"]["raw"]),
+        "power_on_messages": _paired(device, mark),
+    }
     await report.step("select after replug", lambda: _round(report, driver, "select_round_after_replug"))
 
 

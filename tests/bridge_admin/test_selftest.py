@@ -192,6 +192,7 @@ def test_unplug_and_replug_when_the_user_agrees() -> None:
     for step in ("unplug seen", "replug seen", "reopen", "power on after replug", "select after replug"):
         assert steps[step] == "ok"
     assert report["replug"]["atr_unchanged"] is True
+    assert report["replug"]["power_on_messages"][0]["command"] == "IccPowerOn"
     assert report["select_round_after_replug"]["piv"] is True
     assert target.simulated.evidence.power_ons >= 2
 
