@@ -5,13 +5,15 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.tokenbridge-installed
 PYTEST_ARGS ?=
 
-.PHONY: help deps system-deps test lint demo bench clean
+.PHONY: help deps system-deps test lint demo bench fuzz clean
+FUZZ_MINUTES ?= 10
 
 help:
 	@echo "make demo   - run the whole chain on a simulated token and sign a script"
 	@echo "make test   - set up and run the full test suite (unit, integration, real PC/SC stack)"
 	@echo "make lint   - ruff, and mypy --strict on protocol/ and both daemons"
 	@echo "make bench  - measure latency/throughput against the budget (docs/performance.md)"
+	@echo "make fuzz   - search with the fuzz targets for FUZZ_MINUTES (default 10), new seeds each run"
 
 system-deps:
 	@bash .ci/system-deps.sh
@@ -37,7 +39,10 @@ demo: deps
 	$(VENV)/bin/tokenbridge demo
 
 bench: deps
-	$(PY) -m bench
+	$(PY) -m bench $(BENCH_ARGS)
+
+fuzz: $(STAMP)
+	$(PY) -m bench.fuzz --minutes $(FUZZ_MINUTES)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -2,7 +2,10 @@
 
     .venv/bin/python -m bench.soak --minutes 60 [--fault-every-s 60] [--json out.json]
 
-Not part of CI (reliability-anchors §7.4 L1). Needs no pcscd: the soak plays vpcd itself.
+The long soak is not part of CI (reliability-anchors §7.4 L1); a 30-second one is
+(tests/load/test_short_soak.py, same code). Needs no pcscd: the soak plays vpcd itself.
+Exit status 1 on overlapping leases or when RSS / open fds drift beyond `--max-rss-drift-pct` /
+`--max-fd-drift` (measured from the end of warm-up, `--warmup-fraction`).
 
     soak (fake vpcd: ATR, power on, SELECT, VERIFY, sign, power off, pause)
       -> tokenbridge-client (real process) -> fault proxy (in this process) -> tokenbridge-server
@@ -178,6 +181,22 @@ def drift(samples: list[dict[str, Any]], warmup_fraction: float = 0.1) -> dict[s
     return out
 
 
+def drift_violations(drift_doc: dict[str, Any], *, max_rss_pct: float, max_fds: int) -> list[str]:
+    """What in `drift(...)` is beyond the limits: RSS growth in %, open fds in absolute count."""
+    problems = []
+    for daemon in ("server", "client"):
+        rss, fds = drift_doc.get(f"{daemon}.rss_kb"), drift_doc.get(f"{daemon}.fds")
+        if rss is None or fds is None:
+            problems.append(f"{daemon}: fewer than two samples, no drift measured")
+            continue
+        if rss["drift_pct"] is None or rss["drift_pct"] > max_rss_pct:
+            grew = f"{rss['base']} -> {rss['end']} kB ({rss['drift_pct']} %"
+            problems.append(f"{daemon} RSS grew {grew}, limit {max_rss_pct} %)")
+        if fds["end"] - fds["base"] > max_fds:
+            problems.append(f"{daemon} open fds grew {fds['base']} -> {fds['end']} (limit +{max_fds})")
+    return problems
+
+
 async def soak(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     counters = Counters()
     stack = BridgeStack(
@@ -205,7 +224,7 @@ async def soak(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         await fake_vpcd.aclose()
         stack.stop()
     result = asdict(counters)
-    result["drift"] = drift(counters.samples)
+    result["drift"] = drift(counters.samples, getattr(args, "warmup_fraction", 0.1))
     result["minutes"] = args.minutes
     return result
 
@@ -220,6 +239,8 @@ def render(result: dict[str, Any]) -> str:
         f"card removals {result['vpcd_card_removals']}; faults {result['faults']}"
     )
     lines.append(f"  invariant violations: {len(result['invariant_violations'])}")
+    for problem in result.get("drift_violations", []):
+        lines.append(f"  DRIFT: {problem}")
     return "\n".join(lines)
 
 
@@ -231,16 +252,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pause-s", type=float, default=0.5, help="pause between signatures per signer")
     p.add_argument("--json", type=Path, default=None, help="also write the result here")
     p.add_argument("--workdir", type=Path, default=None, help="keep configs and daemon logs here")
+    p.add_argument("--warmup-fraction", type=float, default=0.1, help="drift is measured after this")
+    p.add_argument("--max-rss-drift-pct", type=float, default=10.0, help="fail above this RSS growth")
+    p.add_argument("--max-fd-drift", type=int, default=4, help="fail above this many extra open fds")
     args = p.parse_args(argv)
     if args.workdir is not None:
         result = trio.run(soak, args, args.workdir)
     else:
         with tempfile.TemporaryDirectory(prefix="tokenbridge-soak-") as tmp:
             result = trio.run(soak, args, Path(tmp))
+    result["drift_violations"] = drift_violations(
+        result["drift"], max_rss_pct=args.max_rss_drift_pct, max_fds=args.max_fd_drift
+    )
     print(render(result))
     if args.json is not None:
         args.json.write_text(json.dumps(result, indent=2))
-    return 1 if result["invariant_violations"] else 0
+    return 1 if result["invariant_violations"] or result["drift_violations"] else 0
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from bridge_admin.audit_cli import add_audit_parser, run_audit
 from bridge_admin.commands import COMMANDS as ADMIN_COMMANDS
 from bridge_admin.commands import add_admin_commands, run_admin_command
 from bridge_admin.pki import Pki, PkiError
+from bridge_admin.selftest import add_selftest_parser, run_selftest_command
 from protocol.errors import BridgeError
 from protocol.wire import DEFAULT_PORT
 
@@ -32,6 +33,8 @@ examples:
   tokenbridge pin-guard reset codesign                     clear the PIN guard (prints what to check first)
   tokenbridge audit verify /var/lib/tokenbridge/audit.jsonl   check the audit log's hash chain
   tokenbridge doctor --config /etc/tokenbridge/client.yaml preflight check on a build VM
+  tokenbridge selftest --json > selftest.json             check the token on the token host (server
+                                                          stopped); attach the file to a bug report
 """
 
 DEFAULT_PKI = Path("/etc/tokenbridge/pki")
@@ -92,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     psub.add_parser("crl", help="re-sign the CRL (run before it goes stale; the server refuses a stale CRL)")
     add_admin_commands(sub)
     add_audit_parser(sub)
+    add_selftest_parser(sub)
     return parser
 
 
@@ -112,6 +116,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_admin_command(args)
         if args.command == "audit":
             return run_audit(args)
+        if args.command == "selftest":
+            return run_selftest_command(args)
     except BridgeError as exc:
         print(f"tokenbridge: {exc}", file=sys.stderr)
         return 2
