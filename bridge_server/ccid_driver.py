@@ -355,14 +355,14 @@ class CcidDriver:
         stale = 0
         wait_s = frame_timeout_s
         while True:
-            with trio.move_on_after(wait_s) as frame:
-                raw = await (self._device.transceive(command) if command else self._device.read())
-            command = b""  # sent; a cancelled transceive does not get here (it raises below)
-            if frame.cancelled_caught:
-                raise DeviceTimeoutError(
-                    f"{self._device.info.describe()}: no ccid frame for bSeq {seq} within {wait_s:g} s"
-                )
             try:
+                with trio.move_on_after(wait_s) as frame:
+                    raw = await (self._device.transceive(command) if command else self._device.read())
+                command = b""  # sent; a cancelled transceive does not get here (it raises below)
+                if frame.cancelled_caught:
+                    raise DeviceTimeoutError(
+                        f"{self._device.info.describe()}: no ccid frame for bSeq {seq} within {wait_s:g} s"
+                    )
                 resp = ccid.decode_message(raw)
                 _ = resp.icc_status, resp.command_status  # RFU bStatus bits raise here, not later
             except MalformedCcidMessageError as exc:

@@ -40,6 +40,7 @@ from bridge_server.errors import (
     DeviceTimeoutError,
 )
 from protocol.ccid import HEADER_LEN, MAX_DATA_LENGTH, CcidClassDescriptor
+from protocol.ccid_stream import BulkInAssembler
 from protocol.errors import MalformedCcidMessageError
 
 log = structlog.get_logger(__name__)
@@ -260,6 +261,8 @@ class UsbCcidDevice:
         self.has_interrupt = self._intr_in is not None
         size = max(descriptor.max_ccid_message_length, MIN_READ_BUFFER)
         self._buf = array.array("B", bytes(size))
+        self._assembler = BulkInAssembler(size)
+        self._packet_size = int(self._bulk_in.wMaxPacketSize) or 64
         self._intr_buf = array.array("B", bytes(MAX_INTERRUPT_READ))
         self._closed = False
 
@@ -295,9 +298,26 @@ class UsbCcidDevice:
             raise DeviceError(f"{self._what}: short write ({sent} of {len(data)} bytes)")
 
     def read(self, timeout_ms: int) -> bytes:
-        """One whole CCID message (the device ends each message with a short packet)."""
-        n = self._transfer("reading", self._bulk_in, self._buf, timeout_ms)
-        return bytes(self._buf[:n])
+        """The next whole CCID message; DeviceTimeoutError if none is complete within `timeout_ms`.
+
+        A transfer cut by its timeout still brings the packets that had arrived (libusb reports
+        the timeout with bytes transferred and pyusb returns the count): they are kept and the
+        message completes in a later call, once its 10 + dwLength bytes are in (reference §1.3).
+        A zero-length transfer is "nothing yet"."""
+        message = self._assembler.next_message()
+        if message is None:
+            n = self._transfer("reading", self._bulk_in, self._buf, timeout_ms)
+            # A count that is no multiple of the packet size ended with a short packet: the
+            # device's end of message. A timeout-cut transfer holds whole packets only.
+            ended = n == 0 or n % self._packet_size != 0
+            self._assembler.receive_data(bytes(self._buf[:n]), transfer_ended=ended)
+            message = self._assembler.next_message()
+        if message is None:
+            raise DeviceTimeoutError(
+                f"{self._what}: no whole ccid message within {timeout_ms} ms "
+                f"({self._assembler.buffered} bytes of one so far)"
+            )
+        return message
 
     def transceive(self, data: bytes, write_timeout_ms: int, read_timeout_ms: int) -> bytes | None:
         """`write(data)` then one `read()`; None if no answer came within `read_timeout_ms`.
