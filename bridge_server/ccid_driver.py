@@ -11,7 +11,8 @@ the total wait. Every response is checked for type, bSeq and length before use.
 
 `power_on()` follows reference §1.10.1: IccPowerOn (automatic voltage, else 5 V → 3 V → 1.8 V),
 ATR, SetParameters unless the reader negotiates itself (AUTO_PPS_PROP), and for TPDU T=1 a fresh
-`T1Reader` plus the S(IFS) request unless AUTO_IFSD (or the 0529:0620 fw 0.12/0.13 quirk). We
+`T1Reader` plus the S(IFS) request unless AUTO_IFSD (or the 0529:0620 fw 0.12/0.13 quirk); with
+AUTO_IFSD the reader already negotiated, and the reader's IFSD is min(dwMaxIFSD, 254). We
 never send a PPS: the card then stays at its default Fd/Dd, which every token here accepts, and
 SetParameters says so (Fi/Di 0x11 unless the card is in specific mode, reference §1.12).
 
@@ -193,8 +194,13 @@ class CcidDriver:
         if not self._features & Feature.AUTO_PPS_PROP:
             await self._set_parameters(protocol, atr)
         if self._level is ExchangeLevel.TPDU and protocol == 1:
-            self._t1 = T1Reader(ifsc=atr.ifsc, checksum=atr.checksum)
-            if not self._features & Feature.AUTO_IFSD:
+            if self._features & Feature.AUTO_IFSD:
+                # CCID 1.1 §5.1 (0x400): the reader negotiated IFSD itself, so the card sends
+                # blocks of up to dwMaxIFSD; libccid takes min(dwMaxIFSD, 254) as its IFSD too.
+                ifsd = min(self._desc.max_ifsd, MAX_T1_IFS)
+                self._t1 = T1Reader(ifsc=atr.ifsc, checksum=atr.checksum, ifsd=ifsd if ifsd > 0 else 32)
+            else:
+                self._t1 = T1Reader(ifsc=atr.ifsc, checksum=atr.checksum)
                 await self._negotiate_ifsd()
         self._atr, self._protocol = atr, protocol
         log.info("card.powered_on", protocol=protocol, level=self._level.value, atr=atr.raw.hex())
