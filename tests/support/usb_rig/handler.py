@@ -309,6 +309,30 @@ def build_testbed(token: Token, args: argparse.Namespace) -> tuple[Any, str, str
     if not syspath:
         raise SystemExit("usb_rig: umockdev refused the device")
     testbed.set_attribute_binary(syspath, "descriptors", list(token.descriptors()))
+    for intf in token.configuration.interfaces:
+        # pcscd's libudev hotplug finds readers by their usb_interface children.
+        cls = (intf.bInterfaceClass, intf.bInterfaceSubClass, intf.bInterfaceProtocol)
+        testbed.add_device(
+            "usb",
+            # Nested under the device's folder: libudev finds the parent by the path (a parent
+            # argument is checked against the real /sys, which this process does not see).
+            f"{args.busnum}-1/{args.busnum}-1:1.{intf.bInterfaceNumber}",
+            None,
+            [
+                *("bInterfaceNumber", f"{intf.bInterfaceNumber:02x}\n"),
+                *("bAlternateSetting", " 0\n"),
+                *("bInterfaceClass", f"{cls[0]:02x}\n"),
+                *("bInterfaceSubClass", f"{cls[1]:02x}\n"),
+                *("bInterfaceProtocol", f"{cls[2]:02x}\n"),
+                *("bNumEndpoints", f"{intf.bNumEndpoints:02x}\n"),
+            ],
+            [
+                *("DEVTYPE", "usb_interface"),
+                *("INTERFACE", "/".join(str(c) for c in cls)),
+                *("PRODUCT", properties["PRODUCT"]),
+                *("TYPE", "0/0/0"),
+            ],
+        )
     # add_device does not create the node (only add_from_string does): a plain file, as
     # umockdev makes for usb devices; attach_ioctl routes its ioctls to the handler.
     node = Path(testbed.get_root_dir()) / devnode.lstrip("/")
