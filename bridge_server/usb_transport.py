@@ -4,7 +4,11 @@ Theory of operation
 -------------------
 `UsbCcidDevice` is synchronous and thin: it finds the token (VID/PID/serial), finds its CCID
 interface and class descriptor the way libccid does (reference §1.7), claims the interface and
-moves whole CCID messages over the bulk pipes. Every pyusb/libusb exception is translated here
+moves whole CCID messages over the bulk pipes. A bulk-IN read that its timeout cuts mid-message
+still returns the packets that had arrived (libusb reports the timeout with bytes transferred,
+pyusb returns the count), so reads are assembled into messages by 10 + dwLength
+(`protocol.ccid_stream`); found on the real libusb stack (tests/usb_rig/test_libusb_link.py).
+Every pyusb/libusb exception is translated here
 into a `bridge_server.errors` type with a message an operator can act on (reference §3.2).
 
 `AsyncUsbDevice` is the trio face of it. Each blocking call runs in a worker thread through
