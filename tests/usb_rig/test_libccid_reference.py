@@ -38,7 +38,8 @@ def reference_host_problem() -> str | None:
 
 
 def run_in_namespace(umockdev_dir: str, work: Path, script: str) -> subprocess.CompletedProcess[str]:
-    cmd = ["unshare", "--mount", "--propagation", "private", "bash", str(NS_SCRIPT), umockdev_dir, str(work)]
+    cmd = ["unshare", "--mount", "--propagation", "unchanged"]
+    cmd += ["bash", str(NS_SCRIPT), umockdev_dir, str(work)]
     return subprocess.run(
         [*cmd, "bash", "-c", script], capture_output=True, text=True, timeout=120, check=False
     )
