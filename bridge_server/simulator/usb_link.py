@@ -81,10 +81,26 @@ class PacketPipe:
         chunks = [message[i : i + size] for i in range(0, stop, size)]
         return [_Packet(c, start + n * self.packet_interval_s) for n, c in enumerate(chunks)]
 
-    def queue(self, message: bytes, now: float, *, delay_s: float = 0.0, time_extension: bytes = b"") -> None:
+    def busy(self, now: float) -> bool:
+        """A held answer is not ready yet: the card is still working on an earlier command."""
+        self._release(now)
+        return bool(self._held)
+
+    def queue(
+        self,
+        message: bytes,
+        now: float,
+        *,
+        delay_s: float = 0.0,
+        time_extension: bytes = b"",
+        ahead: bool = False,
+    ) -> None:
+        """`ahead`: sent at once, before a held answer (a reader's "slot busy" to a new command)."""
         ready_at = now + delay_s
         packets = self.packets_of(message, ready_at)
-        if delay_s > 0 and time_extension:
+        if ahead:
+            self._packets.extend(packets)
+        elif delay_s > 0 and time_extension:
             self._held.append(_Held(packets, ready_at, time_extension, now))
         elif self._held:
             self._held.append(_Held(packets, ready_at, b"", ready_at))

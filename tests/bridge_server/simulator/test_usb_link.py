@@ -62,3 +62,17 @@ def test_packet_larger_than_the_room_left_overflows() -> None:
     urb = Urb(32)
     pipe.fill(urb, now=0.0)
     assert urb.done and urb.status == -EOVERFLOW
+
+
+def test_pipe_is_busy_while_an_answer_is_held_and_a_busy_answer_jumps_ahead() -> None:
+    pipe = PacketPipe(64)
+    pipe.queue(b"slow answer", now=0.0, delay_s=1.0, time_extension=b"wtx")
+    assert pipe.busy(0.5)
+    pipe.queue(b"busy", now=0.5, ahead=True)  # a reader's CMD_SLOT_BUSY to the next command
+    seen = []
+    for now in (0.5, 0.5, 1.0):
+        urb = Urb(100)
+        pipe.fill(urb, now=now)
+        seen.append(bytes(urb.data))
+    assert seen == [b"wtx", b"busy", b"slow answer"]  # the time extension was already on its way
+    assert not pipe.busy(1.0)

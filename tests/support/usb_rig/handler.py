@@ -47,11 +47,31 @@ from bridge_server.simulator.faults import Evidence, Faults  # noqa: E402
 from bridge_server.simulator.piv import PivCard  # noqa: E402
 from bridge_server.simulator.profiles import PROFILES, Profile  # noqa: E402
 from bridge_server.simulator.usb_link import PacketPipe, Urb  # noqa: E402
-from protocol.ccid import NotifySlotChange  # noqa: E402
+from protocol.ccid import (  # noqa: E402
+    CcidMessage,
+    CommandStatus,
+    IccStatus,
+    MessageType,
+    NotifySlotChange,
+    SlotError,
+    response_type_for,
+    status_byte,
+)
+from protocol.errors import LocalProtocolError  # noqa: E402
 from usb_rig import usbdevfs as fs  # noqa: E402
 
 EAGAIN_PAUSE_MS = 1
 CCID_ABORT = 0x01
+
+
+def busy_answer(command: bytes) -> bytes:
+    """The failed answer (bError CMD_SLOT_BUSY) to `command`, echoing its bSeq."""
+    try:
+        kind = response_type_for(MessageType(command[0]))
+    except (ValueError, LocalProtocolError):
+        kind = MessageType.RDR_to_PC_SlotStatus
+    status = status_byte(IccStatus.PRESENT_ACTIVE, CommandStatus.FAILED)
+    return CcidMessage(kind, command[6], command[5], status, SlotError.CMD_SLOT_BUSY).encode()
 
 
 @dataclass
@@ -76,6 +96,7 @@ class Token:
         self.device = CcidDevice(profile, self.card, faults=self.faults, evidence=Evidence())
         self.configuration = ud.build_configuration(profile)
         self.events = args.events
+        self.slot_busy = not args.no_slot_busy
         interval = args.packet_interval_ms / 1000
         self.bulk_in = PacketPipe(64, packet_interval_s=interval)
         self.intr_in = PacketPipe(8)
@@ -104,8 +125,13 @@ class Token:
             record["head"] = data[10:12].hex()
             with open(self.events, "a") as fh:
                 fh.write(json.dumps(record) + "\n")
-        reply = self.device.handle(data)
         now = time.monotonic()
+        if self.slot_busy and len(data) >= 10 and self.bulk_in.busy(now):
+            # CCID 1.1 §6.2.6: a command while the slot still works on the last one fails at once
+            # with CMD_SLOT_BUSY; the earlier answer still follows when it is ready.
+            self.bulk_in.queue(busy_answer(data), now, ahead=True)
+            return
+        reply = self.device.handle(data)
         for frame in reply.frames[:-1]:
             self.bulk_in.queue(frame, now)
         if reply.frames:
@@ -348,6 +374,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-serial", action="store_true", help="a device without iSerialNumber")
     parser.add_argument("--state", type=Path, help="the PIV card's JSON state file")
     parser.add_argument("--events", type=Path, help="append one JSON line per bulk-OUT command here")
+    parser.add_argument("--no-slot-busy", action="store_true", help="queue commands instead of 'slot busy'")
     parser.add_argument("--busnum", type=int, default=1)
     parser.add_argument("--devnum", type=int, default=2)
     parser.add_argument("--packet-interval-ms", type=float, default=1.0, help="gap between IN packets")

@@ -101,6 +101,7 @@ def emulated_token(
     serial: str | None = None,
     packet_interval_ms: float = 1.0,
     slow_sign_ms: float = 0.0,
+    slot_busy: bool = True,
 ) -> Iterator[EmulatedToken]:
     """Run handler.py for one token until the block ends (stopped by its pid)."""
     require_umockdev()
@@ -111,6 +112,8 @@ def emulated_token(
     cmd += ["--slow-sign-ms", str(slow_sign_ms)]
     if serial is not None:
         cmd += ["--serial", serial]
+    if not slot_busy:
+        cmd.append("--no-slot-busy")
     env = {k: v for k, v in os.environ.items() if k not in ("UMOCKDEV_DIR", "LD_PRELOAD", "PYTHONHOME")}
     env["PYTHONPATH"] = handler_pythonpath()
     log: IO[str]
