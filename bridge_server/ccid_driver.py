@@ -5,9 +5,11 @@ Theory of operation
 One `CcidDriver` per claimed token, one exchange at a time (a trio.Lock): write a PC_to_RDR
 command with the next 8-bit bSeq, then read until the response that echoes that bSeq. Frames
 with another bSeq are stale leftovers of an abandoned exchange and are dropped (at most
-`MAX_STALE_FRAMES`, reference §1.3). A response whose bStatus says "time extension" (0x80) is
-re-read with the per-frame wait multiplied by bError (reference §1.10.3), under a hard cap on
-the total wait. Every response is checked for type, bSeq and length before use.
+`MAX_STALE_FRAMES`, reference §1.3). The per-frame wait is the card's read timeout as libccid
+derives it from the ATR (`card_read_timeout_ms`: 260 EGT + BWT + 260 CWT + 1 s for T=1), 10 s
+before the ATR is known. A response whose bStatus says "time extension" (0x80) is re-read with
+the per-frame wait multiplied by bError (reference §1.10.3), under a hard cap on the total wait
+(max_wait_s, never below one frame wait). Every response is checked for type, bSeq and length before use.
 
 `power_on()` follows reference §1.10.1: IccPowerOn (automatic voltage, else 5 V → 3 V → 1.8 V),
 ATR, SetParameters unless the reader negotiates itself (AUTO_PPS_PROP), and for TPDU T=1 a fresh
@@ -36,10 +38,12 @@ from bridge_server.ccid_policy import (
     CHAIN_BEGIN,
     CHAIN_MIDDLE,
     CHAIN_MORE,
+    DEFAULT_FRAME_TIMEOUT_S,
     MAX_RESPONSE_APDU,
     MAX_STALE_FRAMES,
     MAX_T0_ROUNDS,
     MAX_T1_IFS,
+    card_read_timeout_ms,
     choose_protocol,
     effective_features,
     extended_chunks,
@@ -83,7 +87,11 @@ class CcidDriver:
     """Async CCID host for one single-slot token; see the module docstring."""
 
     def __init__(
-        self, device: AsyncUsbDevice, *, frame_timeout_s: float = 10.0, max_wait_s: float = 60.0
+        self,
+        device: AsyncUsbDevice,
+        *,
+        frame_timeout_s: float | None = None,
+        max_wait_s: float = 60.0,
     ) -> None:
         self._device = device
         self._desc = device.descriptor
@@ -91,7 +99,10 @@ class CcidDriver:
         if self._level is ExchangeLevel.CHARACTER:
             raise DeviceError(f"{device.info.describe()}: character-level ccid readers are not supported")
         self._features = effective_features(self._desc, device.info)
-        self._frame_timeout_s = frame_timeout_s
+        # None: DEFAULT_FRAME_TIMEOUT_S until the ATR is in, then the card's own read timeout
+        # as libccid derives it from the ATR (card_read_timeout_ms); a number fixes it.
+        self._fixed_frame_timeout_s = frame_timeout_s
+        self._frame_timeout_s = frame_timeout_s or DEFAULT_FRAME_TIMEOUT_S
         self._max_wait_s = max_wait_s
         self._seq = 0
         self._lock = trio.Lock()
@@ -191,6 +202,8 @@ class CcidDriver:
                 f"card answered power-on with a malformed atr {resp.data.hex(' ')}: {exc}"
             ) from exc
         protocol = choose_protocol(atr, self._desc)
+        if self._fixed_frame_timeout_s is None:
+            self._frame_timeout_s = card_read_timeout_ms(atr, protocol, self._desc) / 1000
         if not self._features & Feature.AUTO_PPS_PROP:
             await self._set_parameters(protocol, atr)
         if self._level is ExchangeLevel.TPDU and protocol == 1:
@@ -258,10 +271,10 @@ class CcidDriver:
         """The whole APDU under one `max_wait_s` deadline: a token that keeps the exchange alive
         with well-formed chatter (endless T=1 S(WTX), empty chained blocks) is cut off, not
         served forever (found by tests/fuzz/test_ccid_driver_fuzz.py)."""
-        with trio.move_on_after(self._max_wait_s):
+        with trio.move_on_after(self._cap_s()):
             return await self._transmit_level(apdu)
         raise DeviceTimeoutError(
-            f"{self._device.info.describe()}: apdu exchange not finished within {self._max_wait_s:g} s"
+            f"{self._device.info.describe()}: apdu exchange not finished within {self._cap_s():g} s"
         )
 
     async def _transmit_level(self, apdu: bytes) -> bytes:
@@ -338,18 +351,23 @@ class CcidDriver:
 
     # ---- one command, one response ----
 
+    def _cap_s(self) -> float:
+        """The bound on one exchange: max_wait_s, but never below one full frame wait (a card
+        whose ATR announces a BWT beyond max_wait_s gets that BWT, as under libccid)."""
+        return max(self._max_wait_s, self._frame_timeout_s)
+
     def _next_seq(self) -> int:
         seq, self._seq = self._seq, (self._seq + 1) & 0xFF
         return seq
 
     async def _exchange(self, msg: CcidMessage, *, wait_multiplier: int = 1) -> CcidMessage:
         expected = ccid.response_type_for(msg.msg_type)
-        with trio.move_on_after(self._max_wait_s) as total:
+        with trio.move_on_after(self._cap_s()) as total:
             return await self._receive(msg, expected, self._frame_timeout_s * wait_multiplier)
         assert total.cancelled_caught
         raise DeviceTimeoutError(
             f"{self._device.info.describe()}: no final answer to {msg.msg_type.name} "
-            f"(bSeq {msg.seq}) within {self._max_wait_s:g} s"
+            f"(bSeq {msg.seq}) within {self._cap_s():g} s"
         )
 
     async def _receive(
