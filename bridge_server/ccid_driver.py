@@ -31,6 +31,8 @@ logic we do not have.
 
 from __future__ import annotations
 
+import dataclasses
+
 import structlog
 import trio
 
@@ -43,6 +45,7 @@ from bridge_server.ccid_policy import (
     MAX_STALE_FRAMES,
     MAX_T0_ROUNDS,
     MAX_T1_IFS,
+    SLOT_BUSY_RETRY_S,
     card_read_timeout_ms,
     choose_protocol,
     effective_features,
@@ -363,7 +366,16 @@ class CcidDriver:
     async def _exchange(self, msg: CcidMessage, *, wait_multiplier: int = 1) -> CcidMessage:
         expected = ccid.response_type_for(msg.msg_type)
         with trio.move_on_after(self._cap_s()) as total:
-            return await self._receive(msg, expected, self._frame_timeout_s * wait_multiplier)
+            while True:
+                resp = await self._receive(msg, expected, self._frame_timeout_s * wait_multiplier)
+                busy = resp.command_status is CommandStatus.FAILED and resp.error == SlotError.CMD_SLOT_BUSY
+                if not busy:
+                    return resp
+                # CCID 1.1 §6.2.6: the slot still works on an earlier (abandoned) command. Its
+                # answer comes first and is dropped by bSeq; ask again, under the same cap.
+                log.debug("ccid.slot_busy", seq=msg.seq)
+                await trio.sleep(SLOT_BUSY_RETRY_S)
+                msg = dataclasses.replace(msg, seq=self._next_seq())
         assert total.cancelled_caught
         raise DeviceTimeoutError(
             f"{self._device.info.describe()}: no final answer to {msg.msg_type.name} "

@@ -25,6 +25,7 @@ _AUTO_IFSD_QUIRK: Final = {(0x0529, 0x0620, 0x0012), (0x0529, 0x0620, 0x0013)}  
 # ISO 7816-3 Table 7 (Fi) and Table 8 (Di), indexed by the nibbles of TA1; 0 = RFU.
 _FI: Final = (372, 372, 558, 744, 1116, 1488, 1860, 0, 0, 512, 768, 1024, 1536, 2048, 0, 0)
 _DI: Final = (0, 1, 2, 4, 8, 16, 32, 64, 12, 20, 0, 0, 0, 0, 0, 0)
+SLOT_BUSY_RETRY_S: Final = 0.05  # a command answered CMD_SLOT_BUSY is asked again after this
 DEFAULT_FRAME_TIMEOUT_S: Final = 10.0  # until the ATR is known (power-on, slot status)
 NON_ISO_READ_TIMEOUT_MS: Final = 60_000  # libccid, when F, D or the clock is 0
 T0_MIN_READ_TIMEOUT_MS: Final = 3_000  # libccid DEFAULT_COM_READ_TIMEOUT

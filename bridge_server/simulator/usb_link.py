@@ -100,7 +100,7 @@ class PacketPipe:
         packets = self.packets_of(message, ready_at)
         if ahead:
             self._packets.extend(packets)
-        elif delay_s > 0 and time_extension:
+        elif delay_s > 0:  # the card is working: announced by time extensions, if it sends them
             self._held.append(_Held(packets, ready_at, time_extension, now))
         elif self._held:
             self._held.append(_Held(packets, ready_at, b"", ready_at))

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import trio
-from inproc import SELECT_PIV, SIGN_9D, VERIFY_123456, apdu, open_lease, power_on
+from inproc import SELECT_PIV, SIGN_9D, VERIFY_123456, apdu, expect, open_lease, power_on
 from procstack import client_ssl, connect
 from usb_rig.rig import LibusbStack, emulated_token
 
@@ -86,3 +86,47 @@ def test_next_lease_works_after_an_exchange_abandoned_mid_message(tmp_path: Path
     assert second[0] == 0x7C and second[-2:] == b"\x90\x00"
     assert stack.server is not None
     assert "card.reset_failed" not in stack.server.log_text()
+
+
+async def sign_then_fresh_lease(stack: LibusbStack) -> tuple[ccid.CcidMessage, list[bytes]]:
+    tls, client = await connect(client_ssl(stack), stack.server_port)
+    try:
+        with trio.fail_after(30):
+            granted = await open_lease(client)
+            await power_on(client, granted.epoch)
+            await apdu(client, granted.epoch, 1, SELECT_PIV)
+            await apdu(client, granted.epoch, 2, VERIFY_123456)
+            frame = ccid.xfr_block(3, SIGN_9D).encode()
+            await client.send(wire.CcidFrame(token_id=0, epoch=granted.epoch, message=frame))
+            failed = ccid.decode_message((await expect(client, wire.CcidFrame)).message)
+    finally:
+        await trio.aclose_forcefully(tls)
+    tls, client = await connect(client_ssl(stack), stack.server_port)
+    try:
+        with trio.fail_after(30):
+            granted = await open_lease(client)
+            await power_on(client, granted.epoch)
+            answers = [await apdu(client, granted.epoch, 1, SELECT_PIV)]
+            answers.append(await apdu(client, granted.epoch, 2, VERIFY_123456))
+    finally:
+        await trio.aclose_forcefully(tls)
+    return failed, answers
+
+
+def test_card_that_outlives_its_read_timeout_is_recovered_through_slot_busy(tmp_path: Path) -> None:
+    # yubikey5's read timeout is 1.51 s (libccid's value); this card signs for 2.5 s and sends
+    # no time extension. The signature fails; the recovery's IccPowerOff reaches a slot still
+    # busy with it (CMD_SLOT_BUSY, bError 0xE0) and must wait it out (issue 15 item 6), so the
+    # next lease finds a working card.
+    with emulated_token(tmp_path / "usb", "yubikey5", slow_sign_ms=2500, time_extensions=False) as token:
+        stack = LibusbStack(tmp_path / "stack", profiles=["yubikey5"], tokens=[token])
+        stack.make_pki(["build-vm-01"])
+        stack.write_server_config(allow=["build-vm-01"])
+        try:
+            stack.start_server()
+            failed, (select, verify) = trio.run(sign_then_fresh_lease, stack)
+        finally:
+            stack.stop()
+    assert failed.command_status is ccid.CommandStatus.FAILED
+    assert select[-2:] == b"\x90\x00"
+    assert verify == b"\x90\x00"

@@ -97,6 +97,7 @@ class Token:
         self.configuration = ud.build_configuration(profile)
         self.events = args.events
         self.slot_busy = not args.no_slot_busy
+        self.time_extensions = not args.no_time_extension
         interval = args.packet_interval_ms / 1000
         self.bulk_in = PacketPipe(64, packet_interval_s=interval)
         self.intr_in = PacketPipe(8)
@@ -135,9 +136,8 @@ class Token:
         for frame in reply.frames[:-1]:
             self.bulk_in.queue(frame, now)
         if reply.frames:
-            self.bulk_in.queue(
-                reply.frames[-1], now, delay_s=reply.delay_s, time_extension=reply.time_extension
-            )
+            te = reply.time_extension if self.time_extensions else b""
+            self.bulk_in.queue(reply.frames[-1], now, delay_s=reply.delay_s, time_extension=te)
 
     def control_in(self, request_type: int, request: int, value: int, length: int) -> bytes | None:
         """The data stage of a standard IN request, or None to stall (USB 2.0 §9.4)."""
@@ -375,6 +375,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--state", type=Path, help="the PIV card's JSON state file")
     parser.add_argument("--events", type=Path, help="append one JSON line per bulk-OUT command here")
     parser.add_argument("--no-slot-busy", action="store_true", help="queue commands instead of 'slot busy'")
+    parser.add_argument("--no-time-extension", action="store_true", help="stay silent while working")
     parser.add_argument("--busnum", type=int, default=1)
     parser.add_argument("--devnum", type=int, default=2)
     parser.add_argument("--packet-interval-ms", type=float, default=1.0, help="gap between IN packets")

@@ -102,6 +102,7 @@ def emulated_token(
     packet_interval_ms: float = 1.0,
     slow_sign_ms: float = 0.0,
     slot_busy: bool = True,
+    time_extensions: bool = True,
 ) -> Iterator[EmulatedToken]:
     """Run handler.py for one token until the block ends (stopped by its pid)."""
     require_umockdev()
@@ -114,6 +115,8 @@ def emulated_token(
         cmd += ["--serial", serial]
     if not slot_busy:
         cmd.append("--no-slot-busy")
+    if not time_extensions:
+        cmd.append("--no-time-extension")
     env = {k: v for k, v in os.environ.items() if k not in ("UMOCKDEV_DIR", "LD_PRELOAD", "PYTHONHOME")}
     env["PYTHONPATH"] = handler_pythonpath()
     log: IO[str]
