@@ -6,10 +6,12 @@ One `CcidDriver` per claimed token, one exchange at a time (a trio.Lock): write 
 command with the next 8-bit bSeq, then read until the response that echoes that bSeq. Frames
 with another bSeq are stale leftovers of an abandoned exchange and are dropped (at most
 `MAX_STALE_FRAMES`, reference §1.3). The per-frame wait is the card's read timeout as libccid
-derives it from the ATR (`card_read_timeout_ms`: 260 EGT + BWT + 260 CWT + 1 s for T=1), 10 s
-before the ATR is known. A response whose bStatus says "time extension" (0x80) is re-read with
-the per-frame wait multiplied by bError (reference §1.10.3), under a hard cap on the total wait
-(max_wait_s, never below one frame wait). Every response is checked for type, bSeq and length before use.
+derives it from the ATR (`card_read_timeout_ms`: 260 EGT + BWT + 260 CWT + 1 s for T=1), at
+least 3 s (libccid's default), and 10 s before the ATR is known. A response whose bStatus says
+"time extension" (0x80) is re-read with the per-frame wait multiplied by bError (reference
+§1.10.3), under a hard cap on the total wait (max_wait_s, never below one frame wait). A command
+answered CMD_SLOT_BUSY is sent again with a new bSeq until the slot is free, under the same cap.
+Every response is checked for type, bSeq and length before use.
 
 `power_on()` follows reference §1.10.1: IccPowerOn (automatic voltage, else 5 V → 3 V → 1.8 V),
 ATR, SetParameters unless the reader negotiates itself (AUTO_PPS_PROP), and for TPDU T=1 a fresh
@@ -45,6 +47,7 @@ from bridge_server.ccid_policy import (
     MAX_STALE_FRAMES,
     MAX_T0_ROUNDS,
     MAX_T1_IFS,
+    MIN_FRAME_TIMEOUT_S,
     SLOT_BUSY_RETRY_S,
     card_read_timeout_ms,
     choose_protocol,
@@ -206,7 +209,11 @@ class CcidDriver:
             ) from exc
         protocol = choose_protocol(atr, self._desc)
         if self._fixed_frame_timeout_s is None:
-            self._frame_timeout_s = card_read_timeout_ms(atr, protocol, self._desc) / 1000
+            derived = card_read_timeout_ms(atr, protocol, self._desc) / 1000
+            # Not below libccid's own default (3 s): libccid reads in a thread of its own, we read
+            # through a worker thread and an event loop shared with every session, where 1.5 s
+            # (a YubiKey's value) could be a scheduling stall on a loaded host, not a dead card.
+            self._frame_timeout_s = max(MIN_FRAME_TIMEOUT_S, derived)
         if not self._features & Feature.AUTO_PPS_PROP:
             await self._set_parameters(protocol, atr)
         if self._level is ExchangeLevel.TPDU and protocol == 1:

@@ -27,6 +27,7 @@ _FI: Final = (372, 372, 558, 744, 1116, 1488, 1860, 0, 0, 512, 768, 1024, 1536, 
 _DI: Final = (0, 1, 2, 4, 8, 16, 32, 64, 12, 20, 0, 0, 0, 0, 0, 0)
 SLOT_BUSY_RETRY_S: Final = 0.05  # a command answered CMD_SLOT_BUSY is asked again after this
 DEFAULT_FRAME_TIMEOUT_S: Final = 10.0  # until the ATR is known (power-on, slot status)
+MIN_FRAME_TIMEOUT_S: Final = 3.0  # the floor under the ATR-derived wait (libccid's default read timeout)
 NON_ISO_READ_TIMEOUT_MS: Final = 60_000  # libccid, when F, D or the clock is 0
 T0_MIN_READ_TIMEOUT_MS: Final = 3_000  # libccid DEFAULT_COM_READ_TIMEOUT
 

@@ -114,11 +114,11 @@ async def sign_then_fresh_lease(stack: LibusbStack) -> tuple[ccid.CcidMessage, l
 
 
 def test_card_that_outlives_its_read_timeout_is_recovered_through_slot_busy(tmp_path: Path) -> None:
-    # yubikey5's read timeout is 1.51 s (libccid's value); this card signs for 2.5 s and sends
-    # no time extension. The signature fails; the recovery's IccPowerOff reaches a slot still
-    # busy with it (CMD_SLOT_BUSY, bError 0xE0) and must wait it out (issue 15 item 6), so the
-    # next lease finds a working card.
-    with emulated_token(tmp_path / "usb", "yubikey5", slow_sign_ms=2500, time_extensions=False) as token:
+    # yubikey5's read timeout is 1.51 s (libccid's value), 3 s with our floor; this card signs
+    # for 4 s and sends no time extension. The signature fails; the recovery's IccPowerOff
+    # reaches a slot still busy with it (CMD_SLOT_BUSY, bError 0xE0) and must wait it out
+    # (issue 15 item 6), so the next lease finds a working card.
+    with emulated_token(tmp_path / "usb", "yubikey5", slow_sign_ms=4000, time_extensions=False) as token:
         stack = LibusbStack(tmp_path / "stack", profiles=["yubikey5"], tokens=[token])
         stack.make_pki(["build-vm-01"])
         stack.write_server_config(allow=["build-vm-01"])
