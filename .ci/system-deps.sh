@@ -4,7 +4,8 @@
 set -euo pipefail
 
 PKGS=(ca-certificates pcscd vsmartcard-vpcd opensc opensc-pkcs11 osslsigncode libengine-pkcs11-openssl
-      libusb-1.0-0 openssl python3-venv procps iproute2 systemd)  # systemd: systemd-analyze for tests/systemd
+      libusb-1.0-0 openssl python3-venv procps iproute2 systemd
+      umockdev gir1.2-umockdev-1.0 libumockdev0 python3-gi)  # systemd: systemd-analyze for tests/systemd; umockdev..python3-gi: the USB rig (tests/support/usb_rig)
 
 missing=()
 for p in "${PKGS[@]}"; do

@@ -15,6 +15,7 @@ Pure (no I/O, clock or concurrency; tests/protocol/test_purity.py):
 - `protocol.errors`: `CloseCode` and the exception hierarchy;
 - `protocol.ccid`, `protocol.apdu`, `protocol.atr`, `protocol.t1`: smart-card codecs
   (CCID messages, APDUs, ATRs, the T=1 block protocol for both reader and card);
+- `protocol.ccid_stream`: CCID messages assembled from bulk-IN transfers of any size;
 - `protocol.vpcd`: vsmartcard's vpcd socket protocol.
 
 Runtime helpers (they do I/O; the daemons share them):
@@ -36,6 +37,7 @@ PUBLIC_MODULES = (
     "protocol.apdu",
     "protocol.atr",
     "protocol.ccid",
+    "protocol.ccid_stream",
     "protocol.connection",
     "protocol.errors",
     "protocol.t1",

@@ -29,6 +29,7 @@ from protocol.ccid import (
     CcidMessage,
     CommandStatus,
     ExchangeLevel,
+    Feature,
     IccStatus,
     MessageType,
     SlotError,
@@ -50,6 +51,7 @@ if TYPE_CHECKING:
 # ISO 7816-4 extended case 4: header 4 + Lc 3 + 65535 data + Le 2; a chained command may
 # never buffer more than this.
 MAX_APDU_LENGTH: Final = 65544
+MAX_T1_IFSD: Final = 254  # ISO 7816-3 §11.4.2: IFSD 0xFF is reserved
 
 # CCID 1.1 §6.2.6 bError: "index of the first bad field" for command-specific failures.
 ERR_BAD_LENGTH: Final = 1
@@ -239,6 +241,10 @@ class CcidDevice:
         self.powered = True
         self.parameters = self._defaults
         self._reset_exchange()
+        if self._profile.descriptor.features & Feature.AUTO_IFSD:
+            # CCID 1.1 §5.1 dwFeatures 0x400: the reader's own S(IFS request) is the first T=1
+            # exchange, so the card sends blocks of up to the reader's dwMaxIFSD from now on.
+            self._t1.ifsd = min(self._profile.descriptor.max_ifsd, MAX_T1_IFSD)
         self._evidence.record_power_on(warm=warm)
         return data_block(seq, self._profile.atr)
 

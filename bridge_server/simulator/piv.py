@@ -5,9 +5,11 @@ APDU, never raising. Three pieces of transient state sit around the command hand
 
 * chaining (ISO 7816-4 §5.1.1): chunks with CLA 0x10 are buffered (bounded by MAX_CHAINED)
   and answered 9000; the chunk without the bit runs the command on the concatenation.
-* response pending (ISO 7816-4 §5.3.4): a response never carries more than min(Le, 256)
-  data bytes; the rest waits for GET RESPONSE behind `61 xx`. OpenSC's 8-byte length probe
-  never fetches the rest, so any other command drops what is pending.
+* response pending (ISO 7816-4 §5.3.4): a response never carries more than Ne data bytes,
+  and at most 256 to a short-form command; the rest waits for GET RESPONSE behind `61 xx`. An
+  extended-form Le (up to 65536) gets the whole object in one answer, as a YubiKey 5 gives it.
+  OpenSC's 8-byte length probe never fetches the rest, so any other command drops what is
+  pending.
 * security status: PIN verified / admin. Volatile: power_on() and power_off() clear it. The
   PIN/PUK retry counters are persistent and are saved to `state_path` on every change.
 
@@ -162,7 +164,7 @@ class PivCard:
         if full is None:
             return _sw(sw.SW_OK)
         data, status = self._dispatch(full)
-        return self._respond(data, status, full.ne)
+        return self._respond(data, status, full.ne, extended=cmd.extended)
 
     def _chaining(self, cmd: CommandApdu) -> CommandApdu | None:
         header = (cmd.ins, cmd.p1, cmd.p2)
@@ -192,8 +194,9 @@ class PivCard:
 
     # -- response chunking -------------------------------------------------------------------
 
-    def _respond(self, data: bytes, status: int, ne: int | None) -> bytes:
-        limit = min(ne or MAX_SHORT_RESPONSE, MAX_SHORT_RESPONSE)
+    def _respond(self, data: bytes, status: int, ne: int | None, *, extended: bool = False) -> bytes:
+        # ISO 7816-4 §5.1: extended Le asks for up to 65536 bytes at once; short Le for 256.
+        limit = ne if extended and ne else min(ne or MAX_SHORT_RESPONSE, MAX_SHORT_RESPONSE)
         if len(data) <= limit:
             return data + _sw(status)
         self._pending, self._pending_sw = data[limit:], status
@@ -203,7 +206,7 @@ class PivCard:
         if not self._pending:
             return _sw(sw.SW_CONDITIONS_NOT_SATISFIED)
         data, self._pending = self._pending, b""
-        return self._respond(data, self._pending_sw, cmd.ne)
+        return self._respond(data, self._pending_sw, cmd.ne, extended=cmd.extended)
 
     # -- command handlers (return data, status word) -----------------------------------------
 

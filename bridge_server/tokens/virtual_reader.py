@@ -8,11 +8,16 @@ APDU, `PC_to_RDR_IccPowerOff`, `PC_to_RDR_GetSlotStatus`. The physical token's o
 level (TPDU T=1, short or extended APDU) stays hidden behind `CardDriver.transmit`.
 
 One `VirtualReader` lives for one lease. The grant has just cold-reset the card, so the card
-is fresh and powered: `IccPowerOn` answers with the ATR from that reset. `IccPowerOff` is
-virtual (the physical card stays powered, since the lease is still this holder's), but the
-next `IccPowerOn` then cold-resets the card for real, so a client that powers off to drop
-its security state gets exactly that. Every other command type gets the matching response
-type with bmCommandStatus FAILED and bError CMD_NOT_SUPPORTED (CCID 1.1 §6.2.6).
+is fresh and powered. `IccPowerOn` is a reset, as on a local reader: the client sends it for
+pcscd's IFD_POWER_UP and IFD_RESET (vpcd's power-on and reset), and libccid answers IFD_RESET
+with IccPowerOff then IccPowerOn, so `SCardReconnect(..., SCARD_RESET_CARD)` logs the card out
+(applications rely on that). So `IccPowerOn` cold-resets the physical card whenever a command
+APDU has reached it since its last reset; before any has, the card is still in the state
+that reset left, and the ATR from it is the answer (no second reset at lease start).
+`IccPowerOff` is virtual (the physical card stays powered, since the lease is still this
+holder's) and the next `IccPowerOn` then cold-resets the card for real. Every other command
+type gets the matching response type with bmCommandStatus FAILED and bError
+CMD_NOT_SUPPORTED (CCID 1.1 §6.2.6).
 
 A device error during an exchange becomes a CCID failure (bError HW_ERROR or ICC_MUTE, or
 the reader's own bError) and `FrameResult.failure`, after which the token task ends the
@@ -99,7 +104,9 @@ class VirtualReader:
         self._screen = screen
         self.atr = atr
         self.client_powered = True  # the grant's cold reset left the card active
-        self._needs_reset = False  # set by a client power-off: the next power-on is a cold reset
+        # Set once a command APDU reached the card (or the client powered it off): its state may
+        # differ from a fresh reset's, so the next power-on is a cold reset.
+        self._needs_reset = False
 
     @property
     def _icc(self) -> IccStatus:
@@ -144,6 +151,7 @@ class VirtualReader:
             log.info("apdu.refused", apdu=redact(msg.data), sw=f"{refused.sw:04x}")
             return FrameResult(data_block(msg.seq, refused.sw.to_bytes(2, "big")), refused=refused)
         started = time.perf_counter()
+        self._needs_reset = True  # the card may change state from here on, even if this fails
         try:
             rapdu = await self._driver.transmit(msg.data)
         except DeviceError as exc:

@@ -5,13 +5,18 @@ Theory of operation
 One `CcidDriver` per claimed token, one exchange at a time (a trio.Lock): write a PC_to_RDR
 command with the next 8-bit bSeq, then read until the response that echoes that bSeq. Frames
 with another bSeq are stale leftovers of an abandoned exchange and are dropped (at most
-`MAX_STALE_FRAMES`, reference §1.3). A response whose bStatus says "time extension" (0x80) is
-re-read with the per-frame wait multiplied by bError (reference §1.10.3), under a hard cap on
-the total wait. Every response is checked for type, bSeq and length before use.
+`MAX_STALE_FRAMES`, reference §1.3). The per-frame wait is the card's read timeout as libccid
+derives it from the ATR (`card_read_timeout_ms`: 260 EGT + BWT + 260 CWT + 1 s for T=1), at
+least 3 s (libccid's default), and 10 s before the ATR is known. A response whose bStatus says
+"time extension" (0x80) is re-read with the per-frame wait multiplied by bError (reference
+§1.10.3), under a hard cap on the total wait (max_wait_s, never below one frame wait). A command
+answered CMD_SLOT_BUSY is sent again with a new bSeq until the slot is free, under the same cap.
+Every response is checked for type, bSeq and length before use.
 
 `power_on()` follows reference §1.10.1: IccPowerOn (automatic voltage, else 5 V → 3 V → 1.8 V),
 ATR, SetParameters unless the reader negotiates itself (AUTO_PPS_PROP), and for TPDU T=1 a fresh
-`T1Reader` plus the S(IFS) request unless AUTO_IFSD (or the 0529:0620 fw 0.12/0.13 quirk). We
+`T1Reader` plus the S(IFS) request unless AUTO_IFSD (or the 0529:0620 fw 0.12/0.13 quirk); with
+AUTO_IFSD the reader already negotiated, and the reader's IFSD is min(dwMaxIFSD, 254). We
 never send a PPS: the card then stays at its default Fd/Dd, which every token here accepts, and
 SetParameters says so (Fi/Di 0x11 unless the card is in specific mode, reference §1.12).
 
@@ -31,6 +36,8 @@ logic we do not have.
 
 from __future__ import annotations
 
+import dataclasses
+
 import structlog
 import trio
 
@@ -45,10 +52,14 @@ from bridge_server.usb.ccid_policy import (
     CHAIN_BEGIN,
     CHAIN_MIDDLE,
     CHAIN_MORE,
+    DEFAULT_FRAME_TIMEOUT_S,
     MAX_RESPONSE_APDU,
     MAX_STALE_FRAMES,
     MAX_T0_ROUNDS,
     MAX_T1_IFS,
+    MIN_FRAME_TIMEOUT_S,
+    SLOT_BUSY_RETRY_S,
+    card_read_timeout_ms,
     choose_protocol,
     effective_features,
     extended_chunks,
@@ -85,7 +96,11 @@ class CcidDriver:
     """Async CCID host for one single-slot token; see the module docstring."""
 
     def __init__(
-        self, device: AsyncUsbDevice, *, frame_timeout_s: float = 10.0, max_wait_s: float = 60.0
+        self,
+        device: AsyncUsbDevice,
+        *,
+        frame_timeout_s: float | None = None,
+        max_wait_s: float = 60.0,
     ) -> None:
         self._device = device
         self._desc = device.descriptor
@@ -93,7 +108,10 @@ class CcidDriver:
         if self._level is ExchangeLevel.CHARACTER:
             raise DeviceError(f"{device.info.describe()}: character-level ccid readers are not supported")
         self._features = effective_features(self._desc, device.info)
-        self._frame_timeout_s = frame_timeout_s
+        # None: DEFAULT_FRAME_TIMEOUT_S until the ATR is in, then the card's own read timeout
+        # as libccid derives it from the ATR (card_read_timeout_ms); a number fixes it.
+        self._fixed_frame_timeout_s = frame_timeout_s
+        self._frame_timeout_s = frame_timeout_s or DEFAULT_FRAME_TIMEOUT_S
         self._max_wait_s = max_wait_s
         self._seq = 0
         self._lock = trio.Lock()
@@ -193,11 +211,22 @@ class CcidDriver:
                 f"card answered power-on with a malformed atr {resp.data.hex(' ')}: {exc}"
             ) from exc
         protocol = choose_protocol(atr, self._desc)
+        if self._fixed_frame_timeout_s is None:
+            derived = card_read_timeout_ms(atr, protocol, self._desc) / 1000
+            # Not below libccid's own default (3 s): libccid reads in a thread of its own, we read
+            # through a worker thread and an event loop shared with every session, where 1.5 s
+            # (a YubiKey's value) could be a scheduling stall on a loaded host, not a dead card.
+            self._frame_timeout_s = max(MIN_FRAME_TIMEOUT_S, derived)
         if not self._features & Feature.AUTO_PPS_PROP:
             await self._set_parameters(protocol, atr)
         if self._level is ExchangeLevel.TPDU and protocol == 1:
-            self._t1 = T1Reader(ifsc=atr.ifsc, checksum=atr.checksum)
-            if not self._features & Feature.AUTO_IFSD:
+            if self._features & Feature.AUTO_IFSD:
+                # CCID 1.1 §5.1 (0x400): the reader negotiated IFSD itself, so the card sends
+                # blocks of up to dwMaxIFSD; libccid takes min(dwMaxIFSD, 254) as its IFSD too.
+                ifsd = min(self._desc.max_ifsd, MAX_T1_IFS)
+                self._t1 = T1Reader(ifsc=atr.ifsc, checksum=atr.checksum, ifsd=ifsd if ifsd > 0 else 32)
+            else:
+                self._t1 = T1Reader(ifsc=atr.ifsc, checksum=atr.checksum)
                 await self._negotiate_ifsd()
         self._atr, self._protocol = atr, protocol
         log.info("card.powered_on", protocol=protocol, level=self._level.value, atr=atr.raw.hex())
@@ -255,10 +284,10 @@ class CcidDriver:
         """The whole APDU under one `max_wait_s` deadline: a token that keeps the exchange alive
         with well-formed chatter (endless T=1 S(WTX), empty chained blocks) is cut off, not
         served forever (found by tests/fuzz/test_ccid_driver_fuzz.py)."""
-        with trio.move_on_after(self._max_wait_s):
+        with trio.move_on_after(self._cap_s()):
             return await self._transmit_level(apdu)
         raise DeviceTimeoutError(
-            f"{self._device.info.describe()}: apdu exchange not finished within {self._max_wait_s:g} s"
+            f"{self._device.info.describe()}: apdu exchange not finished within {self._cap_s():g} s"
         )
 
     async def _transmit_level(self, apdu: bytes) -> bytes:
@@ -337,18 +366,32 @@ class CcidDriver:
 
     # ---- one command, one response ----
 
+    def _cap_s(self) -> float:
+        """The bound on one exchange: max_wait_s, but never below one full frame wait (a card
+        whose ATR announces a BWT beyond max_wait_s gets that BWT, as under libccid)."""
+        return max(self._max_wait_s, self._frame_timeout_s)
+
     def _next_seq(self) -> int:
         seq, self._seq = self._seq, (self._seq + 1) & 0xFF
         return seq
 
     async def _exchange(self, msg: CcidMessage, *, wait_multiplier: int = 1) -> CcidMessage:
         expected = ccid.response_type_for(msg.msg_type)
-        with trio.move_on_after(self._max_wait_s) as total:
-            return await self._receive(msg, expected, self._frame_timeout_s * wait_multiplier)
+        with trio.move_on_after(self._cap_s()) as total:
+            while True:
+                resp = await self._receive(msg, expected, self._frame_timeout_s * wait_multiplier)
+                busy = resp.command_status is CommandStatus.FAILED and resp.error == SlotError.CMD_SLOT_BUSY
+                if not busy:
+                    return resp
+                # CCID 1.1 §6.2.6: the slot still works on an earlier (abandoned) command. Its
+                # answer comes first and is dropped by bSeq; ask again, under the same cap.
+                log.debug("ccid.slot_busy", seq=msg.seq)
+                await trio.sleep(SLOT_BUSY_RETRY_S)
+                msg = dataclasses.replace(msg, seq=self._next_seq())
         assert total.cancelled_caught
         raise DeviceTimeoutError(
             f"{self._device.info.describe()}: no final answer to {msg.msg_type.name} "
-            f"(bSeq {msg.seq}) within {self._max_wait_s:g} s"
+            f"(bSeq {msg.seq}) within {self._cap_s():g} s"
         )
 
     async def _receive(
@@ -360,14 +403,14 @@ class CcidDriver:
         stale = 0
         wait_s = frame_timeout_s
         while True:
-            with trio.move_on_after(wait_s) as frame:
-                raw = await (self._device.transceive(command) if command else self._device.read())
-            command = b""  # sent; a cancelled transceive does not get here (it raises below)
-            if frame.cancelled_caught:
-                raise DeviceTimeoutError(
-                    f"{self._device.info.describe()}: no ccid frame for bSeq {seq} within {wait_s:g} s"
-                )
             try:
+                with trio.move_on_after(wait_s) as frame:
+                    raw = await (self._device.transceive(command) if command else self._device.read())
+                command = b""  # sent; a cancelled transceive does not get here (it raises below)
+                if frame.cancelled_caught:
+                    raise DeviceTimeoutError(
+                        f"{self._device.info.describe()}: no ccid frame for bSeq {seq} within {wait_s:g} s"
+                    )
                 resp = ccid.decode_message(raw)
                 _ = resp.icc_status, resp.command_status  # RFU bStatus bits raise here, not later
             except MalformedCcidMessageError as exc:

@@ -22,6 +22,14 @@ CHAIN_WHOLE, CHAIN_BEGIN, CHAIN_END, CHAIN_MIDDLE, CHAIN_MORE = 0x00, 0x01, 0x02
 # bPowerSelect by bVoltageSupport bit, in libccid's fallback order (reference §1.8).
 _VOLTAGES: Final = ((0x01, 1, "5.0 V"), (0x02, 2, "3.0 V"), (0x04, 3, "1.8 V"))
 _AUTO_IFSD_QUIRK: Final = {(0x0529, 0x0620, 0x0012), (0x0529, 0x0620, 0x0013)}  # reference §5 quirks
+# ISO 7816-3 Table 7 (Fi) and Table 8 (Di), indexed by the nibbles of TA1; 0 = RFU.
+_FI: Final = (372, 372, 558, 744, 1116, 1488, 1860, 0, 0, 512, 768, 1024, 1536, 2048, 0, 0)
+_DI: Final = (0, 1, 2, 4, 8, 16, 32, 64, 12, 20, 0, 0, 0, 0, 0, 0)
+SLOT_BUSY_RETRY_S: Final = 0.05  # a command answered CMD_SLOT_BUSY is asked again after this
+DEFAULT_FRAME_TIMEOUT_S: Final = 10.0  # until the ATR is known (power-on, slot status)
+MIN_FRAME_TIMEOUT_S: Final = 3.0  # the floor under the ATR-derived wait (libccid's default read timeout)
+NON_ISO_READ_TIMEOUT_MS: Final = 60_000  # libccid, when F, D or the clock is 0
+T0_MIN_READ_TIMEOUT_MS: Final = 3_000  # libccid DEFAULT_COM_READ_TIMEOUT
 
 
 def power_select_sequence(desc: CcidClassDescriptor, features: int) -> tuple[int, ...]:
@@ -62,6 +70,31 @@ def t1_parameters(atr: Atr) -> bytes:
             0,  # bNadValue
         ]
     )
+
+
+def card_read_timeout_ms(atr: Atr, protocol: int, desc: CcidClassDescriptor) -> int:
+    """How long to wait for one frame from this card, as libccid 1.5.2 computes it
+    (ifdhandler.c T1_card_timeout / T0_card_timeout): ISO 7816-3 §7.2 EGT, §11.4.3 BWT and CWT
+    (T=1) or §10.2 WWT (T=0) at dwDefaultClock with F/D from TA1, plus 1 s (T=1).
+
+    Checked against libccid itself: pcscd's "Timeout: N ms" for the four simulated profiles
+    (tests/bridge_server/test_ccid_timeouts.py). libccid's BWT term divides integers; so do we.
+    """
+    ta1 = atr.ta1 if atr.ta1 is not None else 0x11
+    f, d, clock = _FI[ta1 >> 4], _DI[ta1 & 0x0F], desc.default_clock_khz
+    if not (f and d and clock):
+        return NON_ISO_READ_TIMEOUT_MS
+    tc1 = atr.tc1 or 0
+    egt = 12 * f / d / clock + (f / d) * tc1 / clock  # clock in kHz: milliseconds
+    if protocol == 1:
+        etu = f / d / clock
+        bwt = 11 * etu + (1 << atr.bwi) * 960 * 372 // clock
+        cwt = (11 + (1 << atr.cwi)) * etu
+        return int(260 * egt + bwt + 260 * cwt) + 1000
+    wi = atr.interface_bytes[1].get("TC", 10) if len(atr.interface_bytes) > 1 else 10
+    wwt = 960 * wi * f / clock
+    iso_in, iso_out = int(261 * egt + 6 * wwt), int(5 * egt + 260 * wwt)
+    return max(T0_MIN_READ_TIMEOUT_MS, iso_in, iso_out)
 
 
 def t0_parameters(atr: Atr) -> bytes:

@@ -4,7 +4,11 @@ Theory of operation
 -------------------
 `UsbCcidDevice` is synchronous and thin: it finds the token (VID/PID/serial), finds its CCID
 interface and class descriptor the way libccid does (reference §1.7), claims the interface and
-moves whole CCID messages over the bulk pipes. Every pyusb/libusb exception is translated here
+moves whole CCID messages over the bulk pipes. A bulk-IN read that its timeout cuts mid-message
+still returns the packets that had arrived (libusb reports the timeout with bytes transferred,
+pyusb returns the count), so reads are assembled into messages by 10 + dwLength
+(`protocol.ccid_stream`); found on the real libusb stack (tests/usb_rig/test_libusb_link.py).
+Every pyusb/libusb exception is translated here
 into a `bridge_server.errors` type with a message an operator can act on (reference §3.2).
 
 `AsyncUsbDevice` is the trio face of it. Each blocking call runs in a worker thread through
@@ -40,6 +44,7 @@ from bridge_server.errors import (
     DeviceTimeoutError,
 )
 from protocol.ccid import HEADER_LEN, MAX_DATA_LENGTH, CcidClassDescriptor
+from protocol.ccid_stream import BulkInAssembler
 from protocol.errors import MalformedCcidMessageError
 
 log = structlog.get_logger(__name__)
@@ -260,6 +265,8 @@ class UsbCcidDevice:
         self.has_interrupt = self._intr_in is not None
         size = max(descriptor.max_ccid_message_length, MIN_READ_BUFFER)
         self._buf = array.array("B", bytes(size))
+        self._assembler = BulkInAssembler(size)
+        self._packet_size = int(self._bulk_in.wMaxPacketSize) or 64
         self._intr_buf = array.array("B", bytes(MAX_INTERRUPT_READ))
         self._closed = False
 
@@ -295,9 +302,26 @@ class UsbCcidDevice:
             raise DeviceError(f"{self._what}: short write ({sent} of {len(data)} bytes)")
 
     def read(self, timeout_ms: int) -> bytes:
-        """One whole CCID message (the device ends each message with a short packet)."""
-        n = self._transfer("reading", self._bulk_in, self._buf, timeout_ms)
-        return bytes(self._buf[:n])
+        """The next whole CCID message; DeviceTimeoutError if none is complete within `timeout_ms`.
+
+        A transfer cut by its timeout still brings the packets that had arrived (libusb reports
+        the timeout with bytes transferred and pyusb returns the count): they are kept and the
+        message completes in a later call, once its 10 + dwLength bytes are in (reference §1.3).
+        A zero-length transfer is "nothing yet"."""
+        message = self._assembler.next_message()
+        if message is None:
+            n = self._transfer("reading", self._bulk_in, self._buf, timeout_ms)
+            # A count that is no multiple of the packet size ended with a short packet: the
+            # device's end of message. A timeout-cut transfer holds whole packets only.
+            ended = n == 0 or n % self._packet_size != 0
+            self._assembler.receive_data(bytes(self._buf[:n]), transfer_ended=ended)
+            message = self._assembler.next_message()
+        if message is None:
+            raise DeviceTimeoutError(
+                f"{self._what}: no whole ccid message within {timeout_ms} ms "
+                f"({self._assembler.buffered} bytes of one so far)"
+            )
+        return message
 
     def transceive(self, data: bytes, write_timeout_ms: int, read_timeout_ms: int) -> bytes | None:
         """`write(data)` then one `read()`; None if no answer came within `read_timeout_ms`.

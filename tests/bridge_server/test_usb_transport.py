@@ -5,6 +5,7 @@ Tests that cross into worker threads use the real clock (no autojump there) and 
 
 from __future__ import annotations
 
+import array
 import errno
 from dataclasses import dataclass, field
 
@@ -33,6 +34,7 @@ from bridge_server.usb.transport import (
     select_device,
     translate_usb_error,
 )
+from protocol.errors import MalformedCcidMessageError
 
 ETOKEN_DESCRIPTOR = bytes.fromhex(  # reference §1.7, SafeNet eToken 5110+ FIPS
     "36 21 10 01 00 02 02 00 00 00 C0 12 00 00 C0 12 00 00 00 67 32 00 00 CE 99 0C 00 00 FE 00 00 00"
@@ -333,3 +335,50 @@ def test_transceive_returns_none_when_no_answer_comes_and_raises_write_errors(si
     token.faults.stall_next = True
     with pytest.raises(DeviceStallError):
         dev.transceive(bytes.fromhex("65000000000006000000"), 1000, 20)
+
+
+class _CuttingBackend(sim_backend.SimulatorBackend):  # type: ignore[misc]
+    """Hands out each bulk-IN message in 64-byte pieces, as libusb does for a read its timeout
+    cut mid-message (pyusb returns the partial count); the umockdev rig shows it for real."""
+
+    def __init__(self, tokens, cut: int = 64) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(tokens)
+        self.cut = cut
+        self.rest = b""
+
+    def bulk_read(self, dev_handle, ep, intf, buff, timeout):  # type: ignore[no-untyped-def]
+        if not self.rest:
+            n = super().bulk_read(dev_handle, ep, intf, buff, timeout)
+            self.rest = bytes(buff[:n])
+        piece, self.rest = self.rest[: self.cut], self.rest[self.cut :]
+        buff[: len(piece)] = array.array("B", piece)
+        return len(piece)
+
+
+def test_read_assembles_a_message_cut_into_partial_transfers(sim) -> None:  # type: ignore[no-untyped-def]
+    token = sim[1][1]  # yubikey5
+    cutting = _CuttingBackend([token], cut=64)
+    dev = UsbCcidDevice.open(DeviceMatch(serial=token.serial), backend=cutting)
+    try:
+        dev.write(bytes.fromhex("62000000000001000000"), 1000)  # IccPowerOn, bSeq 1: 33 bytes, one piece
+        assert dev.read(1000)[10:] == token.profile.atr
+        select = bytes.fromhex("00A4040009A00000030800001000")
+        dev.write(bytes.fromhex("6F0E0000000002000000") + select, 1000)  # XfrBlock, bSeq 2
+        with pytest.raises(DeviceTimeoutError, match="64 bytes of one so far"):
+            dev.read(1000)  # the first packet only: kept, not taken for a message
+        answer = dev.read(1000)
+        assert answer[0] == 0x80 and answer[6] == 0x02 and len(answer) > 64 and answer[-2:] == b"\x90\x00"
+    finally:
+        dev.close()
+
+
+def test_read_refuses_a_transfer_that_ended_short_of_dwlength(sim) -> None:  # type: ignore[no-untyped-def]
+    token = sim[1][1]
+    cutting = _CuttingBackend([token], cut=20)  # not a multiple of 64: the transfer ended there
+    dev = UsbCcidDevice.open(DeviceMatch(serial=token.serial), backend=cutting)
+    try:
+        dev.write(bytes.fromhex("62000000000001000000"), 1000)
+        with pytest.raises(MalformedCcidMessageError, match="dwLength 23 does not match the 10 data bytes"):
+            dev.read(1000)
+    finally:
+        dev.close()

@@ -20,6 +20,7 @@ REPO = Path(__file__).resolve().parents[2]
 PURE_MODULES = (
     "protocol",
     "protocol.ccid",
+    "protocol.ccid_stream",
     "protocol.atr",
     "protocol.t1",
     "protocol.apdu",

@@ -304,3 +304,19 @@ def _sha256(data: bytes) -> bytes:
     h = hashes.Hash(hashes.SHA256())
     h.update(data)
     return h.finalize()
+
+
+def test_get_data_with_extended_le_answers_the_whole_object_as_a_yubikey_5_does(card: PivCard) -> None:
+    # ISO 7816-4 §5.1: extended form, Lc 00 00 05, Le 00 00 (Ne 65536): up to 64 KiB in one answer.
+    whole = get_data(card, "5FC105")
+    assert len(whole) > 256
+    resp = card.execute(bytes.fromhex("00 CB 3F FF 00 00 05 5C 03 5F C1 05 00 00"))
+    assert sw(resp) == 0x9000, hex(sw(resp))
+    assert resp[:-2] == whole
+
+
+def test_extended_le_smaller_than_the_object_leaves_the_rest_behind_61xx(card: PivCard) -> None:
+    whole = get_data(card, "5FC105")
+    resp = card.execute(bytes.fromhex("00 CB 3F FF 00 00 05 5C 03 5F C1 05 01 00"))  # Ne 256
+    assert resp[-2] == 0x61 and resp[:-2] == whole[:256]
+    assert collect(card, resp) == whole

@@ -1,0 +1,84 @@
+"""The simulator checked against the reference host stack: pcscd + Debian's libccid (issue 15).
+
+The same emulated token the server uses (tests/support/usb_rig) is driven by pcscd 1.9.9 with
+libccid 1.5.2 in a private mount namespace (its own /run/pcscd; the machine's shared pcscd is
+not touched), and OpenSC reads the certificate and signs through it. If libccid accepts the
+simulated device, its descriptors, its CCID answers and its T=1 are what a real reader
+driver expects, not only what our own driver expects. Needs root (a mount namespace).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+from procstack import verify_signature
+from usb_rig.rig import emulated_token
+
+from bridge_admin.signing_tools import OPENSC_PKCS11
+from bridge_server.simulator.profiles import PROFILES
+from protocol.ccid import MessageType
+
+NS_SCRIPT = Path(__file__).resolve().parents[1] / "support" / "usb_rig" / "pcscd_ns.sh"
+PROFILE_NAMES = ["safenet-5110", "yubikey5", "etoken-fusion", "epass2003"]
+
+
+def reference_host_problem() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root for a private mount namespace (unshare --mount)"
+    if shutil.which("pcscd") is None or not Path("/usr/lib/pcsc/drivers/ifd-ccid.bundle").exists():
+        return "pcscd and libccid are not installed (apt-get install pcscd libccid)"
+    return None
+
+
+def run_in_namespace(umockdev_dir: str, work: Path, script: str) -> subprocess.CompletedProcess[str]:
+    cmd = ["unshare", "--mount", "--propagation", "unchanged"]
+    cmd += ["bash", str(NS_SCRIPT), umockdev_dir, str(work)]
+    return subprocess.run(
+        [*cmd, "bash", "-c", script], capture_output=True, text=True, timeout=120, check=False
+    )
+
+
+@pytest.mark.parametrize("profile", PROFILE_NAMES)
+def test_pcscd_with_libccid_reads_and_signs_on_the_emulated_token(tmp_path: Path, profile: str) -> None:
+    problem = reference_host_problem()
+    if problem is not None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"the libccid reference check cannot run: {problem}")
+        pytest.skip(problem)
+    data = tmp_path / "data.bin"
+    data.write_bytes(b"checked against libccid " * 8)
+    module = str(OPENSC_PKCS11)
+    script = (
+        f"set -e; opensc-tool --atr; "
+        f"pkcs11-tool --module {module} --slot-index 0 --read-object --type cert --id 01 "
+        f"--output-file {tmp_path}/cert.der; "
+        f"pkcs11-tool --module {module} --slot-index 0 --login --pin 123456 --sign --id 01 "
+        f"-m SHA256-RSA-PKCS --input-file {data} --output-file {tmp_path}/sig.bin"
+    )
+    with emulated_token(tmp_path / "usb", profile) as token:
+        proc = run_in_namespace(token.umockdev_dir, tmp_path, script)
+    log = (tmp_path / "pcscd.log").read_text(errors="replace") if (tmp_path / "pcscd.log").exists() else ""
+    assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}\n--- pcscd.log (tail) ---\n{log[-4000:]}"
+    atr = bytes.fromhex(re.sub(r"[^0-9a-fA-F]", "", proc.stdout.splitlines()[0]))
+    assert atr == PROFILES[profile].atr
+    assert f"Found Vendor/Product: {PROFILES[profile].vid:04X}/{PROFILES[profile].pid:04X}" in log
+    # What libccid did at power-up, to compare with our driver (tests/usb_rig/test_libusb_session):
+    # SetParameters and an S(IFS request) for IFSD min(dwMaxIFSD, 254) only on the TPDU reader.
+    sent = [(e["type"], e["head"]) for e in token.events()]
+    tpdu = PROFILES[profile].descriptor.exchange_level.value == "tpdu"
+    assert (MessageType.PC_to_RDR_SetParameters in [t for t, _ in sent]) is tpdu
+    assert ((MessageType.PC_to_RDR_XfrBlock, "00c1") in sent) is tpdu
+    if tpdu:
+        ifsd = min(PROFILES[profile].descriptor.max_ifsd, 254)
+        assert f"T=1: IFSC=254, IFSD={ifsd}" in log
+    pem = tmp_path / "cert.pem"
+    der = (tmp_path / "cert.der").read_bytes()
+    pem.write_bytes(x509.load_der_x509_certificate(der).public_bytes(Encoding.PEM))
+    verify_signature(pem, data.read_bytes(), (tmp_path / "sig.bin").read_bytes())
