@@ -22,7 +22,7 @@ from pathlib import Path
 from bench import run
 from bench.budget import BUDGETS, Checked, summary
 from bench.stats import machine, table
-from bridge_admin.demo import BridgeStack
+from bridge_admin.local_stack import BridgeStack
 
 RESULTS = Path(__file__).parent / "results"
 

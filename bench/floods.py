@@ -39,7 +39,7 @@ from inproc import SELECT_PIV, apdu, expect, hello, power_on
 from procstack import client_ssl, connect
 
 from bench.stats import summarize_ms
-from bridge_admin.demo import BridgeStack
+from bridge_admin.local_stack import BridgeStack
 from protocol import ccid, wire
 from protocol.runtime.framed import FramedConnection
 

@@ -22,21 +22,17 @@ from pathlib import Path
 
 from bench.pcsc import Card
 from bench.stats import rss_mb, summarize_ms
-from bridge_admin.demo import (
+from bridge_admin.local_stack import (
     VPCD_BASE_PORT,
     BridgeStack,
     Daemon,
     card_present,
     claim_vpcd_slot,
-    osslsigncode_sign,
-    read_certificate_pem,
     reader_name,
     wait_for,
 )
-from bridge_admin.demo import (
-    pkcs11_sign as run_pkcs11_sign,
-)
-from bridge_admin.signing_tools import minimal_pe
+from bridge_admin.signing_tools import minimal_pe, osslsigncode_sign, read_certificate_pem
+from bridge_admin.signing_tools import pkcs11_sign as run_pkcs11_sign
 
 REPO = Path(__file__).resolve().parents[1]
 PROFILE = "safenet-5110"

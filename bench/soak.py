@@ -38,7 +38,7 @@ from faultproxy import FaultProxy, open_fault_proxy
 from inproc import SELECT_PIV, SIGN_9D, VERIFY_123456, hello
 from procstack import SignerLog, client_ssl, connect, control, overlapping_leases, sign_once
 
-from bridge_admin.demo import VPCD_BASE_PORT, BridgeStack
+from bridge_admin.local_stack import VPCD_BASE_PORT, BridgeStack
 from protocol import vpcd
 
 HEARTBEAT_S = 2.0

@@ -15,9 +15,13 @@ line here is the one that works on all of them:
 from __future__ import annotations
 
 import platform
+import re
 import struct
+import subprocess
 from pathlib import Path
 from typing import Final
+
+from bridge_admin.local_stack import PIN, DemoError, reader_name, run
 
 
 def _multiarch() -> str:
@@ -155,3 +159,61 @@ def certificate_table(pe: bytes) -> tuple[int, int]:
     directories = optional + (112 if magic == _PE32_PLUS_MAGIC else 96)
     offset, size = struct.unpack_from("<II", pe, directories + 4 * 8)
     return offset, size
+
+
+# -- running them against a card in a vpcd reader (the demo, the end-to-end tests, the bench) ---
+
+
+def pkcs11(
+    *args: str, slot: int, timeout: float = 120.0, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    cmd = ["pkcs11-tool", "--module", str(OPENSC_PKCS11), "--slot-description", reader_name(slot), *args]
+    return run(cmd, timeout=timeout, check=check)
+
+
+def pkcs11_sign(
+    slot: int,
+    infile: Path,
+    outfile: Path,
+    *,
+    key_id: str = "01",
+    pin: str = PIN,
+    timeout: float = 120.0,
+    check: bool = True,
+) -> subprocess.CompletedProcess[str]:
+    """`pkcs11-tool --login --sign` (RSA PKCS#1 v1.5 over SHA-256) with key `key_id` in reader `slot`."""
+    return pkcs11(
+        "--login", "--pin", pin, "--sign", "--id", key_id, "-m", "SHA256-RSA-PKCS",
+        "--input-file", str(infile), "--output-file", str(outfile), slot=slot, timeout=timeout, check=check,
+    )  # fmt: skip
+
+
+def token_serial(slot: int) -> str:
+    out = pkcs11("-L", slot=slot).stdout
+    m = re.search(r"serial num\s*:\s*(\S+)", out)
+    if not m:
+        raise DemoError(f"pkcs11-tool -L shows no token serial in {reader_name(slot)}:\n{out}")
+    return m.group(1)
+
+
+def read_certificate_pem(slot: int, key_id: str, out: Path) -> Path:
+    der = out.with_suffix(".der")
+    pkcs11("--read-object", "--type", "cert", "--id", key_id, "--output-file", str(der), slot=slot)
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    out.write_bytes(x509.load_der_x509_certificate(der.read_bytes()).public_bytes(Encoding.PEM))
+    return out
+
+
+def osslsigncode_sign(
+    slot: int, cert: Path, infile: Path, outfile: Path, *, key_id: str = "01", pin: str = PIN
+) -> subprocess.CompletedProcess[str]:
+    serial = token_serial(slot)
+    key_uri = f"pkcs11:serial={serial};id=%{key_id};type=private;pin-value={pin}"
+    outfile.unlink(missing_ok=True)
+    return run(osslsigncode_sign_command(key_uri, cert, infile, outfile))
+
+
+def osslsigncode_verify(cert: Path, signed: Path) -> subprocess.CompletedProcess[str]:
+    return run(osslsigncode_verify_command(cert, signed))

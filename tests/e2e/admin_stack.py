@@ -12,7 +12,7 @@ from typing import Any
 import trio
 from inproc import open_wire_client
 
-from bridge_admin.demo import BridgeStack
+from bridge_admin.local_stack import BridgeStack
 from protocol import wire
 from protocol.runtime.framed import FramedConnection
 from protocol.runtime.tls import client_context

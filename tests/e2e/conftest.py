@@ -25,7 +25,7 @@ from e2e_stack import (
     wait_for,
 )
 
-from bridge_admin.demo import claim_vpcd_slot
+from bridge_admin.local_stack import claim_vpcd_slot
 
 
 @pytest.fixture(scope="session")

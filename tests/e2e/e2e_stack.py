@@ -18,17 +18,33 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-# One implementation of these for the demo and the tests (bridge_admin/demo.py).
-from bridge_admin.demo import card_present, card_states, reader_name, run, wait_for
+# One implementation of these for the demo and the tests (bridge_admin/local_stack.py).
+from bridge_admin.local_stack import (
+    LOCK_DIR,
+    VPCD_BASE_PORT,
+    VPCD_SLOTS,
+    card_present,
+    card_states,
+    reader_name,
+    run,
+    wait_for,
+)
 from bridge_admin.signing_tools import OPENSC_PKCS11
 
-__all__ = ["OPENSC_PKCS11", "card_present", "card_states", "reader_name", "run", "wait_for"]
+__all__ = [
+    "LOCK_DIR",
+    "OPENSC_PKCS11",
+    "VPCD_BASE_PORT",
+    "VPCD_SLOTS",
+    "card_present",
+    "card_states",
+    "reader_name",
+    "run",
+    "wait_for",
+]
 
 REPO = Path(__file__).resolve().parents[2]
-VPCD_BASE_PORT = 35963
-VPCD_SLOTS = (0, 1)
 PCSCD_SOCKET = Path("/run/pcscd/pcscd.comm")
-LOCK_DIR = Path(os.environ.get("TOKENBRIDGE_E2E_LOCK_DIR", "/tmp"))
 
 T = TypeVar("T")
 

@@ -25,13 +25,8 @@ from cryptography.hazmat.primitives.asymmetric import padding
 from e2e_stack import VpcdSlot
 
 from bench.pcsc import Card
-from bridge_admin.demo import (
-    VPCD_BASE_PORT,
-    BridgeStack,
-    claim_vpcd_slot,
-    read_certificate_pem,
-    reader_name,
-)
+from bridge_admin.local_stack import VPCD_BASE_PORT, BridgeStack, claim_vpcd_slot, reader_name
+from bridge_admin.signing_tools import read_certificate_pem
 
 pytestmark = pytest.mark.e2e
 

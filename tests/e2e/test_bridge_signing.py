@@ -17,15 +17,15 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from e2e_stack import VpcdSlot
 
-from bridge_admin.demo import (
-    BridgeStack,
+from bridge_admin.local_stack import BridgeStack
+from bridge_admin.signing_tools import (
+    minimal_pe,
     osslsigncode_sign,
     osslsigncode_verify,
     pkcs11,
     pkcs11_sign,
     read_certificate_pem,
 )
-from bridge_admin.signing_tools import minimal_pe
 
 pytestmark = pytest.mark.e2e
 
@@ -102,7 +102,7 @@ def test_osslsigncode_signs_and_verifies_a_program_through_the_bridge(
     # The signature covers the content: a modified copy fails verification.
     tampered = tmp_path / "tampered.exe"
     tampered.write_bytes(signed.read_bytes().replace(b"release build", b"evil builds!!"))
-    from bridge_admin.demo import DemoError
+    from bridge_admin.local_stack import DemoError
 
     with pytest.raises(DemoError):
         osslsigncode_verify(cert, tampered)

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from e2e_stack import VpcdSlot, card_present, wait_for
 
-from bridge_admin.demo import BridgeStack
+from bridge_admin.local_stack import BridgeStack
 from protocol.runtime.config import dump_yaml, load_yaml
 
 pytestmark = pytest.mark.e2e

@@ -13,8 +13,8 @@ import pytest
 from admin_stack import admin_stack
 
 from bridge_admin.client import Target, call_sync
-from bridge_admin.demo import BridgeStack
 from bridge_admin.doctor import run_checks
+from bridge_admin.local_stack import BridgeStack
 from bridge_admin.pki import Pki
 
 

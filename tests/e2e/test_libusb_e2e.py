@@ -14,13 +14,13 @@ from e2e_stack import VpcdSlot
 from procstack import verify_signature
 from usb_rig.rig import LibusbStack, emulated_token
 
-from bridge_admin.demo import (
+from bridge_admin.signing_tools import (
+    minimal_pe,
     osslsigncode_sign,
     osslsigncode_verify,
     pkcs11_sign,
     read_certificate_pem,
 )
-from bridge_admin.signing_tools import minimal_pe
 
 pytestmark = pytest.mark.e2e
 

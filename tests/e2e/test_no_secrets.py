@@ -19,14 +19,14 @@ from pathlib import Path
 import pytest
 from e2e_stack import REPO, VpcdSlot
 
-from bridge_admin.demo import (
-    BridgeStack,
+from bridge_admin.local_stack import BridgeStack
+from bridge_admin.signing_tools import (
+    minimal_pe,
     osslsigncode_sign,
     osslsigncode_verify,
     pkcs11,
     read_certificate_pem,
 )
-from bridge_admin.signing_tools import minimal_pe
 from bridge_server.simulator.piv import PivCard
 from bridge_server.simulator.profiles import PROFILES
 

@@ -17,7 +17,7 @@ from inproc import SELECT_PIV, VERIFY_123456
 from pcsc_ctypes import SCARD_LEAVE_CARD, SCARD_RESET_CARD, Card
 from procstack import VERIFY_STATUS_QUERY
 
-from bridge_admin.demo import BridgeStack
+from bridge_admin.local_stack import BridgeStack
 
 pytestmark = pytest.mark.e2e
 

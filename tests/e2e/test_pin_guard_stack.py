@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 from e2e_stack import VpcdSlot
 
-from bridge_admin.demo import PIN, BridgeStack, pkcs11, pkcs11_sign
+from bridge_admin.local_stack import PIN, BridgeStack
+from bridge_admin.signing_tools import pkcs11, pkcs11_sign
 from bridge_server.guard.audit import verify_file
 
 pytestmark = pytest.mark.e2e

@@ -52,7 +52,8 @@ from procstack import (
     wait_for,
 )
 
-from bridge_admin.demo import BridgeStack, pkcs11, pkcs11_sign, read_certificate_pem
+from bridge_admin.local_stack import BridgeStack
+from bridge_admin.signing_tools import pkcs11, pkcs11_sign, read_certificate_pem
 from bridge_server.guard.flood_limits import REFUSED_COMMANDS
 from protocol import ccid, wire
 from protocol.runtime.framed import FramedConnection

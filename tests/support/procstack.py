@@ -25,8 +25,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, encode_dss_signature
 from inproc import SELECT_PIV, SIGN_9D, VERIFY_123456, apdu, expect, greet, power_on
 
-from bridge_admin.demo import BridgeStack
-from bridge_admin.demo import wait_for as poll
+from bridge_admin.local_stack import BridgeStack
+from bridge_admin.local_stack import wait_for as poll
 from protocol import wire
 from protocol.runtime.connect import ConnectFailed
 from protocol.runtime.framed import FramedConnection

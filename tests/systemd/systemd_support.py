@@ -22,7 +22,7 @@ from pathlib import Path
 
 from cryptography import x509
 
-from bridge_admin.demo import BridgeStack, wait_for
+from bridge_admin.local_stack import BridgeStack, wait_for
 
 HARNESS = Path(__file__).with_name("block_loop_harness.py")
 REPO = Path(__file__).resolve().parents[2]

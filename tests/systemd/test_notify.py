@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from systemd_support import NotifySocket, make_stack, server_cmd, spawn
 
-from bridge_admin.demo import BridgeStack, free_port
+from bridge_admin.local_stack import BridgeStack, free_port
 
 WATCHDOG_USEC = 400_000  # pings expected every 0.2 s
 

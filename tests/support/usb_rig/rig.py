@@ -23,7 +23,7 @@ from typing import IO, Any
 
 import pytest
 
-from bridge_admin.demo import BridgeStack, Daemon
+from bridge_admin.local_stack import BridgeStack, Daemon
 from bridge_server.simulator.profiles import PROFILES
 from protocol.runtime.config import dump_yaml, load_yaml
 
