@@ -45,14 +45,10 @@ from bridge_server.tokens.manager import TokenManager
 from bridge_server.usb.devices import card_opener
 from protocol import wire
 from protocol.errors import CloseCode
+from protocol.runtime.address import Address
 from protocol.runtime.sdnotify import Notifier, SystemdNotifier, run_watchdog
 
 log = structlog.get_logger(__name__)
-
-
-def describe_peer_address(sockname: Any) -> str:
-    host, port = sockname[:2]
-    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
 
 
 class BridgeServer:
@@ -132,7 +128,7 @@ class BridgeServer:
         return self.reloader.crl_next_update
 
     def listen_addresses(self) -> list[str]:
-        return [describe_peer_address(lst.socket.getsockname()) for lst in self.listeners]
+        return [str(Address(*lst.socket.getsockname()[:2])) for lst in self.listeners]
 
     def reload_tls(self) -> bool:
         """Re-read CA, certificate, key and CRL (SIGHUP, file change); False keeps the old ones."""

@@ -70,9 +70,6 @@ from protocol.ccid import CcidMessage, MessageType, decode_message
 from protocol.errors import MalformedCcidMessageError
 from protocol.vocabulary import ErrorCode
 
-if TYPE_CHECKING:
-    from bridge_server.simulator.usb_token import SimulatedToken
-
 if TYPE_CHECKING:  # the simulator is a test and demo feature: no import at run time
     from bridge_server.simulator.usb_token import SimulatedToken
 
