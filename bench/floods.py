@@ -35,12 +35,13 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "support"))
 
-from inproc import SELECT_PIV, apdu, expect, hello, power_on
-from procstack import client_ssl, connect
+from inproc import SELECT_PIV, apdu, expect, greet, power_on
+from procstack import client_ssl
 
 from bench.stats import summarize_ms
 from bridge_admin.local_stack import BridgeStack
 from protocol import ccid, wire
+from protocol.runtime.connect import ConnectFailed, ConnectRefused
 from protocol.runtime.framed import FramedConnection
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,18 +72,20 @@ class Flooder:
     async def run(self, start: Flood) -> None:
         while True:  # until the phase's cancel scope ends it
             try:
-                tls, client = await connect(client_ssl(self.stack, self.name), self.stack.server_port)
-            except (OSError, trio.BrokenResourceError):
+                greeted = await greet(client_ssl(self.stack, self.name), self.stack.server_port, "flooder")
+            except ConnectRefused:  # banned for flooding: the server answered, so it counts
+                self.connections += 1
+                continue
+            except (ConnectFailed, OSError, trio.BrokenResourceError):
                 await trio.sleep(0.05)
                 continue
             self.connections += 1
             try:
-                await hello(client)
-                await start(client)
+                await start(greeted.conn)
             except (trio.BrokenResourceError, trio.ClosedResourceError, AssertionError):
                 pass
             finally:
-                await trio.aclose_forcefully(tls)
+                await greeted.aclose()
 
     async def flood(self, client: FramedConnection, make: Callable[[int], object]) -> None:
         """Send `make(i)` with at most WINDOW unanswered, until the server says Goodbye."""
@@ -208,9 +211,9 @@ async def floods(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     await trio.to_thread.run_sync(stack.start_server)
     phases: list[dict[str, Any]] = []
     try:
-        tls, holder = await connect(client_ssl(stack, HOLDER), stack.server_port)
+        greeted = await greet(client_ssl(stack, HOLDER), stack.server_port, "holder")
+        holder = greeted.conn
         try:
-            await hello(holder)
             await holder.send(wire.LeaseRequest(token_id=0))
             granted = await expect(holder, wire.LeaseGranted)
             await power_on(holder, granted.epoch)
@@ -220,7 +223,7 @@ async def floods(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                     name = flooder_name(2 * r + i // 2)
                     phases.append(await phase(stack, holder, granted.epoch, args.seconds, flood, name))
         finally:
-            await trio.aclose_forcefully(tls)
+            await greeted.aclose()
     finally:
         stack.stop()
     return {"seconds": args.seconds, "phases": phases, "summary": summarize(phases)}

@@ -35,11 +35,12 @@ import trio
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "support"))
 
 from faultproxy import FaultProxy, open_fault_proxy
-from inproc import SELECT_PIV, SIGN_9D, VERIFY_123456, hello
-from procstack import SignerLog, client_ssl, connect, control, overlapping_leases, sign_once
+from inproc import SELECT_PIV, SIGN_9D, VERIFY_123456, greet
+from procstack import SignerLog, client_ssl, control, overlapping_leases, sign_once
 
 from bridge_admin.local_stack import VPCD_BASE_PORT, BridgeStack
 from protocol import vpcd
+from protocol.runtime.connect import ConnectFailed
 
 HEARTBEAT_S = 2.0
 
@@ -96,22 +97,36 @@ async def vpcd_driver(listener: trio.SocketListener, counters: Counters, pause_s
                 counters.vpcd_card_removals += 1  # a fault removed the card: expected
 
 
+CONNECTION_LOST = (
+    ConnectFailed,
+    OSError,
+    trio.BrokenResourceError,
+    trio.ClosedResourceError,
+    trio.TooSlowError,
+)
+
+
 async def ccid_loop(stack: BridgeStack, counters: Counters, pause_s: float) -> None:
     log = SignerLog()
     while True:
         try:
             with trio.fail_after(10):
-                tls, client = await connect(client_ssl(stack, "soak-vm"), stack.server_port)
+                greeted = await greet(client_ssl(stack, "soak-vm"), stack.server_port, "soak")
             try:
-                await hello(client)
                 while True:
                     with trio.fail_after(30):
-                        await sign_once(client, log)
+                        await sign_once(greeted.conn, log)
                     counters.ccid_signatures += 1
                     await trio.sleep(pause_s)
             finally:
-                await trio.aclose_forcefully(tls)
-        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
+                await greeted.aclose()
+        except (
+            ConnectFailed,
+            OSError,
+            trio.BrokenResourceError,
+            trio.ClosedResourceError,
+            trio.TooSlowError,
+        ):
             counters.ccid_reconnects += 1
             await trio.sleep(1)
 
