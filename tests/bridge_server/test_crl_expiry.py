@@ -24,11 +24,11 @@ import trio.testing
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from inproc import wait_until
+from pki_server import bundle_context, make_pki, make_server
 
 import protocol.runtime.tls as tls_module
 from bridge_admin.pki import Pki
 from bridge_server.app import BridgeServer
-from bridge_server.config import parse_server_config
 from bridge_server.net.hub import Hub
 from bridge_server.net.reload import CRL_WARNING_S, POLL_INTERVAL_S, TlsReloader, crl_state
 from bridge_server.observe.metrics import server_rows
@@ -36,19 +36,10 @@ from bridge_server.observe.status import build_status
 from protocol import wire
 from protocol.connection import BridgeConnection, Role
 from protocol.runtime.framed import FramedConnection
-from protocol.runtime.tls import client_context
 
 
 def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC).replace(microsecond=0)
-
-
-def make_pki(folder: Path) -> Pki:
-    pki = Pki(folder / "pki")
-    pki.init()
-    pki.issue_server(["localhost"])
-    pki.issue_client("build-vm-01")
-    return pki
 
 
 def write_crl(pki: Pki, *, last: dt.datetime, next_: dt.datetime) -> None:
@@ -63,24 +54,9 @@ def write_crl(pki: Pki, *, last: dt.datetime, next_: dt.datetime) -> None:
     pki.crl_path.write_bytes(crl.public_bytes(serialization.Encoding.PEM))
 
 
-def make_server(folder: Path) -> BridgeServer:
-    doc = {
-        "listen": "127.0.0.1:0",
-        "tls": {
-            "ca": "pki/ca.pem",
-            "cert": "pki/localhost.pem",
-            "key": "pki/localhost.key",
-            "crl": "pki/crl.pem",
-        },
-        "tokens": [{"name": "codesign", "match": {"simulate": "yubikey5"}, "allow": ["build-vm-01"]}],
-    }
-    return BridgeServer(parse_server_config(doc, folder / "server.yaml"))
-
-
 async def connect(pki: Pki, port: int) -> bool:
     """True when the server welcomes build-vm-01; False when it refuses the handshake."""
-    b = pki.folder / "clients" / "build-vm-01"
-    ctx = client_context(ca=b / "ca.pem", cert=b / "build-vm-01.pem", key=b / "build-vm-01.key")
+    ctx = bundle_context(pki, "build-vm-01")
     tcp = await trio.open_tcp_stream("127.0.0.1", port)
     stream = trio.SSLStream(tcp, ctx, server_hostname="localhost")
     try:
@@ -229,8 +205,7 @@ def test_openssl_itself_refuses_a_client_once_the_loaded_crl_is_past_next_update
     ctx = tls_module.server_context(ca=tls.ca, cert=tls.cert, key=tls.key, crl=tls.crl)
     monkeypatch.undo()
     assert ctx.verify_flags & ssl.VERIFY_CRL_CHECK_LEAF
-    b = pki.folder / "clients" / "build-vm-01"
-    client = client_context(ca=b / "ca.pem", cert=b / "build-vm-01.pem", key=b / "build-vm-01.key")
+    client = bundle_context(pki, "build-vm-01")
     error = _handshake_error(ctx, client)
     assert isinstance(error, ssl.SSLCertVerificationError)
     assert tls_module.describe_handshake_error(error) == "crl expired (publish a fresh crl)"

@@ -2,56 +2,23 @@
 
 from __future__ import annotations
 
-import ssl
 from pathlib import Path
 
 import pytest
 import structlog
 import trio
+from pki_server import bundle_context, make_pki, make_server
 
 from bridge_admin.pki import Pki
-from bridge_server.app import BridgeServer
-from bridge_server.config import parse_server_config
 from protocol import wire
 from protocol.runtime.address import Address
 from protocol.runtime.connect import ConnectFailed, Greeted, connect
 from protocol.runtime.framed import FramedConnection
-from protocol.runtime.tls import client_context
-
-
-def _pki(folder: Path) -> Pki:
-    pki = Pki(folder / "pki")
-    pki.init()
-    pki.issue_server(["localhost"])
-    for name in ("build-vm-01", "build-vm-02"):
-        pki.issue_client(name)
-    return pki
-
-
-def _server(folder: Path) -> BridgeServer:
-    doc = {
-        "listen": "127.0.0.1:0",
-        "tls": {
-            "ca": "pki/ca.pem",
-            "cert": "pki/localhost.pem",
-            "key": "pki/localhost.key",
-            "crl": "pki/crl.pem",
-        },
-        "tokens": [
-            {"name": "codesign", "match": {"simulate": "yubikey5"}, "allow": ["build-vm-01", "build-vm-02"]}
-        ],
-    }
-    return BridgeServer(parse_server_config(doc, folder / "server.yaml"))
-
-
-def _ctx(pki: Pki, name: str) -> ssl.SSLContext:
-    b = pki.folder / "clients" / name
-    return client_context(ca=b / "ca.pem", cert=b / f"{name}.pem", key=b / f"{name}.key")
 
 
 async def _open(pki: Pki, port: int, name: str) -> Greeted:
     return await connect(
-        Address("127.0.0.1", port), _ctx(pki, name), server_name="localhost", software="reload-test"
+        Address("127.0.0.1", port), bundle_context(pki, name), server_name="localhost", software="reload-test"
     )
 
 
@@ -78,8 +45,8 @@ async def _closed(framed: FramedConnection) -> wire.Goodbye | None:
 
 
 async def test_revoked_client_is_dropped_within_seconds_and_cannot_return(tmp_path: Path) -> None:
-    pki = _pki(tmp_path)
-    server = _server(tmp_path)
+    pki = make_pki(tmp_path)
+    server = make_server(tmp_path)
     async with trio.open_nursery() as nursery:
         port = (await nursery.start(server.run))[0].socket.getsockname()[1]
         with trio.fail_after(20):
@@ -101,8 +68,8 @@ async def test_revoked_client_is_dropped_within_seconds_and_cannot_return(tmp_pa
 
 
 async def test_a_bad_crl_keeps_the_old_context_and_says_so(tmp_path: Path) -> None:
-    pki = _pki(tmp_path)
-    server = _server(tmp_path)
+    pki = make_pki(tmp_path)
+    server = make_server(tmp_path)
     async with trio.open_nursery() as nursery:
         port = (await nursery.start(server.run))[0].socket.getsockname()[1]
         before = server.reloader.current()

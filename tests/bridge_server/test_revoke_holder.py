@@ -27,53 +27,19 @@ from inproc import (
     expect,
     power_on,
 )
+from pki_server import bundle_context, cert_file, make_pki, make_server
 
 from bridge_admin.pki import Pki
-from bridge_server.app import BridgeServer
-from bridge_server.config import parse_server_config
 from protocol import wire
 from protocol.connection import BridgeConnection, Role
 from protocol.errors import CloseCode
 from protocol.runtime.framed import FramedConnection
-from protocol.runtime.tls import client_context
 
 REVOCATION_BOUND_S = 5.0
 
 
-def make_pki(folder: Path) -> Pki:
-    pki = Pki(folder / "pki")
-    pki.init()
-    pki.issue_server(["localhost"])
-    for name in ("build-vm-01", "build-vm-02"):
-        pki.issue_client(name)
-    return pki
-
-
-def make_server(folder: Path) -> BridgeServer:
-    doc = {
-        "listen": "127.0.0.1:0",
-        "tls": {
-            "ca": "pki/ca.pem",
-            "cert": "pki/localhost.pem",
-            "key": "pki/localhost.key",
-            "crl": "pki/crl.pem",
-        },
-        "tokens": [
-            {"name": "codesign", "match": {"simulate": "yubikey5"}, "allow": ["build-vm-01", "build-vm-02"]}
-        ],
-        "heartbeat_s": 5.0,
-        "audit": {"path": "audit.log"},
-    }
-    return BridgeServer(parse_server_config(doc, folder / "server.yaml"))
-
-
-def cert_file(pki: Pki, name: str) -> Path:
-    return pki.folder / "clients" / name / f"{name}.pem"
-
-
 async def connect(pki: Pki, port: int, name: str) -> tuple[trio.SSLStream[Any], FramedConnection]:
-    b = pki.folder / "clients" / name
-    ctx = client_context(ca=b / "ca.pem", cert=b / f"{name}.pem", key=b / f"{name}.key")
+    ctx = bundle_context(pki, name)
     stream = trio.SSLStream(await trio.open_tcp_stream("127.0.0.1", port), ctx, server_hostname="localhost")
     framed = FramedConnection(stream, BridgeConnection(Role.CLIENT))
     try:
@@ -112,7 +78,7 @@ async def test_revoking_the_lease_holder_drops_it_and_hands_a_clean_card_to_the_
     tmp_path: Path,
 ) -> None:
     pki = make_pki(tmp_path)
-    server = make_server(tmp_path)
+    server = make_server(tmp_path, heartbeat_s=5.0, audit={"path": "audit.log"})
     async with trio.open_nursery() as nursery:
         port = (await nursery.start(server.run))[0].socket.getsockname()[1]
         with trio.fail_after(30):
