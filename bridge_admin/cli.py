@@ -32,12 +32,18 @@ examples:
   tokenbridge lease revoke codesign                        take the token from its holder
   tokenbridge pin-guard reset codesign                     clear the PIN guard (prints what to check first)
   tokenbridge audit verify /var/lib/tokenbridge/audit.jsonl   check the audit log's hash chain
-  tokenbridge doctor --config /etc/tokenbridge/client.yaml preflight check on a build VM
+  tokenbridge doctor --config /etc/tokenbridge/client.yaml
+                                                          preflight check on a build VM
   tokenbridge selftest --json > selftest.json             check the token on the token host (server
                                                           stopped); attach the file to a bug report
 """
 
 DEFAULT_PKI = Path("/etc/tokenbridge/pki")
+
+
+def _dir_option(parser: argparse.ArgumentParser, default: object) -> None:
+    """`--dir` on `pki` and on each pki subcommand; SUPPRESS keeps the other level's value."""
+    parser.add_argument("--dir", type=Path, default=default, help=f"PKI folder (default: {DEFAULT_PKI})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     svc.add_argument("--config", type=Path, help="server config whose VID:PIDs go into the udev rule")
 
     pki = sub.add_parser("pki", help="deployment CA, server and client certificates, revocation")
-    pki.add_argument("--dir", type=Path, default=DEFAULT_PKI, help="PKI folder (default: %(default)s)")
+    _dir_option(pki, DEFAULT_PKI)
     psub = pki.add_subparsers(dest="pki_command", required=True, metavar="PKI_COMMAND")
     p_init = psub.add_parser("init", help="create the CA and an empty CRL")
     p_init.add_argument("--name", default="tokenbridge deployment CA", help="CA common name")
@@ -93,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_list = psub.add_parser("list", help="issued certificates and their state")
     p_list.add_argument("--json", action="store_true")
     psub.add_parser("crl", help="re-sign the CRL (run before it goes stale; the server refuses a stale CRL)")
+    for each in psub.choices.values():  # `pki --dir X init` and `pki init --dir X` alike
+        _dir_option(each, argparse.SUPPRESS)
     add_admin_commands(sub)
     add_audit_parser(sub)
     add_selftest_parser(sub)

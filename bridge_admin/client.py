@@ -151,24 +151,36 @@ class AdminSession:
         self._stream, self._framed = greeted.stream, greeted.conn
 
     async def request(self, action: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
-        """`{"ok", "result", "error"}` for one action."""
-        with trio.fail_after(REQUEST_TIMEOUT_S):
-            if self._framed is not None:
-                return await self._wire_request(action, args or {})
-            assert self._stream is not None
-            await self._stream.send_all(json.dumps({"action": action, "args": args or {}}).encode() + b"\n")
-            while b"\n" not in self._buf:
-                chunk = await self._stream.receive_some(65536)
-                if not chunk:
-                    raise AdminClientError(
-                        f"{self.target.describe()} closed the connection without answering"
-                    )
-                self._buf += chunk
-                if len(self._buf) > MAX_RESPONSE:
-                    raise AdminClientError("answer too large")
-            line, self._buf = self._buf.split(b"\n", 1)
-            doc: dict[str, Any] = json.loads(line)
-            return doc
+        """`{"ok", "result", "error"}` for one action. Raises AdminClientError."""
+        where = self.target.describe()
+        try:
+            with trio.fail_after(REQUEST_TIMEOUT_S):
+                if self._framed is not None:
+                    return await self._wire_request(action, args or {})
+                return await self._socket_request(action, args or {})
+        except trio.TooSlowError:
+            raise AdminClientError(f"{where} did not answer within {REQUEST_TIMEOUT_S:.0f} s") from None
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            # e.g. the server refused our certificate after the handshake (revoked) or restarted
+            cause = exc.__cause__ or exc
+            raise AdminClientError(
+                f"lost the connection to {where}: {cause}; if the server log shows "
+                "tls.handshake_failed, our certificate was refused (revoked or expired)"
+            ) from exc
+
+    async def _socket_request(self, action: str, args: dict[str, Any]) -> dict[str, Any]:
+        assert self._stream is not None
+        await self._stream.send_all(json.dumps({"action": action, "args": args}).encode() + b"\n")
+        while b"\n" not in self._buf:
+            chunk = await self._stream.receive_some(65536)
+            if not chunk:
+                raise AdminClientError(f"{self.target.describe()} closed the connection without answering")
+            self._buf += chunk
+            if len(self._buf) > MAX_RESPONSE:
+                raise AdminClientError("answer too large")
+        line, self._buf = self._buf.split(b"\n", 1)
+        doc: dict[str, Any] = json.loads(line)
+        return doc
 
     async def _wire_request(self, action: str, args: dict[str, Any]) -> dict[str, Any]:
         from protocol import wire

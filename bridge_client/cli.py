@@ -34,17 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument(
-        "--config", type=Path, default=DEFAULT_CONFIG, help="client config (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--log-level",
-        default="info",
-        choices=["debug", "info", "warning", "error"],
-        help="default: %(default)s",
-    )
+    _common(parser, top=True)
     sub = parser.add_subparsers(dest="command")
-    sub.add_parser("run", help="run the client (the default)")
+    run = sub.add_parser("run", help="run the client (the default)")
     status = sub.add_parser("status", help="show the running client's tunnel, readers and lease")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.add_argument(
@@ -52,8 +44,26 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help=f"status socket (default: from the config, else {DEFAULT_STATUS_SOCKET})",
     )
-    sub.add_parser("check-config", help="validate the config file and exit")
+    check = sub.add_parser("check-config", help="validate the config file and exit")
+    for each in (run, status, check):
+        _common(each, top=False)
     return parser
+
+
+def _common(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    """`--config` and `--log-level`, before or after the subcommand (SUPPRESS keeps the top's value)."""
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=DEFAULT_CONFIG if top else argparse.SUPPRESS,
+        help=f"client config (default: {DEFAULT_CONFIG})",
+    )
+    parser.add_argument(
+        "--log-level",
+        default="info" if top else argparse.SUPPRESS,
+        choices=["debug", "info", "warning", "error"],
+        help="default: info",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,21 +1,30 @@
-"""`tokenbridge-server`: run the token server.
+"""`tokenbridge-server`: run the token server, or check its config without starting anything.
 
-    tokenbridge-server --config /etc/tokenbridge/server.yaml [--listen HOST:PORT]
-                       [--simulate PROFILE] [--log-level LEVEL]
+    tokenbridge-server [--config FILE] [--listen HOST:PORT] [--simulate PROFILE] [--log-level LEVEL]
+    tokenbridge-server check-config [--config FILE]
 
-`--simulate PROFILE` still needs `--config` (TLS material and allow lists cannot be made up
-safely): it replaces the `match` of every configured token with the simulator profile, keeping
-the tokens' names and allow lists, so a real deployment's config can be tried without the
-hardware. Exit codes: 0 after a clean shutdown, 2 for a bad command line or config, 1 when
-the server could not start (TLS material, port in use).
+`--config` defaults to /etc/tokenbridge/server.yaml; the common options are accepted before and
+after the subcommand. `--simulate PROFILE` replaces the `match` of every configured token with
+the simulator profile, keeping the tokens' names and allow lists, so a real deployment's config
+can be tried without the hardware.
+
+One server runs per state folder (`bridge_server.guard.instance_lock`): a second one started on
+the same config stops before it opens or removes anything, naming the PID that holds the lock.
+
+Exit codes of a run: 0 after a clean shutdown, 2 for a bad command line or config, 1 when the
+server could not start (TLS material, port in use, already running). `check-config` (like
+`nginx -t`): 0 the config and its TLS files are usable, 1 a problem was found, 2 bad usage.
+Failures are one line on stderr, `tokenbridge-server: WHAT`, never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Final
 
 import structlog
 import trio
@@ -28,24 +37,53 @@ log = structlog.get_logger(__name__)
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+DEFAULT_CONFIG: Final = Path("/etc/tokenbridge/server.yaml")
+LEVELS: Final = ["debug", "info", "warning", "error"]
+
+
+def _common(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    """`--config`, `--log-level`: on the top level and, suppressed by default, on each subcommand."""
+    config_default = DEFAULT_CONFIG if top else argparse.SUPPRESS
+    level_default = "info" if top else argparse.SUPPRESS
+    parser.add_argument(
+        "--config", type=Path, default=config_default, help=f"server YAML file (default: {DEFAULT_CONFIG})"
+    )
+    parser.add_argument("--log-level", default=level_default, choices=LEVELS, help="default: info")
+
+
+def _run_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    default = None if top else argparse.SUPPRESS
+    parser.add_argument("--listen", metavar="HOST:PORT", default=default, help="override the config's listen")
+    parser.add_argument(
+        "--simulate",
+        metavar="PROFILE",
+        default=default,
+        help="serve every configured token from the simulator profile PROFILE "
+        "(safenet-5110, yubikey5, etoken-fusion, epass2003) instead of USB hardware",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tokenbridge-server",
         description="Serve USB code-signing tokens to build machines over mutual TLS.",
+        epilog="examples:\n"
+        "  tokenbridge-server --config /etc/tokenbridge/server.yaml                run the server\n"
+        "  tokenbridge-server check-config --config /etc/tokenbridge/server.yaml   validate, start nothing\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--config", type=Path, required=True, help="server YAML file (DESIGN §6)")
-    parser.add_argument("--listen", metavar="HOST:PORT", help="override the config's listen address")
-    parser.add_argument(
-        "--simulate",
-        metavar="PROFILE",
-        help="serve every configured token from the simulator profile PROFILE "
-        "(safenet-5110, yubikey5, etoken-fusion, epass2003) instead of USB hardware",
+    _common(parser, top=True)
+    _run_options(parser, top=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    run = sub.add_parser("run", help="run the server (the default)")
+    _common(run, top=False)
+    _run_options(run, top=False)
+    check = sub.add_parser(
+        "check-config",
+        help="validate the config and its TLS files, start nothing (exit 0 ok, 1 not)",
     )
-    parser.add_argument(
-        "--log-level", default="info", choices=["debug", "info", "warning", "error"], help="default: info"
-    )
+    _common(check, top=False)
+    _run_options(check, top=False)
     return parser
 
 
@@ -59,6 +97,38 @@ def load_config(args: argparse.Namespace) -> ServerConfig:
     return config
 
 
+def check_config(config: ServerConfig) -> None:
+    """Everything a start checks before it opens a device or a socket. Raises BridgeError."""
+    from bridge_server.guard.guardrails import guard_state_path
+    from bridge_server.guard.state_files import check_state_folders
+    from protocol.runtime.tls import server_context
+
+    check_state_folders(
+        str(config.path), [("audit.path", config.audit.path), ("pin_guard.state", guard_state_path(config))]
+    )
+    tls = config.tls
+    server_context(ca=tls.ca, cert=tls.cert, key=tls.key, crl=tls.crl)
+
+
+def first_error(exc: BaseException) -> BaseException:
+    """The exception inside trio's ExceptionGroup wrappers (the first, when several failed)."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc
+
+
+def describe(exc: BaseException, config: ServerConfig) -> str:
+    """One line for a start failure."""
+    if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:
+        return (
+            f"cannot listen on {config.host}:{config.port}: address already in use; another process has "
+            f"it (`ss -ltnp 'sport = :{config.port}'`), or change `listen` in {config.path}"
+        )
+    if isinstance(exc, OSError) and exc.filename is None and len(exc.args) == 1:
+        return str(exc.args[0])
+    return str(exc)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from protocol.runtime.logging import configure_logging
@@ -68,16 +138,40 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = load_config(args)
     except ConfigError as exc:
         print(f"tokenbridge-server: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    from bridge_server.app import serve_forever
+        return EXIT_FAILED if args.command == "check-config" else EXIT_USAGE
+    if args.command == "check-config":
+        return _check(config)
+    return _serve(config)
 
+
+def _check(config: ServerConfig) -> int:
     try:
-        trio.run(serve_forever, config)
-    except ConfigError as exc:
-        print(f"tokenbridge-server: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except (BridgeError, OSError) as exc:
-        log.error("server.failed", error=str(exc))
+        check_config(config)
+    except BridgeError as exc:
         print(f"tokenbridge-server: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    names = ", ".join(t.name for t in config.tokens)
+    print(f"{config.path}: ok (listen {config.host}:{config.port}; tokens: {names}; TLS files load)")
+    return EXIT_OK
+
+
+def _serve(config: ServerConfig) -> int:
+    from bridge_server.app import serve_forever
+    from bridge_server.guard.instance_lock import instance_lock
+
+    try:
+        with instance_lock(config):
+            trio.run(serve_forever, config)
+    except BaseException as group:  # the ExceptionGroup trio wraps it in
+        exc = first_error(group)
+        if isinstance(exc, ConfigError):
+            print(f"tokenbridge-server: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        if isinstance(exc, BridgeError | OSError):
+            log.error("server.failed", error=describe(exc, config))
+            print(f"tokenbridge-server: {describe(exc, config)}", file=sys.stderr)
+            return EXIT_FAILED
+        if isinstance(exc, KeyboardInterrupt):
+            return 130
+        raise
     return EXIT_OK

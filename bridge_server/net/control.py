@@ -5,7 +5,8 @@ Response `{"ok": true, "result": {...}, "error": ""}`
 
 Trust comes from the file system: the socket is created mode 0660, so whoever can open it
 (root and the service's group) is an admin; the actor logged is `local:<uid>` from
-SO_PEERCRED. A stale socket left by a crashed run is replaced; the socket is removed on exit.
+SO_PEERCRED. A stale socket left by a crashed run (nothing answers on it) is replaced, a live
+one is refused; the socket is removed on exit.
 A connection may send several requests (`status --watch` does); each line is at most
 `MAX_LINE` bytes and the connection closes after `IDLE_TIMEOUT_S` without a request.
 """
@@ -92,10 +93,28 @@ async def _handle(stream: trio.SocketStream, dispatcher: AdminDispatcher) -> Non
         await trio.aclose_forcefully(stream)
 
 
+def socket_answers(path: Path) -> bool:
+    """Whether a process accepts connections on the Unix socket at `path` (a live server)."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(str(path))
+    except OSError:  # refused (nobody listens: stale), vanished, or not ours to open
+        return False
+    finally:
+        probe.close()
+    return True
+
+
 def prepare_socket_path(path: Path) -> None:
-    """Make the folder; replace a stale socket; refuse to clobber anything that is not a socket."""
+    """Make the folder; replace a stale socket, never a live one; refuse to clobber a non-socket."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.is_socket():
+        if socket_answers(path):
+            raise FileExistsError(
+                f"control socket {path} answers: another tokenbridge-server is running there; "
+                "stop it, or set control.socket to another path"
+            )
         path.unlink()
     elif path.exists():
         raise FileExistsError(

@@ -103,11 +103,22 @@ def _tls13_only(ctx: ssl.SSLContext) -> None:
     ctx.options &= ~ssl.OP_IGNORE_UNEXPECTED_EOF
 
 
+def read_pem(path: Path, what: str) -> bytes:
+    """The file's bytes; a missing permission is said as such, not as a malformed file."""
+    try:
+        return path.read_bytes()
+    except PermissionError as exc:
+        raise TlsSetupError(
+            f"cannot read {what} file {path}: permission denied (the service user must be able to read it)"
+        ) from exc
+
+
 def _load_ca(ctx: ssl.SSLContext, ca: Path) -> None:
     if not ca.is_file():
         raise TlsSetupError(f"ca file {ca} not found; point tls.ca at the bridge's private ca certificate")
+    data = read_pem(ca, "ca")
     try:
-        x509.load_pem_x509_certificates(ca.read_bytes())
+        x509.load_pem_x509_certificates(data)
     except (OSError, ValueError) as exc:
         raise TlsSetupError(f"ca file {ca} is not a pem certificate ({exc}); use the ca's .pem file") from exc
     try:
@@ -124,12 +135,13 @@ def _load_own_cert(ctx: ssl.SSLContext, cert: Path, key: Path) -> None:
             raise TlsSetupError(
                 f"{what} file {path} not found; create it or fix tls.{what[:4]} in the config"
             )
+    cert_data, key_data = read_pem(cert, "certificate"), read_pem(key, "key")
     try:
-        x509.load_pem_x509_certificates(cert.read_bytes())
+        x509.load_pem_x509_certificates(cert_data)
     except (OSError, ValueError) as exc:
         raise TlsSetupError(f"certificate file {cert} is not a pem certificate ({exc})") from exc
     try:
-        serialization.load_pem_private_key(key.read_bytes(), password=None)
+        serialization.load_pem_private_key(key_data, password=None)
     except TypeError as exc:
         raise TlsSetupError(
             f"key file {key} is encrypted; the daemon needs an unencrypted key readable only by its user"

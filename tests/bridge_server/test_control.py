@@ -66,3 +66,23 @@ async def test_bad_lines_get_an_error_and_the_connection_stays_usable(tmp_path: 
 def test_parse_request_rejects_non_object_args() -> None:
     assert parse_request(b'{"action": "status", "args": []}') == '"args" must be an object'
     assert parse_request(b'{"action": "status"}') == ("status", {})
+
+
+def test_a_stale_socket_is_replaced_but_a_live_one_is_refused(tmp_path: Path) -> None:
+    """Issue 19 #1: only a socket nobody answers on is unlinked."""
+    import pytest
+
+    from bridge_server.net.control import prepare_socket_path
+
+    path = tmp_path / "control.sock"
+    live = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    live.bind(str(path))
+    live.listen(1)
+    try:
+        with pytest.raises(FileExistsError, match="another tokenbridge-server"):
+            prepare_socket_path(path)
+        assert path.is_socket()
+    finally:
+        live.close()
+    prepare_socket_path(path)  # nothing listens any more: stale
+    assert not path.exists()

@@ -203,6 +203,23 @@ def test_stale_crl_fails_server_setup(pki: Pki) -> None:
         _server(pki, crl)
 
 
+def test_unreadable_key_is_said_as_permission_denied(pki: Pki, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 19 #5: not "not a pem private key ([Errno 13] ...)" (root reads anything: simulate it)."""
+    real_read = Path.read_bytes
+
+    def read_bytes(self: Path) -> bytes:
+        if self == pki.server.key:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_read(self)
+
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    with pytest.raises(TlsSetupError) as caught:
+        _server(pki)
+    assert str(caught.value) == (
+        f"cannot read key file {pki.server.key}: permission denied (the service user must be able to read it)"
+    )
+
+
 def test_missing_crl_fails_server_setup(pki: Pki) -> None:
     with pytest.raises(TlsSetupError, match="not found"):
         _server(pki, pki.root / "absent.crl.pem")
