@@ -5,13 +5,16 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.tokenbridge-installed
 PYTEST_ARGS ?=
 
-.PHONY: help deps system-deps test lint demo bench clean
+MUTATION_ARGS ?=
+
+.PHONY: help deps system-deps test lint demo bench mutation clean
 
 help:
 	@echo "make demo   - run the whole chain on a simulated token and sign a script"
 	@echo "make test   - set up and run the full test suite (unit, integration, real PC/SC stack)"
 	@echo "make lint   - ruff, and mypy --strict on protocol/ and both daemons"
 	@echo "make bench  - measure latency/throughput against the budget (docs/performance.md)"
+	@echo "make mutation - mutation testing of the safety-critical modules (docs/testing.md; ~1.5 h)"
 
 system-deps:
 	@bash .ci/system-deps.sh
@@ -26,8 +29,8 @@ $(STAMP): pyproject.toml
 deps: system-deps $(STAMP)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check protocol bridge_server bridge_client tests bench
-	$(VENV)/bin/ruff format --check protocol bridge_server bridge_client tests bench
+	$(VENV)/bin/ruff check protocol bridge_server bridge_client tests bench mutation
+	$(VENV)/bin/ruff format --check protocol bridge_server bridge_client tests bench mutation
 	$(VENV)/bin/mypy
 
 test: deps lint
@@ -39,5 +42,14 @@ demo: deps
 bench: deps
 	$(PY) -m bench
 
+# Not part of `make test`: it runs every module's tests once per mutant (docs/testing.md says
+# how long and how often). `make mutation MUTATION_ARGS="pin_guard --survivors-only"` after a test.
+$(VENV)/.tokenbridge-mutation: $(STAMP) pyproject.toml
+	@PYTHONWARNINGS=ignore $(PY) -m pip install -q -e '.[test,mutation]'
+	@touch $@
+
+mutation: $(VENV)/.tokenbridge-mutation
+	nice -n 10 $(PY) -m mutation $(MUTATION_ARGS)
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache .mutation .mutmut-cache
