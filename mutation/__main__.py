@@ -44,14 +44,21 @@ class Target:
 TARGETS: dict[str, Target] = {
     "pin_guard": Target(
         "bridge_server/pin_guard.py",
-        ("tests/bridge_server/test_pin_guard.py", "tests/bridge_server/test_pin_chaining.py"),
+        (
+            "tests/bridge_server/test_pin_guard.py",
+            "tests/bridge_server/test_pin_guard_outcomes.py",
+            "tests/bridge_server/test_pin_chaining.py",
+        ),
     ),
-    "t1": Target("protocol/t1.py", ("tests/protocol/test_t1.py",)),
-    "t1_blocks": Target("protocol/_t1_blocks.py", ("tests/protocol/test_t1.py",)),
+    "t1": Target("protocol/t1.py", ("tests/protocol/test_t1.py", "tests/protocol/test_t1_reader_rules.py")),
+    "t1_blocks": Target(
+        "protocol/_t1_blocks.py", ("tests/protocol/test_t1.py", "tests/protocol/test_t1_reader_rules.py")
+    ),
     "guardrails": Target(
         "bridge_server/guardrails.py",
         (
             "tests/bridge_server/test_pin_guard.py",
+            "tests/bridge_server/test_pin_guard_outcomes.py",
             "tests/bridge_server/test_pin_chaining.py",
             "tests/bridge_server/test_state_files.py",
         ),
