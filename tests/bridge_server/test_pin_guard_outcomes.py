@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 
 from bridge_server.config import parse_server_config
+from bridge_server.guardrails import open_guard
 from bridge_server.pin_guard import REFUSAL_SW, Attempt, Engaged, PinGuard, PinGuardStore, checklist
+from protocol.errors import ConfigError
 
 T = "codesign"
 
@@ -167,6 +169,24 @@ def test_a_state_file_from_another_version_is_refused_not_misread() -> None:
         guard.load_json(json.dumps(saved))
     with pytest.raises(ValueError, match="version"):
         guard.load_json(json.dumps({"tokens": {}}))
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["[]", '"engaged"', '{"version": 1, "tokens": []}', '{"version": 1, "tokens": {"codesign": [1]}}',
+     '{"version": 1, "tokens": {"codesign": {"80": 3}}}'],
+    ids=["list", "string", "tokens-list", "refs-list", "ref-number"],
+)  # fmt: skip
+def test_a_state_file_of_the_wrong_shape_refuses_to_start_clearly(tmp_path: Path, text: str) -> None:
+    doc = {
+        "tls": {"ca": "ca.pem", "cert": "s.pem", "key": "s.key"},
+        "tokens": [{"name": T, "match": {"simulate": "safenet-5110"}, "allow": ["vm1"]}],
+        "audit": {"path": "audit.jsonl"},
+    }
+    config = parse_server_config(doc, tmp_path / "server.yaml")
+    (tmp_path / "pin-guard.json").write_text(text)
+    with pytest.raises(ConfigError, match=r"pin_guard\.state.*move it aside"):
+        open_guard(config)
 
 
 def _engaged_guard() -> PinGuard:
