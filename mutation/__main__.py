@@ -82,6 +82,7 @@ class Mutant:
     before: str = ""
     after: str = ""
     diff: str = ""
+    function: str = ""  # the enclosing def, to tell apart two identical lines
 
 
 @dataclass
@@ -156,6 +157,21 @@ def _changed_lines(diff: str) -> tuple[str, str]:
     return before, after
 
 
+def _enclosing_defs(source: Path) -> list[str]:
+    """For each line (1-based index), the name of the innermost def it is in ("" at module level)."""
+    names, stack = [""], [(-1, "")]
+    for line in source.read_text().splitlines():
+        stripped = line.lstrip()
+        indent = len(line) - len(stripped)
+        if stripped:
+            while indent <= stack[-1][0]:
+                stack.pop()
+            if stripped.startswith(("def ", "async def ")):
+                stack.append((indent, stripped.split("def ", 1)[1].split("(", 1)[0]))
+        names.append(stack[-1][1])
+    return names
+
+
 def _collect(name: str, target: Target) -> list[Mutant]:
     cache = STATE / f"{name}.sqlite"
     if not cache.exists():
@@ -166,6 +182,7 @@ def _collect(name: str, target: Target) -> list[Mutant]:
     finally:
         CACHE.unlink(missing_ok=True)
     mutants = []
+    defs = _enclosing_defs(ROOT / target.source)
     # S314: the XML is mutmut's report of our own cache, written a moment ago, not foreign input.
     for case in ET.fromstring(xml).iter("testcase"):  # noqa: S314
         if case.get("file") != target.source:
@@ -178,7 +195,9 @@ def _collect(name: str, target: Target) -> list[Mutant]:
                 diff = child.text or ""
         ident = (case.get("name") or "").removeprefix("Mutant #")
         before, after = _changed_lines(diff)
-        mutants.append(Mutant(ident, int(case.get("line") or 0), status, before, after, diff))
+        line = int(case.get("line") or 0)
+        function = defs[line] if 0 < line < len(defs) else ""
+        mutants.append(Mutant(ident, line, status, before, after, diff, function))
     return mutants
 
 
@@ -197,9 +216,10 @@ def _mark_equivalent(score: Score, target: Target, entries: list[dict[str, str]]
         if mutant.status not in ("survived", "untested"):
             continue
         for n, entry in enumerate(entries):
-            if entry["file"] in ("*", target.source) and (entry["before"], entry["after"]) == (
-                mutant.before,
-                mutant.after,
+            if (
+                entry["file"] in ("*", target.source)
+                and (entry["before"], entry["after"]) == (mutant.before, mutant.after)
+                and entry.get("function", mutant.function) == mutant.function
             ):
                 score.equivalent.append(mutant)
                 used.add(n)
@@ -219,7 +239,8 @@ def _print(scores: list[Score], verbose: bool) -> None:
         return
     for s in scores:
         for m in s.survivors:
-            print(f"\n# {TARGETS[s.module].source}:{m.line} mutant {m.ident} {m.status}")
+            where = f"{TARGETS[s.module].source}:{m.line} ({m.function or 'module level'})"
+            print(f"\n# {where} mutant {m.ident} {m.status}")
             print(f"  before: {m.before}\n  after:  {m.after}")
 
 
