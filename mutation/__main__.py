@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 import time
@@ -122,6 +123,23 @@ def _runner(target: Target) -> str:
     )
 
 
+def _keep_kills(cache: Path) -> None:
+    """Mark every mutant but the survivors as tested against the tests as they are now.
+
+    mutmut re-runs a mutant when the tests changed since it was judged; adding a test cannot
+    revive a killed mutant, so after writing tests only the survivors (and mutants of lines that
+    changed, which mutmut registers as new) need running again.
+    """
+    from mutmut.cache import hash_of_tests  # type: ignore[import-untyped]  # the mutation extra
+
+    current = hash_of_tests(["tests/"])  # what `mutmut run --tests-dir tests/` compares against
+    with sqlite3.connect(cache) as db:
+        db.execute(
+            "UPDATE Mutant SET tested_against_hash = ? WHERE status NOT IN ('bad_survived', 'untested')",
+            (current,),
+        )
+
+
 def _run(name: str, target: Target, survivors_only: bool) -> float:
     source = ROOT / target.source
     if Path(f"{source}.bak").exists():
@@ -131,19 +149,14 @@ def _run(name: str, target: Target, survivors_only: bool) -> float:
     CACHE.unlink(missing_ok=True)
     if survivors_only and cache.exists():
         shutil.copy(cache, CACHE)
+        os.chdir(ROOT)
+        _keep_kills(CACHE)
     common = ["--paths-to-mutate", target.source, "--runner", _runner(target), "--tests-dir", "tests/"]
     start = time.monotonic()
     try:
-        if survivors_only and cache.exists():
-            for status in ("survived", "untested"):
-                ids = _mutmut("result-ids", status).stdout.split()
-                for ident in ids:
-                    print(f"mutation: {name}: re-testing mutant {ident}", flush=True)
-                    _mutmut("run", *common, ident)
-        else:
-            done = _mutmut("run", *common, "--simple-output", "--no-progress")
-            if done.returncode & 1:
-                sys.exit(f"mutation: mutmut failed on {target.source}:\n{done.stdout}\n{done.stderr}")
+        done = _mutmut("run", *common, "--simple-output", "--no-progress")
+        if done.returncode & 1:
+            sys.exit(f"mutation: mutmut failed on {target.source}:\n{done.stdout}\n{done.stderr}")
     finally:
         if CACHE.exists():
             shutil.move(CACHE, cache)
