@@ -335,8 +335,29 @@ def test_a_block_one_byte_short_of_its_edc_is_a_transmission_error(checksum: Che
 
 def test_an_inf_longer_than_254_bytes_cannot_be_encoded() -> None:
     assert len(encode(0, 0, bytes(MAX_INF), LRC)) == MAX_INF + 4
-    with pytest.raises(ValueError, match="more than 254"):
+    with pytest.raises(ValueError, match=r"^t=1 inf is 255 bytes, more than 254$"):
         encode(0, 0, bytes(MAX_INF + 1), LRC)
+
+
+@pytest.mark.parametrize("pcb_", [0x80, 0x81, 0x82, 0x90, 0x91, 0x92])
+def test_r_blocks_with_either_n_r_and_any_error_bits_decode_as_r_blocks(pcb_: int) -> None:
+    block = decode(_raw(0, pcb_, b""), LRC, 0, MAX_INF)
+    assert not isinstance(block, RError)
+    assert (block.kind, block.seq) == (Kind.R, pcb_ >> 4 & 1)
+
+
+def test_an_s_block_of_an_unknown_type_decodes_for_the_engine_to_judge() -> None:
+    block = decode(_raw(0, 0xC5, b"\x01\x02"), LRC, 0, MAX_INF)
+    assert not isinstance(block, RError)
+    assert (block.kind, block.stype, block.inf) == (Kind.S, 5, b"\x01\x02")
+
+
+def test_an_ordinary_block_asks_the_host_for_no_waiting_time_extension() -> None:
+    reader = T1Reader()
+    reader.begin_apdu(b"\x00\xb0\x00\x00")
+    answer = reader.receive(card_i(0, b"\x01", more=True))
+    assert isinstance(answer, SendBlock)
+    assert answer.wtx == 0  # the CCID driver sends it as bBWI
 
 
 def test_a_second_bad_block_repeats_our_r_block_even_if_its_error_differs() -> None:
