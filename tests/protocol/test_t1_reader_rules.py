@@ -466,3 +466,13 @@ def test_a_refused_ifs_negotiation_says_which_value_and_how_often() -> None:
     reader.begin_ifs(64)
     with pytest.raises(T1Error, match=r"^card did not accept ifsd 64 after 0 retries$"):
         reader.receive_error()
+
+
+def test_in_the_second_exchange_a_request_for_our_block_one_is_not_taken_as_an_acknowledgement() -> None:
+    reader = T1Reader(ifsc=2)
+    reader.begin_apdu(b"\x00\xb0")
+    reader.receive(card_i(0, b"\x90\x00"))  # exchange 1 done: our N(S) is now 1
+    first = reader.begin_apdu(b"\x00\xb0\x00\x00")
+    assert first[1] == 0x60  # I(1), more
+    assert sent(reader.receive(card_r(1))) == first  # R(N(R)=1): "send I(1) again"
+    assert pcb(reader.receive(card_r(0))) == 0x00  # R(N(R)=0) acknowledges it: I(0), last
