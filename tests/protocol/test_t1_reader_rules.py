@@ -241,9 +241,11 @@ def test_an_ifs_negotiation_is_retried_max_retries_times() -> None:
 
 
 def test_the_largest_extended_command_is_sent_and_one_byte_more_is_refused() -> None:
-    assert T1Reader().begin_apdu(bytes(MAX_COMMAND_APDU))
-    with pytest.raises(LocalProtocolError, match=f"more than {MAX_COMMAND_APDU}"):
-        T1Reader().begin_apdu(bytes(MAX_COMMAND_APDU + 1))
+    largest = 4 + 3 + 65535 + 2  # ISO 7816-4 §5.1: header, extended Lc, 65535 data bytes, extended Le
+    assert largest == MAX_COMMAND_APDU
+    assert T1Reader().begin_apdu(bytes(largest))
+    with pytest.raises(LocalProtocolError, match="more than 65544"):
+        T1Reader().begin_apdu(bytes(largest + 1))
 
 
 def _receive_response(reader: T1Reader, size: int) -> SendBlock | ApduComplete:
@@ -259,11 +261,13 @@ def _receive_response(reader: T1Reader, size: int) -> SendBlock | ApduComplete:
 
 
 def test_the_largest_extended_response_is_accepted_and_one_byte_more_is_refused() -> None:
-    result = _receive_response(T1Reader(ifsd=MAX_INF), MAX_RESPONSE_APDU)
+    largest = 65536 + 2  # ISO 7816-4 §5.1: extended Le allows 65536 data bytes, then SW1 SW2
+    assert largest == MAX_RESPONSE_APDU
+    result = _receive_response(T1Reader(ifsd=MAX_INF), largest)
     assert isinstance(result, ApduComplete)
-    assert len(result.apdu) == MAX_RESPONSE_APDU
-    with pytest.raises(T1Error, match=f"exceeds {MAX_RESPONSE_APDU} bytes"):
-        _receive_response(T1Reader(ifsd=MAX_INF), MAX_RESPONSE_APDU + 1)
+    assert len(result.apdu) == largest
+    with pytest.raises(T1Error, match="exceeds 65538 bytes"):
+        _receive_response(T1Reader(ifsd=MAX_INF), largest + 1)
 
 
 # -- block decoding ----------------------------------------------------------------------
@@ -281,8 +285,9 @@ def _raw(nad: int, pcb_: int, inf: bytes) -> bytes:
     return body + bytes([lrc])
 
 
-def test_len_ff_is_a_reserved_length_not_a_transmission_error() -> None:
-    assert decode(_raw(0, 0x00, bytes(255)), LRC, 0, MAX_INF) == RError.OTHER
+@pytest.mark.parametrize("pcb_", [0x00, 0x80, 0xC5], ids=["I", "R", "S-unknown-type"])
+def test_len_ff_is_a_reserved_length_not_a_transmission_error(pcb_: int) -> None:
+    assert decode(_raw(0, pcb_, bytes(255)), LRC, 0, MAX_INF) == RError.OTHER
 
 
 @pytest.mark.parametrize(
