@@ -155,6 +155,7 @@ def _run(name: str, target: Target, survivors_only: bool) -> float:
     start = time.monotonic()
     try:
         done = _mutmut("run", *common, "--simple-output", "--no-progress")
+        (STATE / f"{name}.log").write_text(done.stdout + done.stderr)  # mutmut's own account of the run
         if done.returncode & 1:
             sys.exit(f"mutation: mutmut failed on {target.source}:\n{done.stdout}\n{done.stderr}")
     finally:
