@@ -62,11 +62,16 @@ TARGETS: dict[str, Target] = {
             "tests/bridge_server/test_pin_guard_outcomes.py",
             "tests/bridge_server/test_pin_chaining.py",
             "tests/bridge_server/test_state_files.py",
+            "tests/bridge_server/test_guardrails.py",
         ),
     ),
     "command_policy": Target(
         "bridge_server/command_policy.py",
-        ("tests/bridge_server/test_command_policy.py", "tests/bridge_server/test_command_allowlist.py"),
+        (
+            "tests/bridge_server/test_command_policy.py",
+            "tests/bridge_server/test_command_allowlist.py",
+            "tests/bridge_server/test_command_names.py",
+        ),
     ),
     "leases": Target("bridge_server/leases.py", ("tests/bridge_server/test_leases.py",)),
     "wire": Target("protocol/wire.py", ("tests/protocol/test_wire.py",)),

@@ -189,6 +189,13 @@ def test_a_state_file_of_the_wrong_shape_refuses_to_start_clearly(tmp_path: Path
         open_guard(config)
 
 
+def test_a_state_of_the_wrong_shape_says_which_part_is_wrong() -> None:
+    with pytest.raises(ValueError, match=r"^the pin guard state is a JSON list, not an object$"):
+        PinGuard().load_json("[]")
+    with pytest.raises(ValueError, match=r"^the pin guard state's tokens are not objects of objects$"):
+        PinGuard().load_json('{"version": 1, "tokens": {"codesign": []}}')
+
+
 def _engaged_guard() -> PinGuard:
     guard = PinGuard(min_retries_left=2, max_failures=3)
     observe(guard, 0x63C2, holder="build-vm-07", now=7.0)
