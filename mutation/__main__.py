@@ -73,7 +73,9 @@ TARGETS: dict[str, Target] = {
             "tests/bridge_server/test_command_names.py",
         ),
     ),
-    "leases": Target("bridge_server/leases.py", ("tests/bridge_server/test_leases.py",)),
+    "leases": Target(
+        "bridge_server/leases.py", ("tests/bridge_server/test_leases.py", "tests/bridge_server/test_lease_deadlines.py")
+    ),
     "wire": Target("protocol/wire.py", ("tests/protocol/test_wire.py",)),
     "wire_fields": Target("protocol/_wire_fields.py", ("tests/protocol/test_wire.py",)),
     "ccid_driver": Target("bridge_server/ccid_driver.py", ("tests/bridge_server/test_ccid_driver.py",)),
