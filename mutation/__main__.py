@@ -74,7 +74,8 @@ TARGETS: dict[str, Target] = {
         ),
     ),
     "leases": Target(
-        "bridge_server/leases.py", ("tests/bridge_server/test_leases.py", "tests/bridge_server/test_lease_deadlines.py")
+        "bridge_server/leases.py",
+        ("tests/bridge_server/test_leases.py", "tests/bridge_server/test_lease_deadlines.py"),
     ),
     "wire": Target("protocol/wire.py", ("tests/protocol/test_wire.py",)),
     "wire_fields": Target("protocol/_wire_fields.py", ("tests/protocol/test_wire.py",)),
