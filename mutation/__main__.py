@@ -79,7 +79,11 @@ TARGETS: dict[str, Target] = {
     ),
     "wire": Target("protocol/wire.py", ("tests/protocol/test_wire.py",)),
     "wire_fields": Target("protocol/_wire_fields.py", ("tests/protocol/test_wire.py",)),
-    "ccid_driver": Target("bridge_server/ccid_driver.py", ("tests/bridge_server/test_ccid_driver.py",)),
+    # The simulator tests drive the T=1 TPDU path (safenet) and extended chaining (fusion).
+    "ccid_driver": Target(
+        "bridge_server/ccid_driver.py",
+        ("tests/bridge_server/test_ccid_driver.py", "tests/bridge_server/test_ccid_driver_simulator.py"),
+    ),
 }
 
 
