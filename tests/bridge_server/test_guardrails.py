@@ -58,6 +58,25 @@ def test_a_command_too_short_for_a_header_is_refused_by_the_policy(tmp_path: Pat
     )
 
 
+def test_commands_the_guardrails_do_not_watch_pass_and_teach_nothing(tmp_path: Path) -> None:
+    rails = make_rails(tmp_path)
+    select = bytes.fromhex("00A4040009A00000030800001000")
+    assert rails.screen(select, CLIENT) is None
+    assert rails.observe(select, b"\x90\x00", CLIENT) == []
+    assert rails.screen(b"\x00", CLIENT) == Screened(
+        0x6985, "policy", 0, "a command shorter than its 4-byte header is not allowed for 'vm1'"
+    )
+    assert rails.observe(b"\x00", b"\x90\x00", CLIENT) == []
+    assert rails.private_key_ops == 0
+
+
+def test_a_malformed_pin_command_that_fails_is_counted_for_its_reference(tmp_path: Path) -> None:
+    rails = make_rails(tmp_path, min_retries_left=2, max_failures=5)
+    events = rails.observe(bytes.fromhex("0020008108 3132"), b"\x63\xc2", CLIENT)
+    assert [type(e).__name__ for e in events] == ["Attempt", "Engaged"]
+    assert rails.guard.status(T)["reason"] == "81: retries_low"
+
+
 def test_any_of_a_holders_names_on_allow_management_lets_it_manage(tmp_path: Path) -> None:
     rails = make_rails(tmp_path, allow_management=("vm1.ci.example",))
     assert rails.screen(PUT_DATA, CLIENT) is None
@@ -137,7 +156,8 @@ def test_an_answer_without_a_status_word_teaches_the_guard_nothing(tmp_path: Pat
 @pytest.mark.parametrize(
     ("command", "rapdu", "counted"),
     [
-        (SIGN, b"\x7c\x00\x90\x00", 1),
+        (SIGN, b"\x7c\x02\x82\x00\x90\x00", 1),
+        (bytes([0x00, 0x86]) + SIGN[2:], b"\x90\x00", 1),  # GENERAL AUTHENTICATE, odd INS
         (SIGN, b"\x61\x10", 1),
         (SIGN, b"\x69\x82", 0),
         (bytes([0x10]) + SIGN[1:], b"\x90\x00", 0),  # a chain link: the operation is not done yet
@@ -148,7 +168,7 @@ def test_an_answer_without_a_status_word_teaches_the_guard_nothing(tmp_path: Pat
         (bytes.fromhex("00CB3FFF 03 5C0141"), b"\x90\x00", 0),  # GET DATA
         (SIGN, b"\x90", 0),
     ],
-    ids=["sign", "sign-61xx", "sign-refused", "sign-chain-link", "pso-sign", "pso-decipher",
+    ids=["sign", "sign-86", "sign-61xx", "sign-refused", "sign-chain-link", "pso-sign", "pso-decipher",
          "pso-encipher", "internal-auth", "get-data", "no-sw"],
 )  # fmt: skip
 def test_private_key_operations_are_counted_when_the_card_did_them(
@@ -231,6 +251,16 @@ async def test_pin_attempts_and_engagements_are_audited_by_status_word_only(tmp_
     assert (logs[0]["sw"], logs[0]["outcome"], logs[0]["client_id"]) == ("63C2", "wrong_pin", "vm1")
     assert (logs[1]["reason"], logs[1]["retries_left"], logs[1]["failures"]) == ("retries_low", 2, 1)
     assert CANARY not in (tmp_path / "audit.jsonl").read_text()
+
+
+async def test_a_refusal_outside_a_lease_is_audited_with_epoch_zero(tmp_path: Path) -> None:
+    rails = make_rails(tmp_path)
+    nobody = Holder("vm2", ("vm2",), admin=False)
+    refused = rails.screen(PUT_DATA, nobody)
+    assert refused is not None
+    await rails.record_refusal(refused, nobody)
+    (line,) = audit_lines(tmp_path)
+    assert (line["client_id"], line["lease_epoch"]) == ("vm2", 0)
 
 
 async def test_a_refusal_is_audited_and_logged_with_its_reason(tmp_path: Path) -> None:
