@@ -78,7 +78,9 @@ TARGETS: dict[str, Target] = {
         ("tests/bridge_server/test_leases.py", "tests/bridge_server/test_lease_deadlines.py"),
     ),
     "wire": Target("protocol/wire.py", ("tests/protocol/test_wire.py",)),
-    "wire_fields": Target("protocol/_wire_fields.py", ("tests/protocol/test_wire.py",)),
+    "wire_fields": Target(
+        "protocol/_wire_fields.py", ("tests/protocol/test_wire_fields.py", "tests/protocol/test_wire.py")
+    ),
     # The simulator tests drive the T=1 TPDU path (safenet) and extended chaining (fusion).
     "ccid_driver": Target(
         "bridge_server/ccid_driver.py",
