@@ -1,0 +1,266 @@
+"""CCID driver exchange logic at its edges: T=1 TPDU errors and IFSD, T=0 procedure bytes, limits.
+
+Same scripted device as test_ccid_driver.py; a `T1Card` plays the token behind a TPDU reader.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+
+import pytest
+from structlog.testing import capture_logs
+from test_ccid_driver import (
+    ETOKEN_5100_ATR,
+    T0_ATR,
+    T0_TPDU,
+    TPDU_5100,
+    YUBIKEY5,
+    YUBIKEY_ATR,
+    _driver,
+    card_handler,
+)
+
+from bridge_server.errors import CardError
+from protocol import ccid
+from protocol.ccid import CcidMessage, CommandStatus, IccStatus, MessageType
+from protocol.t1 import ApduComplete, SendBlock, T1Card
+
+
+def t1_token(
+    app: Callable[[bytes], bytes] = lambda apdu: apdu + b"\x90\x00",
+) -> Callable[[CcidMessage], bytes]:
+    """A T=1 card behind a TPDU reader: each XfrBlock carries one block, each answer one block."""
+    card = T1Card()
+
+    def xfr(msg: CcidMessage) -> bytes:
+        step = card.receive(msg.data)
+        if isinstance(step, SendBlock):
+            return step.block
+        if isinstance(step, ApduComplete):
+            return card.respond(app(step.apdu))
+        return b""
+
+    return xfr
+
+
+def xfr_blocks(dev: object) -> list[bytes]:
+    return [m.data for m in dev.sent if m.msg_type is MessageType.PC_to_RDR_XfrBlock]  # type: ignore[attr-defined]
+
+
+# ---- T=1 over a TPDU reader ----
+
+
+async def test_power_on_of_a_t1_tpdu_token_negotiates_the_readers_ifsd() -> None:
+    driver, dev = await _driver(TPDU_5100, card_handler(ETOKEN_5100_ATR, t1_token()))
+    await driver.power_on()
+    assert driver.protocol == 1
+    assert xfr_blocks(dev) == [bytes.fromhex("00 C1 01 FC 3C")]  # S(IFS request 252): the reader's max_ifsd
+    assert await driver.transmit(b"\x00\xca\x01\x02\x00") == b"\x00\xca\x01\x02\x00\x90\x00"
+
+
+async def test_an_ifsd_above_what_t1_can_carry_is_negotiated_as_254() -> None:
+    desc = replace(TPDU_5100, max_ifsd=3062)
+    driver, dev = await _driver(desc, card_handler(ETOKEN_5100_ATR, t1_token()))
+    await driver.power_on()
+    assert xfr_blocks(dev)[0][3] == 254
+
+
+async def test_a_reader_without_an_ifsd_skips_the_negotiation() -> None:
+    desc = replace(TPDU_5100, max_ifsd=0)
+    driver, dev = await _driver(desc, card_handler(ETOKEN_5100_ATR, t1_token()))
+    await driver.power_on()
+    assert xfr_blocks(dev) == []
+
+
+async def test_a_token_that_never_accepts_the_ifsd_fails_power_on_and_says_which() -> None:
+    driver, _ = await _driver(TPDU_5100, card_handler(ETOKEN_5100_ATR, lambda msg: b"\x00\x80\x00\x80"))
+    with pytest.raises(
+        CardError, match=r"^T=1 IFSD negotiation \(IFSD 252\) failed: card did not accept ifsd 252"
+    ):
+        await driver.power_on()
+
+
+def _failing_xfr(
+    error: int, *, icc: IccStatus = IccStatus.PRESENT_ACTIVE, times: int = 1
+) -> Callable[[CcidMessage], list[bytes]]:
+    base = card_handler(ETOKEN_5100_ATR, t1_token())
+    left = {"n": 0}
+
+    def handler(msg: CcidMessage) -> list[bytes]:
+        if (
+            msg.msg_type is MessageType.PC_to_RDR_XfrBlock
+            and msg.data[:3] != bytes.fromhex("00 C1 01")
+            and left["n"]
+        ):
+            left["n"] -= 1
+            return [ccid.data_block(msg.seq, icc=icc, cmd=CommandStatus.FAILED, error=error).encode()]
+        return base(msg)
+
+    handler.arm = lambda: left.update(n=times)  # type: ignore[attr-defined]
+    return handler
+
+
+@pytest.mark.parametrize("error", [0xFD, 0xFE], ids=["XFR_PARITY_ERROR", "ICC_MUTE"])
+async def test_a_parity_error_or_mute_card_is_retried_with_an_r_block(error: int) -> None:
+    handler = _failing_xfr(error)
+    driver, dev = await _driver(TPDU_5100, handler)
+    await driver.power_on()
+    handler.arm()  # type: ignore[attr-defined]
+    dev.sent.clear()
+    assert await driver.transmit(b"\x00\xca\x01\x02\x00") == b"\x00\xca\x01\x02\x00\x90\x00"
+    blocks = xfr_blocks(dev)
+    assert blocks[1] == bytes.fromhex("00 81 00 81")  # R(0) with the EDC error bit: send it again
+
+
+async def test_a_slot_error_that_is_not_a_transmission_error_fails_the_apdu() -> None:
+    handler = _failing_xfr(0xFB)  # HW_ERROR
+    driver, _ = await _driver(TPDU_5100, handler)
+    await driver.power_on()
+    handler.arm()  # type: ignore[attr-defined]
+    with pytest.raises(CardError, match="HW_ERROR"):
+        await driver.transmit(b"\x00\xca\x01\x02\x00")
+
+
+async def test_a_mute_answer_from_an_empty_slot_fails_the_apdu() -> None:
+    handler = _failing_xfr(0xFE, icc=IccStatus.ABSENT)
+    driver, _ = await _driver(TPDU_5100, handler)
+    await driver.power_on()
+    handler.arm()  # type: ignore[attr-defined]
+    with pytest.raises(CardError):
+        await driver.transmit(b"\x00\xca\x01\x02\x00")
+
+
+async def test_a_wtx_request_is_answered_with_the_multiplier_as_bbwi() -> None:
+    card = T1Card()
+    state = {"asked": False}
+
+    def xfr(msg: CcidMessage) -> bytes:
+        step = card.receive(msg.data)
+        if isinstance(step, ApduComplete) and not state["asked"]:
+            state["asked"] = True
+            state["pending"] = step.apdu  # type: ignore[assignment]
+            return card.request_wtx(3)
+        if isinstance(step, ApduComplete):
+            return card.respond(step.apdu + b"\x90\x00")
+        if isinstance(step, SendBlock):
+            return step.block
+        return card.respond(state["pending"] + b"\x90\x00")  # type: ignore[operator]
+
+    driver, dev = await _driver(TPDU_5100, card_handler(ETOKEN_5100_ATR, xfr))
+    await driver.power_on()
+    dev.sent.clear()
+    assert await driver.transmit(b"\x00\xca\x01\x02\x00") == b"\x00\xca\x01\x02\x00\x90\x00"
+    xfrs = [m for m in dev.sent if m.msg_type is MessageType.PC_to_RDR_XfrBlock]
+    assert [m.b7 for m in xfrs] == [0, 3]  # bBWI: the S(WTX response) carries the card's multiplier
+
+
+# ---- T=0 ----
+
+
+def _t0(answer: Callable[[bytes], bytes]) -> Callable[[CcidMessage], list[bytes]]:
+    return card_handler(T0_ATR, lambda msg: answer(msg.data))
+
+
+async def test_t0_a_case_3_command_goes_whole_and_6cxx_to_it_is_returned_as_is() -> None:
+    driver, dev = await _driver(T0_TPDU, _t0(lambda apdu: b"\x6c\x04"))
+    await driver.power_on()
+    case3 = b"\x00\xda\x3f\xff\x02\xaa\xbb"
+    assert await driver.transmit(case3) == b"\x6c\x04"
+    assert xfr_blocks(dev) == [case3]
+
+
+async def test_t0_get_response_keeps_the_channel_and_drops_the_chaining_bit() -> None:
+    def card(apdu: bytes) -> bytes:
+        return b"\x01\x02\x90\x00" if apdu[1] == 0xC0 else b"\x61\x02"
+
+    driver, dev = await _driver(T0_TPDU, _t0(card))
+    await driver.power_on()
+    assert await driver.transmit(b"\x13\xcb\x3f\xff\x00") == b"\x01\x02\x90\x00"
+    assert xfr_blocks(dev)[-1] == b"\x03\xc0\x00\x00\x02"
+
+
+async def test_t0_a_card_that_always_has_more_is_stopped() -> None:
+    driver, _ = await _driver(T0_TPDU, _t0(lambda apdu: b"\x61\x01" if apdu[1] != 0xC0 else b"\x00\x61\x01"))
+    await driver.power_on()
+    with pytest.raises(CardError, match=r"card kept answering 61xx for \d+ rounds"):
+        await driver.transmit(b"\x00\xcb\x3f\xff\x00")
+
+
+async def test_t0_an_answer_without_a_status_word_is_returned_as_is() -> None:
+    driver, _ = await _driver(T0_TPDU, _t0(lambda apdu: b"\x61"))
+    await driver.power_on()
+    assert await driver.transmit(b"\x00\xcb\x3f\xff\x00") == b"\x61"
+
+
+async def test_t0_refuses_a_command_longer_than_the_reader_takes_in_one_block() -> None:
+    driver, dev = await _driver(T0_TPDU, _t0(lambda apdu: b"\x90\x00"))
+    await driver.power_on()
+    limit = T0_TPDU.max_apdu_data
+    assert await driver.transmit(bytes(limit)) == b"\x90\x00"
+    sent = len(dev.sent)
+    with pytest.raises(
+        CardError, match=rf"^apdu of {limit + 1} bytes exceeds the reader's {limit}-byte limit at tpdu"
+    ):
+        await driver.transmit(bytes(limit + 1))
+    assert len(dev.sent) == sent
+
+
+# ---- parameters, power ----
+
+
+@pytest.mark.parametrize(("error", "kept"), [(0x00, True), (0x7F, True), (0x80, False), (0xFE, False)])
+async def test_set_parameters_refused_as_not_changeable_is_kept_other_refusals_fail(
+    error: int, kept: bool
+) -> None:
+    base = card_handler(YUBIKEY_ATR)
+
+    def handler(msg: CcidMessage) -> list[bytes]:
+        if msg.msg_type is MessageType.PC_to_RDR_SetParameters:
+            return [ccid.parameters(msg.seq, 1, msg.data, cmd=CommandStatus.FAILED, error=error).encode()]
+        return base(msg)
+
+    driver, _ = await _driver(replace(YUBIKEY5, features=0x00040008), handler)
+    if kept:
+        with capture_logs() as logs:
+            assert await driver.power_on() == YUBIKEY_ATR
+        assert [e["event"] for e in logs if e["event"].startswith("ccid.")] == ["ccid.parameters_kept"]
+    else:
+        with pytest.raises(CardError, match="SetParameters"):
+            await driver.power_on()
+
+
+async def test_a_failed_power_off_is_reported() -> None:
+    base = card_handler(YUBIKEY_ATR)
+
+    def handler(msg: CcidMessage) -> list[bytes]:
+        if msg.msg_type is MessageType.PC_to_RDR_IccPowerOff:
+            return [
+                ccid.slot_status(
+                    msg.seq, icc=IccStatus.PRESENT_ACTIVE, cmd=CommandStatus.FAILED, error=0xFB
+                ).encode()
+            ]
+        return base(msg)
+
+    driver, _ = await _driver(YUBIKEY5, handler)
+    await driver.power_on()
+    with pytest.raises(CardError, match="IccPowerOff"):
+        await driver.power_off()
+    assert driver.atr is None  # whatever the reader says, the card is no longer ours to use
+
+
+async def test_the_last_power_on_failure_is_reported_after_every_voltage() -> None:
+    def handler(msg: CcidMessage) -> list[bytes]:
+        if msg.msg_type is MessageType.PC_to_RDR_IccPowerOn:
+            return [
+                ccid.data_block(
+                    msg.seq, icc=IccStatus.PRESENT_INACTIVE, cmd=CommandStatus.FAILED, error=0xFE
+                ).encode()
+            ]
+        return card_handler(YUBIKEY_ATR)(msg)
+
+    desc = replace(YUBIKEY5, features=0x00040040, voltage_support=0x07)
+    driver, dev = await _driver(desc, handler)
+    with pytest.raises(CardError, match="IccPowerOn"):
+        await driver.power_on()
+    assert [m.b7 for m in dev.sent if m.msg_type is MessageType.PC_to_RDR_IccPowerOn] == [1, 2, 3]
