@@ -191,7 +191,7 @@ def _enclosing_defs(source: Path) -> list[str]:
     for line in source.read_text().splitlines():
         stripped = line.lstrip()
         indent = len(line) - len(stripped)
-        if stripped:
+        if stripped and not stripped.startswith((")", "]", "}")):  # not the end of a signature
             while indent <= stack[-1][0]:
                 stack.pop()
             if stripped.startswith(("def ", "async def ")):

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from bridge_server.leases import EPOCH_MAX, Ended, EndReason, Granted, LeaseBook, Queued, initial_epoch
+from bridge_server.leases import (
+    EPOCH_MAX,
+    Dequeued,
+    Ended,
+    EndReason,
+    Granted,
+    LeaseBook,
+    Queued,
+    initial_epoch,
+)
 
 QUEUE = 900.0
 
@@ -96,3 +105,15 @@ def test_the_initial_epoch_is_whole_seconds_of_wall_time_within_a_u32_and_never_
     assert initial_epoch(1.5) == 1
     assert initial_epoch(2.5) == 2
     assert initial_epoch(float(EPOCH_MAX)) == EPOCH_MAX
+
+
+def test_a_tick_that_ends_the_lease_also_reports_the_waiters_that_gave_up() -> None:
+    b = book(idle=60.0)
+    b.request(1, "a", 0.0, queue_timeout=QUEUE)
+    b.request(2, "b", 0.0, queue_timeout=60.0)
+    b.request(3, "c", 0.0, queue_timeout=QUEUE)
+    assert b.tick(60.0) == [
+        Dequeued(2, EndReason.QUEUE_TIMEOUT),
+        Ended(1, "a", 100, EndReason.IDLE_TIMEOUT, 60.0, 0),
+        Granted(3, "c", 101),
+    ]
