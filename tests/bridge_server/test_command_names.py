@@ -94,3 +94,13 @@ def test_envelope_is_refused_in_every_family_even_if_listed(family: str) -> None
     assert {0xC2, 0xC3}.isdisjoint(allowed)
     for ins in (0xC2, 0xC3):
         assert check_command(ins, manager=False, allowed=frozenset({ins})) is not None
+
+
+def test_a_command_without_a_whole_header_is_refused_as_such() -> None:
+    refusal = check_command(None, manager=False)
+    assert refusal is not None
+    assert (refusal.ins, refusal.command, refusal.sw) == (
+        0,
+        "a command shorter than its 4-byte header",
+        0x6985,
+    )
