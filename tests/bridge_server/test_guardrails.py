@@ -6,6 +6,7 @@ task are in test_pin_guard.py, test_pin_chaining.py and test_command_policy.py.
 
 from __future__ import annotations
 
+import errno
 import json
 from pathlib import Path
 
@@ -13,9 +14,11 @@ import pytest
 from rails_fakes import CANARY, STATUS_QUERY, make_rails, verify_apdu
 from structlog.testing import capture_logs
 
+from bridge_server import pin_guard
 from bridge_server.config import parse_server_config
 from bridge_server.guardrails import Guardrails, Holder, Screened, guard_state_path, open_guard, reset_guard
 from bridge_server.pin_guard import PinGuard, PinGuardStore
+from protocol.errors import ConfigError
 
 T = "codesign"
 CLIENT = Holder("vm1", ("vm1", "vm1.ci.example"), admin=False, epoch=1000)
@@ -68,6 +71,11 @@ def test_commands_the_guardrails_do_not_watch_pass_and_teach_nothing(tmp_path: P
     )
     assert rails.observe(b"\x00", b"\x90\x00", CLIENT) == []
     assert rails.private_key_ops == 0
+
+
+def test_a_malformed_chained_pin_command_is_refused_as_chained(tmp_path: Path) -> None:
+    refused = make_rails(tmp_path).screen(bytes.fromhex("1020008008 3132"), CLIENT)
+    assert refused == Screened(0x6884, "pin_chaining", 0x20, "a chained PIN command is refused")
 
 
 def test_a_malformed_pin_command_that_fails_is_counted_for_its_reference(tmp_path: Path) -> None:
@@ -179,6 +187,13 @@ def test_private_key_operations_are_counted_when_the_card_did_them(
     assert rails.private_key_ops == counted
 
 
+def test_every_private_key_operation_of_a_lease_is_counted(tmp_path: Path) -> None:
+    rails = make_rails(tmp_path)
+    for _ in range(3):
+        rails.observe(SIGN, b"\x90\x00", CLIENT)
+    assert rails.private_key_ops == 3
+
+
 # -- what the client is told -------------------------------------------------------------
 
 
@@ -282,19 +297,18 @@ async def test_a_refusal_is_audited_and_logged_with_its_reason(tmp_path: Path) -
 def test_a_save_that_fails_is_logged_once_and_its_recovery_once(tmp_path: Path) -> None:
     rails = make_rails(tmp_path)
     (tmp_path / "pin-guard.json").mkdir()  # the rename onto it fails
-    with capture_logs() as logs:
+    with capture_logs() as first:
         rails.save()
+    assert [e["event"] for e in ours(first)] == ["pin_guard.save_failed"]  # at the first failure
+    with capture_logs() as logs:
         rails.save()
         (tmp_path / "pin-guard.json").rmdir()
         rails.save()
         rails.save()
     logs = ours(logs)
-    assert [(e["event"], e["log_level"]) for e in logs] == [
-        ("pin_guard.save_failed", "error"),
-        ("pin_guard.saved", "warning"),
-    ]
-    assert logs[0]["path"] == str(tmp_path / "pin-guard.json")
-    assert logs[1]["reason"] == "writable again"
+    assert [(e["event"], e["log_level"]) for e in logs] == [("pin_guard.saved", "warning")]
+    assert first[0]["path"] == str(tmp_path / "pin-guard.json")
+    assert logs[0]["reason"] == "writable again"
 
 
 # -- server-wide: where the state lives, start, operator reset ---------------------------
@@ -321,7 +335,9 @@ def test_a_guard_without_a_state_file_warns_that_it_is_not_persisted(tmp_path: P
     with capture_logs() as logs:
         guard, store = open_guard(_config(tmp_path))  # type: ignore[arg-type]
     assert store.path is None
-    assert [(e["event"], e["log_level"]) for e in logs] == [("pin_guard.not_persisted", "warning")]
+    assert [(e["event"], e["log_level"], e["reason"]) for e in logs] == [
+        ("pin_guard.not_persisted", "warning", "neither pin_guard.state nor audit.path is configured")
+    ]
     assert (guard.min_retries_left, guard.max_failures) == (2, 1)
 
 
@@ -342,6 +358,34 @@ def test_the_guard_starts_with_the_configured_thresholds_and_warns_of_an_engaged
         ("pin_guard.engaged_at_start", "warning", [T])
     ]
     assert store.path == tmp_path / "pin-guard.json"
+
+
+def test_an_unreadable_state_file_refuses_to_start_and_says_how_to_fix_it(tmp_path: Path) -> None:
+    config = _config(tmp_path, audit={"path": "audit.jsonl"})
+    (tmp_path / "pin-guard.json").write_text("[]")
+    with pytest.raises(ConfigError) as err:
+        open_guard(config)  # type: ignore[arg-type]
+    assert str(err.value) == (
+        f"{tmp_path / 'server.yaml'}: pin_guard.state: cannot read the PIN guard state "
+        f"{tmp_path / 'pin-guard.json'}: the pin guard state is a JSON list, not an object; "
+        "fix it, or move it aside (that clears the guard)"
+    )
+
+
+def test_a_state_file_that_cannot_be_written_at_start_refuses_pin_commands(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def full_disk(path: Path, data: bytes, **kw: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pin_guard, "write_whole", full_disk)
+    with capture_logs() as logs:
+        _guard, store = open_guard(_config(tmp_path, audit={"path": "audit.jsonl"}))  # type: ignore[arg-type]
+    problem = f"cannot save the PIN guard state to {tmp_path / 'pin-guard.json'}: No space left on device"
+    assert store.problem == problem
+    assert [(e["event"], e["log_level"], e["reason"]) for e in ours(logs)] == [
+        ("pin_guard.save_failed", "error", problem)
+    ]
 
 
 def test_an_operator_reset_answers_what_was_cleared(tmp_path: Path) -> None:
