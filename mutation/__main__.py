@@ -84,7 +84,11 @@ TARGETS: dict[str, Target] = {
     # The simulator tests drive the T=1 TPDU path (safenet) and extended chaining (fusion).
     "ccid_driver": Target(
         "bridge_server/ccid_driver.py",
-        ("tests/bridge_server/test_ccid_driver.py", "tests/bridge_server/test_ccid_driver_simulator.py"),
+        (
+            "tests/bridge_server/test_ccid_exchange.py",
+            "tests/bridge_server/test_ccid_driver.py",
+            "tests/bridge_server/test_ccid_driver_simulator.py",
+        ),
     ),
 }
 
