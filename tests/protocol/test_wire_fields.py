@@ -80,7 +80,7 @@ def test_an_atr_is_at_most_33_bytes_and_travels_as_lowercase_hex() -> None:
         to_json(Kind.ATR, bytearray(2))
     with pytest.raises(ValueError, match=r"^hex string of 68 characters exceeds 66$"):
         from_json(Kind.ATR, "00" * 34)
-    for bad in ("3B8", "3B", "3b 8f", "zz"):
+    for bad in ("3B8", "3B", "3b 8f", "zz", "0x3b", "0X3b"):  # odd, uppercase, spaced, not hex, a prefix
         with pytest.raises(ValueError, match=r"is not lowercase hex of whole bytes$"):
             from_json(Kind.ATR, bad)
     with pytest.raises(ValueError, match=r"^expected a hex string, got list$"):
@@ -114,6 +114,9 @@ def test_a_long_peer_value_is_shortened_in_the_error() -> None:
     with pytest.raises(ValueError) as exact:
         check(Kind.U16, "x" * 38)  # repr is exactly 40 characters: shown whole
     assert str(exact.value).endswith(repr("x" * 38))
+    with pytest.raises(ValueError) as longer:
+        check(Kind.U16, "x" * 39)  # repr is 41 characters: cut to 40
+    assert str(longer.value).endswith(repr("x" * 39)[:37] + "...")
 
 
 def _nested(depth: int) -> dict[str, object]:
@@ -125,10 +128,12 @@ def _nested(depth: int) -> dict[str, object]:
 
 @pytest.mark.parametrize(
     ("kind", "depth", "nodes"),
-    [(Kind.OBJECT, MAX_JSON_DEPTH, MAX_JSON_NODES), (Kind.DOCUMENT, MAX_DOCUMENT_DEPTH, MAX_DOCUMENT_NODES)],
+    # docs/protocol.md: `AdminRequest.args` to depth 4 and 256 values, `AdminResponse.result` to 8 and 50,000.
+    [(Kind.OBJECT, 4, 256), (Kind.DOCUMENT, 8, 50_000)],
     ids=["object", "document"],
 )
 def test_admin_objects_are_bounded_in_depth_and_size_exactly(kind: Kind, depth: int, nodes: int) -> None:
+    assert (MAX_JSON_DEPTH, MAX_JSON_NODES, MAX_DOCUMENT_DEPTH, MAX_DOCUMENT_NODES) == (4, 256, 8, 50_000)
     assert check(kind, _nested(depth)) == _nested(depth)
     with pytest.raises(ValueError, match=rf"^object nesting exceeds depth {depth}$"):
         check(kind, _nested(depth + 1))
