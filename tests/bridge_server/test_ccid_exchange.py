@@ -5,25 +5,32 @@ Same scripted device as test_ccid_driver.py; a `T1Card` plays the token behind a
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import replace
 
 import pytest
+import trio
+import trio.testing
 from structlog.testing import capture_logs
 from test_ccid_driver import (
     ETOKEN_5100_ATR,
+    INFO,
     T0_ATR,
     T0_TPDU,
     TPDU_5100,
     YUBIKEY5,
     YUBIKEY_ATR,
+    FakeDevice,
     _driver,
+    _EndlessTimeExtension,
     card_handler,
 )
 
-from bridge_server.errors import CardError
+from bridge_server.ccid_driver import CcidDriver
+from bridge_server.errors import CardError, DeviceError, DeviceTimeoutError
 from protocol import ccid
-from protocol.ccid import CcidMessage, CommandStatus, IccStatus, MessageType
+from protocol.ccid import CcidClassDescriptor, CcidMessage, CommandStatus, IccStatus, MessageType
 from protocol.t1 import ApduComplete, SendBlock, T1Card
 
 
@@ -244,7 +251,7 @@ async def test_a_failed_power_off_is_reported() -> None:
 
     driver, _ = await _driver(YUBIKEY5, handler)
     await driver.power_on()
-    with pytest.raises(CardError, match="IccPowerOff"):
+    with pytest.raises(CardError, match=r"^IccPowerOff failed: HW_ERROR"):
         await driver.power_off()
     assert driver.atr is None  # whatever the reader says, the card is no longer ours to use
 
@@ -264,3 +271,85 @@ async def test_the_last_power_on_failure_is_reported_after_every_voltage() -> No
     with pytest.raises(CardError, match="IccPowerOn"):
         await driver.power_on()
     assert [m.b7 for m in dev.sent if m.msg_type is MessageType.PC_to_RDR_IccPowerOn] == [1, 2, 3]
+
+
+# ---- what the driver says ----
+
+
+async def test_before_power_on_there_is_no_atr_no_protocol_and_no_exchange() -> None:
+    driver, dev = await _driver(YUBIKEY5, card_handler(YUBIKEY_ATR))
+    assert (driver.atr, driver.protocol) == (None, None)
+    with pytest.raises(CardError, match=r"^the card is not powered on; power it on first$"):
+        await driver.transmit(b"\x00\xa4\x04\x00")
+    assert dev.sent == []
+
+
+def test_a_character_level_reader_is_refused_by_name() -> None:
+    dev = FakeDevice(CcidClassDescriptor(features=0), card_handler(YUBIKEY_ATR))
+    with pytest.raises(
+        DeviceError, match=rf"^{re.escape(INFO.describe())}: character-level ccid readers are not supported$"
+    ):
+        CcidDriver(dev)  # type: ignore[arg-type]
+
+
+async def test_the_default_frame_timeout_is_10_s(autojump_clock: trio.testing.MockClock) -> None:
+    dev = FakeDevice(YUBIKEY5, lambda msg: [])
+    driver = CcidDriver(dev)  # type: ignore[arg-type]
+    start = trio.current_time()
+    with pytest.raises(DeviceTimeoutError, match=r"within 10 s$"):
+        await driver.slot_present()
+    assert trio.current_time() - start == pytest.approx(10)
+
+
+async def test_the_default_cap_on_one_exchange_is_60_s(autojump_clock: trio.testing.MockClock) -> None:
+    dev = _EndlessTimeExtension(YUBIKEY5, card_handler(YUBIKEY_ATR))
+    driver = CcidDriver(dev)  # type: ignore[arg-type]
+    start = trio.current_time()
+    with pytest.raises(DeviceTimeoutError, match=r"within 60 s$"):
+        await driver.slot_present()
+    assert trio.current_time() - start == pytest.approx(60)
+
+
+async def test_a_failed_apdu_says_the_card_was_reset_and_logs_why() -> None:
+    handler = _failing_xfr(0xFB)
+    driver, _ = await _driver(TPDU_5100, handler)
+    await driver.power_on()
+    handler.arm()  # type: ignore[attr-defined]
+    with capture_logs() as logs, pytest.raises(CardError) as err:
+        await driver.transmit(b"\x00\xca\x01\x02\x00")
+    assert str(err.value).startswith("apdu exchange failed and the card was reset: XfrBlock failed: HW_ERROR")
+    assert [(e["event"], e["log_level"]) for e in logs if e["event"] in ("apdu.failed", "card.reset")] == [
+        ("apdu.failed", "warning"),
+        ("card.reset", "info"),
+    ]
+
+
+async def test_the_reset_after_an_interrupted_exchange_is_logged() -> None:
+    mute = {"on": False}
+    base = card_handler(YUBIKEY_ATR)
+
+    def handler(msg: CcidMessage) -> list[bytes]:
+        if mute["on"]:
+            mute["on"] = False
+            return []
+        return base(msg)
+
+    driver, _ = await _driver(YUBIKEY5, handler)
+    await driver.power_on()
+    mute["on"] = True
+    with trio.move_on_after(0.01):
+        await driver.transmit(b"\x00\x01")
+    with capture_logs() as logs:
+        await driver.transmit(b"\x00\x02")
+    assert ("card.reset", "warning", "previous exchange interrupted") in [
+        (e["event"], e["log_level"], e.get("reason")) for e in logs
+    ]
+
+
+async def test_each_answer_is_logged_by_its_status_word_and_length() -> None:
+    driver, _ = await _driver(YUBIKEY5, card_handler(YUBIKEY_ATR, lambda m: b"\x01\x02\x03\x61\x10"))
+    await driver.power_on()
+    with capture_logs() as logs:
+        await driver.transmit(b"\x00\xca\x01\x02\x00")
+    (received,) = [e for e in logs if e["event"] == "apdu.received"]
+    assert (received["sw"], received["length"], received["log_level"]) == ("6110", 5, "debug")
