@@ -73,6 +73,13 @@ async def test_an_ifsd_above_what_t1_can_carry_is_negotiated_as_254() -> None:
     assert xfr_blocks(dev)[0][3] == 254
 
 
+async def test_a_reader_with_an_ifsd_of_1_negotiates_it() -> None:
+    desc = replace(TPDU_5100, max_ifsd=1)
+    driver, dev = await _driver(desc, card_handler(ETOKEN_5100_ATR, t1_token()))
+    await driver.power_on()
+    assert xfr_blocks(dev) == [bytes.fromhex("00 C1 01 01 C1")]
+
+
 async def test_a_reader_without_an_ifsd_skips_the_negotiation() -> None:
     desc = replace(TPDU_5100, max_ifsd=0)
     driver, dev = await _driver(desc, card_handler(ETOKEN_5100_ATR, t1_token()))
@@ -233,8 +240,15 @@ async def test_set_parameters_refused_as_not_changeable_is_kept_other_refusals_f
             assert await driver.power_on() == YUBIKEY_ATR
         assert [e["event"] for e in logs if e["event"].startswith("ccid.")] == ["ccid.parameters_kept"]
     else:
-        with pytest.raises(CardError, match="SetParameters"):
+        with pytest.raises(CardError, match=r"^SetParameters failed"):
             await driver.power_on()
+
+
+async def test_accepted_parameters_are_not_reported_as_kept() -> None:
+    driver, _ = await _driver(replace(YUBIKEY5, features=0x00040008), card_handler(YUBIKEY_ATR))
+    with capture_logs() as logs:
+        await driver.power_on()
+    assert [e["event"] for e in logs if e["event"].startswith("ccid.")] == []
 
 
 async def test_a_failed_power_off_is_reported() -> None:
@@ -268,9 +282,34 @@ async def test_the_last_power_on_failure_is_reported_after_every_voltage() -> No
 
     desc = replace(YUBIKEY5, features=0x00040040, voltage_support=0x07)
     driver, dev = await _driver(desc, handler)
-    with pytest.raises(CardError, match="IccPowerOn"):
+    with pytest.raises(CardError, match=r"^IccPowerOn failed: ICC_MUTE"):
         await driver.power_on()
     assert [m.b7 for m in dev.sent if m.msg_type is MessageType.PC_to_RDR_IccPowerOn] == [1, 2, 3]
+
+
+async def test_an_empty_slot_is_not_tried_at_the_other_voltages() -> None:
+    def handler(msg: CcidMessage) -> list[bytes]:
+        return [ccid.data_block(msg.seq, icc=IccStatus.ABSENT, cmd=CommandStatus.FAILED, error=0xFE).encode()]
+
+    desc = replace(YUBIKEY5, features=0x00040040, voltage_support=0x07)
+    driver, dev = await _driver(desc, handler)
+    with pytest.raises(CardError, match=r"^IccPowerOn failed"):
+        await driver.power_on()
+    assert dev.types() == [MessageType.PC_to_RDR_IccPowerOn]
+
+
+async def test_power_on_is_logged_with_the_protocol_and_atr() -> None:
+    driver, _ = await _driver(YUBIKEY5, card_handler(YUBIKEY_ATR))
+    with capture_logs() as logs:
+        await driver.power_on()
+    (on,) = [e for e in logs if e["event"] == "card.powered_on"]
+    assert (on["protocol"], on["atr"], on["log_level"]) == (1, YUBIKEY_ATR.hex(), "info")
+
+
+async def test_a_malformed_atr_is_shown_in_the_error() -> None:
+    driver, _ = await _driver(YUBIKEY5, card_handler(b"\x00\x01"))
+    with pytest.raises(CardError, match=r"^card answered power-on with a malformed atr 00 01: "):
+        await driver.power_on()
 
 
 # ---- what the driver says ----
