@@ -348,7 +348,8 @@ async def test_the_default_cap_on_one_exchange_is_60_s(autojump_clock: trio.test
     dev = _EndlessTimeExtension(YUBIKEY5, card_handler(YUBIKEY_ATR))
     driver = CcidDriver(dev)  # type: ignore[arg-type]
     start = trio.current_time()
-    with pytest.raises(DeviceTimeoutError, match=r"within 60 s$"):
+    final = f"{INFO.describe()}: no final answer to PC_to_RDR_GetSlotStatus (bSeq 0) within 60 s"
+    with pytest.raises(DeviceTimeoutError, match=f"^{re.escape(final)}$"):
         await driver.slot_present()
     assert trio.current_time() - start == pytest.approx(60)
 
@@ -428,3 +429,42 @@ async def test_extended_level_asks_for_the_rest_of_an_answer_with_empty_blocks()
     await driver.power_on()
     assert await driver.transmit(b"\x00\xcb\x3f\xff\x00") == answer
     assert asks == [b"", b""]
+
+
+async def test_a_short_apdu_block_asks_for_no_extra_wait_and_no_chaining() -> None:
+    driver, dev = await _driver(YUBIKEY5, card_handler(YUBIKEY_ATR))
+    await driver.power_on()
+    await driver.transmit(b"\x00\xca\x01\x02\x00")
+    (xfr,) = [m for m in dev.sent if m.msg_type is MessageType.PC_to_RDR_XfrBlock]
+    assert (xfr.b7, xfr.level_parameter) == (0, 0)  # bBWI 0, wLevelParameter 0
+
+
+async def test_a_silent_card_fails_the_apdu_after_the_frame_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    base = card_handler(YUBIKEY_ATR)
+    driver, _ = await _driver(
+        YUBIKEY5,
+        lambda m: [] if m.msg_type is MessageType.PC_to_RDR_XfrBlock else base(m),
+        frame_timeout_s=10,
+    )
+    await driver.power_on()
+    start = trio.current_time()
+    with pytest.raises(
+        DeviceTimeoutError, match=rf"^{re.escape(INFO.describe())}: no ccid frame for bSeq 1 within 10 s$"
+    ):
+        await driver.transmit(b"\x00\xca\x01\x02\x00")
+    assert trio.current_time() - start == pytest.approx(10)
+
+
+async def test_nine_foreign_frames_are_still_dropped() -> None:
+    base = card_handler(YUBIKEY_ATR)
+
+    def handler(msg: CcidMessage) -> list[bytes]:
+        if msg.msg_type is MessageType.PC_to_RDR_XfrBlock:
+            return [ccid.data_block((msg.seq + 7) & 0xFF, b"\x90\x00").encode()] * 9 + base(msg)
+        return base(msg)
+
+    driver, _ = await _driver(YUBIKEY5, handler)
+    await driver.power_on()
+    assert await driver.transmit(b"\x01\x02") == b"\x01\x02\x90\x00"
