@@ -468,3 +468,109 @@ async def test_nine_foreign_frames_are_still_dropped() -> None:
     driver, _ = await _driver(YUBIKEY5, handler)
     await driver.power_on()
     assert await driver.transmit(b"\x01\x02") == b"\x01\x02\x90\x00"
+
+
+def _te_then_silent(error: int) -> Callable[[CcidMessage], list[bytes]]:
+    base = card_handler(YUBIKEY_ATR)
+
+    def handler(msg: CcidMessage) -> list[bytes]:
+        if msg.msg_type is MessageType.PC_to_RDR_XfrBlock:
+            return [ccid.data_block(msg.seq, cmd=CommandStatus.TIME_EXTENSION, error=error).encode()]
+        return base(msg)
+
+    return handler
+
+
+@pytest.mark.parametrize(("multiplier", "wait"), [(3, 30.0), (1, 10.0), (0, 10.0)])
+async def test_a_time_extension_multiplies_the_wait_for_the_next_frame(
+    autojump_clock: trio.testing.MockClock, multiplier: int, wait: float
+) -> None:
+    driver, _ = await _driver(YUBIKEY5, _te_then_silent(multiplier), frame_timeout_s=10, max_wait_s=100)
+    await driver.power_on()
+    start = trio.current_time()
+    with capture_logs() as logs, pytest.raises(DeviceTimeoutError, match=rf"within {wait:g} s$"):
+        await driver.transmit(b"\x00\xca\x01\x02\x00")
+    assert trio.current_time() - start == pytest.approx(wait)
+    assert [(e["event"], e["multiplier"]) for e in logs if e["event"] == "ccid.time_extension"] == [
+        ("ccid.time_extension", multiplier)
+    ]
+
+
+async def test_after_a_reset_the_next_apdu_goes_straight_to_the_card() -> None:
+    handler = _failing_xfr(0xFB)
+    driver, dev = await _driver(TPDU_5100, handler)
+    await driver.power_on()
+    handler.arm()  # type: ignore[attr-defined]
+    with capture_logs() as logs, pytest.raises(CardError):
+        await driver.transmit(b"\x00\xca\x01\x02\x00")
+    assert ("card.reset", "failed exchange") in [(e["event"], e.get("reason")) for e in logs]
+    dev.sent.clear()
+    assert await driver.transmit(b"\x00\xca\x01\x02\x00") == b"\x00\xca\x01\x02\x00\x90\x00"
+    assert MessageType.PC_to_RDR_IccPowerOff not in dev.types()
+
+
+async def test_a_reset_that_fails_is_logged_and_the_apdu_still_fails() -> None:
+    state = {"broken": False}
+    base = card_handler(YUBIKEY_ATR)
+
+    def handler(msg: CcidMessage) -> list[bytes]:
+        if state["broken"] and msg.msg_type is not MessageType.PC_to_RDR_IccPowerOff:
+            return [
+                ccid.data_block(msg.seq, icc=IccStatus.ABSENT, cmd=CommandStatus.FAILED, error=0xFE).encode()
+            ]
+        return base(msg)
+
+    driver, _ = await _driver(YUBIKEY5, handler)
+    await driver.power_on()
+    state["broken"] = True
+    with capture_logs() as logs, pytest.raises(CardError):
+        await driver.transmit(b"\x00\xca\x01\x02\x00")
+    assert [e["log_level"] for e in logs if e["event"] == "card.reset_failed"] == ["warning"]
+
+
+async def test_foreign_frames_are_dropped_quietly_and_ten_say_so() -> None:
+    base = card_handler(YUBIKEY_ATR)
+
+    def handler(msg: CcidMessage) -> list[bytes]:
+        if msg.msg_type is MessageType.PC_to_RDR_XfrBlock:
+            return [ccid.data_block((msg.seq + 7) & 0xFF, b"\x90\x00").encode()] * 10
+        return base(msg)
+
+    driver, _ = await _driver(YUBIKEY5, handler)
+    await driver.power_on()
+    with capture_logs() as logs, pytest.raises(CardError) as err:
+        await driver.transmit(b"\x01\x02")
+    assert str(err.value) == (
+        "apdu exchange failed and the card was reset: 10 ccid frames with a foreign bSeq (expected 1)"
+    )
+    assert [e["log_level"] for e in logs if e["event"] == "ccid.stale_dropped"] == ["debug"] * 10
+
+
+async def test_an_answer_of_the_wrong_type_says_both_types() -> None:
+    base = card_handler(YUBIKEY_ATR)
+
+    def handler(msg: CcidMessage) -> list[bytes]:
+        if msg.msg_type is MessageType.PC_to_RDR_XfrBlock:
+            return [ccid.slot_status(msg.seq, icc=IccStatus.PRESENT_ACTIVE).encode()]
+        return base(msg)
+
+    driver, _ = await _driver(YUBIKEY5, handler)
+    await driver.power_on()
+    with pytest.raises(CardError) as err:
+        await driver.transmit(b"\x01\x02")
+    assert str(err.value).endswith("ccid answer type RDR_to_PC_SlotStatus does not match RDR_to_PC_DataBlock")
+
+
+async def test_a_garbled_answer_is_a_malformed_ccid_answer() -> None:
+    base = card_handler(YUBIKEY_ATR)
+
+    def handler(msg: CcidMessage) -> list[bytes]:
+        return [b"\x80\x00"] if msg.msg_type is MessageType.PC_to_RDR_XfrBlock else base(msg)
+
+    driver, _ = await _driver(YUBIKEY5, handler)
+    await driver.power_on()
+    with pytest.raises(CardError) as err:
+        await driver.transmit(b"\x01\x02")
+    assert str(err.value).startswith(
+        f"apdu exchange failed and the card was reset: {INFO.describe()}: malformed ccid answer: "
+    )
