@@ -164,7 +164,7 @@ def _not_retested(cache: Path) -> list[str]:
     mutmut 2.5.1 sometimes ends a run before the last queued mutants of a file (seen on the last
     lines of protocol/t1.py): those are re-tested one by one (`mutmut run ID`).
     """
-    from mutmut.cache import hash_of_tests  # type: ignore[import-untyped]
+    from mutmut.cache import hash_of_tests
 
     current = hash_of_tests(["tests/"])
     with sqlite3.connect(cache) as db:
