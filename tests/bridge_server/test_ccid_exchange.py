@@ -17,6 +17,7 @@ from test_ccid_driver import (
     ETOKEN_5100_ATR,
     FUSION,
     INFO,
+    SHORT,
     T0_ATR,
     T0_TPDU,
     TPDU_5100,
@@ -432,11 +433,26 @@ async def test_extended_level_asks_for_the_rest_of_an_answer_with_empty_blocks()
 
 
 async def test_a_short_apdu_block_asks_for_no_extra_wait_and_no_chaining() -> None:
-    driver, dev = await _driver(YUBIKEY5, card_handler(YUBIKEY_ATR))
+    driver, dev = await _driver(SHORT, card_handler(YUBIKEY_ATR))
     await driver.power_on()
     await driver.transmit(b"\x00\xca\x01\x02\x00")
     (xfr,) = [m for m in dev.sent if m.msg_type is MessageType.PC_to_RDR_XfrBlock]
     assert (xfr.b7, xfr.level_parameter) == (0, 0)  # bBWI 0, wLevelParameter 0
+
+
+async def test_a_slot_error_at_apdu_level_names_the_command() -> None:
+    base = card_handler(YUBIKEY_ATR)
+
+    def handler(msg: CcidMessage) -> list[bytes]:
+        if msg.msg_type is MessageType.PC_to_RDR_XfrBlock:
+            return [ccid.data_block(msg.seq, cmd=CommandStatus.FAILED, error=0xFB).encode()]
+        return base(msg)
+
+    driver, _ = await _driver(SHORT, handler)
+    await driver.power_on()
+    with pytest.raises(CardError) as err:
+        await driver.transmit(b"\x00\xca")
+    assert str(err.value).startswith("apdu exchange failed and the card was reset: XfrBlock failed: HW_ERROR")
 
 
 async def test_a_silent_card_fails_the_apdu_after_the_frame_timeout(
