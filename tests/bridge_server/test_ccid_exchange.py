@@ -170,6 +170,7 @@ async def test_a_wtx_request_is_answered_with_the_multiplier_as_bbwi() -> None:
     assert await driver.transmit(b"\x00\xca\x01\x02\x00") == b"\x00\xca\x01\x02\x00\x90\x00"
     xfrs = [m for m in dev.sent if m.msg_type is MessageType.PC_to_RDR_XfrBlock]
     assert [m.b7 for m in xfrs] == [0, 3]  # bBWI: the S(WTX response) carries the card's multiplier
+    assert [m.level_parameter for m in xfrs] == [0, 0]  # one whole T=1 block per XfrBlock
 
 
 # ---- T=0 ----
@@ -536,12 +537,17 @@ async def test_a_reset_that_fails_is_logged_and_the_apdu_still_fails() -> None:
             ]
         return base(msg)
 
-    driver, _ = await _driver(YUBIKEY5, handler)
+    driver, dev = await _driver(YUBIKEY5, handler)
     await driver.power_on()
     state["broken"] = True
     with capture_logs() as logs, pytest.raises(CardError):
         await driver.transmit(b"\x00\xca\x01\x02\x00")
     assert [e["log_level"] for e in logs if e["event"] == "card.reset_failed"] == ["warning"]
+    state["broken"] = False
+    sent = len(dev.sent)
+    with pytest.raises(CardError, match="not powered on"):  # no second reset behind the caller's back
+        await driver.transmit(b"\x00\xca\x01\x02\x00")
+    assert len(dev.sent) == sent
 
 
 async def test_foreign_frames_are_dropped_quietly_and_ten_say_so() -> None:
