@@ -296,14 +296,23 @@ class PinGuard:
     def load_json(self, text: str) -> None:
         """Replace the state with a saved document. Raises ValueError for a foreign document."""
         doc = json.loads(text)
-        if not isinstance(doc, dict) or doc.get("version") != STATE_VERSION:
+        if not isinstance(doc, dict):
+            raise ValueError(f"the pin guard state is a JSON {type(doc).__name__}, not an object")
+        if doc.get("version") != STATE_VERSION:
             raise ValueError(f"unsupported pin guard state version {doc.get('version')!r}")
+        tokens = doc.get("tokens")
+        # Every level an object: anything else would escape open_guard as an AttributeError.
+        if not isinstance(tokens, dict) or not all(
+            isinstance(refs, dict) and all(isinstance(ref, dict) for ref in refs.values())
+            for refs in tokens.values()
+        ):
+            raise ValueError("the pin guard state's tokens are not objects of objects")
         known = set(RefState.__dataclass_fields__)
         self.tokens = {
             str(t): {
                 str(k): RefState(**{f: v for f, v in ref.items() if f in known}) for k, ref in refs.items()
             }
-            for t, refs in doc["tokens"].items()
+            for t, refs in tokens.items()
         }
 
 
