@@ -77,7 +77,9 @@ TARGETS: dict[str, Target] = {
         "bridge_server/tokens/leases.py",
         ("tests/bridge_server/test_leases.py", "tests/bridge_server/test_lease_deadlines.py"),
     ),
-    "wire": Target("protocol/wire.py", ("tests/protocol/test_wire.py",)),
+    "wire": Target(
+        "protocol/wire.py", ("tests/protocol/test_wire_vocabulary.py", "tests/protocol/test_wire.py")
+    ),
     "wire_fields": Target(
         "protocol/_wire_fields.py", ("tests/protocol/test_wire_fields.py", "tests/protocol/test_wire.py")
     ),
