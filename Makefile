@@ -31,8 +31,8 @@ $(STAMP): pyproject.toml
 deps: system-deps $(STAMP)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check protocol bridge_server bridge_client bridge_admin tests bench mutation
-	$(VENV)/bin/ruff format --check protocol bridge_server bridge_client bridge_admin tests bench mutation
+	$(VENV)/bin/ruff check protocol bridge_server bridge_client bridge_admin tests bench
+	$(VENV)/bin/ruff format --check protocol bridge_server bridge_client bridge_admin tests bench
 	$(VENV)/bin/mypy
 
 test: deps lint
@@ -54,7 +54,7 @@ $(VENV)/.tokenbridge-mutation: $(STAMP) pyproject.toml
 	@touch $@
 
 mutation: $(VENV)/.tokenbridge-mutation
-	nice -n 10 $(PY) -m mutation $(MUTATION_ARGS)
+	nice -n 10 $(PY) -m bench.mutation $(MUTATION_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache .mutation .mutmut-cache

@@ -1,6 +1,6 @@
 """`make mutation`: mutation testing of the modules whose mistakes lock a token, leak a PIN or answer wrong.
 
-    .venv/bin/python -m mutation [MODULE ...] [--survivors-only] [--report-only] [--min-score 90]
+    .venv/bin/python -m bench.mutation [MODULE ...] [--survivors-only] [--report-only] [--min-score 90]
 
 For each module in turn (highest value first), mutmut 2.x changes one thing in the source (an
 operator, a constant, a keyword...), runs only the fast unit tests that exercise that module, and
@@ -9,7 +9,7 @@ cache in `.mutation/<module>.sqlite`, so a later `--survivors-only` run re-tests
 that survived last time (what you want after writing a test) and `--report-only` re-prints.
 
 Survivors that are equivalent (no test could tell them apart from the original) are listed with a
-reason in `mutation/equivalent.toml`, the one reviewed place; the score leaves them out. The run
+reason in `bench/mutation/equivalent.toml`, the one reviewed place; the score leaves them out. The run
 fails if a module scores below `--min-score` or an equivalence entry no longer matches anything.
 How long it takes, how often to run it and the recorded scores: docs/testing.md.
 """
@@ -28,7 +28,7 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 STATE = ROOT / ".mutation"
 EQUIVALENT = Path(__file__).resolve().parent / "equivalent.toml"
 CACHE = ROOT / ".mutmut-cache"  # where mutmut 2.x keeps its results (the current directory)
@@ -138,8 +138,9 @@ def _mutmut(*args: str, quiet: bool = True) -> subprocess.CompletedProcess[str]:
 
 def _runner(target: Target) -> str:
     # -p no:randomly: the same order every time; -x: a kill needs only the first failing test.
-    return f"{sys.executable} -m mutation.pytest_exit -x -q -p no:randomly -p no:cacheprovider " + " ".join(
-        target.tests
+    return (
+        f"{sys.executable} -m bench.mutation.pytest_exit -x -q -p no:randomly -p no:cacheprovider "
+        + " ".join(target.tests)
     )
 
 
@@ -239,7 +240,7 @@ def _collect(name: str, target: Target) -> list[Mutant]:
     mutants = []
     defs = _enclosing_defs(ROOT / target.source)
     # S314: the XML is mutmut's report of our own cache, written a moment ago, not foreign input.
-    for case in ET.fromstring(xml).iter("testcase"):  # noqa: S314
+    for case in ET.fromstring(xml).iter("testcase"):
         if case.get("file") != target.source:
             continue
         status, diff = "killed", ""
@@ -300,7 +301,7 @@ def _print(scores: list[Score], verbose: bool) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m mutation", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.mutation", description=__doc__.split("\n")[0])
     parser.add_argument("modules", nargs="*", metavar="MODULE", help=f"default all: {', '.join(TARGETS)}")
     parser.add_argument("--survivors-only", action="store_true", help="re-test only last run's survivors")
     parser.add_argument("--report-only", action="store_true", help="print the recorded results, run nothing")
