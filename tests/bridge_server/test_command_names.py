@@ -23,23 +23,14 @@ from bridge_server.guard.command_policy import (
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "guardrails.md"
 
-# ISO 7816-4 §11 (Table 4), ISO 7816-8/-9, SP 800-73-4 Part 2, and Yubico's PIV extensions.
+# Spot checks from the standards themselves, not from our table: ISO 7816-4 §11 (Table 4), ISO
+# 7816-9 (file management), SP 800-73-4 Part 2 (PIV), Yubico's PIV extensions.
 STANDARD_NAMES = {
-    0x04: "DEACTIVATE FILE", 0x0E: "ERASE BINARY", 0x0F: "ERASE BINARY", 0x20: "VERIFY", 0x21: "VERIFY",
-    0x22: "MANAGE SECURITY ENVIRONMENT", 0x24: "CHANGE REFERENCE DATA", 0x25: "CHANGE REFERENCE DATA",
-    0x26: "DISABLE VERIFICATION REQUIREMENT", 0x28: "ENABLE VERIFICATION REQUIREMENT",
-    0x2A: "PERFORM SECURITY OPERATION", 0x2C: "RESET RETRY COUNTER", 0x2D: "RESET RETRY COUNTER",
-    0x44: "ACTIVATE FILE", 0x46: "GENERATE ASYMMETRIC KEY PAIR", 0x47: "GENERATE ASYMMETRIC KEY PAIR",
-    0x70: "MANAGE CHANNEL", 0x82: "EXTERNAL AUTHENTICATE", 0x84: "GET CHALLENGE",
-    0x86: "GENERAL AUTHENTICATE", 0x87: "GENERAL AUTHENTICATE", 0x88: "INTERNAL AUTHENTICATE",
-    0xA4: "SELECT", 0xB0: "READ BINARY", 0xB1: "READ BINARY", 0xB2: "READ RECORD", 0xB3: "READ RECORD",
-    0xC0: "GET RESPONSE", 0xC2: "ENVELOPE", 0xC3: "ENVELOPE", 0xCA: "GET DATA", 0xCB: "GET DATA",
-    0xD0: "WRITE BINARY", 0xD1: "WRITE BINARY", 0xD2: "WRITE RECORD", 0xD6: "UPDATE BINARY",
-    0xD7: "UPDATE BINARY", 0xDA: "PUT DATA", 0xDB: "PUT DATA", 0xDC: "UPDATE RECORD",
-    0xDD: "UPDATE RECORD", 0xE0: "CREATE FILE", 0xE2: "APPEND RECORD", 0xE4: "DELETE FILE",
-    0xE6: "TERMINATE DF", 0xE8: "TERMINATE EF", 0xF8: "GET SERIAL (YubiKey)",
-    0xFA: "SET PIN RETRIES (YubiKey)", 0xFB: "RESET (YubiKey)", 0xFD: "GET VERSION (YubiKey)",
-    0xFE: "TERMINATE CARD USAGE / IMPORT KEY (YubiKey)", 0xFF: "SET MANAGEMENT KEY (YubiKey)",
+    0x20: "VERIFY", 0x22: "MANAGE SECURITY ENVIRONMENT", 0x24: "CHANGE REFERENCE DATA",
+    0x2A: "PERFORM SECURITY OPERATION", 0x2C: "RESET RETRY COUNTER", 0x47: "GENERATE ASYMMETRIC KEY PAIR",
+    0x87: "GENERAL AUTHENTICATE", 0xA4: "SELECT", 0xB0: "READ BINARY", 0xC0: "GET RESPONSE",
+    0xC2: "ENVELOPE", 0xCB: "GET DATA", 0xD6: "UPDATE BINARY", 0xDB: "PUT DATA", 0xE0: "CREATE FILE",
+    0xE6: "TERMINATE DF", 0xFB: "RESET (YubiKey)", 0xFF: "SET MANAGEMENT KEY (YubiKey)",
 }  # fmt: skip
 
 
@@ -53,9 +44,9 @@ def test_a_refused_instruction_is_called_by_its_standard_name(ins: int, name: st
     assert command_name(ins) == name
 
 
-def test_an_instruction_without_a_standard_name_is_called_by_its_byte() -> None:
-    unnamed = [ins for ins in range(256) if ins not in STANDARD_NAMES]
-    assert [command_name(ins) for ins in unnamed] == [f"instruction {ins:02X}" for ins in unnamed]
+@pytest.mark.parametrize("ins", [0x00, 0x30, 0x50, 0x60, 0x90])  # no ISO 7816-4 or PIV command
+def test_an_instruction_without_a_standard_name_is_called_by_its_byte(ins: int) -> None:
+    assert command_name(ins) == f"instruction {ins:02X}"
 
 
 def _documented_families() -> dict[str, set[int]]:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import structlog
 import trio
-from pki_server import bundle_context, make_pki, make_server
+from pki_server import bundle_context, make_pki, make_server, until_goodbye
 
 from bridge_admin.pki import Pki
 from protocol import wire
@@ -32,18 +32,6 @@ async def _alive(framed: FramedConnection) -> bool:
             return False
 
 
-async def _closed(framed: FramedConnection) -> wire.Goodbye | None:
-    try:
-        while True:
-            msg = await framed.receive()
-            if isinstance(msg, wire.Goodbye):
-                return msg
-            if isinstance(msg, wire.ConnectionClosed):
-                return None
-    except trio.BrokenResourceError:
-        return None
-
-
 async def test_revoked_client_is_dropped_within_seconds_and_cannot_return(tmp_path: Path) -> None:
     pki = make_pki(tmp_path)
     server = make_server(tmp_path)
@@ -54,7 +42,7 @@ async def test_revoked_client_is_dropped_within_seconds_and_cannot_return(tmp_pa
             start = trio.current_time()
             pki.revoke("build-vm-01")
             with trio.fail_after(5):
-                await _closed(one.conn)
+                await until_goodbye(one.conn)
             dropped_after = trio.current_time() - start
             assert await _alive(two.conn)
             with pytest.raises(ConnectFailed, match="refused this client") as refused:

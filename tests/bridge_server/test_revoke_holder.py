@@ -27,7 +27,7 @@ from inproc import (
     expect,
     power_on,
 )
-from pki_server import bundle_context, cert_file, make_pki, make_server
+from pki_server import bundle_context, cert_file, make_pki, make_server, until_goodbye
 
 from bridge_admin.pki import Pki
 from protocol import wire
@@ -50,19 +50,6 @@ async def connect(pki: Pki, port: int, name: str) -> tuple[trio.SSLStream[Any], 
         raise
     await framed.send(wire.ClientHello(version=wire.PROTOCOL_VERSION, software="revoke-test"))
     return stream, framed
-
-
-async def goodbye(framed: FramedConnection) -> wire.Goodbye | None:
-    """Read until the server says Goodbye (returned) or the connection ends (None)."""
-    try:
-        while True:
-            msg = await framed.receive()
-            if isinstance(msg, wire.Goodbye):
-                return msg
-            if isinstance(msg, wire.ConnectionClosed):
-                return None
-    except trio.BrokenResourceError:
-        return None
 
 
 async def refused(pki: Pki, port: int, name: str) -> bool:
@@ -94,7 +81,7 @@ async def test_revoking_the_lease_holder_drops_it_and_hands_a_clean_card_to_the_
             start = trio.current_time()
             pki.revoke("build-vm-01")
             with trio.fail_after(REVOCATION_BOUND_S):
-                bye = await goodbye(vm1)
+                bye = await until_goodbye(vm1)
                 granted = await expect(vm2, wire.LeaseGranted)
             took = trio.current_time() - start
             await power_on(vm2, granted.epoch, 0)

@@ -5,12 +5,11 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from admin_stack import CLI, admin_stack
 
-from bridge_admin.local_stack import BridgeStack
+from bridge_admin.local_stack import BridgeStack, wait_for
 
 SERVER = [sys.executable, "-m", "bridge_server", "--log-level", "error"]
 
@@ -88,12 +87,13 @@ def test_status_with_a_revoked_admin_certificate_is_one_line(tmp_path: Path) -> 
         stack.pki.revoke("ops")
         bundle = stack.pki.folder / "clients" / "ops"
         argv = [*CLI, "status", "--server", f"127.0.0.1:{stack.server_port}", "--server-name", "localhost"]
-        deadline = time.monotonic() + 30
-        while True:  # the server notices the new CRL by itself (file watcher)
-            proc = _run([*argv, "--bundle", str(bundle)])
-            if proc.returncode != 0 or time.monotonic() > deadline:
-                break
-            time.sleep(0.5)
+        # The server notices the new CRL by itself (file watcher): the first refused attempt.
+        proc = wait_for(
+            lambda: (p := _run([*argv, "--bundle", str(bundle)])).returncode != 0 and p,
+            timeout=30,
+            interval=0.5,
+            what="the server to refuse the revoked admin certificate",
+        )
     line = _one_line(proc, "tokenbridge: ")
     assert proc.returncode == 1
     assert f"127.0.0.1:{stack.server_port}" in line

@@ -11,9 +11,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import trio
+
 from bridge_admin.pki import Pki
 from bridge_server.app import BridgeServer
 from bridge_server.config import parse_server_config
+from protocol import wire
+from protocol.runtime.framed import FramedConnection
 from protocol.runtime.tls import client_context
 
 CLIENTS = ("build-vm-01", "build-vm-02")
@@ -53,3 +57,16 @@ def bundle_context(pki: Pki, name: str) -> ssl.SSLContext:
 
 def cert_file(pki: Pki, name: str) -> Path:
     return pki.folder / "clients" / name / f"{name}.pem"
+
+
+async def until_goodbye(framed: FramedConnection) -> wire.Goodbye | None:
+    """Read until the server says Goodbye (returned) or the connection ends (None)."""
+    try:
+        while True:
+            msg = await framed.receive()
+            if isinstance(msg, wire.Goodbye):
+                return msg
+            if isinstance(msg, wire.ConnectionClosed):
+                return None
+    except trio.BrokenResourceError:
+        return None
