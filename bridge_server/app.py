@@ -38,7 +38,8 @@ from bridge_server.net.hub import Hub
 from bridge_server.net.listener import ConnectionHandler, run_listener
 from bridge_server.net.reload import TlsReloader
 from bridge_server.net.session import SessionContext
-from bridge_server.observe.metrics import serve_metrics
+from bridge_server.observe.metrics import server_registry
+from bridge_server.observe.reloads import ReloadOutcome
 from bridge_server.tokens.device import CardOpener
 from bridge_server.tokens.epochs import EpochStore, epoch_state_path
 from bridge_server.tokens.manager import TokenManager
@@ -46,6 +47,7 @@ from bridge_server.usb.devices import card_opener
 from protocol import wire
 from protocol.errors import CloseCode
 from protocol.runtime.address import Address
+from protocol.runtime.metrics import serve_metrics
 from protocol.runtime.sdnotify import Notifier, SystemdNotifier, run_watchdog
 
 log = structlog.get_logger(__name__)
@@ -105,6 +107,8 @@ class BridgeServer:
         self.reloader = TlsReloader(config.tls, self.hub, context=ssl_context)
         self.handler: ConnectionHandler | None = None
         self.metrics_listeners: list[trio.SocketListener] = []
+        self.config_reload = ReloadOutcome(success_at=self.started_at)  # SIGHUP (service.py)
+        self.metrics = server_registry(self)  # this instance's own registry (observe/metrics.py)
 
     @property
     def config(self) -> ServerConfig:
@@ -126,6 +130,10 @@ class BridgeServer:
     @property
     def crl_next_update(self) -> datetime | None:
         return self.reloader.crl_next_update
+
+    @property
+    def tls_reload(self) -> ReloadOutcome:
+        return self.reloader.outcome
 
     def listen_addresses(self) -> list[str]:
         return [str(Address(*lst.socket.getsockname()[:2])) for lst in self.listeners]
@@ -212,7 +220,9 @@ class BridgeServer:
                 metrics = self.config.metrics
                 if metrics.listen is not None:
                     host, port = metrics.listen
-                    self.metrics_listeners = await extras.start(partial(serve_metrics, self, host, port))
+                    self.metrics_listeners = await extras.start(
+                        partial(serve_metrics, self.metrics, host, port)
+                    )
                 task_status.started()
 
     async def _stop_tokens(self, grace_period_s: float) -> None:

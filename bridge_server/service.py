@@ -27,6 +27,7 @@ import trio
 from bridge_server.config import ServerConfig, TokenConfig, load_server_config
 from bridge_server.net.hub import Hub
 from bridge_server.net.rights import apply_rights
+from bridge_server.observe.reloads import ReloadOutcome
 from bridge_server.tokens.manager import TokenManager
 from protocol.errors import ConfigError
 from protocol.runtime.sdnotify import Notifier
@@ -67,6 +68,7 @@ class Reconfigurable(Protocol):
 
 class Service(Reconfigurable, Protocol):
     shutdown_requested: trio.Event
+    config_reload: ReloadOutcome  # the last SIGHUP's config outcome, for /metrics
 
     def reload_tls(self) -> bool: ...
 
@@ -179,6 +181,6 @@ def reload_config(server: Reconfigurable) -> ReloadPlan | None:
 def reload_service(server: Service, notifier: Notifier) -> None:
     """SIGHUP: the live part of the config, then certificate, key and CRL (`reload_tls`)."""
     notifier.notify(RELOADING=1, MONOTONIC_USEC=time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000)
-    reload_config(server)
+    server.config_reload.record(reload_config(server) is not None, time.time())
     server.reload_tls()  # logs tls.reloaded, or tls.reload_failed and keeps the old context
     notifier.notify(READY=1, STATUS=server_status(server))

@@ -15,6 +15,7 @@ from bridge_server.config import ServerConfig
 from bridge_server.guard.audit import AuditLog
 from bridge_server.guard.pin_guard import PinGuard, PinGuardStore
 from bridge_server.net.hub import Hub
+from bridge_server.observe.reloads import ReloadOutcome
 from bridge_server.tokens.epochs import EpochStore
 from bridge_server.tokens.manager import TokenManager
 
@@ -55,6 +56,14 @@ class ServerView(Protocol):
     @property
     def crl_next_update(self) -> datetime | None:
         """`next_update` of the CRL in force (None without a CRL); past it, handshakes fail."""
+
+    @property
+    def config_reload(self) -> ReloadOutcome:
+        """The last SIGHUP's config reload (the start counts as a success)."""
+
+    @property
+    def tls_reload(self) -> ReloadOutcome:
+        """The last reload of certificate, key and CRL (SIGHUP or a file change)."""
 
     def listen_addresses(self) -> list[str]: ...
 

@@ -23,7 +23,7 @@ Runtime helpers (they do I/O; the daemons share them):
 - `protocol.runtime.framed`: `FramedConnection`, a `BridgeConnection` over a trio stream;
 - `protocol.runtime.connect`: the one connect-and-greet path, over `protocol.runtime.address`;
 - `protocol.runtime.tls`, `protocol.runtime.config` with `protocol.runtime.schema`,
-  `protocol.runtime.logging`, `protocol.runtime.sdnotify`.
+  `protocol.runtime.logging`, `protocol.runtime.sdnotify`, `protocol.runtime.metrics`.
 
 `NEED_DATA` (and its type `NeedData`) is what every sans-I/O decoder's `next_event()` returns
 when it needs more bytes.
@@ -49,6 +49,7 @@ PUBLIC_MODULES = (
     "protocol.runtime.connect",
     "protocol.runtime.framed",
     "protocol.runtime.logging",
+    "protocol.runtime.metrics",
     "protocol.runtime.schema",
     "protocol.runtime.sdnotify",
     "protocol.runtime.tls",

@@ -33,6 +33,7 @@ from cryptography import x509
 
 from bridge_server.config import TlsConfig
 from bridge_server.net.hub import Hub
+from bridge_server.observe.reloads import ReloadOutcome
 from protocol import wire
 from protocol.errors import CloseCode, TlsSetupError
 from protocol.runtime.tls import server_context
@@ -106,6 +107,7 @@ class TlsReloader:
         self.reloads = 0
         self._seen = _mtimes(self.paths)
         self.clock = clock
+        self.outcome = ReloadOutcome(success_at=clock().timestamp())  # for /metrics
         self.crl_next_update: datetime | None = None  # of the CRL in the context in force
         self._crl_state = "fresh"
 
@@ -127,6 +129,7 @@ class TlsReloader:
         try:
             fresh = self._build(self.tls)
         except (TlsSetupError, OSError, ssl.SSLError, ValueError) as exc:
+            self.outcome.record(False, self.clock().timestamp())
             log.error(
                 "tls.reload_failed",
                 error=str(exc),
@@ -136,6 +139,7 @@ class TlsReloader:
         self._context = fresh
         self.crl_next_update = crl_next_update(self.tls.crl)
         self.reloads += 1
+        self.outcome.record(True, self.clock().timestamp())
         self.check_crl()
         dropped = self.drop_revoked()
         log.info("tls.reloaded", files=[str(p) for p in self.paths], dropped_sessions=dropped)

@@ -1,167 +1,168 @@
-"""Counters the server keeps per token, and an opt-in Prometheus text endpoint.
+"""The server's Prometheus metrics: one table, read from a `ServerView` at each scrape.
 
-The counters are `bridge_server.tokens.stats.TokenStats`, fed by the token task; `status` and
-`/metrics` only read them. The endpoint is a tiny HTTP/1.0 server on
-trio (no dependency): `GET /metrics` answers the Prometheus text format 0.0.4, anything else 404.
-It is off unless `metrics: {listen: "127.0.0.1:9447"}` is configured; bind it to loopback or a
-management network, it has no authentication.
+The counters are `bridge_server.tokens.stats.TokenStats` (fed by the token task) and the
+server's parts; this module only reads them (protocol/runtime/metrics.py has the theory). The
+endpoint is off unless `metrics: {listen: "127.0.0.1:9447"}` is configured; bind it to loopback
+or a management network, it has no authentication.
+
+To add a metric: one row in `SERVER_METRICS` below and one line in docs/status.md ("Metrics");
+`tests/bridge_server/test_metrics.py` holds the two to each other.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Final
 
-import structlog
-import trio
+from cryptography import x509
+from prometheus_client import CollectorRegistry
 
+from bridge_server import SERVER_SOFTWARE
 from bridge_server.observe.status import crl_status, pin_guard_state
+from bridge_server.tokens.manager import TokenManager
 from bridge_server.view import ServerView
+from protocol.runtime.metrics import (
+    Metric,
+    TableCollector,
+    Value,
+    counter,
+    gauge,
+    histogram,
+    new_registry,
+    samples,
+)
+from protocol.vocabulary import LeaseEndReason
 
-log = structlog.get_logger(__name__)
+__all__ = ["SERVER_METRICS", "server_registry", "server_rows"]
 
-MAX_REQUEST_BYTES: Final = 8192
-REQUEST_TIMEOUT_S: Final = 5.0
-
-
-# -- rendering -------------------------------------------------------------------------------
-
-
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def _line(name: str, value: float, **labels: str) -> str:
-    inner = ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items())
-    return f"{name}{{{inner}}} {value:g}" if inner else f"{name} {value:g}"
-
-
-_HELP: Final = {
-    "tokenbridge_token_present": ("gauge", "1 when the token's USB device is attached"),
-    "tokenbridge_token_refused_device": (
-        "gauge",
-        "1 while a device with another serial is plugged in where the token was (refused)",
-    ),
-    "tokenbridge_token_leased": ("gauge", "1 while a client holds the token's lease"),
-    "tokenbridge_queue_length": ("gauge", "clients waiting for the token's lease"),
-    "tokenbridge_leases_total": ("counter", "leases granted"),
-    "tokenbridge_lease_ends_total": ("counter", "leases ended, by reason"),
-    "tokenbridge_lease_wait_seconds_sum": ("counter", "total time clients waited before a grant"),
-    "tokenbridge_lease_hold_seconds_sum": ("counter", "total time leases were held"),
-    "tokenbridge_lease_hold_seconds_count": ("counter", "leases whose hold time is in the sum"),
-    "tokenbridge_apdus_total": ("counter", "APDUs exchanged with the card"),
-    "tokenbridge_signatures_total": ("counter", "successful private-key operations"),
-    "tokenbridge_pin_guard_engaged": ("gauge", "1 while the PIN guard refuses PIN commands"),
-    "tokenbridge_sessions": ("gauge", "connected client sessions"),
-    "tokenbridge_audit_truncated": (
-        "gauge",
-        "1 when the audit log was found cut or edited behind its anchor",
-    ),
-    "tokenbridge_state_saved": ("gauge", "1 while the state file's last write succeeded (0: full disk?)"),
-    "tokenbridge_tls_refusals_total": ("counter", "failed TLS handshakes, by reason"),
-    "tokenbridge_crl_next_update_seconds": (
-        "gauge",
-        "seconds until the CRL in force passes next_update (negative: stale, new handshakes fail)",
-    ),
-    "tokenbridge_crl_stale": ("gauge", "1 once the CRL in force is past next_update (fail closed)"),
-}
+Rows = Iterable[tuple[Sequence[str], Value]]
+TOKEN: Final = ("token",)
 
 
-def render(rows: Iterable[tuple[str, float, dict[str, str]]]) -> str:
-    """Prometheus text format for `(metric, value, labels)` rows, grouped with HELP/TYPE."""
-    grouped: dict[str, list[str]] = {}
-    for name, value, labels in rows:
-        grouped.setdefault(name, []).append(_line(name, value, **labels))
-    out: list[str] = []
-    for name, lines in grouped.items():
-        kind, text = _HELP.get(name, ("untyped", name))
-        out += [f"# HELP {name} {text}", f"# TYPE {name} {kind}", *lines]
-    return "\n".join(out) + "\n"
+def per_token(read: Callable[[ServerView, TokenManager], Value]) -> Callable[[ServerView], Rows]:
+    """One series per configured token, present (at 0) from the start."""
+    return lambda s: [((t.name,), read(s, t)) for t in s.tokens]
 
 
-def server_rows(server: ServerView) -> list[tuple[str, float, dict[str, str]]]:
+def single(read: Callable[[ServerView], Value]) -> Callable[[ServerView], Rows]:
+    return lambda s: [((), read(s))]
 
-    rows: list[tuple[str, float, dict[str, str]]] = []
-    for tok in server.tokens:
-        t = {"token": tok.name}
-        s = tok.stats
-        guard = pin_guard_state(server, tok.name)
-        rows += [
-            ("tokenbridge_token_present", float(tok.present), t),
-            ("tokenbridge_token_refused_device", float(tok.device.refused_serial is not None), t),
-            ("tokenbridge_token_leased", float(tok.book.holder is not None), t),
-            ("tokenbridge_queue_length", float(len(tok.book.waiting)), t),
-            ("tokenbridge_leases_total", float(s.leases_total), t),
-            ("tokenbridge_lease_wait_seconds_sum", s.wait_seconds_sum, t),
-            ("tokenbridge_lease_hold_seconds_sum", s.hold_seconds_sum, t),
-            ("tokenbridge_lease_hold_seconds_count", float(s.holds), t),
-            ("tokenbridge_apdus_total", float(s.apdus_total), t),
-            ("tokenbridge_signatures_total", float(s.signatures_total), t),
-            ("tokenbridge_pin_guard_engaged", float(guard.get("engaged") is True), t),
-        ]
-        rows += [
-            ("tokenbridge_lease_ends_total", float(n), {**t, "reason": r}) for r, n in s.lease_ends.items()
-        ]
-    rows.append(("tokenbridge_sessions", float(len(server.hub)), {}))
+
+def _lease_ends(s: ServerView) -> Rows:
+    """Every documented reason for every token, so a rate() works before the first one happens."""
+    return [
+        ((t.name, str(reason)), t.stats.lease_ends[str(reason)])
+        for t in s.tokens
+        for reason in LeaseEndReason
+    ]
+
+
+def _state_saved(s: ServerView) -> Rows:
     saved = {
-        "audit": server.audit.available,
-        "pin_guard": not server.guard_store.problem,
-        "epochs": not server.epochs.problem,
+        "audit": s.audit.available,
+        "pin_guard": not s.guard_store.problem,
+        "epochs": not s.epochs.problem,
     }
-    rows += [("tokenbridge_state_saved", float(ok), {"file": f}) for f, ok in saved.items()]
-    rows.append(("tokenbridge_audit_truncated", float(server.audit.truncated), {}))
-    crl = crl_status(server, dt.datetime.now(dt.UTC))
-    if crl is not None:
-        rows.append(("tokenbridge_crl_next_update_seconds", float(crl["seconds_left"]), {}))
-        rows.append(("tokenbridge_crl_stale", float(crl["state"] == "stale"), {}))
-    for reason, n in sorted(server.tls_refusals.items()):
-        rows.append(("tokenbridge_tls_refusals_total", float(n), {"reason": reason}))
+    return [((name,), ok) for name, ok in saved.items()]
+
+
+def _crl(s: ServerView) -> dict[str, float] | None:
+    crl = crl_status(s, dt.datetime.now(dt.UTC))
+    if crl is None or s.crl_next_update is None:
+        return None
+    return {
+        "seconds_left": float(crl["seconds_left"]),
+        "stale": float(crl["state"] == "stale"),
+        "timestamp": s.crl_next_update.timestamp(),
+    }
+
+
+def _crl_value(key: str) -> Callable[[ServerView], Rows]:
+    def read(s: ServerView) -> Rows:
+        crl = _crl(s)
+        return [] if crl is None else [((), crl[key])]
+
+    return read
+
+
+def _certificate_expiry(s: ServerView) -> Rows:
+    """`not_after` of the server and CA certificates on disk (what the next reload would load)."""
+    rows: list[tuple[Sequence[str], Value]] = []
+    for which, path in (("server", s.config.tls.cert), ("ca", s.config.tls.ca)):
+        try:
+            cert = x509.load_pem_x509_certificate(path.read_bytes())
+        except (OSError, ValueError):
+            continue  # status names the unreadable file; no sample beats a wrong one
+        rows.append(((which,), cert.not_valid_after_utc.timestamp()))
     return rows
 
 
-# -- HTTP --------------------------------------------------------------------------------------
+def _reloads(s: ServerView, field: str) -> Rows:
+    outcomes = {"config": s.config_reload, "tls": s.tls_reload}
+    return [((what,), getattr(o, field)) for what, o in outcomes.items()]
 
 
-def http_response(request_head: bytes, body: Callable[[], str]) -> bytes:
-    """The whole HTTP/1.0 answer for a request head; `body()` renders the metrics."""
-    first = request_head.split(b"\r\n", 1)[0].decode("latin-1", "replace").split()
-    if len(first) < 2 or first[0] != "GET":
-        return b"HTTP/1.0 405 Method Not Allowed\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-    if first[1].split("?", 1)[0] != "/metrics":
-        return b"HTTP/1.0 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-    payload = body().encode()
-    head = (
-        "HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n"
-        f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n"
-    )
-    return head.encode() + payload
+# fmt: off
+SERVER_METRICS: Final[tuple[Metric[ServerView], ...]] = (
+    gauge("tokenbridge_token_present", "1 when the token's USB device is attached", TOKEN,
+          per_token(lambda s, t: t.present)),
+    gauge("tokenbridge_token_refused_device",
+          "1 while a device with another serial is plugged in where the token was (refused)", TOKEN,
+          per_token(lambda s, t: t.device.refused_serial is not None)),
+    gauge("tokenbridge_token_leased", "1 while a client holds the token's lease", TOKEN,
+          per_token(lambda s, t: t.book.holder is not None)),
+    gauge("tokenbridge_queue_length", "clients waiting for the token's lease", TOKEN,
+          per_token(lambda s, t: len(t.book.waiting))),
+    counter("tokenbridge_leases_total", "leases granted", TOKEN,
+            per_token(lambda s, t: t.stats.leases_total)),
+    counter("tokenbridge_lease_ends_total", "leases ended, by reason (docs/protocol.md §5.3)",
+            ("token", "reason"), _lease_ends),
+    histogram("tokenbridge_lease_wait_seconds", "time from a lease request to its grant", TOKEN,
+              per_token(lambda s, t: t.stats.wait_seconds)),
+    histogram("tokenbridge_lease_hold_seconds", "time from a lease grant to its end", TOKEN,
+              per_token(lambda s, t: t.stats.hold_seconds)),
+    counter("tokenbridge_apdus_total", "APDUs exchanged with the card", TOKEN,
+            per_token(lambda s, t: t.stats.apdus_total)),
+    counter("tokenbridge_signatures_total",
+            "successful private-key signing operations (PIV GENERAL AUTHENTICATE, PSO COMPUTE DIGITAL "
+            "SIGNATURE)", TOKEN, per_token(lambda s, t: t.stats.signatures_total)),
+    gauge("tokenbridge_pin_guard_engaged", "1 while the PIN guard refuses PIN commands", TOKEN,
+          per_token(lambda s, t: pin_guard_state(s, t.name).get("engaged") is True)),
+    gauge("tokenbridge_sessions", "connected client sessions", (), single(lambda s: len(s.hub))),
+    gauge("tokenbridge_state_saved", "1 while the state file's last write succeeded (0: full disk?)",
+          ("file",), _state_saved),
+    gauge("tokenbridge_audit_truncated", "1 when the audit log was found cut or edited behind its anchor",
+          (), single(lambda s: s.audit.truncated)),
+    counter("tokenbridge_tls_refusals_total", "failed TLS handshakes, by reason", ("reason",),
+            lambda s: [((reason,), n) for reason, n in sorted(s.tls_refusals.items())]),
+    gauge("tokenbridge_certificate_expiry_timestamp_seconds",
+          "not_after of the server and CA certificate files (unix time)", ("certificate",),
+          _certificate_expiry),
+    gauge("tokenbridge_crl_next_update_timestamp_seconds", "next_update of the CRL in force (unix time)",
+          (), _crl_value("timestamp")),
+    gauge("tokenbridge_crl_next_update_seconds",
+          "seconds until the CRL in force passes next_update (negative: stale, new handshakes fail)",
+          (), _crl_value("seconds_left")),
+    gauge("tokenbridge_crl_stale", "1 once the CRL in force is past next_update (fail closed)", (),
+          _crl_value("stale")),
+    gauge("tokenbridge_reload_successful", "1 when the last reload (config or tls) succeeded", ("what",),
+          lambda s: _reloads(s, "ok")),
+    gauge("tokenbridge_reload_last_success_timestamp_seconds",
+          "when config or tls last loaded successfully (unix time; the start counts)", ("what",),
+          lambda s: _reloads(s, "success_at")),
+)
+# fmt: on
 
 
-async def serve_metrics(
-    server: ServerView,
-    host: str,
-    port: int,
-    *,
-    task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Serve `GET /metrics` until cancelled; `started()` gets the bound listeners."""
-    listeners = await trio.open_tcp_listeners(port, host=host)
-    log.info("metrics.listening", addresses=[str(lst.socket.getsockname()) for lst in listeners])
+def server_registry(server: ServerView) -> CollectorRegistry:
+    """The registry one server instance serves on /metrics (its own, not the process default)."""
+    version = SERVER_SOFTWARE.rpartition("/")[2]
+    return new_registry(TableCollector(SERVER_METRICS, server), prefix="tokenbridge", version=version)
 
-    async def handle(stream: trio.SocketStream) -> None:
-        head = b""
-        try:
-            with trio.move_on_after(REQUEST_TIMEOUT_S):
-                while b"\r\n\r\n" not in head and len(head) < MAX_REQUEST_BYTES:
-                    chunk = await stream.receive_some(4096)
-                    if not chunk:
-                        break
-                    head += chunk
-                await stream.send_all(http_response(head, lambda: render(server_rows(server))))
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-        finally:
-            await trio.aclose_forcefully(stream)
 
-    await trio.serve_listeners(handle, listeners, task_status=task_status)
+def server_rows(server: ServerView) -> list[tuple[str, float, dict[str, str]]]:
+    """The server's own samples (no process metrics) as `(name, value, labels)`."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(TableCollector(SERVER_METRICS, server))
+    return samples(registry)

@@ -10,8 +10,26 @@ import datetime as dt
 from collections import Counter
 from typing import Final
 
-_INS_GENERAL_AUTHENTICATE: Final = 0x87
+from protocol.runtime.metrics import HOLD_BUCKETS_S, WAIT_BUCKETS_S, DurationHistogram
+
 _CLA_CHAINING: Final = 0x10
+# Private-key operations that count as a signature when the card answers 9000 on the last link:
+# PIV GENERAL AUTHENTICATE (SP 800-73-4 part 2 §3.2.4, INS 87, any P1P2), and ISO 7816-8 §11
+# PERFORM SECURITY OPERATION: COMPUTE DIGITAL SIGNATURE (INS 2A, P1P2 9E9A), which CardOS,
+# SafeNet eToken, Starcos and other PKCS#15 cards use.
+_INS_GENERAL_AUTHENTICATE: Final = 0x87
+_INS_PSO: Final = 0x2A
+_PSO_COMPUTE_DIGITAL_SIGNATURE: Final = b"\x9e\x9a"
+
+
+def is_signature(command: bytes, response: bytes) -> bool:
+    """Whether this exchange was a successful, last-link private-key signing operation."""
+    if len(command) < 4 or command[0] & _CLA_CHAINING or response[-2:] != b"\x90\x00":
+        return False
+    ins = command[1]
+    return ins == _INS_GENERAL_AUTHENTICATE or (
+        ins == _INS_PSO and command[2:4] == _PSO_COMPUTE_DIGITAL_SIGNATURE
+    )
 
 
 def _today() -> dt.date:
@@ -26,9 +44,8 @@ class TokenStats:
         self.lease_ends: Counter[str] = Counter()
         self.apdus_total = 0
         self.signatures_total = 0
-        self.wait_seconds_sum = 0.0
-        self.hold_seconds_sum = 0.0
-        self.holds = 0
+        self.wait_seconds = DurationHistogram(WAIT_BUCKETS_S)  # requested -> granted
+        self.hold_seconds = DurationHistogram(HOLD_BUCKETS_S)  # granted -> ended
         self._day = _today()
         self._signatures_day = 0
         self._queued_at: dict[int, float] = {}
@@ -41,22 +58,19 @@ class TokenStats:
 
     def granted(self, conn_id: int, now: float) -> None:
         self.leases_total += 1
-        self.wait_seconds_sum += max(0.0, now - self._queued_at.pop(conn_id, now))
+        self.wait_seconds.observe(now - self._queued_at.pop(conn_id, now))
 
     def forget(self, conn_id: int) -> None:
         self._queued_at.pop(conn_id, None)
 
     def ended(self, held_s: float, reason: str) -> None:
         self.lease_ends[reason] += 1
-        self.hold_seconds_sum += held_s
-        self.holds += 1
+        self.hold_seconds.observe(held_s)
 
     def apdu(self, command: bytes, response: bytes, *, today: dt.date | None = None) -> None:
-        """Count one exchanged APDU; a successful last-link GENERAL AUTHENTICATE is a signature."""
+        """Count one exchanged APDU, and a signature when it was one (`is_signature`)."""
         self.apdus_total += 1
-        if len(command) < 4 or command[1] != _INS_GENERAL_AUTHENTICATE or command[0] & _CLA_CHAINING:
-            return
-        if response[-2:] != b"\x90\x00":
+        if not is_signature(command, response):
             return
         self.signatures_total += 1
         day = today or _today()
