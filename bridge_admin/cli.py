@@ -14,6 +14,7 @@ from bridge_admin.commands import add_admin_commands, run_admin_command
 from bridge_admin.pki import Pki, PkiError
 from bridge_admin.selftest import add_selftest_parser, run_selftest_command
 from protocol.errors import BridgeError
+from protocol.runtime.cli import add_version_option
 from protocol.wire import DEFAULT_PORT
 
 DESCRIPTION = "Administer tokenbridge: try it on a simulated token, and set up the deployment's certificates."
@@ -53,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    add_version_option(parser)  # observe: --version (protocol/runtime/cli.py)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = sub.add_parser("demo", help="run server, client and a real signature on a simulated token")

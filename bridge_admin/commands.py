@@ -17,6 +17,7 @@ from bridge_admin.client import (
     call_sync,
     resolve_target,
 )
+from protocol.runtime.cli import json_line
 
 COMMANDS = ("status", "lease", "token", "pin-guard", "doctor")
 
@@ -30,7 +31,7 @@ def add_admin_commands(sub: Any) -> None:
         type=float,
         const=2.0,
         metavar="SECONDS",
-        help="refresh every SECONDS (default 2)",
+        help="refresh every SECONDS (default 2); with --json one document per line",
     )
     add_target_options(status)
     for cmd, verb, text in (
@@ -90,10 +91,13 @@ def _print_action(answer: dict[str, Any], *, as_json: bool) -> int:
     return 0
 
 
-def _render(doc: dict[str, Any], as_json: bool) -> str:
+def _render(doc: dict[str, Any], as_json: bool, *, watch: bool = False) -> str:
+    """The table, or JSON: indented once, one document per line under `--watch` (`jq`-friendly)."""
     from bridge_server.observe.status import render_table
 
-    return json.dumps(doc, indent=2) if as_json else render_table(doc)
+    if not as_json:
+        return render_table(doc)
+    return json_line(doc) if watch else json.dumps(doc, indent=2)
 
 
 def _status(args: argparse.Namespace, target: Any) -> int:
@@ -114,7 +118,7 @@ def _status(args: argparse.Namespace, target: Any) -> int:
                     return 1
                 if not args.json and sys.stdout.isatty():
                     print("\x1b[H\x1b[2J", end="")
-                print(_render(answer["result"], args.json), flush=True)
+                print(_render(answer["result"], args.json, watch=True), flush=True)
                 await trio.sleep(max(0.2, args.watch))
 
     return trio.run(watch)

@@ -1,4 +1,10 @@
-"""`tokenbridge-client`: run the client service, or ask a running one for its status."""
+"""`tokenbridge-client`: run the client service, or ask a running one for its status.
+
+Exit codes (`protocol.runtime.cli`, docs/ops.md "Exit codes"): 0 ok; 1 a problem was found
+(check-config: the config is not usable; status: no answer, or the tunnel is not connected),
+the same with or without `--json`; 2 bad input (a command line that does not parse, a run
+with a config it cannot use); 130 interrupted.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +17,14 @@ import trio
 
 from bridge_client.config import DEFAULT_CONFIG, DEFAULT_STATUS_SOCKET, load_client_config
 from protocol.errors import BridgeError
+from protocol.runtime.cli import (
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_PROBLEM,
+    EXIT_USAGE,
+    add_version_option,
+    json_line,
+)
 from protocol.runtime.logging import configure_logging
 
 DESCRIPTION = """\
@@ -24,6 +38,7 @@ examples:
   tokenbridge-client status                                    tunnel, readers and lease
   tokenbridge-client status --json                             the same for scripts
   tokenbridge-client check-config --config client.yaml         validate a config file
+  tokenbridge-client check-config --json                       the same as one JSON document
 """
 
 
@@ -34,17 +49,27 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    add_version_option(parser)
     _common(parser, top=True)
     sub = parser.add_subparsers(dest="command")
     run = sub.add_parser("run", help="run the client (the default)")
     status = sub.add_parser("status", help="show the running client's tunnel, readers and lease")
-    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument("--json", action="store_true", help="machine-readable output (docs/client.md)")
+    status.add_argument(
+        "--watch",
+        nargs="?",
+        type=float,
+        const=2.0,
+        metavar="SECONDS",
+        help="refresh every SECONDS (default 2); with --json one document per line",
+    )
     status.add_argument(
         "--socket",
         type=Path,
         help=f"status socket (default: from the config, else {DEFAULT_STATUS_SOCKET})",
     )
-    check = sub.add_parser("check-config", help="validate the config file and exit")
+    check = sub.add_parser("check-config", help="validate the config file and exit (0 ok, 1 not)")
+    check.add_argument("--json", action="store_true", help="one JSON document: ok, config, problem, ...")
     for each in (run, status, check):
         _common(each, top=False)
     return parser
@@ -71,20 +96,50 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "status":
             return _status(args)
-        config = load_client_config(args.config)
         if args.command == "check-config":
-            print(f"{args.config}: ok ({len(config.readers)} reader(s), server {config.server_address})")
-            return 0
+            return _check(args)
+        config = load_client_config(args.config)
         configure_logging(level=args.log_level)
         from bridge_client.app import main_async
 
         trio.run(main_async, config)
-        return 0
+        return EXIT_OK
     except BridgeError as exc:
         print(f"tokenbridge-client: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
+
+
+def check_report(path: Path) -> dict[str, object]:
+    """What `check-config` found: `ok`, `config`, `problem` ("" when ok), `server`, `readers`."""
+    report: dict[str, object] = {
+        "ok": False,
+        "config": str(path),
+        "problem": "",
+        "server": None,
+        "readers": [],
+    }
+    try:
+        config = load_client_config(path)
+    except BridgeError as exc:
+        report["problem"] = str(exc)
+        return report
+    report.update(ok=True, server=str(config.server_address), readers=[r.token for r in config.readers])
+    return report
+
+
+def _check(args: argparse.Namespace) -> int:
+    report = check_report(args.config)
+    if args.json:
+        print(json.dumps(report))
+    elif report["ok"]:
+        readers = report["readers"]
+        assert isinstance(readers, list)
+        print(f"{args.config}: ok ({len(readers)} reader(s), server {report['server']})")
+    else:
+        print(f"tokenbridge-client: {report['problem']}", file=sys.stderr)
+    return EXIT_OK if report["ok"] else EXIT_PROBLEM
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -97,20 +152,36 @@ def _status(args: argparse.Namespace) -> int:
         except BridgeError:
             path = DEFAULT_STATUS_SOCKET
     try:
-        data = trio.run(fetch_status, path)
+        if args.watch is None:
+            return _show(args, trio.run(fetch_status, path))
+        return trio.run(_watch, args, path)
     except (OSError, trio.TooSlowError) as exc:
         print(
             f"tokenbridge-client: cannot read status from {path}: {exc}. Is the client running, and does "
             "its config set status.socket?",
             file=sys.stderr,
         )
-        return 1
+        return EXIT_PROBLEM
+
+
+def _show(args: argparse.Namespace, data: dict) -> int:  # type: ignore[type-arg]
+    """Print one snapshot; 1 when the tunnel is not connected, the same with `--json`."""
     if args.json:
-        print(json.dumps(data, indent=2))
-        return 0
-    print(render_status(data))
-    tunnel_ok = data["tunnel"]["state"] == "connected"
-    return 0 if tunnel_ok else 1
+        print(json_line(data) if args.watch is not None else json.dumps(data, indent=2), flush=True)
+    else:
+        print(render_status(data), flush=True)
+    return EXIT_OK if data["tunnel"]["state"] == "connected" else EXIT_PROBLEM
+
+
+async def _watch(args: argparse.Namespace, path: Path) -> int:
+    from bridge_client.status import fetch_status
+
+    while True:
+        data = await fetch_status(path)
+        if not args.json and sys.stdout.isatty():
+            print("\x1b[H\x1b[2J", end="")
+        _show(args, data)
+        await trio.sleep(max(0.2, args.watch))
 
 
 def render_status(data: dict) -> str:  # type: ignore[type-arg]

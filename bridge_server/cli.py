@@ -11,9 +11,10 @@ can be tried without the hardware.
 One server runs per state folder (`bridge_server.guard.instance_lock`): a second one started on
 the same config stops before it opens or removes anything, naming the PID that holds the lock.
 
-Exit codes of a run: 0 after a clean shutdown, 2 for a bad command line or config, 1 when the
-server could not start (TLS material, port in use, already running). `check-config` (like
-`nginx -t`): 0 the config and its TLS files are usable, 1 a problem was found, 2 bad usage.
+Exit codes (`protocol.runtime.cli`, the table in docs/ops.md): a run exits 0 after a clean
+shutdown, 2 for a bad command line or config, 1 when the server could not start (TLS material,
+port in use, already running). `check-config` (like `nginx -t`): 0 the config and its TLS files
+are usable, 1 a problem was found (`--json`: one document saying which), 2 bad usage.
 Failures are one line on stderr, `tokenbridge-server: WHAT`, never a traceback.
 """
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,12 +33,11 @@ import trio
 
 from bridge_server.config import ServerConfig, load_server_config
 from protocol.errors import BridgeError, ConfigError
+from protocol.runtime.address import Address
+from protocol.runtime.cli import EXIT_INTERRUPTED, EXIT_OK, EXIT_PROBLEM, EXIT_USAGE, add_version_option
 
 log = structlog.get_logger(__name__)
 
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
 DEFAULT_CONFIG: Final = Path("/etc/tokenbridge/server.yaml")
 LEVELS: Final = ["debug", "info", "warning", "error"]
 
@@ -72,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
         "  tokenbridge-server check-config --config /etc/tokenbridge/server.yaml   validate, start nothing\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    add_version_option(parser)
     _common(parser, top=True)
     _run_options(parser, top=True)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -84,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _common(check, top=False)
     _run_options(check, top=False)
+    check.add_argument(
+        "--json", action="store_true", help="one JSON document: ok, config, problem, listen, tokens"
+    )
     return parser
 
 
@@ -134,25 +139,42 @@ def main(argv: Sequence[str] | None = None) -> int:
     from protocol.runtime.logging import configure_logging
 
     configure_logging(level=args.log_level)
+    if args.command == "check-config":
+        return _check(args)
     try:
         config = load_config(args)
     except ConfigError as exc:
         print(f"tokenbridge-server: {exc}", file=sys.stderr)
-        return EXIT_FAILED if args.command == "check-config" else EXIT_USAGE
-    if args.command == "check-config":
-        return _check(config)
+        return EXIT_USAGE
     return _serve(config)
 
 
-def _check(config: ServerConfig) -> int:
+def check_report(args: argparse.Namespace) -> dict[str, object]:
+    """What `check-config` found: `ok`, `config`, `problem` ("" when ok), `listen`, `tokens`."""
+    report: dict[str, object] = {"ok": False, "config": str(args.config), "problem": "", "listen": None}
+    report["tokens"] = []
     try:
+        config = load_config(args)
+        report["listen"] = str(Address(config.host, config.port))
+        report["tokens"] = [t.name for t in config.tokens]
         check_config(config)
     except BridgeError as exc:
-        print(f"tokenbridge-server: {exc}", file=sys.stderr)
-        return EXIT_FAILED
-    names = ", ".join(t.name for t in config.tokens)
-    print(f"{config.path}: ok (listen {config.host}:{config.port}; tokens: {names}; TLS files load)")
-    return EXIT_OK
+        report["problem"] = str(exc)
+        return report
+    report["ok"] = True
+    return report
+
+
+def _check(args: argparse.Namespace) -> int:
+    report = check_report(args)
+    if args.json:
+        print(json.dumps(report))
+    elif report["ok"]:
+        names = ", ".join(map(str, report["tokens"]))  # type: ignore[call-overload]
+        print(f"{report['config']}: ok (listen {report['listen']}; tokens: {names}; TLS files load)")
+    else:
+        print(f"tokenbridge-server: {report['problem']}", file=sys.stderr)
+    return EXIT_OK if report["ok"] else EXIT_PROBLEM
 
 
 def _serve(config: ServerConfig) -> int:
@@ -170,8 +192,8 @@ def _serve(config: ServerConfig) -> int:
         if isinstance(exc, BridgeError | OSError):
             log.error("server.failed", error=describe(exc, config))
             print(f"tokenbridge-server: {describe(exc, config)}", file=sys.stderr)
-            return EXIT_FAILED
+            return EXIT_PROBLEM
         if isinstance(exc, KeyboardInterrupt):
-            return 130
+            return EXIT_INTERRUPTED
         raise
     return EXIT_OK

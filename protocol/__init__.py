@@ -45,6 +45,7 @@ PUBLIC_MODULES = (
     "protocol.vpcd",
     "protocol.wire",
     "protocol.runtime.address",
+    "protocol.runtime.cli",
     "protocol.runtime.config",
     "protocol.runtime.connect",
     "protocol.runtime.framed",

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import stat
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
+from cli_lines import read_lines
 from client_fakes import ATR, CLIENT_NAME, Certs
 
 from bridge_client import status as status_module
@@ -207,3 +209,40 @@ def test_status_without_a_running_client_says_what_to_check(
     err = capsys.readouterr().err
     assert f"cannot read status from {path}" in err
     assert "Is the client running, and does its config set status.socket?" in err
+
+
+async def test_status_json_exits_1_when_the_tunnel_is_down_like_the_table(
+    certs: Certs, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    app = make_app(certs, tmp_path)  # never connected
+    path = tmp_path / "client.sock"
+    async with trio.open_nursery() as nursery:
+        await nursery.start(serve_status, app, path)
+        capsys.readouterr()  # drop the daemon's own log lines
+        rc_json = await trio.to_thread.run_sync(main, ["status", "--socket", str(path), "--json"])
+        out_json = capsys.readouterr().out
+        rc_table = await trio.to_thread.run_sync(main, ["status", "--socket", str(path)])
+        nursery.cancel_scope.cancel()
+    assert json.loads(out_json)["tunnel"]["state"] != "connected"
+    assert (rc_json, rc_table) == (1, 1)
+
+
+async def test_status_watch_json_prints_one_snapshot_per_line(certs: Certs, tmp_path: Path) -> None:
+    app = connected_app(certs, tmp_path)
+    path = tmp_path / "client.sock"
+    async with trio.open_nursery() as nursery:
+        await nursery.start(serve_status, app, path)
+        argv = [
+            sys.executable,
+            "-m",
+            "bridge_client",
+            "status",
+            "--socket",
+            str(path),
+            "--watch",
+            "0.2",
+            "--json",
+        ]
+        lines = await read_lines(argv, 2)
+        nursery.cancel_scope.cancel()
+    assert [json.loads(line)["tunnel"]["state"] for line in lines] == ["connected", "connected"]

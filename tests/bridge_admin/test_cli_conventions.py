@@ -1,0 +1,113 @@
+"""The command-line conventions all three programs share (docs/ops.md "Exit codes"):
+`--version`, `--json` for check-config, one JSON document per line under `--watch --json`,
+exit 2 for bad input and 1 for a problem found, in every program alike."""
+
+from __future__ import annotations
+
+import json
+import sys
+import tomllib
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from admin_fixtures import Certs, running
+from cli_lines import read_lines
+
+from bridge_admin.cli import main as tokenbridge
+from bridge_client.cli import main as client
+from bridge_server.cli import main as server
+
+ROOT = Path(__file__).resolve().parents[2]
+PROGRAMS: list[tuple[str, Callable[[list[str]], int]]] = [
+    ("tokenbridge", tokenbridge),
+    ("tokenbridge-server", server),
+    ("tokenbridge-client", client),
+]
+DAEMONS = PROGRAMS[1:]
+
+
+def _exit_code(main: Callable[[list[str]], int], argv: list[str]) -> int:
+    try:
+        return main(argv)
+    except SystemExit as exc:  # argparse exits for --version, --help and bad usage
+        return int(exc.code or 0)
+
+
+@pytest.mark.parametrize(("prog", "main"), PROGRAMS)
+def test_every_program_prints_the_project_version(
+    prog: str, main: Callable[[list[str]], int], capsys: pytest.CaptureFixture[str]
+) -> None:
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert _exit_code(main, ["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"{prog} {version}"
+
+
+@pytest.mark.parametrize(("prog", "main"), PROGRAMS)
+def test_a_command_line_that_does_not_parse_exits_2(prog: str, main: Callable[[list[str]], int]) -> None:
+    assert _exit_code(main, ["--no-such-option"]) == 2
+
+
+@pytest.mark.parametrize(("prog", "main"), DAEMONS)
+def test_check_config_of_a_missing_file_is_a_problem_found_in_both_daemons(
+    prog: str, main: Callable[[list[str]], int], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "missing.yaml"
+    assert _exit_code(main, ["check-config", "--config", str(missing), "--json"]) == 1
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["ok"] is False
+    assert doc["config"] == str(missing)
+    assert f"{missing}: file not found" in doc["problem"]
+    assert _exit_code(main, ["check-config", "--config", str(missing)]) == 1
+    assert capsys.readouterr().err.startswith(f"{prog}: {missing}: file not found")
+
+
+def test_server_check_config_json_names_listen_and_tokens(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    Certs(tmp_path)
+    config = tmp_path / "server.yaml"
+    config.write_text(
+        'listen: "127.0.0.1:7447"\ntls: {ca: ca.pem, cert: localhost.pem, key: localhost.key}\n'
+        "tokens: [{name: codesign, match: {simulate: safenet-5110}, allow: [build-vm-01]}]\n"
+    )
+    assert server(["check-config", "--json", "--config", str(config)]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc == {
+        "ok": True,
+        "config": str(config),
+        "problem": "",
+        "listen": "127.0.0.1:7447",
+        "tokens": ["codesign"],
+    }
+    (tmp_path / "localhost.key").write_text("not a key\n")
+    assert server(["check-config", "--json", "--config", str(config)]) == 1
+    broken = json.loads(capsys.readouterr().out)
+    assert broken["ok"] is False and "localhost.key" in broken["problem"]
+
+
+def test_client_check_config_json_names_server_and_readers(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "client.yaml"
+    config.write_text(
+        'server: "tokenhost.example"\ntls: {ca: a, cert: b, key: c}\nreaders: [{token: codesign}]\n'
+    )
+    assert client(["check-config", "--json", "--config", str(config)]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert (doc["ok"], doc["server"], doc["readers"], doc["problem"]) == (
+        True,
+        "tokenhost.example:7447",
+        ["codesign"],
+        "",
+    )
+
+
+async def test_status_watch_json_prints_one_document_per_line(tmp_path: Path) -> None:
+    Certs(tmp_path)
+    async with running(tmp_path) as (_srv, _port):
+        argv = [sys.executable, "-m", "bridge_admin", "status", "--watch", "0.2", "--json"]
+        lines = await read_lines([*argv, "--socket", str(tmp_path / "control.sock")], 2)
+    docs = [json.loads(line) for line in lines]
+    assert [d["schema"] for d in docs] == [1, 1]
+    assert [d["tokens"][0]["name"] for d in docs] == ["codesign", "codesign"]
