@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
+import structlog
 import trio
 
 from bridge_client.config import DEFAULT_CONFIG, DEFAULT_STATUS_SOCKET, load_client_config
@@ -24,8 +26,11 @@ from protocol.runtime.cli import (
     EXIT_USAGE,
     add_version_option,
     json_line,
+    package_version,
 )
 from protocol.runtime.logging import configure_logging
+
+log = structlog.get_logger(__name__)
 
 DESCRIPTION = """\
 Show a token served by tokenbridge-server as a smart card in a local vpcd reader, so
@@ -98,8 +103,10 @@ def main(argv: list[str] | None = None) -> int:
             return _status(args)
         if args.command == "check-config":
             return _check(args)
-        config = load_client_config(args.config)
         configure_logging(level=args.log_level)
+        # The first line of every run: which build, which file (journalctl -u ... shows it per start).
+        log.info("client.starting", version=package_version(), config=str(args.config), pid=os.getpid())
+        config = load_client_config(args.config)
         from bridge_client.app import main_async
 
         trio.run(main_async, config)

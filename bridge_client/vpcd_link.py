@@ -44,7 +44,7 @@ from protocol.apdu import redact
 from protocol.errors import RemoteProtocolError
 from protocol.runtime.address import Address
 from protocol.runtime.connect import connect_error_cause
-from protocol.runtime.logging import debug_enabled
+from protocol.runtime.logging import RepeatLimiter, debug_enabled
 from protocol.vpcd import DEFAULT_PORT, MAX_ATR_LENGTH, Apdu, Closed, Control, VpcdCardSide, VpcdControl
 
 log = structlog.get_logger(__name__)
@@ -72,9 +72,13 @@ class VpcdLink:
     backoff: Backoff = field(default_factory=lambda: Backoff(initial_s=0.25, max_s=5.0))
     # How the vpcd connection is opened; tests pass a memory-stream factory.
     open_stream: Callable[[str, int], Awaitable[trio.abc.Stream]] = trio.open_tcp_stream
+    # `vpcd.unreachable` is logged the first time, then once per this many seconds at most
+    # (with `repeated=N`): a vpcd that stays down must not fill the journal.
+    unreachable_log_interval_s: float = 60.0
 
     def __post_init__(self) -> None:
         self.status = ReaderStatus()
+        self._repeats = RepeatLimiter(self.unreachable_log_interval_s, clock=trio.current_time)
 
     @property
     def address(self) -> Address:
@@ -104,15 +108,20 @@ class VpcdLink:
                     f"cannot connect to vpcd at {self.address}: {why} (is pcscd running "
                     "with vsmartcard-vpcd, and is this the slot's port?)"
                 )
-                log.warning(
-                    "vpcd.unreachable",
-                    token=self.token,
-                    port=self.port,
-                    reason=self.status.reason,
-                    retry_in_s=round(delay, 2),
-                )
+                repeated = self._repeats.check("vpcd.unreachable")
+                if repeated is not None:
+                    log.warning(
+                        "vpcd.unreachable",
+                        token=self.token,
+                        port=self.port,
+                        reason=self.status.reason,
+                        retry_in_s=round(delay, 2),
+                        repeated=repeated,
+                    )
                 await trio.sleep(delay)
                 continue
+            if (repeated := self._repeats.clear("vpcd.unreachable")) is not None:
+                log.info("vpcd.reachable", token=self.token, port=self.port, repeated=repeated)
             self.backoff.reset()
             try:
                 await self._serve(stream)

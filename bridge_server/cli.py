@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,7 +35,14 @@ import trio
 from bridge_server.config import ServerConfig, load_server_config
 from protocol.errors import BridgeError, ConfigError
 from protocol.runtime.address import Address
-from protocol.runtime.cli import EXIT_INTERRUPTED, EXIT_OK, EXIT_PROBLEM, EXIT_USAGE, add_version_option
+from protocol.runtime.cli import (
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_PROBLEM,
+    EXIT_USAGE,
+    add_version_option,
+    package_version,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -181,6 +189,8 @@ def _serve(config: ServerConfig) -> int:
     from bridge_server.app import serve_forever
     from bridge_server.guard.instance_lock import instance_lock
 
+    # The first line of every run: which build, which file (journalctl -u ... shows it per start).
+    log.info("server.starting", version=package_version(), config=str(config.path), pid=os.getpid())
     try:
         with instance_lock(config):
             trio.run(serve_forever, config)

@@ -335,8 +335,8 @@ async def run_listener(
     async with trio.open_nursery() as sessions:
         async with trio.open_nursery() as acceptors:
             await acceptors.start(partial(trio.serve_listeners, handler, listeners, handler_nursery=sessions))
-            addresses = [lst.socket.getsockname() for lst in listeners]
-            log.info("server.listening", addresses=[str(a) for a in addresses])
+            addresses = [Address(*lst.socket.getsockname()[:2]) for lst in listeners]
+            log.info("server.listening", addresses=[str(a) for a in addresses])  # "127.0.0.1:7447"
             task_status.started(listeners)
             await shutdown.wait()
             log.info("server.stopping", grace_period=grace_period_s, sessions=len(sessions.child_tasks))

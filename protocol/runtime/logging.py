@@ -8,6 +8,12 @@
   formatter both default to `show_locals=True`, which would put a VERIFY PIN in the log.
 - A final redactor drops any key that names a secret (`pin`, `puk`, `password`, ...). The
   daemons never hold PINs on purpose; this is the seatbelt, not the brakes.
+- Under systemd (stderr is the stream `JOURNAL_STREAM` names) every line starts with its syslog
+  priority, `<3>` error, `<4>` warning, `<6>` info, `<7>` debug (sd-daemon(3)): journald strips
+  the prefix and stores the priority, so `journalctl -p warning` filters. No libsystemd needed.
+- `RepeatLimiter`: a warning that repeats (a vpcd that is down, retried every few seconds) is
+  logged the first time, then at most once per interval with `repeated=N`, the number of
+  occurrences not logged since the last line.
 """
 
 from __future__ import annotations
@@ -16,7 +22,9 @@ import logging
 import os
 import re
 import sys
-from collections.abc import Mapping, MutableMapping
+import time
+from collections.abc import Callable, Hashable, Mapping, MutableMapping
+from dataclasses import dataclass
 from typing import Any, Final, TextIO
 
 import structlog
@@ -25,10 +33,14 @@ from structlog.typing import EventDict, Processor, WrappedLogger
 __all__ = [
     "LEVELS",
     "SECRET_KEY_WORDS",
+    "SYSLOG_PRIORITIES",
+    "RepeatLimiter",
     "configure_logging",
     "debug_enabled",
     "is_secret_key",
+    "plain_values",
     "redact_secrets",
+    "under_journald",
 ]
 
 LEVELS: Final[Mapping[str, int]] = {
@@ -37,6 +49,15 @@ LEVELS: Final[Mapping[str, int]] = {
     "warning": logging.WARNING,
     "error": logging.ERROR,
     "critical": logging.CRITICAL,
+}
+
+# sd-daemon(3) / syslog(3) priorities for the `<N>` line prefix journald reads.
+SYSLOG_PRIORITIES: Final[Mapping[int, int]] = {
+    logging.CRITICAL: 2,
+    logging.ERROR: 3,
+    logging.WARNING: 4,
+    logging.INFO: 6,
+    logging.DEBUG: 7,
 }
 
 # Words that make a key secret wherever they appear as a `_`/`-`/`.`-separated part of it:
@@ -72,11 +93,18 @@ def _redact(mapping: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     return mapping
 
 
-def configure_logging(*, level: str = "info", json: bool | None = None, stream: TextIO | None = None) -> None:
+def configure_logging(
+    *,
+    level: str = "info",
+    json: bool | None = None,
+    stream: TextIO | None = None,
+    journal: bool | None = None,
+) -> None:
     """Configure structlog and stdlib logging once, from the daemon's `main()`.
 
     `json=None` picks JSON when `stream` (default stderr) is not a TTY or `JOURNAL_STREAM` is
-    set. Calling it again replaces the previous configuration.
+    set. `journal=None` prefixes each line with its syslog priority when the stream is the one
+    `JOURNAL_STREAM` names (`under_journald`). Calling it again replaces the configuration.
     """
     try:
         numeric_level = LEVELS[level.lower()]
@@ -85,6 +113,8 @@ def configure_logging(*, level: str = "info", json: bool | None = None, stream: 
     out = stream if stream is not None else sys.stderr
     if json is None:
         json = bool(os.environ.get("JOURNAL_STREAM")) or not _isatty(out)
+    if journal is None:
+        journal = under_journald(out)
 
     shared: list[Processor] = [
         structlog.contextvars.merge_contextvars,
@@ -108,8 +138,9 @@ def configure_logging(*, level: str = "info", json: bool | None = None, stream: 
     )
     handler = logging.StreamHandler(out)
     setattr(handler, _HANDLER_FLAG, True)
+    formatter = _JournalFormatter if journal else structlog.stdlib.ProcessorFormatter
     handler.setFormatter(
-        structlog.stdlib.ProcessorFormatter(
+        formatter(
             foreign_pre_chain=shared,
             processors=[
                 structlog.stdlib.ProcessorFormatter.remove_processors_meta,
@@ -125,6 +156,66 @@ def configure_logging(*, level: str = "info", json: bool | None = None, stream: 
     root.setLevel(numeric_level)
 
 
+def under_journald(stream: TextIO, environ: Mapping[str, str] | None = None) -> bool:
+    """Whether `stream` is connected to the journal: `JOURNAL_STREAM` is `DEV:INODE` of that very
+    file (systemd.exec(5)); a child whose stderr was redirected elsewhere inherits the variable
+    but not the stream, and must not prefix its lines."""
+    value = (os.environ if environ is None else environ).get("JOURNAL_STREAM", "")
+    dev, _, ino = value.partition(":")
+    try:
+        st = os.fstat(stream.fileno())
+        return (st.st_dev, st.st_ino) == (int(dev), int(ino))
+    except (AttributeError, OSError, ValueError):  # no fileno (a StringIO), or a malformed value
+        return False
+
+
+class _JournalFormatter(structlog.stdlib.ProcessorFormatter):
+    """Each line prefixed with `<N>`, its syslog priority (sd-daemon(3))."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        priority = SYSLOG_PRIORITIES.get(record.levelno, 6 if record.levelno < logging.WARNING else 3)
+        return f"<{priority}>" + super().format(record)
+
+
+@dataclass
+class _Run:
+    logged_at: float
+    suppressed: int = 0
+
+
+class RepeatLimiter:
+    """Log the first of a run of repeated events, then at most one line per `interval_s`.
+
+    `check(key)` says whether to log this occurrence: None to drop it, else the number of
+    occurrences dropped since the last logged one (log it as `repeated=N` when N > 0).
+    `clear(key)` ends the run (the condition went away) and returns what was dropped since the
+    last line, so the recovery line can say it (None when there was no run). `clock` is
+    monotonic seconds: the daemons pass `trio.current_time`, so tests drive it with trio's
+    `autojump_clock`.
+    """
+
+    def __init__(self, interval_s: float = 60.0, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval_s = interval_s
+        self.clock = clock
+        self._runs: dict[Hashable, _Run] = {}
+
+    def check(self, key: Hashable) -> int | None:
+        now = self.clock()
+        run = self._runs.get(key)
+        if run is None:
+            self._runs[key] = _Run(logged_at=now)
+            return 0
+        if now - run.logged_at < self.interval_s:
+            run.suppressed += 1
+            return None
+        dropped, run.logged_at, run.suppressed = run.suppressed, now, 0
+        return dropped
+
+    def clear(self, key: Hashable) -> int | None:
+        run = self._runs.pop(key, None)
+        return None if run is None else run.suppressed
+
+
 def debug_enabled(name: str) -> bool:
     """Whether a DEBUG event from logger `name` would be kept; guards per-APDU debug lines.
 
@@ -138,6 +229,19 @@ def debug_enabled(name: str) -> bool:
     return logging.getLogger(name).isEnabledFor(logging.DEBUG)
 
 
+_NATIVE: Final = (str, int, float, bool, type(None), list, tuple, dict)
+_UNTOUCHED_KEYS: Final = frozenset({"exc_info", "stack_info", "_record", "_from_structlog"})
+
+
+def plain_values(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
+    """Values as people read them: a path, an address, an exception as their `str()`, never a
+    repr (`PosixPath('/etc/x')`, `Address(host=...)`). JSON-native values stay as they are."""
+    for key, value in event_dict.items():
+        if key not in _UNTOUCHED_KEYS and not isinstance(value, _NATIVE):
+            event_dict[key] = str(value)
+    return event_dict
+
+
 def _render_chain(*, json: bool) -> list[Processor]:
     if json:
         return [
@@ -145,10 +249,12 @@ def _render_chain(*, json: bool) -> list[Processor]:
             structlog.processors.ExceptionRenderer(
                 structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
             ),
+            plain_values,
             redact_secrets,
             structlog.processors.JSONRenderer(),
         ]
     return [
+        plain_values,
         redact_secrets,
         # plain_traceback: Rich's formatter would default to show_locals=True.
         structlog.dev.ConsoleRenderer(exception_formatter=structlog.dev.plain_traceback),

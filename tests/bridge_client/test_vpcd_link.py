@@ -278,7 +278,9 @@ async def test_an_unreachable_vpcd_is_retried_with_backoff_and_reported_in_statu
         assert trio.current_time() - start == 2.75
         assert await vpcd.get_atr() == ATR
     assert link.status.state == "inserted"
-    assert [e["retry_in_s"] for e in logs if e["event"] == "vpcd.unreachable"] == [0.25, 0.5, 1.0, 1.0]
+    # four failures within a minute: the first is logged, the recovery line counts the rest
+    assert [e["retry_in_s"] for e in logs if e["event"] == "vpcd.unreachable"] == [0.25]
+    assert [e["repeated"] for e in logs if e["event"] == "vpcd.reachable"] == [3]
     assert link.backoff.failures == 0
 
 
@@ -327,3 +329,29 @@ async def test_the_real_tcp_path_to_a_loopback_vpcd_works(nursery: trio.Nursery,
         assert await vpcd.response() == b"\x6a\x82"  # a card's status word is data, forwarded as is
     await vpcd.stream.aclose()
     await listeners[0].aclose()
+
+
+async def test_a_vpcd_that_stays_down_is_logged_once_per_interval_with_the_count(
+    nursery: trio.Nursery, certs: Certs, autojump_clock: trio.testing.MockClock
+) -> None:
+    tunnel, _, _ = await open_tunnel(nursery, certs)
+    net = MemoryNet()
+    net.failure = refused()
+    link = VpcdLink(
+        tunnel,
+        "codesign",
+        port=35964,
+        backoff=Backoff(initial_s=0.25, max_s=0.25, jitter=0.0),
+        open_stream=net,
+        unreachable_log_interval_s=1.0,
+    )
+    with capture_logs() as logs:
+        await nursery.start(link.run)
+        await trio.sleep(5.9)  # virtual time: 24 failed attempts, at 0, 0.25, ... 5.75 s
+        net.failure = None
+        await inserted(net)
+    assert len(net.attempts) == 25
+    unreachable = [e["repeated"] for e in logs if e["event"] == "vpcd.unreachable"]
+    assert unreachable == [0, 3, 3, 3, 3, 3]  # 6 lines for 24 failures, each counting the ones left out
+    assert [e["repeated"] for e in logs if e["event"] == "vpcd.reachable"] == [3]
+    assert all(e["log_level"] == "warning" for e in logs if e["event"] == "vpcd.unreachable")
