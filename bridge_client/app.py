@@ -11,9 +11,11 @@ import trio
 from bridge_client import service
 from bridge_client.backoff import Backoff
 from bridge_client.config import ClientConfig
+from bridge_client.metrics import client_registry
 from bridge_client.status import serve_status
 from bridge_client.tunnel import Tunnel
 from bridge_client.vpcd_link import VpcdLink
+from protocol.runtime.metrics import serve_metrics
 from protocol.runtime.sdnotify import SystemdNotifier, run_watchdog
 from protocol.runtime.tls import client_context
 
@@ -45,6 +47,8 @@ class ClientApp:
             )
             for r in cfg.readers
         ]
+        self.metrics = client_registry(self)  # this instance's own registry (bridge_client/metrics.py)
+        self.metrics_listeners: list[trio.SocketListener] = []
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -53,6 +57,11 @@ class ClientApp:
                 await nursery.start(link.run)
             if self.config.status_socket is not None:
                 await nursery.start(serve_status, self, self.config.status_socket)
+            if self.config.metrics_listen is not None:
+                where = self.config.metrics_listen
+                self.metrics_listeners = await nursery.start(
+                    serve_metrics, self.metrics, where.host, where.port
+                )
             nursery.start_soon(run_watchdog, self.notifier)
             nursery.start_soon(self._announce_ready)
             log.info(

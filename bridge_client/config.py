@@ -40,6 +40,7 @@ DEFAULT_PORT = wire.DEFAULT_PORT
 VPCD_BASE_PORT = vpcd_protocol.DEFAULT_PORT  # reader slot n connects to VPCD_BASE_PORT + n
 DEFAULT_CONFIG = Path("/etc/tokenbridge/client.yaml")
 DEFAULT_STATUS_SOCKET = Path("/run/tokenbridge/client.sock")
+DEFAULT_METRICS_PORT = 9448  # the server's is 9447: both can run on one machine
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,7 @@ class ClientConfig:
     reconnect_max_s: float = 30.0
     connect_timeout_s: float = 10.0
     status_socket: Path | None = None
+    metrics_listen: Address | None = None  # opt-in Prometheus endpoint (bridge_client/metrics.py)
 
     @property
     def server_address(self) -> Address:
@@ -97,7 +99,9 @@ def parse_tls_files(raw: dict[str, Any], path: Path) -> TlsFiles:
 
 
 def parse_client_config(raw: dict[str, Any], path: Path) -> ClientConfig:
-    reject_unknown(raw, ["server", "server_name", "tls", "readers", "lease", "reconnect", "status"], path)
+    reject_unknown(
+        raw, ["server", "server_name", "tls", "readers", "lease", "reconnect", "status", "metrics"], path
+    )
     server = require_str(raw, "server", path)
     try:
         server_address = parse_address(server, DEFAULT_PORT)
@@ -132,7 +136,21 @@ def parse_client_config(raw: dict[str, Any], path: Path) -> ClientConfig:
         )
         or 10.0,
         status_socket=resolve_path(status_socket, path) if status_socket else None,
+        metrics_listen=_metrics_listen(raw, path),
     )
+
+
+def _metrics_listen(raw: dict[str, Any], path: Path) -> Address | None:
+    """`metrics: {listen: HOST:PORT}` (a bare host gets 9448, beside the server's 9447)."""
+    metrics = optional_mapping(raw, "metrics", path) or {}
+    reject_unknown(metrics, ["listen"], path, "metrics")
+    listen = optional_str(metrics, "listen", path, prefix="metrics")
+    if listen is None:
+        return None
+    try:
+        return parse_address(listen, DEFAULT_METRICS_PORT, listen=True)
+    except ValueError as exc:
+        raise ConfigError(str(path), "metrics.listen", str(exc)) from None
 
 
 def _queue_timeout(lease: dict[str, Any], path: Path) -> float:

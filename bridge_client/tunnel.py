@@ -185,6 +185,7 @@ class Tunnel:
         self.status.state, self.status.reason = "connected", ""
         self.status.server, self.status.identity = first.server, first.identity
         self.status.connected_since = time.time()
+        self.status.connects += 1
         self._notify()
         log.info("tunnel.connected", peer=str(self.address), server=first.server, client_id=first.identity)
         interval = max(0.05, first.heartbeat_interval)

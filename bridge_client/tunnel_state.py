@@ -66,3 +66,4 @@ class TunnelStatus:
     connected_since: float | None = None
     rtt_ms: float | None = None
     attempts: int = 0
+    connects: int = 0  # attempts that reached Welcome (for /metrics: reconnects = connects - 1)

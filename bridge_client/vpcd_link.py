@@ -45,6 +45,7 @@ from protocol.errors import RemoteProtocolError
 from protocol.runtime.address import Address
 from protocol.runtime.connect import connect_error_cause
 from protocol.runtime.logging import RepeatLimiter, debug_enabled
+from protocol.runtime.metrics import WAIT_BUCKETS_S, DurationHistogram
 from protocol.vpcd import DEFAULT_PORT, MAX_ATR_LENGTH, Apdu, Closed, Control, VpcdCardSide, VpcdControl
 
 log = structlog.get_logger(__name__)
@@ -58,6 +59,8 @@ class ReaderStatus:
     reason: str = "waiting for the token"
     apdus: int = 0
     inserted_since: float | None = None
+    # Lease request to grant, as this reader waited (for /metrics; the server has its own).
+    lease_wait: DurationHistogram = field(default_factory=lambda: DurationHistogram(WAIT_BUCKETS_S))
 
 
 @dataclass
@@ -221,8 +224,11 @@ class VpcdLink:
         return b""
 
     async def _on_apdu(self, apdu: bytes) -> bytes:
+        asked_at = None if self._tok.epoch is not None else trio.current_time()
         with trio.fail_after(self.queue_timeout_s):
             await self.tunnel.acquire_lease(self.token)
+        if asked_at is not None:
+            self.status.lease_wait.observe(trio.current_time() - asked_at)
         if debug_enabled(__name__):  # per APDU: skip building the event at INFO
             log.debug("apdu.sent", token=self.token, apdu=redact(apdu))
         response = await self.tunnel.exchange(self.token, lambda seq: ccid.xfr_block(seq, apdu))
