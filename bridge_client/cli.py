@@ -18,6 +18,7 @@ import structlog
 import trio
 
 from bridge_client.config import DEFAULT_CONFIG, DEFAULT_STATUS_SOCKET, load_client_config
+from protocol.display import format_duration
 from protocol.errors import BridgeError
 from protocol.runtime.cli import (
     EXIT_INTERRUPTED,
@@ -197,7 +198,8 @@ def render_status(data: dict) -> str:  # type: ignore[type-arg]
     if t["reason"]:
         lines.append(f"         {t['reason']}")
     if t["rtt_ms"] is not None:
-        lines.append(f"         rtt {t['rtt_ms']} ms, connected for {t['connected_for_s']} s")
+        since = format_duration(t["connected_for_s"])
+        lines.append(f"         rtt {t['rtt_ms']:.1f}ms, connected for {since}")
     lines.append("")
     lines.append(f"{'TOKEN':<16} {'VPCD':<18} {'CARD':<18} {'LEASE':<14} DETAIL")
     for r in data["readers"]:

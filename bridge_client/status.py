@@ -19,6 +19,7 @@ import trio
 from bridge_client.config import ClientConfig
 from bridge_client.tunnel import Tunnel
 from bridge_client.vpcd_link import VpcdLink
+from protocol.display import format_atr
 
 log = structlog.get_logger(__name__)
 
@@ -52,7 +53,7 @@ def snapshot(app: StatusSource) -> dict[str, Any]:
                 "apdus": link.status.apdus,
                 "token_present": tok.present,
                 "allowed": tok.allowed,
-                "atr": tok.atr.hex().upper(),
+                "atr": format_atr(tok.atr),
                 "server_state": tok.server_state,
                 "lease": None
                 if tok.epoch is None

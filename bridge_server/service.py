@@ -29,6 +29,7 @@ from bridge_server.net.hub import Hub
 from bridge_server.net.rights import apply_rights
 from bridge_server.observe.reloads import ReloadOutcome
 from bridge_server.tokens.manager import TokenManager
+from protocol.display import TokenState
 from protocol.errors import ConfigError
 from protocol.runtime.sdnotify import Notifier
 
@@ -42,9 +43,9 @@ _RESTART_SECTIONS: Final = ("pin_guard", "audit", "control", "limits", "heartbea
 
 
 def token_state(name: str, present: bool, holder: str | None) -> str:
-    if not present:
-        return f"{name} absent"
-    return f"{name} leased by {holder}" if holder else f"{name} free"
+    """`codesign idle`, `codesign leased by build-vm-01`, `codesign absent` (protocol.display words)."""
+    state = TokenState.of(present=present, leased=holder is not None)
+    return f"{name} {state} by {holder}" if state is TokenState.LEASED else f"{name} {state}"
 
 
 def status_line(tokens: Iterable[tuple[str, bool, str | None]], connections: int) -> str:

@@ -16,7 +16,8 @@ Pure (no I/O, clock or concurrency; tests/protocol/test_purity.py):
 - `protocol.ccid`, `protocol.apdu`, `protocol.atr`, `protocol.t1`: smart-card codecs
   (CCID messages, APDUs, ATRs, the T=1 block protocol for both reader and card);
 - `protocol.ccid_stream`: CCID messages assembled from bulk-IN transfers of any size;
-- `protocol.vpcd`: vsmartcard's vpcd socket protocol.
+- `protocol.vpcd`: vsmartcard's vpcd socket protocol;
+- `protocol.display`: how token states, ATRs and durations are shown to people.
 
 Runtime helpers (they do I/O; the daemons share them):
 
@@ -39,6 +40,7 @@ PUBLIC_MODULES = (
     "protocol.ccid",
     "protocol.ccid_stream",
     "protocol.connection",
+    "protocol.display",
     "protocol.errors",
     "protocol.t1",
     "protocol.vocabulary",

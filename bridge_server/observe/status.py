@@ -18,6 +18,7 @@ from bridge_server import SERVER_SOFTWARE
 from bridge_server.net.reload import crl_state
 from bridge_server.tokens.manager import TokenManager
 from bridge_server.view import ServerView
+from protocol.display import TokenState, format_atr, format_duration
 
 SCHEMA_VERSION: Final = 1
 EXPIRY_WARNING_DAYS: Final = 30
@@ -34,14 +35,10 @@ def pin_guard_state(server: ServerView, token: str) -> dict[str, Any]:
 
 
 def token_state(present: bool, leased: bool, guard: dict[str, Any]) -> str:
-    """idle / leased / guarded / locked / absent (docs/status.md)."""
-    if not present:
-        return "absent"
-    if guard.get("locked"):
-        return "locked"
-    if guard.get("engaged"):
-        return "guarded"
-    return "leased" if leased else "idle"
+    """idle / leased / guarded / locked / absent (`protocol.display.TokenState`, docs/status.md)."""
+    return TokenState.of(
+        present=present, leased=leased, guarded=bool(guard.get("engaged")), locked=bool(guard.get("locked"))
+    )
 
 
 def _iso(wall: float) -> str:
@@ -84,7 +81,7 @@ def _token(server: ServerView, tok: TokenManager, now: float, wall: float) -> di
         "simulated": tok.simulated is not None,
         "present": tok.present,
         "refused_device": tok.device.refused_serial,  # F5: another serial where this token was
-        "atr": tok.atr.hex() if tok.present else "",
+        "atr": format_atr(tok.atr) if tok.present else "",
         "state": token_state(tok.present, holder is not None, guard),
         "holder": held,
         "queue": queue,
@@ -235,13 +232,6 @@ def _state_warnings(server: ServerView) -> list[dict[str, Any]]:
 # -- table -------------------------------------------------------------------------------------
 
 
-def _dur(seconds: float | None) -> str:
-    if seconds is None:
-        return "?"
-    s = int(seconds)
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
-
-
 def _guard_text(guard: dict[str, Any]) -> str:
     if not guard.get("available"):
         return "n/a"
@@ -252,7 +242,7 @@ def render_table(doc: dict[str, Any]) -> str:
     """The human view of a status document."""
     srv = doc["server"]
     lines = [
-        f"server   {srv['version']}  up {_dur(srv['uptime_s'])}  "
+        f"server   {srv['version']}  up {format_duration(srv['uptime_s'])}  "
         f"listening on {', '.join(srv['listen']) or '-'}",
         "",
         f"{'TOKEN':<14} {'VID:PID':<10} {'SERIAL':<14} {'STATE':<8} {'HOLDER':<24} {'QUEUE':<28} "
@@ -260,8 +250,8 @@ def render_table(doc: dict[str, Any]) -> str:
     ]
     for t in doc["tokens"]:
         h = t["holder"]
-        holder = f"{h['identity']} ({_dur(h['held_s'])})" if h else "-"
-        queue = ", ".join(f"{q['identity']} ({_dur(q['waiting_s'])})" for q in t["queue"]) or "-"
+        holder = f"{h['identity']} ({format_duration(h['held_s'])})" if h else "-"
+        queue = ", ".join(f"{q['identity']} ({format_duration(q['waiting_s'])})" for q in t["queue"]) or "-"
         lines.append(
             f"{t['name']:<14} {t['vid_pid'] or '-':<10} {t['serial'] or '-':<14} {t['state']:<8} "
             f"{holder:<24} "
@@ -271,7 +261,9 @@ def render_table(doc: dict[str, Any]) -> str:
     for c in doc["clients"]:
         rtt = "-" if c["rtt_ms"] is None else f"{c['rtt_ms']:.1f}ms"
         role = " (admin)" if c["admin"] else ""
-        lines.append(f"{c['identity'] + role:<24} {c['address']:<22} {_dur(c['connected_s']):<10} {rtt:>8}")
+        lines.append(
+            f"{c['identity'] + role:<24} {c['address']:<22} {format_duration(c['connected_s']):<10} {rtt:>8}"
+        )
     if not doc["clients"]:
         lines.append("(none)")
     for w in doc["warnings"]:

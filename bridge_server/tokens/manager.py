@@ -67,6 +67,7 @@ from bridge_server.tokens.virtual_reader import VirtualReader
 from protocol import wire
 from protocol.apdu import SW_UNKNOWN
 from protocol.ccid import CcidMessage, MessageType, decode_message
+from protocol.display import TokenState
 from protocol.errors import MalformedCcidMessageError
 from protocol.vocabulary import ErrorCode
 
@@ -161,7 +162,7 @@ class TokenManager:
         return sub.admin or sub.may_use(self.config.allow)
 
     def status_for(self, sub: Subscriber) -> wire.TokenStatus:
-        state = "absent" if not self.present else "leased" if self.book.holder else "free"
+        state = TokenState.of(present=self.present, leased=self.book.holder is not None)
         return wire.TokenStatus(
             token_id=self.token_id,
             name=self.name,

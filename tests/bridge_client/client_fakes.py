@@ -174,7 +174,7 @@ class FakeServer:
         present: bool = True,
         allowed: bool = True,
         atr: bytes = ATR,
-        state: str = "free",
+        state: str = "idle",
     ) -> None:
         await self.send(
             wire.TokenStatus(

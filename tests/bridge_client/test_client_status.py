@@ -92,7 +92,7 @@ EXPECTED: dict[str, Any] = {
 
 TABLE = """\
 tunnel   connected to tokenhost.test:7447 as build-vm-01
-         rtt 1.5 ms, connected for 12.3 s
+         rtt 1.5ms, connected for 12s
 
 TOKEN            VPCD               CARD               LEASE          DETAIL
 codesign         127.0.0.1:35963    inserted           epoch 41

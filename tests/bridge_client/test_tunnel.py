@@ -314,7 +314,7 @@ async def test_token_status_updates_the_token_table_and_wakes_waiters(
             True,
             True,
             ATR,
-            "free",
+            "idle",
         )
         await server.token(present=False, state="absent")
         await wait_until(tunnel, lambda: not tok.present)

@@ -95,7 +95,7 @@ async def test_welcome_comes_first_then_token_status_after_hello(nursery: trio.N
         await client.send(wire.ClientHello(version=1, software="test"))
         status = await client.receive()
         assert status == wire.TokenStatus(
-            token_id=0, name="codesign", present=True, allowed=True, atr=ATR, state="free"
+            token_id=0, name="codesign", present=True, allowed=True, atr=ATR, state="idle"
         )
 
 

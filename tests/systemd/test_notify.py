@@ -45,7 +45,7 @@ def test_server_sends_ready_only_once_the_token_is_reset_and_the_listener_serves
         assert '"device.attached"' in log_at_ready
         assert '"server.listening"' in log_at_ready
         assert all("READY" not in d.fields for d in notify.received[:-1])
-        assert ready.fields["STATUS"] == "codesign free; 0 connection(s)"
+        assert ready.fields["STATUS"] == "codesign idle; 0 connection(s)"
         proc.signal(signal.SIGTERM)
         notify.wait_for("STOPPING", timeout=20, value="1")
         assert proc.proc.wait(timeout=20) == 0

@@ -115,7 +115,7 @@ def test_reload_plan_applies_allow_admins_and_lease_but_defers_token_match(tmp_p
 
 def test_status_line_names_each_token_state_and_the_connections() -> None:
     line = status_line([("codesign", True, "build-vm-01"), ("spare", False, None), ("ev", True, None)], 3)
-    assert line == "codesign leased by build-vm-01; spare absent; ev free; 3 connection(s)"
+    assert line == "codesign leased by build-vm-01; spare absent; ev idle; 3 connection(s)"
     assert len(status_line([(f"token-{i}", True, None) for i in range(40)], 0)) == 200
 
 
