@@ -18,10 +18,11 @@ from typing import Final
 from cryptography import x509
 from prometheus_client import CollectorRegistry
 
-from bridge_server import SERVER_SOFTWARE
+from bridge_server.observe.reloads import ReloadOutcome
 from bridge_server.observe.status import crl_status, pin_guard_state
 from bridge_server.tokens.manager import TokenManager
 from bridge_server.view import ServerView
+from protocol.runtime.cli import package_version
 from protocol.runtime.metrics import (
     Metric,
     TableCollector,
@@ -98,9 +99,8 @@ def _certificate_expiry(s: ServerView) -> Rows:
     return rows
 
 
-def _reloads(s: ServerView, field: str) -> Rows:
-    outcomes = {"config": s.config_reload, "tls": s.tls_reload}
-    return [((what,), getattr(o, field)) for what, o in outcomes.items()]
+def _reloads(read: Callable[[ReloadOutcome], Value]) -> Callable[[ServerView], Rows]:
+    return lambda s: [(("config",), read(s.config_reload)), (("tls",), read(s.tls_reload))]
 
 
 # fmt: off
@@ -147,18 +147,19 @@ SERVER_METRICS: Final[tuple[Metric[ServerView], ...]] = (
     gauge("tokenbridge_crl_stale", "1 once the CRL in force is past next_update (fail closed)", (),
           _crl_value("stale")),
     gauge("tokenbridge_reload_successful", "1 when the last reload (config or tls) succeeded", ("what",),
-          lambda s: _reloads(s, "ok")),
+          _reloads(lambda o: o.ok)),
     gauge("tokenbridge_reload_last_success_timestamp_seconds",
           "when config or tls last loaded successfully (unix time; the start counts)", ("what",),
-          lambda s: _reloads(s, "success_at")),
+          _reloads(lambda o: o.success_at)),
 )
 # fmt: on
 
 
 def server_registry(server: ServerView) -> CollectorRegistry:
     """The registry one server instance serves on /metrics (its own, not the process default)."""
-    version = SERVER_SOFTWARE.rpartition("/")[2]
-    return new_registry(TableCollector(SERVER_METRICS, server), prefix="tokenbridge", version=version)
+    return new_registry(
+        TableCollector(SERVER_METRICS, server), prefix="tokenbridge", version=package_version()
+    )
 
 
 def server_rows(server: ServerView) -> list[tuple[str, float, dict[str, str]]]:
