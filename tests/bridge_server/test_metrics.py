@@ -172,5 +172,14 @@ def _documented_metrics() -> set[str]:
     return set(re.findall(r"^\| `(tokenbridge_[a-z_]+)`", section, flags=re.MULTILINE))
 
 
-def test_every_server_metric_is_documented_and_every_documented_one_exists() -> None:
-    assert _documented_metrics() == {m.name for m in SERVER_METRICS} | {"tokenbridge_build_info"}
+async def test_the_exposition_has_exactly_the_documented_metrics(tmp_path: Path) -> None:
+    Certs(tmp_path)
+    async with running(tmp_path) as (srv, _port):
+        text = http_response(b"GET /metrics HTTP/1.0\r\n\r\n", srv.metrics).decode().split("\r\n\r\n", 1)[1]
+    exported = {
+        fam.name + ("_total" if fam.type == "counter" else "")
+        for fam in text_string_to_metric_families(text)
+        if fam.name.startswith("tokenbridge_")
+    }
+    assert exported == _documented_metrics()
+    assert {m.name for m in SERVER_METRICS} | {"tokenbridge_build_info"} == exported
