@@ -160,7 +160,8 @@ class TableCollector(Collector, Generic[S]):
 
 def new_registry(collector: Collector, *, prefix: str, version: str) -> CollectorRegistry:
     """A registry of its own: the daemon's table, `<prefix>_build_info`, process and Python metrics."""
-    registry = CollectorRegistry(auto_describe=True)
+    # auto_describe=False: registering must not run a scrape (the daemon is still being built).
+    registry = CollectorRegistry(auto_describe=False)
     registry.register(collector)
     registry.register(_BuildInfo(prefix, version))
     ProcessCollector(registry=registry)

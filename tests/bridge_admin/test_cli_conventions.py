@@ -111,3 +111,12 @@ async def test_status_watch_json_prints_one_document_per_line(tmp_path: Path) ->
     docs = [json.loads(line) for line in lines]
     assert [d["schema"] for d in docs] == [1, 1]
     assert [d["tokens"][0]["name"] for d in docs] == ["codesign", "codesign"]
+
+
+def test_every_program_that_reads_a_config_has_a_default_path() -> None:
+    from bridge_client.cli import build_parser as client_parser
+    from bridge_server.cli import build_parser as server_parser
+
+    for argv in ([], ["check-config"]):
+        assert server_parser().parse_args(argv).config == Path("/etc/tokenbridge/server.yaml")
+        assert client_parser().parse_args(argv).config == Path("/etc/tokenbridge/client.yaml")
