@@ -22,6 +22,7 @@ from bridge_server.usb.transport import AsyncUsbDevice, UsbCcidDevice, find_ccid
 from protocol import ccid
 from protocol.atr import Atr
 from protocol.ccid import CcidClassDescriptor, ExchangeLevel, Feature, MessageType
+from protocol.display import format_atr
 from protocol.errors import MalformedCcidMessageError
 
 MAX_TRACE: Final = 256  # a bounded recorder: the power-up needs ~5 messages, a replug ~5 more
@@ -222,11 +223,11 @@ def describe_ccid(desc: CcidClassDescriptor, features: int) -> dict[str, Any]:
 def describe_atr(atr: Atr) -> dict[str, Any]:
     groups = [{k: f"0x{v:02X}" for k, v in group.items()} for group in atr.interface_bytes]
     return {
-        "raw": atr.raw.hex(" ").upper(),
+        "raw": format_atr(atr.raw),  # the ATR as status and the client show it (protocol.display)
         "TS": f"0x{atr.ts:02X} ({'direct' if atr.ts == 0x3B else 'inverse'} convention)",
         "T0": f"0x{atr.t0:02X}",
         "interface_bytes": groups,
-        "historical": atr.historical.hex(" ").upper(),
+        "historical": format_atr(atr.historical),
         "historical_text": "".join(chr(b) if 0x20 <= b < 0x7F else "." for b in atr.historical),
         "TCK": None if atr.tck is None else f"0x{atr.tck:02X}",
         "protocols": list(atr.protocols),

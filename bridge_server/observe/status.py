@@ -36,9 +36,10 @@ def pin_guard_state(server: ServerView, token: str) -> dict[str, Any]:
 
 def token_state(present: bool, leased: bool, guard: dict[str, Any]) -> str:
     """idle / leased / guarded / locked / absent (`protocol.display.TokenState`, docs/status.md)."""
-    return TokenState.of(
+    state = TokenState.of(
         present=present, leased=leased, guarded=bool(guard.get("engaged")), locked=bool(guard.get("locked"))
     )
+    return str(state)  # a plain str: the admin wire result takes JSON values only
 
 
 def _iso(wall: float) -> str:

@@ -162,7 +162,7 @@ class TokenManager:
         return sub.admin or sub.may_use(self.config.allow)
 
     def status_for(self, sub: Subscriber) -> wire.TokenStatus:
-        state = TokenState.of(present=self.present, leased=self.book.holder is not None)
+        state = str(TokenState.of(present=self.present, leased=self.book.holder is not None))
         return wire.TokenStatus(
             token_id=self.token_id,
             name=self.name,

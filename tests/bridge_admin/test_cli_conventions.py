@@ -5,12 +5,14 @@ exit 2 for bad input and 1 for a problem found, in every program alike."""
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 from admin_fixtures import Certs, running
 from cli_lines import read_lines
 
@@ -25,6 +27,19 @@ PROGRAMS: list[tuple[str, Callable[[list[str]], int]]] = [
     ("tokenbridge-client", client),
 ]
 DAEMONS = PROGRAMS[1:]
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    """`main()` configures logging on the captured stderr; later tests must not write to it."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in list(root.handlers):
+        if handler not in handlers:
+            root.removeHandler(handler)
+    root.setLevel(level)
+    structlog.reset_defaults()
 
 
 def _exit_code(main: Callable[[list[str]], int], argv: list[str]) -> int:
