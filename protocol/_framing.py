@@ -61,11 +61,17 @@ class ConnectionClosed:
     """Event: the peer closed its end (EOF after a whole number of frames)."""
 
 
-def max_payload(frame_type: FrameType, *, max_control: int, max_ccid: int) -> int:
-    """The largest payload allowed for `frame_type` under the given limits."""
+def max_payload(
+    frame_type: FrameType, *, max_control: int, max_ccid: int, large_admin_response: bool = True
+) -> int:
+    """The largest payload allowed for `frame_type` under the given limits.
+
+    `large_admin_response=False` holds ADMIN_RESPONSE to `max_control`: for a decoder on the
+    server, whose peer never sends one, so a client cannot make it buffer 1 MiB.
+    """
     if frame_type is FrameType.CCID:
         return max_ccid
-    if frame_type is FrameType.ADMIN_RESPONSE:
+    if frame_type is FrameType.ADMIN_RESPONSE and large_admin_response:
         return max(max_control, MAX_ADMIN_RESPONSE_PAYLOAD)
     return max_control
 
@@ -92,12 +98,17 @@ class FrameDecoder:
     """
 
     def __init__(
-        self, *, max_control_payload: int = MAX_CONTROL_PAYLOAD, max_ccid_payload: int = MAX_CCID_PAYLOAD
+        self,
+        *,
+        max_control_payload: int = MAX_CONTROL_PAYLOAD,
+        max_ccid_payload: int = MAX_CCID_PAYLOAD,
+        large_admin_response: bool = True,
     ):
         if max_control_payload < 2 or max_ccid_payload < CCID_PREFIX_LEN + MIN_CCID_MESSAGE:
             raise ValueError(f"limits too small: {max_control_payload=}, {max_ccid_payload=}")
         self._max_control = max_control_payload
         self._max_ccid = max_ccid_payload
+        self._large_admin_response = large_admin_response
         self._buf = bytearray()
         self._eof = False
 
@@ -140,8 +151,15 @@ class FrameDecoder:
             if self._buf:
                 raise MalformedFrameError(f"eof in the middle of a frame ({len(self._buf)} bytes buffered)")
             return ConnectionClosed()
-        frame = Frame(FrameType(self._buf[0]), bytes(self._buf[HEADER_LEN:end]))
-        del self._buf[:end]
+        # One copy of the payload, not two (a bytearray slice copies before bytes() does), and
+        # the buffer released when it held just this frame: the peak stays near 2x the frame
+        # (reliability-anchors §7.2 B1, tests/load/test_decoder_allocation.py).
+        with memoryview(self._buf) as view:
+            frame = Frame(FrameType(self._buf[0]), bytes(view[HEADER_LEN:end]))
+        if end == len(self._buf):
+            self._buf = bytearray()
+        else:
+            del self._buf[:end]
         return frame
 
     def _frame_end(self) -> int | None:
@@ -153,7 +171,12 @@ class FrameDecoder:
             raise MalformedFrameError(f"unknown frame type 0x{raw_type:02x}")
         if flags != 0:
             raise MalformedFrameError(f"reserved flags must be 0, got 0x{flags:02x}")
-        limit = max_payload(FrameType(raw_type), max_control=self._max_control, max_ccid=self._max_ccid)
+        limit = max_payload(
+            FrameType(raw_type),
+            max_control=self._max_control,
+            max_ccid=self._max_ccid,
+            large_admin_response=self._large_admin_response,
+        )
         if length > limit:
             name = FrameType(raw_type).name.lower()
             raise MalformedFrameError(

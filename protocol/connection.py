@@ -54,8 +54,11 @@ class BridgeConnection:
         self._our_role = role
         self._their_role = Role.SERVER if role is Role.CLIENT else Role.CLIENT
         self._state = ConnectionState()
+        # Only the server sends ADMIN_RESPONSE: a server's decoder holds it to the control limit.
         self._decoder = FrameDecoder(
-            max_control_payload=max_control_payload, max_ccid_payload=max_ccid_payload
+            max_control_payload=max_control_payload,
+            max_ccid_payload=max_ccid_payload,
+            large_admin_response=role is Role.CLIENT,
         )
         self._error: RemoteProtocolError | None = None
 

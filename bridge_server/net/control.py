@@ -62,6 +62,12 @@ def encode_response(ok: bool, result: dict[str, Any], error: str) -> bytes:
     return json.dumps({"ok": ok, "result": result, "error": error}, default=str).encode() + b"\n"
 
 
+async def _reply(stream: trio.SocketStream, data: bytes) -> None:
+    """Every wait has a deadline (P5): a local client that stops reading is dropped."""
+    with trio.fail_after(IDLE_TIMEOUT_S):
+        await stream.send_all(data)
+
+
 async def _handle(stream: trio.SocketStream, dispatcher: AdminDispatcher) -> None:
     actor = f"local:{peer_uid(stream)}"
     buf = b""
@@ -78,16 +84,14 @@ async def _handle(stream: trio.SocketStream, dispatcher: AdminDispatcher) -> Non
                     continue
                 parsed = parse_request(line)
                 if isinstance(parsed, str):
-                    await stream.send_all(encode_response(False, {}, parsed))
+                    await _reply(stream, encode_response(False, {}, parsed))
                     continue
                 ok, result, error = await dispatcher.handle(parsed[0], parsed[1], actor=actor)
-                await stream.send_all(encode_response(ok, result, error))
+                await _reply(stream, encode_response(ok, result, error))
             if len(buf) > MAX_LINE:
-                await stream.send_all(
-                    encode_response(False, {}, f"request line longer than {MAX_LINE} bytes")
-                )
+                await _reply(stream, encode_response(False, {}, f"request line longer than {MAX_LINE} bytes"))
                 return
-    except (trio.BrokenResourceError, trio.ClosedResourceError):
+    except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
         pass
     finally:
         await trio.aclose_forcefully(stream)

@@ -70,8 +70,12 @@ def cert_serial(tls: trio.SSLStream[trio.abc.Stream]) -> int | None:
     return x509.load_der_x509_certificate(der).serial_number
 
 
+MAX_SERIAL_OCTETS: Final = 20  # RFC 5280 §4.1.2.2
+
+
 def check_leaf(tls: trio.SSLStream[trio.abc.Stream], identity: Identity) -> None:
-    """S1: a client presents a leaf certificate, never a CA's (OpenSSL accepts CA:TRUE as a leaf).
+    """S1: a client presents a leaf certificate, never a CA's (OpenSSL accepts CA:TRUE as a leaf),
+    and B8: its serial number fits RFC 5280 (OpenSSL accepts a kilobyte-long one).
 
     Raises:
         TlsSetupError: naming the certificate and how to get a proper one.
@@ -81,10 +85,17 @@ def check_leaf(tls: trio.SSLStream[trio.abc.Stream], identity: Identity) -> None
     der = tls.getpeercert(binary_form=True)
     if not isinstance(der, bytes) or not der:
         return
-    try:
-        constraints = x509.load_der_x509_certificate(der).extensions.get_extension_for_class(
-            x509.BasicConstraints
+    cert = x509.load_der_x509_certificate(der)
+    # RFC 5280 §4.1.2.2: at most 20 octets (the DER INTEGER, sign octet included). OpenSSL
+    # accepts any length; no CA of ours issues more (tests/faults/test_malformed_client_certs.py).
+    serial_octets = cert.serial_number.bit_length() // 8 + 1
+    if serial_octets > MAX_SERIAL_OCTETS:
+        raise TlsSetupError(
+            f"client certificate {identity.name!r} has a {serial_octets}-octet serial number "
+            f"(RFC 5280 allows {MAX_SERIAL_OCTETS}): reissue it with `tokenbridge pki issue-client`"
         )
+    try:
+        constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints)
     except x509.ExtensionNotFound:
         return
     if constraints.value.ca:
