@@ -64,11 +64,29 @@ class PolicyConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class TokenTimeouts:
+    """How long the server waits for this token's card (docs/configuration.md, `timeouts`).
+
+    `frame_s`: the wait for one CCID answer while the card sends nothing (no time extension);
+    None derives it from the ATR as libccid does (BWT, CWT, clock, plus 1 s). `max_s`: the bound
+    on one whole APDU exchange, however many time extensions the card sends."""
+
+    frame_s: float | None = None
+    max_s: float = 60.0
+
+
+# A wait beyond an hour is no longer a slow card but a hung one; a lease's max_hold_s is 30 min.
+MAX_TOKEN_WAIT_S: Final = 3600.0
+MIN_TOKEN_FRAME_S: Final = 0.5  # below this a loaded host's scheduling stall reads as a dead card
+
+
+@dataclass(frozen=True, slots=True)
 class TokenConfig:
     name: str
     match: TokenMatch
     allow: tuple[str, ...] = ()
     policy: PolicyConfig = PolicyConfig()
+    timeouts: TokenTimeouts = TokenTimeouts()
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,6 +191,23 @@ def _parse_match(sec: Section) -> TokenMatch:
     return TokenMatch(vid=vid, pid=pid, serial=serial)
 
 
+def _parse_timeouts(sec: Section) -> TokenTimeouts:
+    """The token's `timeouts` section; every wait bounded, frame_s never beyond max_s."""
+    default = TokenTimeouts()
+    frame_s = sec.number("frame_s", 0.0, minimum=MIN_TOKEN_FRAME_S) if sec.has("frame_s") else None
+    max_s = sec.number("max_s", default.max_s, minimum=1.0)
+    for key, value in (("frame_s", frame_s), ("max_s", max_s)):
+        if value is not None and value > MAX_TOKEN_WAIT_S:
+            raise sec.error(key, f"{value:g} s is more than the {MAX_TOKEN_WAIT_S:g} s a card wait may take")
+    if frame_s is not None and frame_s > max_s:
+        raise sec.error(
+            "frame_s",
+            f"{frame_s:g} s is longer than max_s ({max_s:g} s), the bound on the whole exchange: "
+            "raise max_s too, or lower frame_s",
+        )
+    return TokenTimeouts(frame_s=frame_s, max_s=max_s)
+
+
 def _parse_policy(sec: Section, match: TokenMatch) -> PolicyConfig:
     family = sec.string("family") or default_family(simulate=match.simulate, vid=match.vid)
     if family not in FAMILIES:
@@ -211,7 +246,7 @@ def _parse_tokens(root: Section) -> tuple[TokenConfig, ...]:
         raise root.error("tokens", "expected a non-empty list of tokens")
     tokens: list[TokenConfig] = []
     for i, item in enumerate(raw):
-        sec = Section(item, root.path, f"tokens[{i}]", ("name", "match", "allow", "policy"))
+        sec = Section(item, root.path, f"tokens[{i}]", ("name", "match", "allow", "policy", "timeouts"))
         name = sec.string("name", required=True)
         assert name is not None
         if len(name) > MAX_TOKEN_NAME_LENGTH or not name.isprintable():
@@ -221,7 +256,10 @@ def _parse_tokens(root: Section) -> tuple[TokenConfig, ...]:
         sec.require("match")
         match = _parse_match(sec.section("match", ("vid", "pid", "serial", "simulate", "state")))
         policy = _parse_policy(sec.section("policy", ("allow_management", "family", "allow_ins")), match)
-        tokens.append(TokenConfig(name=name, match=match, allow=sec.names("allow"), policy=policy))
+        timeouts = _parse_timeouts(sec.section("timeouts", ("frame_s", "max_s")))
+        tokens.append(
+            TokenConfig(name=name, match=match, allow=sec.names("allow"), policy=policy, timeouts=timeouts)
+        )
     return tuple(tokens)
 
 

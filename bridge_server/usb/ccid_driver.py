@@ -64,6 +64,7 @@ from bridge_server.usb.ccid_policy import (
     effective_features,
     extended_chunks,
     power_select_sequence,
+    silent_reader_extra_s,
     slot_error_name,
     slot_failure,
     t0_parameters,
@@ -112,6 +113,11 @@ class CcidDriver:
         # as libccid derives it from the ATR (card_read_timeout_ms); a number fixes it.
         self._fixed_frame_timeout_s = frame_timeout_s
         self._frame_timeout_s = frame_timeout_s or DEFAULT_FRAME_TIMEOUT_S
+        # A reader that sends no time extension while the card computes gets libccid's extra
+        # wait on XfrBlock answers (ccid_policy.SILENT_READER_EXTRA_S), unless the config fixes
+        # the frame wait. Only XfrBlock: a card computes only there, and a power-off or slot
+        # status that waited 5 minutes would hold up recovery and unplug detection.
+        self._xfr_extra_s = 0.0 if frame_timeout_s else silent_reader_extra_s(device.info)
         self._max_wait_s = max_wait_s
         self._seq = 0
         self._lock = trio.Lock()
@@ -353,7 +359,7 @@ class CcidDriver:
 
     async def _xfr(self, data: bytes, *, bwi: int = 0, level: int = 0) -> CcidMessage:
         msg = ccid.xfr_block(self._next_seq(), data, bwi=bwi, level_parameter=level)
-        return await self._exchange(msg, wait_multiplier=max(1, bwi))
+        return await self._exchange(msg, wait_multiplier=max(1, bwi), extra_s=self._xfr_extra_s)
 
     async def _xfr_checked(self, data: bytes, *, level: int = 0) -> CcidMessage:
         resp = await self._xfr(data, level=level)
@@ -369,17 +375,19 @@ class CcidDriver:
     def _cap_s(self) -> float:
         """The bound on one exchange: max_wait_s, but never below one full frame wait (a card
         whose ATR announces a BWT beyond max_wait_s gets that BWT, as under libccid)."""
-        return max(self._max_wait_s, self._frame_timeout_s)
+        return max(self._max_wait_s, self._frame_timeout_s + self._xfr_extra_s)
 
     def _next_seq(self) -> int:
         seq, self._seq = self._seq, (self._seq + 1) & 0xFF
         return seq
 
-    async def _exchange(self, msg: CcidMessage, *, wait_multiplier: int = 1) -> CcidMessage:
+    async def _exchange(
+        self, msg: CcidMessage, *, wait_multiplier: int = 1, extra_s: float = 0.0
+    ) -> CcidMessage:
         expected = ccid.response_type_for(msg.msg_type)
         with trio.move_on_after(self._cap_s()) as total:
             while True:
-                resp = await self._receive(msg, expected, self._frame_timeout_s * wait_multiplier)
+                resp = await self._receive(msg, expected, self._frame_timeout_s * wait_multiplier + extra_s)
                 busy = resp.command_status is CommandStatus.FAILED and resp.error == SlotError.CMD_SLOT_BUSY
                 if not busy:
                     return resp

@@ -30,6 +30,12 @@ DEFAULT_FRAME_TIMEOUT_S: Final = 10.0  # until the ATR is known (power-on, slot 
 MIN_FRAME_TIMEOUT_S: Final = 3.0  # the floor under the ATR-derived wait (libccid's default read timeout)
 NON_ISO_READ_TIMEOUT_MS: Final = 60_000  # libccid, when F, D or the clock is 0
 T0_MIN_READ_TIMEOUT_MS: Final = 3_000  # libccid DEFAULT_COM_READ_TIMEOUT
+# Readers that send no time extension while the card works, with the extra wait libccid grants
+# them. SafeNet/Thales eToken Fusion (08E6:34D2): libccid commit e919724 (2025-10, after
+# Debian 12's 1.5.2) adds 5 minutes to the ATR-derived read timeout, because the reader does
+# not implement time extension requests and RSA on-board key generation takes up to 5 minutes
+# while its ATR gives about 2.2 s.
+SILENT_READER_EXTRA_S: Final = {(0x08E6, 0x34D2): 5 * 60.0}
 
 
 def power_select_sequence(desc: CcidClassDescriptor, features: int) -> tuple[int, ...]:
@@ -101,6 +107,11 @@ def t0_parameters(atr: Atr) -> bytes:
     """The 5-byte T=0 SetParameters structure (reference §1.9; WI from TC2, default 10)."""
     wi = atr.interface_bytes[1].get("TC", 10) if len(atr.interface_bytes) > 1 else 10
     return bytes([_findex_dindex(atr), 0x02 if atr.ts == 0x3F else 0, atr.tc1 or 0, wi, 0])
+
+
+def silent_reader_extra_s(info: DeviceInfo) -> float:
+    """Extra seconds to wait for an XfrBlock answer from a reader that sends no time extension."""
+    return SILENT_READER_EXTRA_S.get((info.vid, info.pid), 0.0)
 
 
 def effective_features(desc: CcidClassDescriptor, info: DeviceInfo) -> int:

@@ -41,7 +41,8 @@ def card_opener(token: TokenConfig, *, config_path: str = "") -> tuple[CardOpene
     async def open_card() -> OpenedCard:
         device = await AsyncUsbDevice.open(device_match, backend=backend)
         try:
-            driver = CcidDriver(device)
+            timeouts = token.timeouts
+            driver = CcidDriver(device, frame_timeout_s=timeouts.frame_s, max_wait_s=timeouts.max_s)
         except BaseException:
             await device.aclose()
             raise

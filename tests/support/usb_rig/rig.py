@@ -158,6 +158,7 @@ class LibusbStack(BridgeStack):
     """BridgeStack whose server reaches `tokens` through libusb, configured by VID/PID/serial."""
 
     tokens: list[EmulatedToken] = field(default_factory=list)
+    token_timeouts: dict[str, float] | None = None  # each token's `timeouts` section, if set
 
     def write_server_config(self, allow: list[str]) -> Path:
         path = super().write_server_config(allow)
@@ -167,6 +168,8 @@ class LibusbStack(BridgeStack):
             token = by_profile[entry["match"]["simulate"]]
             m = token.match()
             entry["match"] = {"vid": m["vid"], "pid": m["pid"], "serial": str(m["serial"])}
+            if self.token_timeouts is not None:
+                entry["timeouts"] = dict(self.token_timeouts)
         path.write_text(dump_yaml(config))
         return path
 
