@@ -9,6 +9,7 @@ silently falling back to a default is how a lease policy quietly stops applying.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final
@@ -46,6 +47,7 @@ class TokenMatch:
     vid: int | None = None
     pid: int | None = None
     serial: str | None = None
+    port: str | None = None  # USB port path ("1-1.2"), for tokens without a usb serial number
     simulate: str | None = None
     state: Path | None = None  # simulator only: folder where the simulated card persists its state
 
@@ -77,7 +79,10 @@ class TokenTimeouts:
 
 # A wait beyond an hour is no longer a slow card but a hung one; a lease's max_hold_s is 30 min.
 MAX_TOKEN_WAIT_S: Final = 3600.0
-MIN_TOKEN_FRAME_S: Final = 0.5  # below this a loaded host's scheduling stall reads as a dead card
+MIN_TOKEN_FRAME_S: Final = 0.5
+_USB_PORT_PATH: Final = re.compile(
+    r"[0-9]{1,3}-[0-9]{1,3}(\.[0-9]{1,3}){0,6}"
+)  # USB 2.0: ≤ 7 tiers  # below this a loaded host's scheduling stall reads as a dead card
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,17 +183,24 @@ def parse_listen(value: object, path: str, key: str) -> tuple[str, int]:
 def _parse_match(sec: Section) -> TokenMatch:
     profile = sec.string("simulate")
     if profile is not None:
-        if any(sec.has(k) for k in ("vid", "pid", "serial")):
-            raise sec.error("simulate", "cannot be combined with vid/pid/serial")
+        if any(sec.has(k) for k in ("vid", "pid", "serial", "port")):
+            raise sec.error("simulate", "cannot be combined with vid/pid/serial/port")
         return TokenMatch(simulate=profile, state=sec.file("state"))
     if sec.has("state"):
         raise sec.error("state", "only applies to a simulated token (match.simulate)")
     vid = sec.optional_integer("vid", low=0, high=0xFFFF)
     pid = sec.optional_integer("pid", low=0, high=0xFFFF)
     serial = sec.string("serial")  # text: YAML turns `serial: 0012345` into a number
-    if vid is None and pid is None and serial is None:
-        raise ConfigError(sec.path, sec.prefix, "needs vid/pid/serial or simulate")
-    return TokenMatch(vid=vid, pid=pid, serial=serial)
+    port = sec.string("port")
+    if port is not None and not _USB_PORT_PATH.fullmatch(port):
+        raise sec.error(
+            "port",
+            f'expected a usb port path such as "1-1.2" (bus-port.port, as the server\'s '
+            f"device.identity_fallback log line or /sys/bus/usb/devices names it), got {port!r}",
+        )
+    if vid is None and pid is None and serial is None and port is None:
+        raise ConfigError(sec.path, sec.prefix, "needs vid/pid/serial/port or simulate")
+    return TokenMatch(vid=vid, pid=pid, serial=serial, port=port)
 
 
 def _parse_timeouts(sec: Section) -> TokenTimeouts:
@@ -254,7 +266,7 @@ def _parse_tokens(root: Section) -> tuple[TokenConfig, ...]:
         if any(t.name == name for t in tokens):
             raise sec.error("name", f"duplicate token name {name!r}")
         sec.require("match")
-        match = _parse_match(sec.section("match", ("vid", "pid", "serial", "simulate", "state")))
+        match = _parse_match(sec.section("match", ("vid", "pid", "serial", "port", "simulate", "state")))
         policy = _parse_policy(sec.section("policy", ("allow_management", "family", "allow_ins")), match)
         timeouts = _parse_timeouts(sec.section("timeouts", ("frame_s", "max_s")))
         tokens.append(

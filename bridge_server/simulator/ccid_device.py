@@ -200,7 +200,7 @@ class CcidDevice:
             stray[6] = (stray[6] - 1) & 0xFF
             frames = (bytes(stray), final)
         te = b""
-        if delay > 0:
+        if delay > 0 and self._profile.sends_time_extensions:
             te_status = status_byte(self.icc_status, CommandStatus.TIME_EXTENSION)
             te = CcidMessage(msg.msg_type, msg.seq, 0, te_status, self._faults.wtx_multiplier).encode()
         return Reply(frames, delay, te)

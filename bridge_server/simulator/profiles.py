@@ -31,6 +31,8 @@ class Profile:
     atr: bytes
     escape_supported: bool
     note: str = ""
+    # Whether the reader sends RDR_to_PC time extensions while the card works (CCID 1.1 §6.2.7).
+    sends_time_extensions: bool = True
 
 
 SAFENET_5110: Final = Profile(
@@ -122,6 +124,9 @@ ETOKEN_FUSION: Final = Profile(
     atr=bytes.fromhex("3B DB 18 00 81 31 FE 7D 80 F9 A0 00 00 03 08 00 00 10 00 32"),
     escape_supported=True,
     note="atr replaced: the real IDPrime ATR offers T=0 only",
+    # libccid commit e919724 (2025-10): this reader implements no time extension requests,
+    # so a long on-board key generation is silent until the answer comes.
+    sends_time_extensions=False,
 )
 
 EPASS2003: Final = Profile(
@@ -159,3 +164,12 @@ EPASS2003: Final = Profile(
 )
 
 PROFILES: Final[dict[str, Profile]] = {p.name: p for p in (SAFENET_5110, YUBIKEY5, ETOKEN_FUSION, EPASS2003)}
+
+
+YUBICO_VID: Final = 0x1050
+
+
+def yubikey_serial(profile: Profile, serial: str | None = None) -> int | None:
+    """The serial a YubiKey's PIV applet reports to `00 F8 00 00` (None: not a YubiKey)."""
+    text = profile.serial if serial is None else serial
+    return int(text) if profile.vid == YUBICO_VID and text.isdigit() else None

@@ -72,11 +72,14 @@ class DeviceMatch:
     vid: int | None = None
     pid: int | None = None
     serial: str | None = None
+    port: str | None = None  # USB port path "1-1.2", for devices without a serial number
 
     def matches(self, info: DeviceInfo) -> bool:
         if self.vid is not None and info.vid != self.vid:
             return False
         if self.pid is not None and info.pid != self.pid:
+            return False
+        if self.port is not None and info.port_path != self.port:
             return False
         # Serials are printed in upper or lower case by different tools; compare case-blind.
         return self.serial is None or info.serial.strip().casefold() == self.serial.strip().casefold()
@@ -89,6 +92,8 @@ class DeviceMatch:
             parts.append(f"pid=0x{self.pid:04x}")
         if self.serial is not None:
             parts.append(f"serial={self.serial!r}")
+        if self.port is not None:
+            parts.append(f"port={self.port!r}")
         return " ".join(parts) or "any ccid device"
 
 
@@ -101,15 +106,25 @@ class DeviceInfo:
     bus: int | None
     address: int | None
     product: str
+    port_path: str = ""  # "1-1.2": bus, then the port numbers from the root hub (sysfs naming)
 
     def describe(self) -> str:
         where = f" bus {self.bus} address {self.address}" if self.bus is not None else ""
-        return f"{self.vid:04x}:{self.pid:04x} serial {self.serial!r} {self.product!r}{where}"
+        port = f" port {self.port_path}" if self.port_path else ""
+        serial = f"serial {self.serial!r}" if self.serial else "no usb serial"
+        return f"{self.vid:04x}:{self.pid:04x} {serial} {self.product!r}{where}{port}"
 
 
 def select_device(match: DeviceMatch, seen: Sequence[DeviceInfo]) -> DeviceInfo:
-    """Pick the one device `match` means among `seen` CCID devices; pure, for tests."""
+    """Pick the one device `match` means among `seen` CCID devices; pure, for tests.
+
+    A device without a USB serial cannot be told apart by `match.serial`: when no device has
+    that serial and exactly one serial-less device matches the rest, it is returned, and the
+    caller checks the identity read from its card (bridge_server.usb.identity)."""
     hits = [info for info in seen if match.matches(info)]
+    if not hits and match.serial is not None:
+        rest = DeviceMatch(match.vid, match.pid, port=match.port)
+        hits = [info for info in seen if not info.serial and rest.matches(info)]
     if len(hits) == 1:
         return hits[0]
     listing = "; ".join(info.describe() for info in seen) or "none"
@@ -119,9 +134,27 @@ def select_device(match: DeviceMatch, seen: Sequence[DeviceInfo]) -> DeviceInfo:
             "check the token is plugged in and the token's match in the server config"
         )
     raise DeviceNotFoundError(
-        f"{len(hits)} usb ccid devices match {match.describe()} (seen: {listing}); "
-        "add the serial to the token's match in the server config"
+        f"{len(hits)} usb ccid devices match {match.describe()} (seen: {listing}); {_tell_apart(hits)}"
     )
+
+
+def _tell_apart(hits: Sequence[DeviceInfo]) -> str:
+    """What the operator can add to the token's match to pick one of `hits`."""
+    serials = [info.serial for info in hits if info.serial]
+    if len(set(serials)) == len(hits):
+        listed = ", ".join(repr(s) for s in serials)
+        return f"add the serial to the token's match in the server config (serial: one of {listed})"
+    ports = [info.port_path for info in hits if info.port_path]
+    unnamed = len(hits) - len(serials)
+    advice = (
+        f"{unnamed} of them report no usb serial number (iSerialNumber), so a serial cannot tell them apart; "
+    )
+    if len(set(ports)) == len(hits):
+        return advice + (
+            "add port: (one of " + ", ".join(repr(p) for p in ports) + ") to the token's match: "
+            "the usb port path holds as long as each token stays in its port"
+        )
+    return advice + "plug only one of them in, or make the token report its serial over usb"
 
 
 def translate_usb_error(exc: BaseException, what: str) -> DeviceError:
@@ -178,6 +211,16 @@ def _read_serial_strict(dev: Any, what: str) -> str:
         return ""
 
 
+def _port_path(dev: Any) -> str:
+    try:
+        ports = dev.port_numbers
+    except (usb.core.USBError, NotImplementedError):
+        return ""
+    if dev.bus is None or not ports:
+        return ""
+    return f"{dev.bus}-" + ".".join(str(p) for p in ports)
+
+
 def _device_info(dev: Any, *, serial: str | None = None) -> DeviceInfo:
     return DeviceInfo(
         vid=int(dev.idVendor),
@@ -187,6 +230,7 @@ def _device_info(dev: Any, *, serial: str | None = None) -> DeviceInfo:
         bus=dev.bus,
         address=dev.address,
         product=_read_string(dev, "product"),
+        port_path=_port_path(dev),
     )
 
 

@@ -45,7 +45,7 @@ from bridge_server.simulator import usb_descriptors as ud  # noqa: E402
 from bridge_server.simulator.ccid_device import CcidDevice  # noqa: E402
 from bridge_server.simulator.faults import Evidence, Faults  # noqa: E402
 from bridge_server.simulator.piv import PivCard  # noqa: E402
-from bridge_server.simulator.profiles import PROFILES, Profile  # noqa: E402
+from bridge_server.simulator.profiles import PROFILES, Profile, yubikey_serial  # noqa: E402
 from bridge_server.simulator.usb_link import PacketPipe, Urb  # noqa: E402
 from protocol.ccid import (  # noqa: E402
     CcidMessage,
@@ -92,7 +92,8 @@ class Token:
         self.serial = "" if args.no_serial else (args.serial or profile.serial)
         self.faults = Faults()
         self.faults.slow_sign_s = args.slow_sign_ms / 1000
-        self.card = PivCard(state_path=args.state)
+        # The card knows its serial even when the USB device does not show it (--no-serial).
+        self.card = PivCard(state_path=args.state, yubikey_serial=yubikey_serial(profile, args.serial))
         self.device = CcidDevice(profile, self.card, faults=self.faults, evidence=Evidence())
         self.configuration = ud.build_configuration(profile)
         self.events = args.events

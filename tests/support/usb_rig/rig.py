@@ -104,6 +104,8 @@ def emulated_token(
     slow_sign_ms: float = 0.0,
     slot_busy: bool = True,
     time_extensions: bool = True,
+    usb_serial: bool = True,
+    devnum: int = 2,
 ) -> Iterator[EmulatedToken]:
     """Run handler.py for one token until the block ends (stopped by its pid)."""
     require_umockdev()
@@ -118,6 +120,9 @@ def emulated_token(
         cmd.append("--no-slot-busy")
     if not time_extensions:
         cmd.append("--no-time-extension")
+    if not usb_serial:
+        cmd.append("--no-serial")  # the device has no iSerialNumber; its card still knows it
+    cmd += ["--devnum", str(devnum)]
     env = {k: v for k, v in os.environ.items() if k not in ("UMOCKDEV_DIR", "LD_PRELOAD", "PYTHONHOME")}
     env["PYTHONPATH"] = handler_pythonpath()
     log: IO[str]
@@ -159,6 +164,7 @@ class LibusbStack(BridgeStack):
 
     tokens: list[EmulatedToken] = field(default_factory=list)
     token_timeouts: dict[str, float] | None = None  # each token's `timeouts` section, if set
+    match_keys: tuple[str, ...] = ("vid", "pid", "serial")  # which of token.match() the config uses
 
     def write_server_config(self, allow: list[str]) -> Path:
         path = super().write_server_config(allow)
@@ -167,7 +173,7 @@ class LibusbStack(BridgeStack):
         for entry in config["tokens"]:
             token = by_profile[entry["match"]["simulate"]]
             m = token.match()
-            entry["match"] = {"vid": m["vid"], "pid": m["pid"], "serial": str(m["serial"])}
+            entry["match"] = {key: m[key] if key != "serial" else str(m[key]) for key in self.match_keys}
             if self.token_timeouts is not None:
                 entry["timeouts"] = dict(self.token_timeouts)
         path.write_text(dump_yaml(config))
