@@ -11,7 +11,15 @@ least 3 s (libccid's default), and 10 s before the ATR is known. A response whos
 "time extension" (0x80) is re-read with the per-frame wait multiplied by bError (reference
 §1.10.3), under a hard cap on the total wait (max_wait_s, never below one frame wait). A command
 answered CMD_SLOT_BUSY is sent again with a new bSeq until the slot is free, under the same cap.
-Every response is checked for type, bSeq and length before use.
+Every response is checked for type, bSeq and length before use. Here we are stricter than
+libccid on purpose: libccid reads an XfrBlock answer without checking its bSeq, but only because
+its CCID_Receive does not know the bSeq CCID_Transmit used (ReadPort(..., -1)); its commit
+1addd75 (2021) states the rule it applies everywhere else, "ignore packets with a bSeq that does
+not correspond to the command sent", and CCID 1.1 §6.2.1 says the answer echoes the bSeq. We
+also abandon exchanges (libccid never does), so the late answer of an abandoned XfrBlock must
+be told from the current one by its bSeq. Other leniencies of libccid we share, with a warning:
+a wrong TCK or bytes after the ATR (`ccid_policy.parse_card_atr`) and bytes after a T=1 block
+(`ccid_policy.t1_block_length`).
 
 `power_on()` follows reference §1.10.1: IccPowerOn (automatic voltage, else 5 V → 3 V → 1.8 V),
 ATR, SetParameters unless the reader negotiates itself (AUTO_PPS_PROP), and for TPDU T=1 a fresh
@@ -63,17 +71,19 @@ from bridge_server.usb.ccid_policy import (
     choose_protocol,
     effective_features,
     extended_chunks,
+    parse_card_atr,
     power_select_sequence,
     silent_reader_extra_s,
     slot_error_name,
     slot_failure,
     t0_parameters,
+    t1_block_length,
     t1_parameters,
 )
 from bridge_server.usb.transport import AsyncUsbDevice
 from protocol import ccid
 from protocol.apdu import redact
-from protocol.atr import Atr
+from protocol.atr import Atr, Checksum
 from protocol.ccid import (
     CcidMessage,
     CommandStatus,
@@ -124,6 +134,7 @@ class CcidDriver:
         self._atr: Atr | None = None
         self._protocol: int | None = None
         self._t1: T1Reader | None = None
+        self._t1_checksum = Checksum.LRC  # the EDC of the T=1 blocks, from the ATR
         self._interrupted = False
 
     @property
@@ -211,11 +222,13 @@ class CcidDriver:
         self._interrupted = False
         resp = await self._icc_power_on()
         try:
-            atr = Atr.parse(resp.data)
+            atr, problem = parse_card_atr(resp.data)
         except MalformedAtrError as exc:
             raise CardError(
                 f"card answered power-on with a malformed atr {resp.data.hex(' ')}: {exc}"
             ) from exc
+        if problem is not None:
+            log.warning("card.atr_accepted", atr=atr.raw.hex(), problem=problem, reason="libccid accepts it")
         protocol = choose_protocol(atr, self._desc)
         if self._fixed_frame_timeout_s is None:
             derived = card_read_timeout_ms(atr, protocol, self._desc) / 1000
@@ -226,6 +239,7 @@ class CcidDriver:
         if not self._features & Feature.AUTO_PPS_PROP:
             await self._set_parameters(protocol, atr)
         if self._level is ExchangeLevel.TPDU and protocol == 1:
+            self._t1_checksum = atr.checksum
             if self._features & Feature.AUTO_IFSD:
                 # CCID 1.1 §5.1 (0x400): the reader negotiated IFSD itself, so the card sends
                 # blocks of up to dwMaxIFSD; libccid takes min(dwMaxIFSD, 254) as its IFSD too.
@@ -319,10 +333,19 @@ class CcidDriver:
                     raise slot_failure("XfrBlock", resp)
                 step = self._t1.receive_error()  # libccid: parity/mute → R-block (§1.10.5)
             else:
-                step = self._t1.receive(resp.data)
+                step = self._t1.receive(self._t1_block(resp.data))
             if isinstance(step, ApduComplete):
                 return step.apdu
             block, bwi = step.block, step.wtx
+
+    def _t1_block(self, data: bytes) -> bytes:
+        end = t1_block_length(data, self._t1_checksum)
+        if end is None:
+            return data
+        log.warning(
+            "t1.trailing_bytes_ignored", length=len(data), block_length=end, reason="libccid ignores them"
+        )
+        return data[:end]
 
     async def _transmit_t0(self, apdu: bytes) -> bytes:
         """T=0 TPDU: 6Cxx → resend with Le=xx; 61xx → GET RESPONSE until the card is done."""

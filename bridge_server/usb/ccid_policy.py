@@ -6,13 +6,15 @@ straight from the reference (§1.8, §1.9, §1.10.4, §1.12) are tested without 
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Final
 
 from bridge_server.errors import CardError, DeviceError
 from bridge_server.usb.transport import DeviceInfo
 from protocol import ccid
-from protocol.atr import Atr, Checksum
+from protocol.atr import MAX_ATR_LENGTH, Atr, Checksum
 from protocol.ccid import CcidClassDescriptor, CcidMessage, Feature, IccStatus, SlotError
+from protocol.errors import MalformedAtrError
 
 MAX_STALE_FRAMES: Final = 10  # libccid re-reads up to 10 frames with a foreign bSeq (reference §1.3)
 MAX_RESPONSE_APDU: Final = 65536 + 2  # Ne ≤ 65536 plus SW1 SW2 (ISO 7816-4 §5.1)
@@ -148,3 +150,69 @@ def slot_failure(what: str, resp: CcidMessage) -> CardError:
     return CardError(
         f"{what} failed: {slot_error_name(resp.error)} (bError 0x{resp.error:02x}, {where})", resp.error
     )
+
+
+def parse_card_atr(raw: bytes) -> tuple[Atr, str | None]:
+    """The card's ATR as libccid reads it, and what was wrong with it (None when nothing).
+
+    libccid's parser (towitoko ATR_InitFromArray) never checks the TCK value and stops at the
+    computed end, ignoring bytes after it; cards that get either wrong work under pcscd, so they
+    are accepted here too, with the problem returned for a warning. `Atr.raw` stays the card's
+    own bytes: that is the ATR applications see under libccid as well. Anything else that
+    `Atr.parse` refuses (truncated, over-long, bad TS) stays an error."""
+    try:
+        return Atr.parse(raw), None
+    except MalformedAtrError as exc:
+        problem = str(exc)
+    end, has_tck = _atr_structure(raw)
+    # Never beyond 33 bytes (ISO 7816-3 §8.2.1): an ATR buffer that long is refused whole.
+    if end is None or end > len(raw) or len(raw) > MAX_ATR_LENGTH:
+        raise MalformedAtrError(problem)
+    head = raw[:end]
+    candidates = (head, head[:-1] + bytes([_xor(head[1:-1])])) if has_tck else (head,)
+    for candidate in candidates:
+        try:
+            atr = Atr.parse(candidate)
+        except MalformedAtrError:
+            continue
+        return dataclasses.replace(atr, raw=bytes(raw)), problem
+    raise MalformedAtrError(problem)
+
+
+def _atr_structure(raw: bytes) -> tuple[int | None, bool]:
+    """(length the ATR's own structure gives, whether it ends in TCK); None if cut short.
+
+    ISO 7816-3 §8.2: T0/TDi high nibbles say which interface bytes follow, T0's low nibble
+    counts the historical bytes, and TCK follows when any TDi names a protocol other than T=0."""
+    if len(raw) < 2:
+        return None, False
+    pos, indicator, protocols = 2, raw[1] >> 4, []
+    while True:
+        pos += bin(indicator).count("1")
+        if not indicator & 0x8:
+            break
+        if pos > len(raw):
+            return None, False
+        td = raw[pos - 1]
+        protocols.append(td & 0x0F)
+        indicator = td >> 4
+    has_tck = any(t != 0 for t in protocols)
+    return pos + (raw[1] & 0x0F) + int(has_tck), has_tck
+
+
+def _xor(data: bytes) -> int:
+    check = 0
+    for byte in data:
+        check ^= byte
+    return check
+
+
+def t1_block_length(data: bytes, checksum: Checksum) -> int | None:
+    """The length of the T=1 block at the start of `data` when bytes trail it, else None.
+
+    libccid (openct proto-t1.c t1_xcv) cuts a received block to NAD PCB LEN + LEN + EDC bytes
+    and ignores the rest; readers that pad their DataBlock work under pcscd."""
+    if len(data) < 3:
+        return None
+    length = 3 + data[2] + (2 if checksum is Checksum.CRC else 1)
+    return length if length < len(data) else None

@@ -256,6 +256,24 @@ def _class_descriptor_bytes(intf: Any) -> bytes | None:
     return None
 
 
+ICCD_VERSIONS = {1: "A", 2: "B"}  # CCID 1.1 §4.1 / USB ICCD 1.0 §4.1: bInterfaceProtocol
+
+
+def refuse_iccd(interface_protocol: int, info: DeviceInfo) -> None:
+    """Refuse an ICCD interface by name: it exchanges over the control pipe, not bulk.
+
+    libccid drives ICCD version A and B devices (ControlUSB instead of bulk transfers); we do
+    not yet, and without this check such a device failed later as "lacks bulk endpoints"."""
+    version = ICCD_VERSIONS.get(interface_protocol)
+    if version is None:
+        return
+    raise DeviceError(
+        f"{info.describe()}: is an ICCD version {version} device (bInterfaceProtocol "
+        f"{interface_protocol}), which exchanges over the USB control pipe; tokenbridge speaks CCID "
+        "over bulk pipes only. pcscd with libccid supports it on this host"
+    )
+
+
 def find_ccid_interface(dev: Any) -> tuple[Any, Any, bytes] | None:
     """First (configuration, interface, descriptor) that is CCID: class 0x0B, or 0xFF with a descriptor."""
     for cfg in dev:
@@ -330,6 +348,7 @@ class UsbCcidDevice:
             candidates.append((dev, _device_info(dev, serial=serial), found))
         info = select_device(match, [c[1] for c in candidates])
         dev, _, (cfg, intf, raw) = next(c for c in candidates if c[1] is info)
+        refuse_iccd(int(intf.bInterfaceProtocol), info)
         try:
             descriptor = CcidClassDescriptor.parse(raw)
         except MalformedCcidMessageError as exc:
