@@ -31,20 +31,21 @@ SetParameters says so (Fi/Di 0x11 unless the card is in specific mode, reference
 `transmit()` hides the exchange level (reference §1.10.2): TPDU T=1 (one block per XfrBlock,
 bBWI = WTX multiplier), TPDU T=0 (one XfrBlock, 61xx/6Cxx handled), short APDU (one XfrBlock) and
 extended APDU (wLevelParameter chaining both ways, §1.10.4). A failed exchange leaves the card
-in an unknown state, so the driver cold-resets it (power off, power on) and raises CardError:
-the caller fails the APDU instead of inventing a status word. Nothing here sends a PIN-class
-command twice (promise P2, docs/guardrails.md): `T1Reader` ends it in T1Error after a resynch,
-a T=0 6Cxx answer to it goes back as it is, and no failed exchange is ever retried (the cold
-reset below is all the recovery there is). An exchange cancelled half-way
-(lease revoked, client gone) triggers the same reset before the next APDU. We send no
-PC_to_RDR_Abort: libccid never does, most tokens stall the ABORT class request (§1.6), and the
-cold reset supersedes it. Nor the Gemalto GET_FIRMWARE_FEATURES escape: it only feeds pinpad
-logic we do not have.
+in an unknown state, so the driver resets it (`_recover`: cold reset, then, when the slot
+stays busy or silent, CCID Abort, then a USB reset) and raises CardError: the caller fails the
+APDU instead of inventing a status word. Nothing here sends a PIN-class command twice (promise
+P2, docs/guardrails.md): `T1Reader` ends it in T1Error after a resynch, a T=0 6Cxx answer to it
+goes back as it is, and no failed exchange is ever retried (recovery resets, it never replays).
+An exchange cancelled half-way (lease revoked, client gone) triggers the same recovery before
+the next APDU. libccid sends no Abort and never resets the device (most tokens stall the ABORT
+class request, §1.6); we try both only after a cold reset failed, where pcscd would leave the
+reader hung. No Gemalto GET_FIRMWARE_FEATURES escape: it only feeds pinpad logic we do not have.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Protocol
 
 import structlog
 import trio
@@ -103,6 +104,13 @@ log = structlog.get_logger(__name__)
 _RESET_WORTHY = (CardError, T1Error, MalformedCcidMessageError, DeviceStallError, DeviceTimeoutError)
 
 
+class Rescue(Protocol):
+    """What recovery needs beyond CCID messages; `AsyncUsbDevice` provides it."""
+
+    async def abort_request(self, seq: int) -> None: ...
+    async def usb_reset(self) -> None: ...
+
+
 class CcidDriver:
     """Async CCID host for one single-slot token; see the module docstring."""
 
@@ -112,8 +120,10 @@ class CcidDriver:
         *,
         frame_timeout_s: float | None = None,
         max_wait_s: float = 60.0,
+        rescue: Rescue | None = None,
     ) -> None:
         self._device = device
+        self._rescue = rescue  # Abort and USB reset for recovery; None: cold reset only
         self._desc = device.descriptor
         self._level = self._desc.exchange_level
         if self._level is ExchangeLevel.CHARACTER:
@@ -473,22 +483,66 @@ class CcidDriver:
         self._atr, self._protocol, self._t1 = None, None, None
 
     async def _recover(self) -> None:
-        """Cold reset after a failed or interrupted exchange; the card state is unknown otherwise."""
+        """Bring the card back after a failed or interrupted exchange (issue 15 item 6).
+
+        Escalating, each step bounded by the exchange cap: (1) cold reset: IccPowerOff (asked
+        again while the slot answers CMD_SLOT_BUSY; the abandoned answer is dropped by bSeq),
+        then power-up; with a `rescue` (a real device) then (2) CCID 1.1 §5.3.1 Abort: the
+        ABORT class request and PC_to_RDR_Abort (§6.1.13) with the same bSeq, then the cold
+        reset; and (3) a USB reset (the card loses power; libusb re-claims the interface), then
+        power-up. libccid has none of (2) and (3): pcscd leaves a hung reader hung."""
         self._interrupted = False
         self._forget_card()
-        try:
-            await self._exchange(ccid.icc_power_off(self._next_seq()))
+        steps = [("cold_reset", self._cold_reset)]
+        if self._rescue is not None:
+            steps += [("abort", self._abort_then_cold_reset), ("usb_reset", self._usb_reset_then_power_on)]
+        for name, step in steps:
+            try:
+                await step()
+            except DeviceGoneError:
+                raise
+            except (DeviceError, MalformedCcidMessageError, T1Error) as exc:
+                log.warning("card.recovery_step_failed", step=name, reason=str(exc))
+                continue
+            log.info("card.reset", reason="failed exchange", step=name)
+            return
+        self._forget_card()
+        log.warning("card.reset_failed", reason="no recovery step brought the card back")
+
+    async def _cold_reset(self) -> None:
+        await self._exchange(ccid.icc_power_off(self._next_seq()))
+        await self._power_on()
+
+    async def _abort_then_cold_reset(self) -> None:
+        assert self._rescue is not None
+        seq = self._next_seq()
+        await self._rescue.abort_request(seq)  # a reader that stalls it does not support Abort
+        with trio.move_on_after(self._cap_s()):
+            resp = await self._receive(
+                ccid.abort(seq), ccid.MessageType.RDR_to_PC_SlotStatus, self._frame_timeout_s
+            )
+            if resp.command_status is CommandStatus.FAILED:
+                raise slot_failure("Abort", resp)
+            await self._cold_reset()
+            return
+        raise DeviceTimeoutError(
+            f"{self._device.info.describe()}: abort not finished within {self._cap_s():g} s"
+        )
+
+    async def _usb_reset_then_power_on(self) -> None:
+        assert self._rescue is not None
+        await self._rescue.usb_reset()
+        with trio.move_on_after(self._cap_s()):
             await self._power_on()
-        except DeviceGoneError:
-            raise
-        except (DeviceError, MalformedCcidMessageError, T1Error) as exc:
-            log.warning("card.reset_failed", reason=str(exc))
-        else:
-            log.info("card.reset", reason="failed exchange")
+            return
+        raise DeviceTimeoutError(
+            f"{self._device.info.describe()}: no power-up within {self._cap_s():g} s of a usb reset"
+        )
 
 
 __all__ = [
     "CcidDriver",
+    "Rescue",
     "choose_protocol",
     "effective_features",
     "extended_chunks",

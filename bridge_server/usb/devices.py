@@ -47,7 +47,9 @@ def card_opener(token: TokenConfig, *, config_path: str = "") -> tuple[CardOpene
         device = await AsyncUsbDevice.open(device_match, backend=backend)
         try:
             timeouts = token.timeouts
-            driver = CcidDriver(device, frame_timeout_s=timeouts.frame_s, max_wait_s=timeouts.max_s)
+            driver = CcidDriver(
+                device, frame_timeout_s=timeouts.frame_s, max_wait_s=timeouts.max_s, rescue=device
+            )
             serial, source = device.info.serial, IdentitySource.USB_SERIAL
             if not serial:
                 serial, source = await _fallback_identity(token, device, driver)

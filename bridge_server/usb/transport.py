@@ -277,6 +277,41 @@ class UsbCcidDevice:
         except (usb.core.USBError, NotImplementedError):
             log.warning("device.clear_halt_failed", device=self._what, endpoint=ep.bEndpointAddress)
 
+    def abort_request(self, seq: int, slot: int, timeout_ms: int) -> None:
+        """CCID 1.1 §5.3.1 ABORT class request (bmRequestType 0x21, bRequest 0x01, wValue
+        bSeq << 8 | bSlot, wIndex the interface); DeviceStallError when the reader does not
+        support it, as most tokens (reference §1.6). The PC_to_RDR_Abort follows on bulk-OUT."""
+        if self._closed:
+            raise DeviceGoneError(f"{self._what}: closed")
+        value = (seq & 0xFF) << 8 | (slot & 0xFF)
+        _usb_call(
+            f"abort request to {self._what}",
+            self._dev.ctrl_transfer,
+            0x21,
+            0x01,
+            value,
+            self._intf_number,
+            None,
+            timeout_ms,
+        )
+
+    def reset(self) -> None:
+        """USB port reset (libusb_reset_device): the card loses power, bytes in flight are lost.
+
+        pyusb releases our interface, resets, and closes the handle; the next transfer opens it
+        again and claims the interface again. A device that comes back as another one (its
+        descriptors changed) is gone: DeviceGoneError, and the caller opens it afresh."""
+        if self._closed:
+            raise DeviceGoneError(f"{self._what}: closed")
+        try:
+            self._dev.reset()
+        except usb.core.USBError as exc:
+            if exc.errno in (errno.ENOENT, errno.ENODEV):
+                raise DeviceGoneError(f"{self._what}: did not come back from a usb reset") from exc
+            raise translate_usb_error(exc, f"resetting {self._what}") from exc
+        self._assembler = BulkInAssembler(len(self._buf))
+        log.warning("device.usb_reset", device=self._what)
+
     def close(self) -> None:
         if self._closed:
             return
@@ -405,6 +440,22 @@ class AsyncUsbDevice:
             await trio.sleep(self._poll_ms / 4000)
         else:
             await trio.lowlevel.checkpoint()
+
+    async def abort_request(self, seq: int) -> None:
+        """The ABORT class request for slot 0 (see `UsbCcidDevice.abort_request`)."""
+        await trio.to_thread.run_sync(
+            self._device.abort_request,
+            seq,
+            0,
+            self._write_timeout_ms,
+            limiter=self._limiter,
+            abandon_on_cancel=False,
+        )
+
+    async def usb_reset(self) -> None:
+        """Reset the device (see `UsbCcidDevice.reset`); waits for both pipes' reads to end."""
+        async with self._limiter, self._intr_limiter:
+            await trio.to_thread.run_sync(self._device.reset, abandon_on_cancel=False)
 
     async def aclose(self) -> None:
         with trio.CancelScope(shield=True):

@@ -98,6 +98,8 @@ class Token:
         self.configuration = ud.build_configuration(profile)
         self.events = args.events
         self.slot_busy = not args.no_slot_busy
+        self.abort_stalls = args.abort_stalls
+        self.abort_armed: int | None = None  # bSeq of an ABORT class request awaiting its bulk Abort
         self.time_extensions = not args.no_time_extension
         interval = args.packet_interval_ms / 1000
         self.bulk_in = PacketPipe(64, packet_interval_s=interval)
@@ -120,14 +122,21 @@ class Token:
     def pipe(self, endpoint: int) -> PacketPipe | None:
         return {ud.EP_BULK_IN: self.bulk_in, ud.EP_INTR_IN: self.intr_in}.get(endpoint)
 
-    def bulk_out(self, data: bytes) -> None:
+    def record(self, record: dict[str, Any]) -> None:
         if self.events is not None:
-            # What a test asserts on: message type, bSeq, and the first data bytes (T=1 NAD/PCB).
-            record = {"type": data[0] if data else None, "seq": data[6] if len(data) > 6 else None}
-            record["head"] = data[10:12].hex()
             with open(self.events, "a") as fh:
                 fh.write(json.dumps(record) + "\n")
+
+    def bulk_out(self, data: bytes) -> None:
+        # What a test asserts on: message type, bSeq, and the first data bytes (T=1 NAD/PCB).
+        seq = data[6] if len(data) > 6 else None
+        self.record({"type": data[0] if data else None, "seq": seq, "head": data[10:12].hex()})
         now = time.monotonic()
+        if data[:1] == bytes([MessageType.PC_to_RDR_Abort]) and seq is not None and seq == self.abort_armed:
+            # CCID 1.1 §5.3.1: the ABORT class request and PC_to_RDR_Abort with the same bSeq
+            # end the command in progress; its answer is never sent; the Abort gets SlotStatus.
+            self.abort_armed = None
+            self.bulk_in.clear()  # then CcidDevice answers the Abort itself, below
         if self.slot_busy and len(data) >= 10 and self.bulk_in.busy(now):
             # CCID 1.1 §6.2.6: a command while the slot still works on the last one fails at once
             # with CMD_SLOT_BUSY; the earlier answer still follows when it is ready.
@@ -241,7 +250,9 @@ class UsbfsHandler(UMockdev.IoctlBase):  # type: ignore[misc]
                 urb.finish(-errno.EPIPE)
                 return
             urb.data += data[:8] + answer
-        elif request_type == 0x21 and request == CCID_ABORT:
+        elif request_type == 0x21 and request == CCID_ABORT and not self.token.abort_stalls:
+            self.token.record({"type": "abort_request", "seq": value >> 8})
+            self.token.abort_armed = value >> 8
             urb.data += data[:8]  # CCID 1.1 §5.3.1: the PC_to_RDR_Abort that follows does the work
         else:
             urb.finish(-errno.EPIPE)
@@ -377,6 +388,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--events", type=Path, help="append one JSON line per bulk-OUT command here")
     parser.add_argument("--no-slot-busy", action="store_true", help="queue commands instead of 'slot busy'")
     parser.add_argument("--no-time-extension", action="store_true", help="stay silent while working")
+    parser.add_argument(
+        "--abort-stalls", action="store_true", help="stall the CCID ABORT class request, as most tokens do"
+    )
     parser.add_argument("--busnum", type=int, default=1)
     parser.add_argument("--devnum", type=int, default=2)
     parser.add_argument("--packet-interval-ms", type=float, default=1.0, help="gap between IN packets")

@@ -106,6 +106,7 @@ def emulated_token(
     time_extensions: bool = True,
     usb_serial: bool = True,
     devnum: int = 2,
+    abort_stalls: bool = False,
 ) -> Iterator[EmulatedToken]:
     """Run handler.py for one token until the block ends (stopped by its pid)."""
     require_umockdev()
@@ -123,6 +124,8 @@ def emulated_token(
     if not usb_serial:
         cmd.append("--no-serial")  # the device has no iSerialNumber; its card still knows it
     cmd += ["--devnum", str(devnum)]
+    if abort_stalls:
+        cmd.append("--abort-stalls")  # as most tokens (reference §1.6): recovery must reset the device
     env = {k: v for k, v in os.environ.items() if k not in ("UMOCKDEV_DIR", "LD_PRELOAD", "PYTHONHOME")}
     env["PYTHONPATH"] = handler_pythonpath()
     log: IO[str]
