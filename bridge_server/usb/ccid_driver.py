@@ -45,6 +45,7 @@ reader hung. No Gemalto GET_FIRMWARE_FEATURES escape: it only feeds pinpad logic
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Protocol
 
 import structlog
@@ -74,6 +75,9 @@ from bridge_server.usb.ccid_policy import (
     extended_chunks,
     parse_card_atr,
     power_select_sequence,
+    pps_confirmed,
+    pps_fidi,
+    pps_request,
     silent_reader_extra_s,
     slot_error_name,
     slot_failure,
@@ -121,9 +125,11 @@ class CcidDriver:
         frame_timeout_s: float | None = None,
         max_wait_s: float = 60.0,
         rescue: Rescue | None = None,
+        data_rates: Sequence[int] | None = None,
     ) -> None:
         self._device = device
         self._rescue = rescue  # Abort and USB reset for recovery; None: cold reset only
+        self._data_rates = data_rates  # the reader's GET_DATA_RATES answer; None: not supported
         self._desc = device.descriptor
         self._level = self._desc.exchange_level
         if self._level is ExchangeLevel.CHARACTER:
@@ -247,7 +253,7 @@ class CcidDriver:
             # (a YubiKey's value) could be a scheduling stall on a loaded host, not a dead card.
             self._frame_timeout_s = max(MIN_FRAME_TIMEOUT_S, derived)
         if not self._features & Feature.AUTO_PPS_PROP:
-            await self._set_parameters(protocol, atr)
+            await self._set_parameters(protocol, atr, await self._negotiate_pps(atr, protocol))
         if self._level is ExchangeLevel.TPDU and protocol == 1:
             self._t1_checksum = atr.checksum
             if self._features & Feature.AUTO_IFSD:
@@ -275,8 +281,23 @@ class CcidDriver:
         assert resp is not None
         raise slot_failure("IccPowerOn", resp)
 
-    async def _set_parameters(self, protocol: int, atr: Atr) -> None:
-        params = t1_parameters(atr) if protocol == 1 else t0_parameters(atr)
+    async def _negotiate_pps(self, atr: Atr, protocol: int) -> int | None:
+        """PPS where libccid sends one (ccid_policy.pps_request); the Fi/Di the card took.
+
+        Only at TPDU level: there the XfrBlock goes to the card as it is; a reader exchanging
+        APDUs would take FF xx as a command (libccid sends it at every level, and those readers
+        all negotiate themselves, AUTO_PPS_PROP)."""
+        if self._level is not ExchangeLevel.TPDU:
+            return None
+        request = pps_request(atr, self._desc, protocol, pps_fidi(atr, self._desc, self._data_rates))
+        if request is None:
+            return None
+        fidi = pps_confirmed(request, await self._xfr_ok(request))
+        log.info("card.pps_negotiated", request=request.hex(), fidi=None if fidi is None else f"{fidi:02x}")
+        return fidi
+
+    async def _set_parameters(self, protocol: int, atr: Atr, pps1: int | None) -> None:
+        params = t1_parameters(atr, pps1) if protocol == 1 else t0_parameters(atr, pps1)
         resp = await self._exchange(ccid.set_parameters(self._next_seq(), protocol, params))
         if resp.command_status is not CommandStatus.FAILED:
             return

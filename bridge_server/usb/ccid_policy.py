@@ -7,6 +7,7 @@ straight from the reference (§1.8, §1.9, §1.10.4, §1.12) are tested without 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Final
 
 from bridge_server.errors import CardError, DeviceError
@@ -59,17 +60,20 @@ def choose_protocol(atr: Atr, desc: CcidClassDescriptor) -> int:
     return 1 if 1 in offered else 0
 
 
-def _findex_dindex(atr: Atr) -> int:
-    # Without a PPS the card stays at Fd/Dd (0x11); in specific mode (TA2) TA1 already applies.
+def _findex_dindex(atr: Atr, pps1: int | None = None) -> int:
+    # Without a PPS the card stays at Fd/Dd (0x11); in specific mode (TA2) TA1 already applies;
+    # after a PPS, the PPS1 the card confirmed (libccid: param[0] = pps[2]).
+    if pps1 is not None:
+        return pps1
     return atr.ta1 if atr.specific_mode and atr.ta1 is not None else 0x11
 
 
-def t1_parameters(atr: Atr) -> bytes:
-    """The 7-byte T=1 SetParameters structure (reference §1.9)."""
+def t1_parameters(atr: Atr, pps1: int | None = None) -> bytes:
+    """The 7-byte T=1 SetParameters structure (reference §1.9); `pps1`: the negotiated Fi/Di."""
     tcckst = 0x10 | (0x01 if atr.checksum is Checksum.CRC else 0) | (0x02 if atr.ts == 0x3F else 0)
     return bytes(
         [
-            _findex_dindex(atr),
+            _findex_dindex(atr, pps1),
             tcckst,
             atr.tc1 or 0,  # bGuardTimeT1 = TC1
             (atr.bwi << 4) | atr.cwi,
@@ -105,10 +109,10 @@ def card_read_timeout_ms(atr: Atr, protocol: int, desc: CcidClassDescriptor) -> 
     return max(T0_MIN_READ_TIMEOUT_MS, iso_in, iso_out)
 
 
-def t0_parameters(atr: Atr) -> bytes:
+def t0_parameters(atr: Atr, pps1: int | None = None) -> bytes:
     """The 5-byte T=0 SetParameters structure (reference §1.9; WI from TC2, default 10)."""
     wi = atr.interface_bytes[1].get("TC", 10) if len(atr.interface_bytes) > 1 else 10
-    return bytes([_findex_dindex(atr), 0x02 if atr.ts == 0x3F else 0, atr.tc1 or 0, wi, 0])
+    return bytes([_findex_dindex(atr, pps1), 0x02 if atr.ts == 0x3F else 0, atr.tc1 or 0, wi, 0])
 
 
 def silent_reader_extra_s(info: DeviceInfo) -> float:
@@ -216,3 +220,67 @@ def t1_block_length(data: bytes, checksum: Checksum) -> int | None:
         return None
     length = 3 + data[2] + (2 if checksum is Checksum.CRC else 1)
     return length if length < len(data) else None
+
+
+def _baud(ta1: int, clock_khz: int) -> int:
+    f, d = _FI[ta1 >> 4], _DI[ta1 & 0x0F]
+    if not (f and d):  # non-ISO values: libccid takes TA1 0x11's
+        f, d = 372, 1
+    return int(1000 * clock_khz * d / f)
+
+
+def _rate_supported(baud: int, rates: Sequence[int]) -> bool:
+    # libccid find_baud_rate: the card's rate is a rounded quotient, so within +-2 bps.
+    return any(rate - 2 < baud < rate + 2 for rate in rates)
+
+
+def pps_fidi(atr: Atr, desc: CcidClassDescriptor, rates: Sequence[int] | None) -> int | None:
+    """The Fi/Di (PPS1) to ask the card for, as libccid chooses it (ifdhandler.c
+    IFDHSetProtocolParameters), or None to stay at the default rate.
+
+    TA1 when it is faster than the default rate, within dwMaxDataRate and, when the reader
+    answered GET_DATA_RATES, in that list; a card too fast for the reader (TA1 up to 0x97) gets
+    the fastest of TA1-1 .. 0x95 the reader can do. Raises CardError for a card in specific mode
+    (TA2) whose only rate the reader cannot do (libccid refuses it too)."""
+    ta1, clock, max_rate = atr.ta1, desc.default_clock_khz, desc.max_data_rate_bps
+    if ta1 is None or not clock:
+        return None
+    card, default = _baud(ta1, clock), int(1000 * clock / 372)
+    if default < card <= max_rate:
+        if not rates or _rate_supported(card, rates):
+            return ta1
+        if atr.specific_mode:
+            raise CardError(f"the card runs only at {card} bps (TA1 0x{ta1:02X}, TA2) and the reader cannot")
+        return None
+    if card > max_rate + 2 and ta1 <= 0x97:
+        for lower in range(ta1 - 1, 0x94, -1):
+            baud = _baud(lower, clock)
+            if _rate_supported(baud, rates) if rates else baud <= max_rate:
+                return lower
+    return None
+
+
+def pps_request(atr: Atr, desc: CcidClassDescriptor, protocol: int, fidi: int | None) -> bytes | None:
+    """The PPS request (ISO 7816-3 §9.2: PPSS FF, PPS0, [PPS1], PCK) libccid would send, or None.
+
+    libccid sends one unless the reader negotiates itself (AUTO_PPS_PROP / AUTO_PPS_CUR) or the
+    card is in specific mode (TA2), and only when it asks for a rate (PPS1) or a protocol other
+    than the card's first one."""
+    if desc.features & (Feature.AUTO_PPS_PROP | Feature.AUTO_PPS_CUR) or atr.specific_mode:
+        return None
+    if fidi is None and protocol == atr.protocols[0]:
+        return None
+    body = bytes([0xFF, protocol | (0x10 if fidi is not None else 0)]) + (
+        bytes([fidi]) if fidi is not None else b""
+    )
+    return body + bytes([_xor(body)])
+
+
+def pps_confirmed(request: bytes, confirm: bytes) -> int | None:
+    """The Fi/Di the card confirmed, None when it kept the default (ISO 7816-3 §9.3, libccid
+    PPS_Match); CardError when the answer is no valid confirmation."""
+    pps1_in = len(confirm) > 3 and bool(confirm[1] & 0x10)
+    ok = not (len(confirm) == len(request) and confirm != request) and len(confirm) <= len(request)
+    if not ok or len(confirm) < 3 or (pps1_in and confirm[2] != request[2]):
+        raise CardError(f"PPS {request.hex(' ')} refused: the card answered {confirm.hex(' ') or 'nothing'}")
+    return confirm[2] if pps1_in and request[1] & 0x10 else None

@@ -48,7 +48,11 @@ def card_opener(token: TokenConfig, *, config_path: str = "") -> tuple[CardOpene
         try:
             timeouts = token.timeouts
             driver = CcidDriver(
-                device, frame_timeout_s=timeouts.frame_s, max_wait_s=timeouts.max_s, rescue=device
+                device,
+                frame_timeout_s=timeouts.frame_s,
+                max_wait_s=timeouts.max_s,
+                rescue=device,
+                data_rates=device.data_rates,
             )
             serial, source = device.info.serial, IdentitySource.USB_SERIAL
             if not serial:

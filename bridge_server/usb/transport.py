@@ -186,6 +186,7 @@ class UsbCcidDevice:
         self._packet_size = int(self._bulk_in.wMaxPacketSize) or 64
         self._intr_buf = array.array("B", bytes(MAX_INTERRUPT_READ))
         self._closed = False
+        self.data_rates: tuple[int, ...] | None = None  # GET_DATA_RATES, read once at open
 
     @classmethod
     def open(cls, match: DeviceMatch, *, backend: object | None = None) -> UsbCcidDevice:
@@ -211,6 +212,7 @@ class UsbCcidDevice:
         what = f"opening {info.describe()}"
         _claim(dev, cfg, int(intf.bInterfaceNumber), what)
         device = cls(dev, info, intf, descriptor)
+        device.data_rates = device.read_data_rates(1000)
         log.info("device.opened", device=info.describe(), interface=device._intf_number)
         return device
 
@@ -276,6 +278,20 @@ class UsbCcidDevice:
             ep.clear_halt()
         except (usb.core.USBError, NotImplementedError):
             log.warning("device.clear_halt_failed", device=self._what, endpoint=ep.bEndpointAddress)
+
+    def read_data_rates(self, timeout_ms: int) -> tuple[int, ...] | None:
+        """CCID 1.1 §5.3.3 GET_DATA_RATES, as libccid asks at open (up to 256 rates); None when
+        the reader stalls it (most tokens, reference §1.6) or answers no multiple of 4 bytes."""
+        try:
+            raw = self._dev.ctrl_transfer(0xA1, 0x03, 0, self._intf_number, 256 * 4, timeout_ms)
+        except usb.core.USBError as exc:
+            if exc.errno == errno.ENODEV:
+                raise translate_usb_error(exc, f"GET_DATA_RATES to {self._what}") from exc
+            return None
+        data = bytes(raw)
+        if not data or len(data) % 4:
+            return None
+        return tuple(int.from_bytes(data[i : i + 4], "little") for i in range(0, len(data), 4))
 
     def abort_request(self, seq: int, slot: int, timeout_ms: int) -> None:
         """CCID 1.1 §5.3.1 ABORT class request (bmRequestType 0x21, bRequest 0x01, wValue
@@ -384,6 +400,10 @@ class AsyncUsbDevice:
     @property
     def has_interrupt(self) -> bool:
         return self._device.has_interrupt
+
+    @property
+    def data_rates(self) -> tuple[int, ...] | None:
+        return self._device.data_rates
 
     async def write(self, data: bytes) -> None:
         await trio.to_thread.run_sync(

@@ -45,7 +45,7 @@ from bridge_server.simulator import usb_descriptors as ud  # noqa: E402
 from bridge_server.simulator.ccid_device import CcidDevice  # noqa: E402
 from bridge_server.simulator.faults import Evidence, Faults  # noqa: E402
 from bridge_server.simulator.piv import PivCard  # noqa: E402
-from bridge_server.simulator.profiles import PROFILES, Profile, yubikey_serial  # noqa: E402
+from bridge_server.simulator.profiles import EXTRA_PROFILES, PROFILES, Profile, yubikey_serial  # noqa: E402
 from bridge_server.simulator.usb_link import PacketPipe, Urb  # noqa: E402
 from protocol.ccid import (  # noqa: E402
     CcidMessage,
@@ -170,6 +170,9 @@ class Token:
             return None
         if request_type == 0x80 and request == 0x00:
             return b"\x00\x00"[:length]
+        if request_type == 0xA1 and request == 0x03 and self.profile.data_rates:
+            # CCID 1.1 §5.3.3 GET_DATA_RATES: dwDataRate values, little-endian.
+            return b"".join(rate.to_bytes(4, "little") for rate in self.profile.data_rates)[:length]
         return None
 
     def reset(self) -> None:
@@ -381,7 +384,7 @@ def build_testbed(token: Token, args: argparse.Namespace) -> tuple[Any, str, str
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--profile", choices=sorted(PROFILES), default="safenet-5110")
+    parser.add_argument("--profile", choices=sorted({**PROFILES, **EXTRA_PROFILES}), default="safenet-5110")
     parser.add_argument("--serial", help="iSerialNumber string (default: the profile's)")
     parser.add_argument("--no-serial", action="store_true", help="a device without iSerialNumber")
     parser.add_argument("--state", type=Path, help="the PIV card's JSON state file")
@@ -400,7 +403,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    token = Token(PROFILES[args.profile], args)
+    token = Token({**PROFILES, **EXTRA_PROFILES}[args.profile], args)
     testbed, syspath, devnode = build_testbed(token, args)
     handler = UsbfsHandler(token)
     if not testbed.attach_ioctl(devnode, handler):

@@ -24,7 +24,7 @@ from typing import IO, Any
 import pytest
 
 from bridge_admin.local_stack import BridgeStack, Daemon
-from bridge_server.simulator.profiles import PROFILES
+from bridge_server.simulator.profiles import EXTRA_PROFILES, PROFILES
 from protocol.runtime.config import dump_yaml, load_yaml
 
 SUPPORT = Path(__file__).resolve().parents[1]
@@ -32,6 +32,7 @@ REPO = SUPPORT.parents[1]
 HANDLER = Path(__file__).with_name("handler.py")
 # Debian's own interpreter: python3-gi and the UMockdev typelib are installed for it only.
 SYSTEM_PYTHON = Path("/usr/bin/python3")
+ALL_PROFILES = {**PROFILES, **EXTRA_PROFILES}  # the rig also serves the rig-only profiles
 APT_HINT = "apt-get install umockdev gir1.2-umockdev-1.0 libumockdev0 python3-gi libusb-1.0-0"
 
 
@@ -90,7 +91,7 @@ class EmulatedToken:
         return [json.loads(line) for line in self.events_path.read_text().splitlines() if line]
 
     def match(self) -> dict[str, Any]:
-        p = PROFILES[self.profile]
+        p = ALL_PROFILES[self.profile]
         return {"vid": p.vid, "pid": p.pid, "serial": self.serial}
 
 
@@ -142,7 +143,7 @@ def emulated_token(
         info = json.loads(line)
         yield EmulatedToken(
             profile=profile,
-            serial=serial or PROFILES[profile].serial,
+            serial=serial or ALL_PROFILES[profile].serial,
             umockdev_dir=info["umockdev_dir"],
             devnode=info["devnode"],
             proc=proc,
