@@ -9,6 +9,7 @@ silently falling back to a default is how a lease policy quietly stops applying.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final
@@ -46,6 +47,7 @@ class TokenMatch:
     vid: int | None = None
     pid: int | None = None
     serial: str | None = None
+    port: str | None = None  # USB port path ("1-1.2"), for tokens without a usb serial number
     simulate: str | None = None
     state: Path | None = None  # simulator only: folder where the simulated card persists its state
 
@@ -64,11 +66,32 @@ class PolicyConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class TokenTimeouts:
+    """How long the server waits for this token's card (docs/configuration.md, `timeouts`).
+
+    `frame_s`: the wait for one CCID answer while the card sends nothing (no time extension);
+    None derives it from the ATR as libccid does (BWT, CWT, clock, plus 1 s). `max_s`: the bound
+    on one whole APDU exchange, however many time extensions the card sends."""
+
+    frame_s: float | None = None
+    max_s: float = 60.0
+
+
+# A wait beyond an hour is no longer a slow card but a hung one; a lease's max_hold_s is 30 min.
+MAX_TOKEN_WAIT_S: Final = 3600.0
+MIN_TOKEN_FRAME_S: Final = 0.5
+_USB_PORT_PATH: Final = re.compile(
+    r"[0-9]{1,3}-[0-9]{1,3}(\.[0-9]{1,3}){0,6}"
+)  # USB 2.0: ≤ 7 tiers  # below this a loaded host's scheduling stall reads as a dead card
+
+
+@dataclass(frozen=True, slots=True)
 class TokenConfig:
     name: str
     match: TokenMatch
     allow: tuple[str, ...] = ()
     policy: PolicyConfig = PolicyConfig()
+    timeouts: TokenTimeouts = TokenTimeouts()
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,17 +183,41 @@ def parse_listen(value: object, path: str, key: str) -> tuple[str, int]:
 def _parse_match(sec: Section) -> TokenMatch:
     profile = sec.string("simulate")
     if profile is not None:
-        if any(sec.has(k) for k in ("vid", "pid", "serial")):
-            raise sec.error("simulate", "cannot be combined with vid/pid/serial")
+        if any(sec.has(k) for k in ("vid", "pid", "serial", "port")):
+            raise sec.error("simulate", "cannot be combined with vid/pid/serial/port")
         return TokenMatch(simulate=profile, state=sec.file("state"))
     if sec.has("state"):
         raise sec.error("state", "only applies to a simulated token (match.simulate)")
     vid = sec.optional_integer("vid", low=0, high=0xFFFF)
     pid = sec.optional_integer("pid", low=0, high=0xFFFF)
     serial = sec.string("serial")  # text: YAML turns `serial: 0012345` into a number
-    if vid is None and pid is None and serial is None:
-        raise ConfigError(sec.path, sec.prefix, "needs vid/pid/serial or simulate")
-    return TokenMatch(vid=vid, pid=pid, serial=serial)
+    port = sec.string("port")
+    if port is not None and not _USB_PORT_PATH.fullmatch(port):
+        raise sec.error(
+            "port",
+            f'expected a usb port path such as "1-1.2" (bus-port.port, as the server\'s '
+            f"device.identity_fallback log line or /sys/bus/usb/devices names it), got {port!r}",
+        )
+    if vid is None and pid is None and serial is None and port is None:
+        raise ConfigError(sec.path, sec.prefix, "needs vid/pid/serial/port or simulate")
+    return TokenMatch(vid=vid, pid=pid, serial=serial, port=port)
+
+
+def _parse_timeouts(sec: Section) -> TokenTimeouts:
+    """The token's `timeouts` section; every wait bounded, frame_s never beyond max_s."""
+    default = TokenTimeouts()
+    frame_s = sec.number("frame_s", 0.0, minimum=MIN_TOKEN_FRAME_S) if sec.has("frame_s") else None
+    max_s = sec.number("max_s", default.max_s, minimum=1.0)
+    for key, value in (("frame_s", frame_s), ("max_s", max_s)):
+        if value is not None and value > MAX_TOKEN_WAIT_S:
+            raise sec.error(key, f"{value:g} s is more than the {MAX_TOKEN_WAIT_S:g} s a card wait may take")
+    if frame_s is not None and frame_s > max_s:
+        raise sec.error(
+            "frame_s",
+            f"{frame_s:g} s is longer than max_s ({max_s:g} s), the bound on the whole exchange: "
+            "raise max_s too, or lower frame_s",
+        )
+    return TokenTimeouts(frame_s=frame_s, max_s=max_s)
 
 
 def _parse_policy(sec: Section, match: TokenMatch) -> PolicyConfig:
@@ -211,7 +258,7 @@ def _parse_tokens(root: Section) -> tuple[TokenConfig, ...]:
         raise root.error("tokens", "expected a non-empty list of tokens")
     tokens: list[TokenConfig] = []
     for i, item in enumerate(raw):
-        sec = Section(item, root.path, f"tokens[{i}]", ("name", "match", "allow", "policy"))
+        sec = Section(item, root.path, f"tokens[{i}]", ("name", "match", "allow", "policy", "timeouts"))
         name = sec.string("name", required=True)
         assert name is not None
         if len(name) > MAX_TOKEN_NAME_LENGTH or not name.isprintable():
@@ -219,9 +266,12 @@ def _parse_tokens(root: Section) -> tuple[TokenConfig, ...]:
         if any(t.name == name for t in tokens):
             raise sec.error("name", f"duplicate token name {name!r}")
         sec.require("match")
-        match = _parse_match(sec.section("match", ("vid", "pid", "serial", "simulate", "state")))
+        match = _parse_match(sec.section("match", ("vid", "pid", "serial", "port", "simulate", "state")))
         policy = _parse_policy(sec.section("policy", ("allow_management", "family", "allow_ins")), match)
-        tokens.append(TokenConfig(name=name, match=match, allow=sec.names("allow"), policy=policy))
+        timeouts = _parse_timeouts(sec.section("timeouts", ("frame_s", "max_s")))
+        tokens.append(
+            TokenConfig(name=name, match=match, allow=sec.names("allow"), policy=policy, timeouts=timeouts)
+        )
     return tuple(tokens)
 
 

@@ -79,6 +79,8 @@ def _token(server: ServerView, tok: TokenManager, now: float, wall: float) -> di
         "token_id": tok.token_id,
         "vid_pid": _vid_pid(tok),
         "serial": tok.snapshot()["serial"],
+        # Where that serial came from (usb-serial, card-serial, card-guid, usb-port); null while absent.
+        "identity_source": tok.device.card.identity_source if tok.device.card is not None else None,
         "simulated": tok.simulated is not None,
         "present": tok.present,
         "refused_device": tok.device.refused_serial,  # F5: another serial where this token was

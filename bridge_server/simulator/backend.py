@@ -199,7 +199,7 @@ def open_simulator(
     With `state_dir`, each token's PIV card persists to `<state_dir>/<serial>.json`.
     """
     from .piv import PivCard
-    from .profiles import PROFILES
+    from .profiles import PROFILES, yubikey_serial
 
     tokens: list[SimulatedToken] = []
     seen: dict[str, int] = {}
@@ -212,6 +212,6 @@ def open_simulator(
         count = seen[name] = seen.get(name, 0) + 1
         serial = profile.serial if count == 1 else f"{profile.serial}-{count}"
         state_path = state_dir / f"{serial}.json" if state_dir is not None else None
-        card = PivCard(state_path=state_path)
+        card = PivCard(state_path=state_path, yubikey_serial=yubikey_serial(profile, serial))
         tokens.append(SimulatedToken(profile, card=card, serial=serial, port=port))
     return SimulatorBackend(tokens), tokens

@@ -146,6 +146,13 @@ class CcidDevice:
         self._command_chain: bytearray | None = None
         self._response_chunks: list[bytes] = []
         self._pending_rapdu: bytes | None = None
+        # ISO 7816-3 §9: the card's Fi/Di (0x11 after a reset, PPS1 after a PPS) and the one the
+        # reader was set to by SetParameters (None: never set). TPDU only: when they differ the
+        # two ends sample at different rates and the card hears nothing it can read (mute).
+        self.card_fidi = 0x11
+        self.reader_fidi: int | None = None
+        self._pps_window = False  # a PPS is only valid as the first exchange after the ATR
+        self.pps_seen: bytes | None = None
 
     # -- state -----------------------------------------------------------------------------
 
@@ -200,7 +207,7 @@ class CcidDevice:
             stray[6] = (stray[6] - 1) & 0xFF
             frames = (bytes(stray), final)
         te = b""
-        if delay > 0:
+        if delay > 0 and self._profile.sends_time_extensions:
             te_status = status_byte(self.icc_status, CommandStatus.TIME_EXTENSION)
             te = CcidMessage(msg.msg_type, msg.seq, 0, te_status, self._faults.wtx_multiplier).encode()
         return Reply(frames, delay, te)
@@ -245,6 +252,7 @@ class CcidDevice:
             # CCID 1.1 §5.1 dwFeatures 0x400: the reader's own S(IFS request) is the first T=1
             # exchange, so the card sends blocks of up to the reader's dwMaxIFSD from now on.
             self._t1.ifsd = min(self._profile.descriptor.max_ifsd, MAX_T1_IFSD)
+        self.card_fidi, self.reader_fidi, self._pps_window = 0x11, None, True
         self._evidence.record_power_on(warm=warm)
         return data_block(seq, self._profile.atr)
 
@@ -274,6 +282,7 @@ class CcidDevice:
         if len(data) != 7:
             return _failure(MessageType.RDR_to_PC_Parameters, seq, self.icc_status, ERR_BAD_LENGTH)
         self.parameters = bytes(data)
+        self.reader_fidi = data[0]
         return parameters(seq, 1, self.parameters, icc=self.icc_status)
 
     def _get_parameters(self, seq: int, _b7: int, _data: bytes) -> CcidMessage:
@@ -296,6 +305,13 @@ class CcidDevice:
             mute = _failure(MessageType.RDR_to_PC_DataBlock, seq, self.icc_status, SlotError.ICC_MUTE)
             return mute, 0.0
         if self._level is ExchangeLevel.TPDU:
+            pps, self._pps_window = self._pps_window and data[:1] == b"\xff", False
+            if pps:
+                return self._pps(seq, data), 0.0
+            if self.reader_fidi is not None and self.reader_fidi != self.card_fidi:
+                return _failure(
+                    MessageType.RDR_to_PC_DataBlock, seq, self.icc_status, SlotError.ICC_MUTE
+                ), 0.0
             return self._xfr_tpdu(seq, data)
         if self._level is ExchangeLevel.EXTENDED_APDU:
             return self._xfr_extended(seq, level, data)
@@ -311,6 +327,21 @@ class CcidDevice:
         slow = self._faults.slow_sign_s
         is_sign = len(apdu) >= 4 and apdu[1] == _INS_GENERAL_AUTHENTICATE and not apdu[0] & _CLA_CHAINING
         return rapdu, (max(0.0, slow) if is_sign else 0.0)
+
+    def _pps(self, seq: int, request: bytes) -> CcidMessage:
+        """ISO 7816-3 §9.2: a valid PPS request for T=1 at a rate in TA1's range is confirmed by
+        echoing it; the card then runs at PPS1's Fi/Di. Anything else: no answer (mute)."""
+        check = 0
+        for byte in request:
+            check ^= byte
+        has_pps1 = len(request) >= 4 and bool(request[1] & 0x10)
+        ta1 = self._atr.ta1 or 0x11
+        valid = check == 0 and len(request) == (4 if has_pps1 else 3) and request[1] & 0x0F == 1
+        if not valid or (has_pps1 and (request[2] >> 4 > ta1 >> 4 or request[2] & 0x0F > ta1 & 0x0F)):
+            return _failure(MessageType.RDR_to_PC_DataBlock, seq, self.icc_status, SlotError.ICC_MUTE)
+        self.pps_seen = bytes(request)
+        self.card_fidi = request[2] if has_pps1 else 0x11
+        return data_block(seq, bytes(request))
 
     def _xfr_tpdu(self, seq: int, block: bytes) -> tuple[CcidMessage, float]:
         event = self._t1.receive(block)

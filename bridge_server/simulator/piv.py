@@ -49,6 +49,8 @@ INS_RESET_RETRY_COUNTER: Final = 0x2C
 INS_GENERAL_AUTHENTICATE: Final = 0x87
 INS_GENERATE_ASYMMETRIC: Final = 0x47
 INS_PUT_DATA: Final = 0xDB
+# YubiKey 5 PIV extension (ykman's PivSession.get_serial): the device serial, 4 bytes big-endian.
+INS_YUBIKEY_GET_SERIAL: Final = 0xF8
 
 # SP 800-73-4 Part 2 §3.1.1 application property template: PIX, coexistent tag allocation
 # authority, label, supported algorithms (RSA-2048, P-256).
@@ -80,8 +82,10 @@ class PivCard:
         pin_retries: int = 3,
         puk_retries: int = 3,
         rng: random.Random | None = None,
+        yubikey_serial: int | None = None,
     ) -> None:
         self._path = state_path
+        self.yubikey_serial = yubikey_serial  # answers 00 F8 00 00 as a YubiKey 5 does, when set
         self._rng = rng or random.Random()
         if state_path is not None and state_path.exists():
             self._state = PivState.from_json(state_path.read_text(encoding="utf-8"))
@@ -187,6 +191,8 @@ class PivCard:
         return CommandApdu(0x00, cmd.ins, cmd.p1, cmd.p2, data, cmd.ne)
 
     def _dispatch(self, cmd: CommandApdu) -> tuple[bytes, int]:
+        if cmd.ins == INS_YUBIKEY_GET_SERIAL and self.yubikey_serial is not None:
+            return self.yubikey_serial.to_bytes(4, "big"), sw.SW_OK
         handler = _HANDLERS.get(cmd.ins)
         if handler is None:
             return b"", sw.SW_INS_NOT_SUPPORTED

@@ -31,6 +31,10 @@ class Profile:
     atr: bytes
     escape_supported: bool
     note: str = ""
+    # Whether the reader sends RDR_to_PC time extensions while the card works (CCID 1.1 §6.2.7).
+    sends_time_extensions: bool = True
+    # The answer to GET_DATA_RATES (CCID 1.1 §5.3.3); empty: the request stalls, as on most tokens.
+    data_rates: tuple[int, ...] = ()
 
 
 SAFENET_5110: Final = Profile(
@@ -122,6 +126,9 @@ ETOKEN_FUSION: Final = Profile(
     atr=bytes.fromhex("3B DB 18 00 81 31 FE 7D 80 F9 A0 00 00 03 08 00 00 10 00 32"),
     escape_supported=True,
     note="atr replaced: the real IDPrime ATR offers T=0 only",
+    # libccid commit e919724 (2025-10): this reader implements no time extension requests,
+    # so a long on-board key generation is silent until the answer comes.
+    sends_time_extensions=False,
 )
 
 EPASS2003: Final = Profile(
@@ -159,3 +166,47 @@ EPASS2003: Final = Profile(
 )
 
 PROFILES: Final[dict[str, Profile]] = {p.name: p for p in (SAFENET_5110, YUBIKEY5, ETOKEN_FUSION, EPASS2003)}
+
+
+# The reader of the SafeNet eToken 5110+ FIPS as its descriptor dump shows it
+# (reference/ccid-readers/SafeNet_eToken_5110+_FIPS.txt): TPDU level, no automatic PPS
+# (dwFeatures 0x00010230), 4.8 MHz, 12903 bps by default and up to 825806 bps, and a
+# GET_DATA_RATES table (here the part of it up to 300000 bps). libccid negotiates TA1 with a PPS.
+SAFENET_5110_FIPS: Final = Profile(
+    name="safenet-5110-fips",
+    vid=0x08E6,
+    pid=0x34CF,
+    bcd_device=0x0000,
+    manufacturer="SafeNet",
+    product="eToken 5110+ FIPS",
+    serial="0B5E0F11",
+    interface_number=0,
+    descriptor=CcidClassDescriptor(
+        voltage_support=0x02,
+        protocols=0x02,
+        default_clock_khz=4800,
+        maximum_clock_khz=4800,
+        data_rate_bps=12903,
+        max_data_rate_bps=825806,
+        max_ifsd=254,
+        features=0x00010230,
+        max_ccid_message_length=271,
+    ),
+    has_interrupt=True,
+    # The real card (IDPrime 940) offers T=0 only, and our CCID device side speaks T=1. So the
+    # 5110 ATR with TA1 0x96 (Fi 512, Di 32: 300000 bps at 4.8 MHz, as the IDPrime's TA1).
+    atr=bytes.fromhex("3B D5 96 00 81 31 FE 7D 80 73 C8 21 10 7A"),
+    escape_supported=True,
+    note="atr replaced: the real IDPrime ATR offers T=0 only; rig-only profile",
+    data_rates=(12903, 25806, 51613, 103226, 154839, 206452, 300000),
+)
+# Profiles the USB rig offers besides the four default ones (tests iterate PROFILES).
+EXTRA_PROFILES: Final = {p.name: p for p in (SAFENET_5110_FIPS,)}
+
+YUBICO_VID: Final = 0x1050
+
+
+def yubikey_serial(profile: Profile, serial: str | None = None) -> int | None:
+    """The serial a YubiKey's PIV applet reports to `00 F8 00 00` (None: not a YubiKey)."""
+    text = profile.serial if serial is None else serial
+    return int(text) if profile.vid == YUBICO_VID and text.isdigit() else None

@@ -28,8 +28,9 @@ CLEANUP_TIMEOUT_S: Final = 5.0
 @dataclass(slots=True)
 class OpenedCard:
     driver: CardDriver
-    serial: str
+    serial: str  # the token's identity: its usb serial, else what bridge_server.usb.identity found
     close: Callable[[], Awaitable[None]]
+    identity_source: str = "usb-serial"  # issue 15 item 3: IdentitySource value, shown in status
 
 
 CardOpener = Callable[[], Awaitable[OpenedCard]]  # raises DeviceNotFoundError while absent

@@ -11,7 +11,15 @@ least 3 s (libccid's default), and 10 s before the ATR is known. A response whos
 "time extension" (0x80) is re-read with the per-frame wait multiplied by bError (reference
 §1.10.3), under a hard cap on the total wait (max_wait_s, never below one frame wait). A command
 answered CMD_SLOT_BUSY is sent again with a new bSeq until the slot is free, under the same cap.
-Every response is checked for type, bSeq and length before use.
+Every response is checked for type, bSeq and length before use. Here we are stricter than
+libccid on purpose: libccid reads an XfrBlock answer without checking its bSeq, but only because
+its CCID_Receive does not know the bSeq CCID_Transmit used (ReadPort(..., -1)); its commit
+1addd75 (2021) states the rule it applies everywhere else, "ignore packets with a bSeq that does
+not correspond to the command sent", and CCID 1.1 §6.2.1 says the answer echoes the bSeq. We
+also abandon exchanges (libccid never does), so the late answer of an abandoned XfrBlock must
+be told from the current one by its bSeq. Other leniencies of libccid we share, with a warning:
+a wrong TCK or bytes after the ATR (`ccid_policy.parse_card_atr`) and bytes after a T=1 block
+(`ccid_policy.t1_block_length`).
 
 `power_on()` follows reference §1.10.1: IccPowerOn (automatic voltage, else 5 V → 3 V → 1.8 V),
 ATR, SetParameters unless the reader negotiates itself (AUTO_PPS_PROP), and for TPDU T=1 a fresh
@@ -23,20 +31,22 @@ SetParameters says so (Fi/Di 0x11 unless the card is in specific mode, reference
 `transmit()` hides the exchange level (reference §1.10.2): TPDU T=1 (one block per XfrBlock,
 bBWI = WTX multiplier), TPDU T=0 (one XfrBlock, 61xx/6Cxx handled), short APDU (one XfrBlock) and
 extended APDU (wLevelParameter chaining both ways, §1.10.4). A failed exchange leaves the card
-in an unknown state, so the driver cold-resets it (power off, power on) and raises CardError:
-the caller fails the APDU instead of inventing a status word. Nothing here sends a PIN-class
-command twice (promise P2, docs/guardrails.md): `T1Reader` ends it in T1Error after a resynch,
-a T=0 6Cxx answer to it goes back as it is, and no failed exchange is ever retried (the cold
-reset below is all the recovery there is). An exchange cancelled half-way
-(lease revoked, client gone) triggers the same reset before the next APDU. We send no
-PC_to_RDR_Abort: libccid never does, most tokens stall the ABORT class request (§1.6), and the
-cold reset supersedes it. Nor the Gemalto GET_FIRMWARE_FEATURES escape: it only feeds pinpad
-logic we do not have.
+in an unknown state, so the driver resets it (`_recover`: cold reset, then, when the slot
+stays busy or silent, CCID Abort, then a USB reset) and raises CardError: the caller fails the
+APDU instead of inventing a status word. Nothing here sends a PIN-class command twice (promise
+P2, docs/guardrails.md): `T1Reader` ends it in T1Error after a resynch, a T=0 6Cxx answer to it
+goes back as it is, and no failed exchange is ever retried (recovery resets, it never replays).
+An exchange cancelled half-way (lease revoked, client gone) triggers the same recovery before
+the next APDU. libccid sends no Abort and never resets the device (most tokens stall the ABORT
+class request, §1.6); we try both only after a cold reset failed, where pcscd would leave the
+reader hung. No Gemalto GET_FIRMWARE_FEATURES escape: it only feeds pinpad logic we do not have.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
+from typing import Protocol
 
 import structlog
 import trio
@@ -63,16 +73,22 @@ from bridge_server.usb.ccid_policy import (
     choose_protocol,
     effective_features,
     extended_chunks,
+    parse_card_atr,
     power_select_sequence,
+    pps_confirmed,
+    pps_fidi,
+    pps_request,
+    silent_reader_extra_s,
     slot_error_name,
     slot_failure,
     t0_parameters,
+    t1_block_length,
     t1_parameters,
 )
 from bridge_server.usb.transport import AsyncUsbDevice
 from protocol import ccid
 from protocol.apdu import redact
-from protocol.atr import Atr
+from protocol.atr import Atr, Checksum
 from protocol.ccid import (
     CcidMessage,
     CommandStatus,
@@ -92,6 +108,13 @@ log = structlog.get_logger(__name__)
 _RESET_WORTHY = (CardError, T1Error, MalformedCcidMessageError, DeviceStallError, DeviceTimeoutError)
 
 
+class Rescue(Protocol):
+    """What recovery needs beyond CCID messages; `AsyncUsbDevice` provides it."""
+
+    async def abort_request(self, seq: int) -> None: ...
+    async def usb_reset(self) -> None: ...
+
+
 class CcidDriver:
     """Async CCID host for one single-slot token; see the module docstring."""
 
@@ -101,8 +124,12 @@ class CcidDriver:
         *,
         frame_timeout_s: float | None = None,
         max_wait_s: float = 60.0,
+        rescue: Rescue | None = None,
+        data_rates: Sequence[int] | None = None,
     ) -> None:
         self._device = device
+        self._rescue = rescue  # Abort and USB reset for recovery; None: cold reset only
+        self._data_rates = data_rates  # the reader's GET_DATA_RATES answer; None: not supported
         self._desc = device.descriptor
         self._level = self._desc.exchange_level
         if self._level is ExchangeLevel.CHARACTER:
@@ -112,12 +139,18 @@ class CcidDriver:
         # as libccid derives it from the ATR (card_read_timeout_ms); a number fixes it.
         self._fixed_frame_timeout_s = frame_timeout_s
         self._frame_timeout_s = frame_timeout_s or DEFAULT_FRAME_TIMEOUT_S
+        # A reader that sends no time extension while the card computes gets libccid's extra
+        # wait on XfrBlock answers (ccid_policy.SILENT_READER_EXTRA_S), unless the config fixes
+        # the frame wait. Only XfrBlock: a card computes only there, and a power-off or slot
+        # status that waited 5 minutes would hold up recovery and unplug detection.
+        self._xfr_extra_s = 0.0 if frame_timeout_s else silent_reader_extra_s(device.info)
         self._max_wait_s = max_wait_s
         self._seq = 0
         self._lock = trio.Lock()
         self._atr: Atr | None = None
         self._protocol: int | None = None
         self._t1: T1Reader | None = None
+        self._t1_checksum = Checksum.LRC  # the EDC of the T=1 blocks, from the ATR
         self._interrupted = False
 
     @property
@@ -205,11 +238,13 @@ class CcidDriver:
         self._interrupted = False
         resp = await self._icc_power_on()
         try:
-            atr = Atr.parse(resp.data)
+            atr, problem = parse_card_atr(resp.data)
         except MalformedAtrError as exc:
             raise CardError(
                 f"card answered power-on with a malformed atr {resp.data.hex(' ')}: {exc}"
             ) from exc
+        if problem is not None:
+            log.warning("card.atr_accepted", atr=atr.raw.hex(), problem=problem, reason="libccid accepts it")
         protocol = choose_protocol(atr, self._desc)
         if self._fixed_frame_timeout_s is None:
             derived = card_read_timeout_ms(atr, protocol, self._desc) / 1000
@@ -218,8 +253,9 @@ class CcidDriver:
             # (a YubiKey's value) could be a scheduling stall on a loaded host, not a dead card.
             self._frame_timeout_s = max(MIN_FRAME_TIMEOUT_S, derived)
         if not self._features & Feature.AUTO_PPS_PROP:
-            await self._set_parameters(protocol, atr)
+            await self._set_parameters(protocol, atr, await self._negotiate_pps(atr, protocol))
         if self._level is ExchangeLevel.TPDU and protocol == 1:
+            self._t1_checksum = atr.checksum
             if self._features & Feature.AUTO_IFSD:
                 # CCID 1.1 §5.1 (0x400): the reader negotiated IFSD itself, so the card sends
                 # blocks of up to dwMaxIFSD; libccid takes min(dwMaxIFSD, 254) as its IFSD too.
@@ -245,8 +281,23 @@ class CcidDriver:
         assert resp is not None
         raise slot_failure("IccPowerOn", resp)
 
-    async def _set_parameters(self, protocol: int, atr: Atr) -> None:
-        params = t1_parameters(atr) if protocol == 1 else t0_parameters(atr)
+    async def _negotiate_pps(self, atr: Atr, protocol: int) -> int | None:
+        """PPS where libccid sends one (ccid_policy.pps_request); the Fi/Di the card took.
+
+        Only at TPDU level: there the XfrBlock goes to the card as it is; a reader exchanging
+        APDUs would take FF xx as a command (libccid sends it at every level, and those readers
+        all negotiate themselves, AUTO_PPS_PROP)."""
+        if self._level is not ExchangeLevel.TPDU:
+            return None
+        request = pps_request(atr, self._desc, protocol, pps_fidi(atr, self._desc, self._data_rates))
+        if request is None:
+            return None
+        fidi = pps_confirmed(request, await self._xfr_ok(request))
+        log.info("card.pps_negotiated", request=request.hex(), fidi=None if fidi is None else f"{fidi:02x}")
+        return fidi
+
+    async def _set_parameters(self, protocol: int, atr: Atr, pps1: int | None) -> None:
+        params = t1_parameters(atr, pps1) if protocol == 1 else t0_parameters(atr, pps1)
         resp = await self._exchange(ccid.set_parameters(self._next_seq(), protocol, params))
         if resp.command_status is not CommandStatus.FAILED:
             return
@@ -313,10 +364,19 @@ class CcidDriver:
                     raise slot_failure("XfrBlock", resp)
                 step = self._t1.receive_error()  # libccid: parity/mute → R-block (§1.10.5)
             else:
-                step = self._t1.receive(resp.data)
+                step = self._t1.receive(self._t1_block(resp.data))
             if isinstance(step, ApduComplete):
                 return step.apdu
             block, bwi = step.block, step.wtx
+
+    def _t1_block(self, data: bytes) -> bytes:
+        end = t1_block_length(data, self._t1_checksum)
+        if end is None:
+            return data
+        log.warning(
+            "t1.trailing_bytes_ignored", length=len(data), block_length=end, reason="libccid ignores them"
+        )
+        return data[:end]
 
     async def _transmit_t0(self, apdu: bytes) -> bytes:
         """T=0 TPDU: 6Cxx → resend with Le=xx; 61xx → GET RESPONSE until the card is done."""
@@ -353,7 +413,7 @@ class CcidDriver:
 
     async def _xfr(self, data: bytes, *, bwi: int = 0, level: int = 0) -> CcidMessage:
         msg = ccid.xfr_block(self._next_seq(), data, bwi=bwi, level_parameter=level)
-        return await self._exchange(msg, wait_multiplier=max(1, bwi))
+        return await self._exchange(msg, wait_multiplier=max(1, bwi), extra_s=self._xfr_extra_s)
 
     async def _xfr_checked(self, data: bytes, *, level: int = 0) -> CcidMessage:
         resp = await self._xfr(data, level=level)
@@ -369,17 +429,19 @@ class CcidDriver:
     def _cap_s(self) -> float:
         """The bound on one exchange: max_wait_s, but never below one full frame wait (a card
         whose ATR announces a BWT beyond max_wait_s gets that BWT, as under libccid)."""
-        return max(self._max_wait_s, self._frame_timeout_s)
+        return max(self._max_wait_s, self._frame_timeout_s + self._xfr_extra_s)
 
     def _next_seq(self) -> int:
         seq, self._seq = self._seq, (self._seq + 1) & 0xFF
         return seq
 
-    async def _exchange(self, msg: CcidMessage, *, wait_multiplier: int = 1) -> CcidMessage:
+    async def _exchange(
+        self, msg: CcidMessage, *, wait_multiplier: int = 1, extra_s: float = 0.0
+    ) -> CcidMessage:
         expected = ccid.response_type_for(msg.msg_type)
         with trio.move_on_after(self._cap_s()) as total:
             while True:
-                resp = await self._receive(msg, expected, self._frame_timeout_s * wait_multiplier)
+                resp = await self._receive(msg, expected, self._frame_timeout_s * wait_multiplier + extra_s)
                 busy = resp.command_status is CommandStatus.FAILED and resp.error == SlotError.CMD_SLOT_BUSY
                 if not busy:
                     return resp
@@ -442,22 +504,66 @@ class CcidDriver:
         self._atr, self._protocol, self._t1 = None, None, None
 
     async def _recover(self) -> None:
-        """Cold reset after a failed or interrupted exchange; the card state is unknown otherwise."""
+        """Bring the card back after a failed or interrupted exchange (issue 15 item 6).
+
+        Escalating, each step bounded by the exchange cap: (1) cold reset: IccPowerOff (asked
+        again while the slot answers CMD_SLOT_BUSY; the abandoned answer is dropped by bSeq),
+        then power-up; with a `rescue` (a real device) then (2) CCID 1.1 §5.3.1 Abort: the
+        ABORT class request and PC_to_RDR_Abort (§6.1.13) with the same bSeq, then the cold
+        reset; and (3) a USB reset (the card loses power; libusb re-claims the interface), then
+        power-up. libccid has none of (2) and (3): pcscd leaves a hung reader hung."""
         self._interrupted = False
         self._forget_card()
-        try:
-            await self._exchange(ccid.icc_power_off(self._next_seq()))
+        steps = [("cold_reset", self._cold_reset)]
+        if self._rescue is not None:
+            steps += [("abort", self._abort_then_cold_reset), ("usb_reset", self._usb_reset_then_power_on)]
+        for name, step in steps:
+            try:
+                await step()
+            except DeviceGoneError:
+                raise
+            except (DeviceError, MalformedCcidMessageError, T1Error) as exc:
+                log.warning("card.recovery_step_failed", step=name, reason=str(exc))
+                continue
+            log.info("card.reset", reason="failed exchange", step=name)
+            return
+        self._forget_card()
+        log.warning("card.reset_failed", reason="no recovery step brought the card back")
+
+    async def _cold_reset(self) -> None:
+        await self._exchange(ccid.icc_power_off(self._next_seq()))
+        await self._power_on()
+
+    async def _abort_then_cold_reset(self) -> None:
+        assert self._rescue is not None
+        seq = self._next_seq()
+        await self._rescue.abort_request(seq)  # a reader that stalls it does not support Abort
+        with trio.move_on_after(self._cap_s()):
+            resp = await self._receive(
+                ccid.abort(seq), ccid.MessageType.RDR_to_PC_SlotStatus, self._frame_timeout_s
+            )
+            if resp.command_status is CommandStatus.FAILED:
+                raise slot_failure("Abort", resp)
+            await self._cold_reset()
+            return
+        raise DeviceTimeoutError(
+            f"{self._device.info.describe()}: abort not finished within {self._cap_s():g} s"
+        )
+
+    async def _usb_reset_then_power_on(self) -> None:
+        assert self._rescue is not None
+        await self._rescue.usb_reset()
+        with trio.move_on_after(self._cap_s()):
             await self._power_on()
-        except DeviceGoneError:
-            raise
-        except (DeviceError, MalformedCcidMessageError, T1Error) as exc:
-            log.warning("card.reset_failed", reason=str(exc))
-        else:
-            log.info("card.reset", reason="failed exchange")
+            return
+        raise DeviceTimeoutError(
+            f"{self._device.info.describe()}: no power-up within {self._cap_s():g} s of a usb reset"
+        )
 
 
 __all__ = [
     "CcidDriver",
+    "Rescue",
     "choose_protocol",
     "effective_features",
     "extended_chunks",

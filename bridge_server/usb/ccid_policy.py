@@ -6,13 +6,16 @@ straight from the reference (§1.8, §1.9, §1.10.4, §1.12) are tested without 
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Sequence
 from typing import Final
 
 from bridge_server.errors import CardError, DeviceError
 from bridge_server.usb.transport import DeviceInfo
 from protocol import ccid
-from protocol.atr import Atr, Checksum
+from protocol.atr import MAX_ATR_LENGTH, Atr, Checksum
 from protocol.ccid import CcidClassDescriptor, CcidMessage, Feature, IccStatus, SlotError
+from protocol.errors import MalformedAtrError
 
 MAX_STALE_FRAMES: Final = 10  # libccid re-reads up to 10 frames with a foreign bSeq (reference §1.3)
 MAX_RESPONSE_APDU: Final = 65536 + 2  # Ne ≤ 65536 plus SW1 SW2 (ISO 7816-4 §5.1)
@@ -30,6 +33,12 @@ DEFAULT_FRAME_TIMEOUT_S: Final = 10.0  # until the ATR is known (power-on, slot 
 MIN_FRAME_TIMEOUT_S: Final = 3.0  # the floor under the ATR-derived wait (libccid's default read timeout)
 NON_ISO_READ_TIMEOUT_MS: Final = 60_000  # libccid, when F, D or the clock is 0
 T0_MIN_READ_TIMEOUT_MS: Final = 3_000  # libccid DEFAULT_COM_READ_TIMEOUT
+# Readers that send no time extension while the card works, with the extra wait libccid grants
+# them. SafeNet/Thales eToken Fusion (08E6:34D2): libccid commit e919724 (2025-10, after
+# Debian 12's 1.5.2) adds 5 minutes to the ATR-derived read timeout, because the reader does
+# not implement time extension requests and RSA on-board key generation takes up to 5 minutes
+# while its ATR gives about 2.2 s.
+SILENT_READER_EXTRA_S: Final = {(0x08E6, 0x34D2): 5 * 60.0}
 
 
 def power_select_sequence(desc: CcidClassDescriptor, features: int) -> tuple[int, ...]:
@@ -51,17 +60,20 @@ def choose_protocol(atr: Atr, desc: CcidClassDescriptor) -> int:
     return 1 if 1 in offered else 0
 
 
-def _findex_dindex(atr: Atr) -> int:
-    # Without a PPS the card stays at Fd/Dd (0x11); in specific mode (TA2) TA1 already applies.
+def _findex_dindex(atr: Atr, pps1: int | None = None) -> int:
+    # Without a PPS the card stays at Fd/Dd (0x11); in specific mode (TA2) TA1 already applies;
+    # after a PPS, the PPS1 the card confirmed (libccid: param[0] = pps[2]).
+    if pps1 is not None:
+        return pps1
     return atr.ta1 if atr.specific_mode and atr.ta1 is not None else 0x11
 
 
-def t1_parameters(atr: Atr) -> bytes:
-    """The 7-byte T=1 SetParameters structure (reference §1.9)."""
+def t1_parameters(atr: Atr, pps1: int | None = None) -> bytes:
+    """The 7-byte T=1 SetParameters structure (reference §1.9); `pps1`: the negotiated Fi/Di."""
     tcckst = 0x10 | (0x01 if atr.checksum is Checksum.CRC else 0) | (0x02 if atr.ts == 0x3F else 0)
     return bytes(
         [
-            _findex_dindex(atr),
+            _findex_dindex(atr, pps1),
             tcckst,
             atr.tc1 or 0,  # bGuardTimeT1 = TC1
             (atr.bwi << 4) | atr.cwi,
@@ -97,10 +109,15 @@ def card_read_timeout_ms(atr: Atr, protocol: int, desc: CcidClassDescriptor) -> 
     return max(T0_MIN_READ_TIMEOUT_MS, iso_in, iso_out)
 
 
-def t0_parameters(atr: Atr) -> bytes:
+def t0_parameters(atr: Atr, pps1: int | None = None) -> bytes:
     """The 5-byte T=0 SetParameters structure (reference §1.9; WI from TC2, default 10)."""
     wi = atr.interface_bytes[1].get("TC", 10) if len(atr.interface_bytes) > 1 else 10
-    return bytes([_findex_dindex(atr), 0x02 if atr.ts == 0x3F else 0, atr.tc1 or 0, wi, 0])
+    return bytes([_findex_dindex(atr, pps1), 0x02 if atr.ts == 0x3F else 0, atr.tc1 or 0, wi, 0])
+
+
+def silent_reader_extra_s(info: DeviceInfo) -> float:
+    """Extra seconds to wait for an XfrBlock answer from a reader that sends no time extension."""
+    return SILENT_READER_EXTRA_S.get((info.vid, info.pid), 0.0)
 
 
 def effective_features(desc: CcidClassDescriptor, info: DeviceInfo) -> int:
@@ -137,3 +154,133 @@ def slot_failure(what: str, resp: CcidMessage) -> CardError:
     return CardError(
         f"{what} failed: {slot_error_name(resp.error)} (bError 0x{resp.error:02x}, {where})", resp.error
     )
+
+
+def parse_card_atr(raw: bytes) -> tuple[Atr, str | None]:
+    """The card's ATR as libccid reads it, and what was wrong with it (None when nothing).
+
+    libccid's parser (towitoko ATR_InitFromArray) never checks the TCK value and stops at the
+    computed end, ignoring bytes after it; cards that get either wrong work under pcscd, so they
+    are accepted here too, with the problem returned for a warning. `Atr.raw` stays the card's
+    own bytes: that is the ATR applications see under libccid as well. Anything else that
+    `Atr.parse` refuses (truncated, over-long, bad TS) stays an error."""
+    try:
+        return Atr.parse(raw), None
+    except MalformedAtrError as exc:
+        problem = str(exc)
+    end, has_tck = _atr_structure(raw)
+    # Never beyond 33 bytes (ISO 7816-3 §8.2.1): an ATR buffer that long is refused whole.
+    if end is None or end > len(raw) or len(raw) > MAX_ATR_LENGTH:
+        raise MalformedAtrError(problem)
+    head = raw[:end]
+    candidates = (head, head[:-1] + bytes([_xor(head[1:-1])])) if has_tck else (head,)
+    for candidate in candidates:
+        try:
+            atr = Atr.parse(candidate)
+        except MalformedAtrError:
+            continue
+        return dataclasses.replace(atr, raw=bytes(raw)), problem
+    raise MalformedAtrError(problem)
+
+
+def _atr_structure(raw: bytes) -> tuple[int | None, bool]:
+    """(length the ATR's own structure gives, whether it ends in TCK); None if cut short.
+
+    ISO 7816-3 §8.2: T0/TDi high nibbles say which interface bytes follow, T0's low nibble
+    counts the historical bytes, and TCK follows when any TDi names a protocol other than T=0."""
+    if len(raw) < 2:
+        return None, False
+    pos, indicator, protocols = 2, raw[1] >> 4, []
+    while True:
+        pos += bin(indicator).count("1")
+        if not indicator & 0x8:
+            break
+        if pos > len(raw):
+            return None, False
+        td = raw[pos - 1]
+        protocols.append(td & 0x0F)
+        indicator = td >> 4
+    has_tck = any(t != 0 for t in protocols)
+    return pos + (raw[1] & 0x0F) + int(has_tck), has_tck
+
+
+def _xor(data: bytes) -> int:
+    check = 0
+    for byte in data:
+        check ^= byte
+    return check
+
+
+def t1_block_length(data: bytes, checksum: Checksum) -> int | None:
+    """The length of the T=1 block at the start of `data` when bytes trail it, else None.
+
+    libccid (openct proto-t1.c t1_xcv) cuts a received block to NAD PCB LEN + LEN + EDC bytes
+    and ignores the rest; readers that pad their DataBlock work under pcscd."""
+    if len(data) < 3:
+        return None
+    length = 3 + data[2] + (2 if checksum is Checksum.CRC else 1)
+    return length if length < len(data) else None
+
+
+def _baud(ta1: int, clock_khz: int) -> int:
+    f, d = _FI[ta1 >> 4], _DI[ta1 & 0x0F]
+    if not (f and d):  # non-ISO values: libccid takes TA1 0x11's
+        f, d = 372, 1
+    return int(1000 * clock_khz * d / f)
+
+
+def _rate_supported(baud: int, rates: Sequence[int]) -> bool:
+    # libccid find_baud_rate: the card's rate is a rounded quotient, so within +-2 bps.
+    return any(rate - 2 < baud < rate + 2 for rate in rates)
+
+
+def pps_fidi(atr: Atr, desc: CcidClassDescriptor, rates: Sequence[int] | None) -> int | None:
+    """The Fi/Di (PPS1) to ask the card for, as libccid chooses it (ifdhandler.c
+    IFDHSetProtocolParameters), or None to stay at the default rate.
+
+    TA1 when it is faster than the default rate, within dwMaxDataRate and, when the reader
+    answered GET_DATA_RATES, in that list; a card too fast for the reader (TA1 up to 0x97) gets
+    the fastest of TA1-1 .. 0x95 the reader can do. Raises CardError for a card in specific mode
+    (TA2) whose only rate the reader cannot do (libccid refuses it too)."""
+    ta1, clock, max_rate = atr.ta1, desc.default_clock_khz, desc.max_data_rate_bps
+    if ta1 is None or not clock:
+        return None
+    card, default = _baud(ta1, clock), int(1000 * clock / 372)
+    if default < card <= max_rate:
+        if not rates or _rate_supported(card, rates):
+            return ta1
+        if atr.specific_mode:
+            raise CardError(f"the card runs only at {card} bps (TA1 0x{ta1:02X}, TA2) and the reader cannot")
+        return None
+    if card > max_rate + 2 and ta1 <= 0x97:
+        for lower in range(ta1 - 1, 0x94, -1):
+            baud = _baud(lower, clock)
+            if _rate_supported(baud, rates) if rates else baud <= max_rate:
+                return lower
+    return None
+
+
+def pps_request(atr: Atr, desc: CcidClassDescriptor, protocol: int, fidi: int | None) -> bytes | None:
+    """The PPS request (ISO 7816-3 §9.2: PPSS FF, PPS0, [PPS1], PCK) libccid would send, or None.
+
+    libccid sends one unless the reader negotiates itself (AUTO_PPS_PROP / AUTO_PPS_CUR) or the
+    card is in specific mode (TA2), and only when it asks for a rate (PPS1) or a protocol other
+    than the card's first one."""
+    if desc.features & (Feature.AUTO_PPS_PROP | Feature.AUTO_PPS_CUR) or atr.specific_mode:
+        return None
+    if fidi is None and protocol == atr.protocols[0]:
+        return None
+    body = bytes([0xFF, protocol | (0x10 if fidi is not None else 0)]) + (
+        bytes([fidi]) if fidi is not None else b""
+    )
+    return body + bytes([_xor(body)])
+
+
+def pps_confirmed(request: bytes, confirm: bytes) -> int | None:
+    """The Fi/Di the card confirmed, None when it kept the default (ISO 7816-3 §9.3, libccid
+    PPS_Match); CardError when the answer is no valid confirmation."""
+    pps1_in = len(confirm) > 3 and bool(confirm[1] & 0x10)
+    ok = not (len(confirm) == len(request) and confirm != request) and len(confirm) <= len(request)
+    if not ok or len(confirm) < 3 or (pps1_in and confirm[2] != request[2]):
+        raise CardError(f"PPS {request.hex(' ')} refused: the card answered {confirm.hex(' ') or 'nothing'}")
+    return confirm[2] if pps1_in and request[1] & 0x10 else None

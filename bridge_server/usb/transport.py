@@ -25,8 +25,7 @@ import array
 import contextlib
 import errno
 import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import structlog
@@ -38,10 +37,16 @@ from bridge_server.errors import (
     DeviceBusyError,
     DeviceError,
     DeviceGoneError,
-    DeviceNotFoundError,
     DevicePermissionError,
     DeviceStallError,
     DeviceTimeoutError,
+)
+from bridge_server.usb.matching import (
+    DeviceInfo,
+    DeviceMatch,
+    find_ccid_interface,
+    refuse_iccd,
+    select_device,
 )
 from protocol.ccid import HEADER_LEN, MAX_DATA_LENGTH, CcidClassDescriptor
 from protocol.ccid_stream import BulkInAssembler
@@ -49,10 +54,6 @@ from protocol.errors import MalformedCcidMessageError
 
 log = structlog.get_logger(__name__)
 
-CCID_INTERFACE_CLASS = 0x0B
-VENDOR_INTERFACE_CLASS = 0xFF
-CCID_DESCRIPTOR_LENGTH = 54  # CCID 1.1 §5.1: bLength 0x36
-CCID_DESCRIPTOR_TYPES = (0x21, 0xFF)  # 0xFF on old vendor-class devices (reference §1.7)
 # libccid reads every response into 10 + 65546 bytes (reference §1.3); never less than the device says.
 MIN_READ_BUFFER = HEADER_LEN + MAX_DATA_LENGTH
 MAX_INTERRUPT_READ = 64  # NotifySlotChange/HardwareError are ≤ 4 bytes for one slot (reference §1.5)
@@ -63,65 +64,6 @@ PERMISSION_HINT = (
 BUSY_HINT = (
     "pcscd on this host holds the token: stop and mask pcscd.socket/pcscd.service or exclude the device"
 )
-
-
-@dataclass(frozen=True)
-class DeviceMatch:
-    """Which device a token entry means; None fields match anything."""
-
-    vid: int | None = None
-    pid: int | None = None
-    serial: str | None = None
-
-    def matches(self, info: DeviceInfo) -> bool:
-        if self.vid is not None and info.vid != self.vid:
-            return False
-        if self.pid is not None and info.pid != self.pid:
-            return False
-        # Serials are printed in upper or lower case by different tools; compare case-blind.
-        return self.serial is None or info.serial.strip().casefold() == self.serial.strip().casefold()
-
-    def describe(self) -> str:
-        parts = []
-        if self.vid is not None:
-            parts.append(f"vid=0x{self.vid:04x}")
-        if self.pid is not None:
-            parts.append(f"pid=0x{self.pid:04x}")
-        if self.serial is not None:
-            parts.append(f"serial={self.serial!r}")
-        return " ".join(parts) or "any ccid device"
-
-
-@dataclass(frozen=True)
-class DeviceInfo:
-    vid: int
-    pid: int
-    serial: str
-    bcd_device: int
-    bus: int | None
-    address: int | None
-    product: str
-
-    def describe(self) -> str:
-        where = f" bus {self.bus} address {self.address}" if self.bus is not None else ""
-        return f"{self.vid:04x}:{self.pid:04x} serial {self.serial!r} {self.product!r}{where}"
-
-
-def select_device(match: DeviceMatch, seen: Sequence[DeviceInfo]) -> DeviceInfo:
-    """Pick the one device `match` means among `seen` CCID devices; pure, for tests."""
-    hits = [info for info in seen if match.matches(info)]
-    if len(hits) == 1:
-        return hits[0]
-    listing = "; ".join(info.describe() for info in seen) or "none"
-    if not hits:
-        raise DeviceNotFoundError(
-            f"no usb ccid device matches {match.describe()} (seen: {listing}); "
-            "check the token is plugged in and the token's match in the server config"
-        )
-    raise DeviceNotFoundError(
-        f"{len(hits)} usb ccid devices match {match.describe()} (seen: {listing}); "
-        "add the serial to the token's match in the server config"
-    )
 
 
 def translate_usb_error(exc: BaseException, what: str) -> DeviceError:
@@ -178,6 +120,16 @@ def _read_serial_strict(dev: Any, what: str) -> str:
         return ""
 
 
+def _port_path(dev: Any) -> str:
+    try:
+        ports = dev.port_numbers
+    except (usb.core.USBError, NotImplementedError):
+        return ""
+    if dev.bus is None or not ports:
+        return ""
+    return f"{dev.bus}-" + ".".join(str(p) for p in ports)
+
+
 def _device_info(dev: Any, *, serial: str | None = None) -> DeviceInfo:
     return DeviceInfo(
         vid=int(dev.idVendor),
@@ -187,43 +139,8 @@ def _device_info(dev: Any, *, serial: str | None = None) -> DeviceInfo:
         bus=dev.bus,
         address=dev.address,
         product=_read_string(dev, "product"),
+        port_path=_port_path(dev),
     )
-
-
-def _descriptor_chain(extra: Iterable[int]) -> list[bytes]:
-    raw = bytes(extra)
-    out, pos = [], 0
-    while pos + 2 <= len(raw) and raw[pos] >= 2:
-        out.append(raw[pos : pos + raw[pos]])
-        pos += raw[pos]
-    return out
-
-
-def _class_descriptor_bytes(intf: Any) -> bytes | None:
-    """The 54-byte CCID descriptor of `intf` per libccid (reference §1.7), or None if not CCID."""
-    extra = bytes(intf.extra_descriptors or b"")
-    if not extra:
-        endpoints = list(intf)
-        # O2Micro/Reiner quirk: descriptor hangs off the last endpoint when the interface has none.
-        extra = bytes(endpoints[-1].extra_descriptors or b"") if endpoints else b""
-    for desc in _descriptor_chain(extra):
-        if len(desc) == CCID_DESCRIPTOR_LENGTH and desc[1] in CCID_DESCRIPTOR_TYPES:
-            return desc
-    return None
-
-
-def find_ccid_interface(dev: Any) -> tuple[Any, Any, bytes] | None:
-    """First (configuration, interface, descriptor) that is CCID: class 0x0B, or 0xFF with a descriptor."""
-    for cfg in dev:
-        for intf in cfg:
-            if intf.bAlternateSetting != 0:
-                continue
-            if intf.bInterfaceClass not in (CCID_INTERFACE_CLASS, VENDOR_INTERFACE_CLASS):
-                continue
-            raw = _class_descriptor_bytes(intf)
-            if raw is not None:
-                return cfg, intf, raw
-    return None
 
 
 def _enumerate(backend: object | None) -> list[Any]:
@@ -269,6 +186,7 @@ class UsbCcidDevice:
         self._packet_size = int(self._bulk_in.wMaxPacketSize) or 64
         self._intr_buf = array.array("B", bytes(MAX_INTERRUPT_READ))
         self._closed = False
+        self.data_rates: tuple[int, ...] | None = None  # GET_DATA_RATES, read once at open
 
     @classmethod
     def open(cls, match: DeviceMatch, *, backend: object | None = None) -> UsbCcidDevice:
@@ -286,6 +204,7 @@ class UsbCcidDevice:
             candidates.append((dev, _device_info(dev, serial=serial), found))
         info = select_device(match, [c[1] for c in candidates])
         dev, _, (cfg, intf, raw) = next(c for c in candidates if c[1] is info)
+        refuse_iccd(int(intf.bInterfaceProtocol), info)
         try:
             descriptor = CcidClassDescriptor.parse(raw)
         except MalformedCcidMessageError as exc:
@@ -293,6 +212,7 @@ class UsbCcidDevice:
         what = f"opening {info.describe()}"
         _claim(dev, cfg, int(intf.bInterfaceNumber), what)
         device = cls(dev, info, intf, descriptor)
+        device.data_rates = device.read_data_rates(1000)
         log.info("device.opened", device=info.describe(), interface=device._intf_number)
         return device
 
@@ -358,6 +278,55 @@ class UsbCcidDevice:
             ep.clear_halt()
         except (usb.core.USBError, NotImplementedError):
             log.warning("device.clear_halt_failed", device=self._what, endpoint=ep.bEndpointAddress)
+
+    def read_data_rates(self, timeout_ms: int) -> tuple[int, ...] | None:
+        """CCID 1.1 §5.3.3 GET_DATA_RATES, as libccid asks at open (up to 256 rates); None when
+        the reader stalls it (most tokens, reference §1.6) or answers no multiple of 4 bytes."""
+        try:
+            raw = self._dev.ctrl_transfer(0xA1, 0x03, 0, self._intf_number, 256 * 4, timeout_ms)
+        except usb.core.USBError as exc:
+            if exc.errno == errno.ENODEV:
+                raise translate_usb_error(exc, f"GET_DATA_RATES to {self._what}") from exc
+            return None
+        data = bytes(raw)
+        if not data or len(data) % 4:
+            return None
+        return tuple(int.from_bytes(data[i : i + 4], "little") for i in range(0, len(data), 4))
+
+    def abort_request(self, seq: int, slot: int, timeout_ms: int) -> None:
+        """CCID 1.1 §5.3.1 ABORT class request (bmRequestType 0x21, bRequest 0x01, wValue
+        bSeq << 8 | bSlot, wIndex the interface); DeviceStallError when the reader does not
+        support it, as most tokens (reference §1.6). The PC_to_RDR_Abort follows on bulk-OUT."""
+        if self._closed:
+            raise DeviceGoneError(f"{self._what}: closed")
+        value = (seq & 0xFF) << 8 | (slot & 0xFF)
+        _usb_call(
+            f"abort request to {self._what}",
+            self._dev.ctrl_transfer,
+            0x21,
+            0x01,
+            value,
+            self._intf_number,
+            None,
+            timeout_ms,
+        )
+
+    def reset(self) -> None:
+        """USB port reset (libusb_reset_device): the card loses power, bytes in flight are lost.
+
+        pyusb releases our interface, resets, and closes the handle; the next transfer opens it
+        again and claims the interface again. A device that comes back as another one (its
+        descriptors changed) is gone: DeviceGoneError, and the caller opens it afresh."""
+        if self._closed:
+            raise DeviceGoneError(f"{self._what}: closed")
+        try:
+            self._dev.reset()
+        except usb.core.USBError as exc:
+            if exc.errno in (errno.ENOENT, errno.ENODEV):
+                raise DeviceGoneError(f"{self._what}: did not come back from a usb reset") from exc
+            raise translate_usb_error(exc, f"resetting {self._what}") from exc
+        self._assembler = BulkInAssembler(len(self._buf))
+        log.warning("device.usb_reset", device=self._what)
 
     def close(self) -> None:
         if self._closed:
@@ -432,6 +401,10 @@ class AsyncUsbDevice:
     def has_interrupt(self) -> bool:
         return self._device.has_interrupt
 
+    @property
+    def data_rates(self) -> tuple[int, ...] | None:
+        return self._device.data_rates
+
     async def write(self, data: bytes) -> None:
         await trio.to_thread.run_sync(
             self._device.write, data, self._write_timeout_ms, limiter=self._limiter, abandon_on_cancel=False
@@ -488,7 +461,37 @@ class AsyncUsbDevice:
         else:
             await trio.lowlevel.checkpoint()
 
+    async def abort_request(self, seq: int) -> None:
+        """The ABORT class request for slot 0 (see `UsbCcidDevice.abort_request`)."""
+        await trio.to_thread.run_sync(
+            self._device.abort_request,
+            seq,
+            0,
+            self._write_timeout_ms,
+            limiter=self._limiter,
+            abandon_on_cancel=False,
+        )
+
+    async def usb_reset(self) -> None:
+        """Reset the device (see `UsbCcidDevice.reset`); waits for both pipes' reads to end."""
+        async with self._limiter, self._intr_limiter:
+            await trio.to_thread.run_sync(self._device.reset, abandon_on_cancel=False)
+
     async def aclose(self) -> None:
         with trio.CancelScope(shield=True):
             async with self._limiter, self._intr_limiter:
                 self._device.close()
+
+
+# Matching lives in bridge_server.usb.matching (pure); these names stay importable from here.
+__all__ = [
+    "AsyncUsbDevice",
+    "DeviceInfo",
+    "DeviceMatch",
+    "UsbCcidDevice",
+    "find_ccid_interface",
+    "list_ccid_devices",
+    "refuse_iccd",
+    "select_device",
+    "translate_usb_error",
+]

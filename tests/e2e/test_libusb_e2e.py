@@ -25,7 +25,7 @@ from bridge_admin.signing_tools import (
 pytestmark = pytest.mark.e2e
 
 
-@pytest.mark.parametrize("profile", ["safenet-5110", "yubikey5"])
+@pytest.mark.parametrize("profile", ["safenet-5110", "yubikey5", "etoken-fusion", "epass2003"])
 def test_pkcs11_and_osslsigncode_sign_through_the_server_on_real_libusb(
     vpcd_slot: VpcdSlot, tmp_path: Path, profile: str
 ) -> None:

@@ -19,14 +19,14 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from procstack import verify_signature
-from usb_rig.rig import emulated_token
+from usb_rig.rig import ALL_PROFILES, emulated_token
 
 from bridge_admin.signing_tools import OPENSC_PKCS11
-from bridge_server.simulator.profiles import PROFILES
 from protocol.ccid import MessageType
 
 NS_SCRIPT = Path(__file__).resolve().parents[1] / "support" / "usb_rig" / "pcscd_ns.sh"
-PROFILE_NAMES = ["safenet-5110", "yubikey5", "etoken-fusion", "epass2003"]
+# The four default profiles, and the rig-only 5110+ FIPS reader where libccid sends a PPS.
+PROFILE_NAMES = ["safenet-5110", "yubikey5", "etoken-fusion", "epass2003", "safenet-5110-fips"]
 
 
 def reference_host_problem() -> str | None:
@@ -67,17 +67,23 @@ def test_pcscd_with_libccid_reads_and_signs_on_the_emulated_token(tmp_path: Path
     log = (tmp_path / "pcscd.log").read_text(errors="replace") if (tmp_path / "pcscd.log").exists() else ""
     assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}\n--- pcscd.log (tail) ---\n{log[-4000:]}"
     atr = bytes.fromhex(re.sub(r"[^0-9a-fA-F]", "", proc.stdout.splitlines()[0]))
-    assert atr == PROFILES[profile].atr
-    assert f"Found Vendor/Product: {PROFILES[profile].vid:04X}/{PROFILES[profile].pid:04X}" in log
+    assert atr == ALL_PROFILES[profile].atr
+    assert f"Found Vendor/Product: {ALL_PROFILES[profile].vid:04X}/{ALL_PROFILES[profile].pid:04X}" in log
     # What libccid did at power-up, to compare with our driver (tests/usb_rig/test_libusb_session):
     # SetParameters and an S(IFS request) for IFSD min(dwMaxIFSD, 254) only on the TPDU reader.
     sent = [(e["type"], e["head"]) for e in token.events()]
-    tpdu = PROFILES[profile].descriptor.exchange_level.value == "tpdu"
+    tpdu = ALL_PROFILES[profile].descriptor.exchange_level.value == "tpdu"
     assert (MessageType.PC_to_RDR_SetParameters in [t for t, _ in sent]) is tpdu
     assert ((MessageType.PC_to_RDR_XfrBlock, "00c1") in sent) is tpdu
     if tpdu:
-        ifsd = min(PROFILES[profile].descriptor.max_ifsd, 254)
+        ifsd = min(ALL_PROFILES[profile].descriptor.max_ifsd, 254)
         assert f"T=1: IFSC=254, IFSD={ifsd}" in log
+    # PPS (issue 15 item 5): libccid negotiates TA1 only on the reader without automatic PPS
+    # whose card is faster than the default rate; test_libusb_pps checks our driver does the same.
+    pps = [head for kind, head in sent if kind == MessageType.PC_to_RDR_XfrBlock and head.startswith("ff")]
+    fidi = [head[:2] for kind, head in sent if kind == MessageType.PC_to_RDR_SetParameters]
+    assert pps == (["ff11"] if profile == "safenet-5110-fips" else [])
+    assert set(fidi) <= ({"96"} if profile == "safenet-5110-fips" else {"11"})
     pem = tmp_path / "cert.pem"
     der = (tmp_path / "cert.der").read_bytes()
     pem.write_bytes(x509.load_der_x509_certificate(der).public_bytes(Encoding.PEM))

@@ -45,7 +45,7 @@ from bridge_server.simulator import usb_descriptors as ud  # noqa: E402
 from bridge_server.simulator.ccid_device import CcidDevice  # noqa: E402
 from bridge_server.simulator.faults import Evidence, Faults  # noqa: E402
 from bridge_server.simulator.piv import PivCard  # noqa: E402
-from bridge_server.simulator.profiles import PROFILES, Profile  # noqa: E402
+from bridge_server.simulator.profiles import EXTRA_PROFILES, PROFILES, Profile, yubikey_serial  # noqa: E402
 from bridge_server.simulator.usb_link import PacketPipe, Urb  # noqa: E402
 from protocol.ccid import (  # noqa: E402
     CcidMessage,
@@ -92,11 +92,14 @@ class Token:
         self.serial = "" if args.no_serial else (args.serial or profile.serial)
         self.faults = Faults()
         self.faults.slow_sign_s = args.slow_sign_ms / 1000
-        self.card = PivCard(state_path=args.state)
+        # The card knows its serial even when the USB device does not show it (--no-serial).
+        self.card = PivCard(state_path=args.state, yubikey_serial=yubikey_serial(profile, args.serial))
         self.device = CcidDevice(profile, self.card, faults=self.faults, evidence=Evidence())
         self.configuration = ud.build_configuration(profile)
         self.events = args.events
         self.slot_busy = not args.no_slot_busy
+        self.abort_stalls = args.abort_stalls
+        self.abort_armed: int | None = None  # bSeq of an ABORT class request awaiting its bulk Abort
         self.time_extensions = not args.no_time_extension
         interval = args.packet_interval_ms / 1000
         self.bulk_in = PacketPipe(64, packet_interval_s=interval)
@@ -119,14 +122,21 @@ class Token:
     def pipe(self, endpoint: int) -> PacketPipe | None:
         return {ud.EP_BULK_IN: self.bulk_in, ud.EP_INTR_IN: self.intr_in}.get(endpoint)
 
-    def bulk_out(self, data: bytes) -> None:
+    def record(self, record: dict[str, Any]) -> None:
         if self.events is not None:
-            # What a test asserts on: message type, bSeq, and the first data bytes (T=1 NAD/PCB).
-            record = {"type": data[0] if data else None, "seq": data[6] if len(data) > 6 else None}
-            record["head"] = data[10:12].hex()
             with open(self.events, "a") as fh:
                 fh.write(json.dumps(record) + "\n")
+
+    def bulk_out(self, data: bytes) -> None:
+        # What a test asserts on: message type, bSeq, and the first data bytes (T=1 NAD/PCB).
+        seq = data[6] if len(data) > 6 else None
+        self.record({"type": data[0] if data else None, "seq": seq, "head": data[10:12].hex()})
         now = time.monotonic()
+        if data[:1] == bytes([MessageType.PC_to_RDR_Abort]) and seq is not None and seq == self.abort_armed:
+            # CCID 1.1 §5.3.1: the ABORT class request and PC_to_RDR_Abort with the same bSeq
+            # end the command in progress; its answer is never sent; the Abort gets SlotStatus.
+            self.abort_armed = None
+            self.bulk_in.clear()  # then CcidDevice answers the Abort itself, below
         if self.slot_busy and len(data) >= 10 and self.bulk_in.busy(now):
             # CCID 1.1 §6.2.6: a command while the slot still works on the last one fails at once
             # with CMD_SLOT_BUSY; the earlier answer still follows when it is ready.
@@ -160,6 +170,9 @@ class Token:
             return None
         if request_type == 0x80 and request == 0x00:
             return b"\x00\x00"[:length]
+        if request_type == 0xA1 and request == 0x03 and self.profile.data_rates:
+            # CCID 1.1 §5.3.3 GET_DATA_RATES: dwDataRate values, little-endian.
+            return b"".join(rate.to_bytes(4, "little") for rate in self.profile.data_rates)[:length]
         return None
 
     def reset(self) -> None:
@@ -240,7 +253,9 @@ class UsbfsHandler(UMockdev.IoctlBase):  # type: ignore[misc]
                 urb.finish(-errno.EPIPE)
                 return
             urb.data += data[:8] + answer
-        elif request_type == 0x21 and request == CCID_ABORT:
+        elif request_type == 0x21 and request == CCID_ABORT and not self.token.abort_stalls:
+            self.token.record({"type": "abort_request", "seq": value >> 8})
+            self.token.abort_armed = value >> 8
             urb.data += data[:8]  # CCID 1.1 §5.3.1: the PC_to_RDR_Abort that follows does the work
         else:
             urb.finish(-errno.EPIPE)
@@ -369,13 +384,16 @@ def build_testbed(token: Token, args: argparse.Namespace) -> tuple[Any, str, str
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--profile", choices=sorted(PROFILES), default="safenet-5110")
+    parser.add_argument("--profile", choices=sorted({**PROFILES, **EXTRA_PROFILES}), default="safenet-5110")
     parser.add_argument("--serial", help="iSerialNumber string (default: the profile's)")
     parser.add_argument("--no-serial", action="store_true", help="a device without iSerialNumber")
     parser.add_argument("--state", type=Path, help="the PIV card's JSON state file")
     parser.add_argument("--events", type=Path, help="append one JSON line per bulk-OUT command here")
     parser.add_argument("--no-slot-busy", action="store_true", help="queue commands instead of 'slot busy'")
     parser.add_argument("--no-time-extension", action="store_true", help="stay silent while working")
+    parser.add_argument(
+        "--abort-stalls", action="store_true", help="stall the CCID ABORT class request, as most tokens do"
+    )
     parser.add_argument("--busnum", type=int, default=1)
     parser.add_argument("--devnum", type=int, default=2)
     parser.add_argument("--packet-interval-ms", type=float, default=1.0, help="gap between IN packets")
@@ -385,7 +403,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    token = Token(PROFILES[args.profile], args)
+    token = Token({**PROFILES, **EXTRA_PROFILES}[args.profile], args)
     testbed, syspath, devnode = build_testbed(token, args)
     handler = UsbfsHandler(token)
     if not testbed.attach_ioctl(devnode, handler):

@@ -24,7 +24,7 @@ from typing import IO, Any
 import pytest
 
 from bridge_admin.local_stack import BridgeStack, Daemon
-from bridge_server.simulator.profiles import PROFILES
+from bridge_server.simulator.profiles import EXTRA_PROFILES, PROFILES
 from protocol.runtime.config import dump_yaml, load_yaml
 
 SUPPORT = Path(__file__).resolve().parents[1]
@@ -32,6 +32,7 @@ REPO = SUPPORT.parents[1]
 HANDLER = Path(__file__).with_name("handler.py")
 # Debian's own interpreter: python3-gi and the UMockdev typelib are installed for it only.
 SYSTEM_PYTHON = Path("/usr/bin/python3")
+ALL_PROFILES = {**PROFILES, **EXTRA_PROFILES}  # the rig also serves the rig-only profiles
 APT_HINT = "apt-get install umockdev gir1.2-umockdev-1.0 libumockdev0 python3-gi libusb-1.0-0"
 
 
@@ -90,7 +91,7 @@ class EmulatedToken:
         return [json.loads(line) for line in self.events_path.read_text().splitlines() if line]
 
     def match(self) -> dict[str, Any]:
-        p = PROFILES[self.profile]
+        p = ALL_PROFILES[self.profile]
         return {"vid": p.vid, "pid": p.pid, "serial": self.serial}
 
 
@@ -104,6 +105,9 @@ def emulated_token(
     slow_sign_ms: float = 0.0,
     slot_busy: bool = True,
     time_extensions: bool = True,
+    usb_serial: bool = True,
+    devnum: int = 2,
+    abort_stalls: bool = False,
 ) -> Iterator[EmulatedToken]:
     """Run handler.py for one token until the block ends (stopped by its pid)."""
     require_umockdev()
@@ -118,6 +122,11 @@ def emulated_token(
         cmd.append("--no-slot-busy")
     if not time_extensions:
         cmd.append("--no-time-extension")
+    if not usb_serial:
+        cmd.append("--no-serial")  # the device has no iSerialNumber; its card still knows it
+    cmd += ["--devnum", str(devnum)]
+    if abort_stalls:
+        cmd.append("--abort-stalls")  # as most tokens (reference §1.6): recovery must reset the device
     env = {k: v for k, v in os.environ.items() if k not in ("UMOCKDEV_DIR", "LD_PRELOAD", "PYTHONHOME")}
     env["PYTHONPATH"] = handler_pythonpath()
     log: IO[str]
@@ -134,7 +143,7 @@ def emulated_token(
         info = json.loads(line)
         yield EmulatedToken(
             profile=profile,
-            serial=serial or PROFILES[profile].serial,
+            serial=serial or ALL_PROFILES[profile].serial,
             umockdev_dir=info["umockdev_dir"],
             devnode=info["devnode"],
             proc=proc,
@@ -158,6 +167,8 @@ class LibusbStack(BridgeStack):
     """BridgeStack whose server reaches `tokens` through libusb, configured by VID/PID/serial."""
 
     tokens: list[EmulatedToken] = field(default_factory=list)
+    token_timeouts: dict[str, float] | None = None  # each token's `timeouts` section, if set
+    match_keys: tuple[str, ...] = ("vid", "pid", "serial")  # which of token.match() the config uses
 
     def write_server_config(self, allow: list[str]) -> Path:
         path = super().write_server_config(allow)
@@ -166,7 +177,9 @@ class LibusbStack(BridgeStack):
         for entry in config["tokens"]:
             token = by_profile[entry["match"]["simulate"]]
             m = token.match()
-            entry["match"] = {"vid": m["vid"], "pid": m["pid"], "serial": str(m["serial"])}
+            entry["match"] = {key: m[key] if key != "serial" else str(m[key]) for key in self.match_keys}
+            if self.token_timeouts is not None:
+                entry["timeouts"] = dict(self.token_timeouts)
         path.write_text(dump_yaml(config))
         return path
 
