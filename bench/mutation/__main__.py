@@ -78,7 +78,12 @@ TARGETS: dict[str, Target] = {
         ("tests/bridge_server/test_leases.py", "tests/bridge_server/test_lease_deadlines.py"),
     ),
     "wire": Target(
-        "protocol/wire.py", ("tests/protocol/test_wire_vocabulary.py", "tests/protocol/test_wire.py")
+        "protocol/wire.py",
+        (
+            "tests/protocol/test_wire_vocabulary.py",
+            "tests/protocol/test_wire_limits.py",
+            "tests/protocol/test_wire.py",
+        ),
     ),
     "wire_fields": Target(
         "protocol/_wire_fields.py", ("tests/protocol/test_wire_fields.py", "tests/protocol/test_wire.py")
