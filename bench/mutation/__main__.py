@@ -71,6 +71,7 @@ TARGETS: dict[str, Target] = {
             "tests/bridge_server/test_command_policy.py",
             "tests/bridge_server/test_command_allowlist.py",
             "tests/bridge_server/test_command_names.py",
+            "tests/bridge_server/test_command_refusal_names.py",
         ),
     ),
     "leases": Target(
