@@ -167,15 +167,13 @@ def _keep_kills(cache: Path) -> None:
         )
 
 
-def _not_retested(cache: Path) -> list[str]:
-    """Survivors a `mutmut run` left judged against older tests.
+def _not_retested(cache: Path, current: str) -> list[str]:
+    """Survivors a `mutmut run` left judged against tests older than `current` (their hash).
 
     mutmut 2.5.1 sometimes ends a run before the last queued mutants of a file (seen on the last
-    lines of protocol/t1.py): those are re-tested one by one (`mutmut run ID`).
+    lines of protocol/t1.py): those are re-tested one by one (`mutmut run ID`). `current` is the
+    hash taken when the run started, so editing a test meanwhile does not re-run every survivor.
     """
-    from mutmut.cache import hash_of_tests
-
-    current = hash_of_tests(["tests/"])
     with sqlite3.connect(cache) as db:
         rows = db.execute(
             "SELECT id FROM Mutant WHERE status IN ('bad_survived', 'untested') AND "
@@ -197,13 +195,16 @@ def _run(name: str, target: Target, survivors_only: bool) -> float:
         os.chdir(ROOT)
         _keep_kills(CACHE)
     common = ["--paths-to-mutate", target.source, "--runner", _runner(target), "--tests-dir", "tests/"]
+    from mutmut.cache import hash_of_tests
+
+    tests_hash = hash_of_tests(["tests/"])  # what this run's mutmut judges against
     start = time.monotonic()
     try:
         done = _mutmut("run", *common, "--simple-output", "--no-progress")
         (STATE / f"{name}.log").write_text(done.stdout + done.stderr)  # mutmut's own account of the run
         if done.returncode & 1:
             sys.exit(f"mutation: mutmut failed on {target.source}:\n{done.stdout}\n{done.stderr}")
-        for ident in _not_retested(CACHE):
+        for ident in _not_retested(CACHE, tests_hash):
             print(f"mutation: {name}: mutant {ident} was left out of the run; testing it alone", flush=True)
             _mutmut("run", *common, "--simple-output", "--no-progress", ident)
     finally:
