@@ -40,59 +40,27 @@ class Target:
     tests: tuple[str, ...]
 
 
-# Highest value first: a wrong PIN guard locks a token; a wrong T=1 or CCID exchange answers wrong.
-# Only the sync unit tests that exercise the module: each mutant runs them once.
-TARGETS: dict[str, Target] = {
-    "pin_guard": Target(
-        "bridge_server/guard/pin_guard.py",
-        (
-            "tests/bridge_server/test_pin_guard.py",
-            "tests/bridge_server/test_pin_guard_outcomes.py",
-            "tests/bridge_server/test_pin_chaining.py",
-        ),
-    ),
-    "t1": Target("protocol/t1.py", ("tests/protocol/test_t1.py", "tests/protocol/test_t1_reader_rules.py")),
-    "t1_blocks": Target(
-        "protocol/_t1_blocks.py", ("tests/protocol/test_t1.py", "tests/protocol/test_t1_reader_rules.py")
-    ),
-    "guardrails": Target(
-        "bridge_server/guard/guardrails.py",
-        (
-            "tests/bridge_server/test_pin_guard.py",
-            "tests/bridge_server/test_pin_guard_outcomes.py",
-            "tests/bridge_server/test_pin_chaining.py",
-            "tests/bridge_server/test_state_files.py",
-            "tests/bridge_server/test_guardrails.py",
-        ),
-    ),
-    "command_policy": Target(
-        "bridge_server/guard/command_policy.py",
-        (
-            "tests/bridge_server/test_command_policy.py",
-            "tests/bridge_server/test_command_allowlist.py",
-            "tests/bridge_server/test_command_names.py",
-        ),
-    ),
-    "leases": Target(
-        "bridge_server/tokens/leases.py",
-        ("tests/bridge_server/test_leases.py", "tests/bridge_server/test_lease_deadlines.py"),
-    ),
-    "wire": Target(
-        "protocol/wire.py", ("tests/protocol/test_wire_vocabulary.py", "tests/protocol/test_wire.py")
-    ),
-    "wire_fields": Target(
-        "protocol/_wire_fields.py", ("tests/protocol/test_wire_fields.py", "tests/protocol/test_wire.py")
-    ),
-    # The simulator tests drive the T=1 TPDU path (safenet) and extended chaining (fusion).
-    "ccid_driver": Target(
-        "bridge_server/usb/ccid_driver.py",
-        (
-            "tests/bridge_server/test_ccid_exchange.py",
-            "tests/bridge_server/test_ccid_driver.py",
-            "tests/bridge_server/test_ccid_driver_simulator.py",
-        ),
-    ),
-}
+def load_targets(path: Path) -> dict[str, Target]:
+    """The modules to mutate, from `targets.toml` (one line each); a clear error for a bad entry."""
+    with path.open("rb") as f:
+        doc = tomllib.load(f)
+    targets = {}
+    for name, entry in doc.items():
+        where = f"{path.name}: {name}"
+        if not isinstance(entry, dict) or set(entry) != {"source", "tests"}:
+            raise ValueError(f'{where}: expected {{ source = "path.py", tests = ["tests/...py", ...] }}')
+        source, tests = entry["source"], entry["tests"]
+        if not isinstance(source, str) or not isinstance(tests, list) or not tests:
+            raise ValueError(f"{where}: source is one path, tests a non-empty list of paths")
+        for file in (source, *tests):
+            if not isinstance(file, str) or not (ROOT / file).is_file():
+                raise ValueError(f"{where}: {file!r} is not a file under {ROOT}")
+        targets[name] = Target(source, tuple(tests))
+    return targets
+
+
+TARGETS_FILE = Path(__file__).resolve().parent / "targets.toml"
+TARGETS: dict[str, Target] = {}  # filled from TARGETS_FILE by main()
 
 
 @dataclass
@@ -161,15 +129,13 @@ def _keep_kills(cache: Path) -> None:
         )
 
 
-def _not_retested(cache: Path) -> list[str]:
-    """Survivors a `mutmut run` left judged against older tests.
+def _not_retested(cache: Path, current: str) -> list[str]:
+    """Survivors a `mutmut run` left judged against tests older than `current` (their hash).
 
     mutmut 2.5.1 sometimes ends a run before the last queued mutants of a file (seen on the last
-    lines of protocol/t1.py): those are re-tested one by one (`mutmut run ID`).
+    lines of protocol/t1.py): those are re-tested one by one (`mutmut run ID`). `current` is the
+    hash taken when the run started, so editing a test meanwhile does not re-run every survivor.
     """
-    from mutmut.cache import hash_of_tests
-
-    current = hash_of_tests(["tests/"])
     with sqlite3.connect(cache) as db:
         rows = db.execute(
             "SELECT id FROM Mutant WHERE status IN ('bad_survived', 'untested') AND "
@@ -191,13 +157,16 @@ def _run(name: str, target: Target, survivors_only: bool) -> float:
         os.chdir(ROOT)
         _keep_kills(CACHE)
     common = ["--paths-to-mutate", target.source, "--runner", _runner(target), "--tests-dir", "tests/"]
+    from mutmut.cache import hash_of_tests
+
+    tests_hash = hash_of_tests(["tests/"])  # what this run's mutmut judges against
     start = time.monotonic()
     try:
         done = _mutmut("run", *common, "--simple-output", "--no-progress")
         (STATE / f"{name}.log").write_text(done.stdout + done.stderr)  # mutmut's own account of the run
         if done.returncode & 1:
             sys.exit(f"mutation: mutmut failed on {target.source}:\n{done.stdout}\n{done.stderr}")
-        for ident in _not_retested(CACHE):
+        for ident in _not_retested(CACHE, tests_hash):
             print(f"mutation: {name}: mutant {ident} was left out of the run; testing it alone", flush=True)
             _mutmut("run", *common, "--simple-output", "--no-progress", ident)
     finally:
@@ -301,6 +270,16 @@ def _print(scores: list[Score], verbose: bool) -> None:
 
 
 def main() -> None:
+    if CACHE.exists():
+        # Another run in this tree is using it (mutmut 2.x keeps it in the current directory);
+        # --report-only and a new run would both replace it under that run's feet.
+        sys.exit(
+            f"mutation: {CACHE} exists: another `make mutation` is running here (or was killed: delete it)"
+        )
+    try:
+        TARGETS.update(load_targets(TARGETS_FILE))
+    except (ValueError, tomllib.TOMLDecodeError) as exc:
+        sys.exit(f"mutation: {exc}")
     parser = argparse.ArgumentParser(prog="python -m bench.mutation", description=__doc__.split("\n")[0])
     parser.add_argument("modules", nargs="*", metavar="MODULE", help=f"default all: {', '.join(TARGETS)}")
     parser.add_argument("--survivors-only", action="store_true", help="re-test only last run's survivors")
