@@ -25,6 +25,7 @@ Both daemons build their `ssl.SSLContext` here so the two ends cannot drift apar
 from __future__ import annotations
 
 import hashlib
+import os
 import ssl
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -36,6 +37,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from protocol.errors import TlsSetupError
+from protocol.runtime.config import CREDSTORE_DIRS
 
 __all__ = [
     "EXPIRED",
@@ -113,6 +115,19 @@ def read_pem(path: Path, what: str) -> bytes:
         ) from exc
 
 
+def _missing_file(what: str, path: Path) -> str:
+    """Not found: for a systemd credential (`credential:NAME`), say where systemd takes it from."""
+    in_service = os.environ.get("CREDENTIALS_DIRECTORY")
+    if path.parent in CREDSTORE_DIRS or (in_service and path.parent == Path(in_service)):
+        source = CREDSTORE_DIRS[0] / path.name
+        return (
+            f"{what} credential {path.name} not found ({path}): install it as {source} "
+            f"(`install -D -m 0600 FILE {source}`) and keep the unit's "
+            f"LoadCredential={path.name}:{source} line"
+        )
+    return f"{what} file {path} not found; create it or fix tls.{what[:4]} in the config"
+
+
 def _load_ca(ctx: ssl.SSLContext, ca: Path) -> None:
     if not ca.is_file():
         raise TlsSetupError(f"ca file {ca} not found; point tls.ca at the bridge's private ca certificate")
@@ -132,9 +147,7 @@ def _load_own_cert(ctx: ssl.SSLContext, cert: Path, key: Path) -> None:
     """Parse both files first so the error names the file at fault, then hand them to OpenSSL."""
     for what, path in (("certificate", cert), ("key", key)):
         if not path.is_file():
-            raise TlsSetupError(
-                f"{what} file {path} not found; create it or fix tls.{what[:4]} in the config"
-            )
+            raise TlsSetupError(_missing_file(what, path))
     cert_data, key_data = read_pem(cert, "certificate"), read_pem(key, "key")
     try:
         x509.load_pem_x509_certificates(cert_data)
