@@ -59,7 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--json", action="store_true", help="print the step timings as JSON at the end")
 
     svc = sub.add_parser("install-service", help="install systemd units, udev/polkit rules, example config")
-    svc.add_argument("role", choices=["server", "client"], help="server: token host; client: build VM")
+    svc.add_argument(
+        "role",
+        choices=["server", "client", "crl"],
+        help="server: token host; client: build VM; crl: the weekly CRL timer, where the CA key is",
+    )
     svc.add_argument("--prefix", type=Path, default=Path("/"), help="install under this root (default: /)")
     svc.add_argument("--dry-run", action="store_true", help="only print what would be written")
     svc.add_argument(

@@ -179,6 +179,8 @@ def plan(
     role: str, *, bindir: str, config: ServerConfig | None = None, credentials: list[Credential] | None = None
 ) -> list[Action]:
     """What `install-service ROLE` writes (pure apart from reading the shipped files)."""
+    if role == "crl":
+        return crl_plan(bindir)
     creds = credentials if credentials is not None else list(DEFAULT_CREDENTIALS[role])
     common = [
         Action(
@@ -208,6 +210,26 @@ def plan(
     ]
 
 
+def crl_plan(bindir: str) -> list[Action]:
+    """The CRL timer for the machine that holds the CA key (docs/ops.md §4)."""
+    return [
+        Action(
+            Path("/etc/systemd/system/tokenbridge-crl.service"),
+            render_unit("tokenbridge-crl.service", bindir),
+        ),
+        Action(Path("/etc/systemd/system/tokenbridge-crl.timer"), service_file("tokenbridge-crl.timer")),
+    ]
+
+
+def crl_steps() -> list[dict[str, str]]:
+    return [
+        _step("load the units", "systemctl daemon-reload"),
+        _step("sign a CRL now and see that it works", "systemctl start tokenbridge-crl.service"),
+        _step("re-sign it every week from now on", "systemctl enable --now tokenbridge-crl.timer"),
+        _step("see the next run", "systemctl list-timers tokenbridge-crl.timer"),
+    ]
+
+
 def _step(step: str, run: str) -> dict[str, str]:
     return {"step": step, "run": run}
 
@@ -215,6 +237,8 @@ def _step(step: str, run: str) -> dict[str, str]:
 def next_steps(role: str, credentials: list[Credential]) -> list[dict[str, str]]:
     """What to do after the files are in place, in the order that works: the user and folders
     first, then the key, then the config (edit, check), and only then start the service."""
+    if role == "crl":
+        return crl_steps()
     config = f"/etc/tokenbridge/{role}.yaml"
     steps = [
         _step("create the tokenbridge user and groups", "systemd-sysusers /etc/sysusers.d/tokenbridge.conf"),
@@ -263,7 +287,7 @@ def install(
     """Write the files under `prefix` (or only print them) and print the next steps."""
     try:
         config, path = _load_config(role, config_path, prefix)
-        credentials = unit_credentials(role, path)
+        credentials = unit_credentials(role, path) if role != "crl" else []
     except ConfigError as exc:
         print(f"tokenbridge: {exc}", file=sys.stderr)
         return 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
 import trio
@@ -12,6 +13,7 @@ import trio
 from bridge_client.config import DEFAULT_CONFIG, DEFAULT_STATUS_SOCKET, load_client_config
 from protocol.errors import BridgeError
 from protocol.runtime.logging import configure_logging
+from protocol.runtime.tls import validity_problem
 
 DESCRIPTION = """\
 Show a token served by tokenbridge-server as a smart card in a local vpcd reader, so
@@ -73,6 +75,12 @@ def main(argv: list[str] | None = None) -> int:
             return _status(args)
         config = load_client_config(args.config)
         if args.command == "check-config":
+            # issue 19 #7: a certificate outside its validity is a problem found (exit 1).
+            cert = config.tls.cert
+            problem = validity_problem(cert, datetime.now(UTC)) if cert.is_file() else None
+            if problem is not None:
+                print(f"tokenbridge-client: {args.config}: tls.cert: {problem}", file=sys.stderr)
+                return 1
             print(f"{args.config}: ok ({len(config.readers)} reader(s), server {config.server_address})")
             return 0
         configure_logging(level=args.log_level)

@@ -55,6 +55,7 @@ __all__ = [
     "peer_identity_from_der",
     "purpose_problem",
     "server_context",
+    "validity_problem",
 ]
 
 
@@ -168,6 +169,30 @@ def _load_own_cert(ctx: ssl.SSLContext, cert: Path, key: Path) -> None:
             f"certificate {cert} and key {key} could not be loaded together ({exc}); "
             "check that the key belongs to the certificate"
         ) from exc
+
+
+def validity_problem(cert_path: Path, now: datetime) -> str | None:
+    """Why the certificate at `cert_path` is not valid at `now` (expired, not yet valid), or None.
+
+    For `check-config`: OpenSSL would refuse it at every handshake, the peer with "certificate
+    expired", which reads like the other end's fault.
+    """
+    try:
+        cert = x509.load_pem_x509_certificate(read_pem(cert_path, "certificate"))
+    except (OSError, ValueError) as exc:
+        return f"certificate {cert_path} could not be read: {exc}"
+    if cert.not_valid_after_utc < now:
+        days = (now - cert.not_valid_after_utc).days
+        return (
+            f"certificate {cert_path} expired on {cert.not_valid_after_utc.isoformat()} ({days} day(s) ago); "
+            "issue a new one (`tokenbridge pki renew NAME` on the CA host)"
+        )
+    if cert.not_valid_before_utc > now:
+        return (
+            f"certificate {cert_path} is not valid before {cert.not_valid_before_utc.isoformat()}; "
+            "check this machine's clock (timedatectl)"
+        )
+    return None
 
 
 # --- CRL --------------------------------------------------------------------------------------
