@@ -24,8 +24,13 @@ examples:
   tokenbridge pki issue-server tokenhost.example 10.0.0.5  server certificate with those SANs
   tokenbridge pki issue-client build-vm-01 --server tokenhost.example:7447
                                                           key, certificate, CA and client.yaml for a build VM
-  tokenbridge pki revoke build-vm-01                       revoke it (the server reloads the CRL)
+  tokenbridge pki sign-csr vm.csr --kind client --out vm.pem   certify a key made on the VM itself
+  tokenbridge pki renew tokenhost.example                 new certificate, same key (reload is enough)
+  tokenbridge pki revoke build-vm-01                      revoke its one valid certificate (else --serial)
+  tokenbridge pki revoke --serial 1f2e3d                  revoke exactly that certificate
+  tokenbridge pki crl --days 30                           re-sign the CRL (tokenbridge-crl.timer does)
   tokenbridge pki list --json
+  tokenbridge install-service server --dry-run            units, rules and example config (--json)
   tokenbridge status [--json] [--watch 2]                  tokens, holders, queues, clients (control socket)
   tokenbridge status --server tokenhost:7447 --bundle pki/clients/ops-admin   the same, remotely
   tokenbridge lease revoke codesign                        take the token from its holder

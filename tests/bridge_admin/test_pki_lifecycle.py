@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import stat
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -248,3 +251,24 @@ def test_pki_errors_are_one_line_with_exit_2_and_json_says_so(
     )
     assert code == 2 and json.loads(out)["ok"] is False
     assert err.count("\n") == 1 and "pki init --dir" in err
+
+
+def test_the_documented_openssl_request_becomes_a_server_certificate_with_its_names(
+    pki: Pki, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """docs/ops.md §1's `openssl req` line, run as written (paths moved), then `pki sign-csr`."""
+    ops = (Path(__file__).resolve().parents[2] / "docs/ops.md").read_text()
+    line = re.search(r"`sudo (openssl req [^`]+)`", ops)
+    assert line is not None, "docs/ops.md no longer shows the openssl req line"
+    argv = [w.replace("/etc/credstore/", f"{tmp_path}/") for w in shlex.split(line.group(1))]
+    subprocess.run(argv, check=True, capture_output=True, cwd=tmp_path, timeout=60)
+    assert stat.S_IMODE((tmp_path / "tokenbridge-server.key").stat().st_mode) & 0o077 == 0
+    out = tmp_path / "tokenhost.example.pem"
+    code, _, err = _run(
+        capsys, "pki", "sign-csr", str(tmp_path / "tokenhost.csr"), "--kind", "server", "--out", str(out),
+        "--dir", str(pki.folder),
+    )  # fmt: skip
+    assert code == 0, err
+    sans = _cert(out).extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert sans.get_values_for_type(x509.DNSName) == ["tokenhost.example"]
+    assert [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)] == ["10.0.0.5"]
