@@ -289,6 +289,8 @@ def install(
         config, path = _load_config(role, config_path, prefix)
         credentials = unit_credentials(role, path) if role != "crl" else []
     except ConfigError as exc:
+        if as_json:
+            print(json.dumps({"ok": False, "error": str(exc)}))
         print(f"tokenbridge: {exc}", file=sys.stderr)
         return 2
     verb = "would write" if dry_run else "wrote"
@@ -310,7 +312,7 @@ def install(
             "no server config read; the udev rule holds a commented example (edit VID:PID, see lsusb)"
         )
     if as_json:
-        print(json.dumps({"role": role, "prefix": str(prefix), "dry_run": dry_run, "files": files,
+        print(json.dumps({"ok": True, "role": role, "prefix": str(prefix), "dry_run": dry_run, "files": files,
                           "credentials": [c.line() for c in credentials], "notes": notes, "next": steps},
                          indent=2))  # fmt: skip
         return 0

@@ -178,3 +178,28 @@ def test_a_missing_credential_is_named_with_where_systemd_takes_it_from(tmp_path
     assert check.returncode == 1
     assert "credential tokenbridge-server.key not found" in check.stderr
     assert "LoadCredential=tokenbridge-server.key:/etc/credstore/tokenbridge-server.key" in check.stderr
+
+
+def test_reissuing_a_group_readable_key_keeps_it_readable_and_a_reload_serves_the_new_pair(
+    tmp_path: Path,
+) -> None:
+    """Issue 19 #3, for sites that keep the key as a file for the service's group: re-issuing
+    used to reset it to 0600 without the group, and the reload then failed."""
+    stack = make_stack(tmp_path / "stack")
+    key = stack.pki.folder / "localhost.key"
+    group = 65534 if os.geteuid() == 0 else next(iter(set(os.getgroups()) - {os.getegid()}), None)
+    if group is None:
+        pytest.skip("needs root or a supplementary group")
+    os.chown(key, -1, group)
+    os.chmod(key, 0o640)
+    proc = spawn(server_cmd(stack), tmp_path / "server.log", None)
+    try:
+        proc.wait_log('"server.ready"', timeout=30)
+        issued = stack.pki.issue_server(["localhost", "127.0.0.1"], out=stack.pki.folder)  # new key and cert
+        assert (key.stat().st_mode & 0o777, key.stat().st_gid) == (0o640, group)
+        mark = len(proc.log())
+        proc.signal(signal.SIGHUP)
+        proc.wait_log('"tls.reloaded"', after=mark)
+        assert served_serial(stack) == int(issued.serial, 16)
+    finally:
+        proc.stop()
