@@ -24,6 +24,7 @@ from typing import Any, Final
 import trio
 from cryptography import x509
 
+from bridge_client.status import fetch_status
 from protocol import wire
 from protocol.errors import TlsSetupError
 from protocol.runtime.connect import ConnectFailed, connect, describe_connect_error
@@ -120,11 +121,12 @@ def check_vpcd(ports: set[int], *, conf_dir: Path = VPCD_CONF_DIR, dropin: Path 
     return Check("vpcd", "ok", f"installed and configured ({where})")
 
 
-def check_certificates(cert: Path, key: Path, ca: Path, now: dt.datetime) -> Check:
+def check_certificates(cert: Path, key: Path | None, ca: Path, now: dt.datetime) -> Check:
+    """`key` None: the key is the service's (a credential this user cannot read); not checked."""
     try:
         leaf = x509.load_pem_x509_certificate(cert.read_bytes())
         authority = x509.load_pem_x509_certificate(ca.read_bytes())
-        if not key.is_file():
+        if key is not None and not key.is_file():
             raise FileNotFoundError(key)
     except (OSError, ValueError) as exc:
         return Check(
@@ -275,12 +277,58 @@ def run_checks(config_path: Path, *, pcscd_socket: Path | None = None) -> list[C
     checks.append(Check("config", "ok", f"{config_path}: server {config.server_address}"))
     checks.append(check_vpcd({r.vpcd_port for r in config.readers}))
     tls = config.tls
+    if config.status_socket is not None and not os.access(tls.key, os.R_OK):
+        # Issue 19 #7: a CI runner cannot read the service's key (a systemd credential, root
+        # only), so it asks the running tokenbridge-client what the server said instead.
+        checks.append(check_certificates(tls.cert, None, tls.ca, dt.datetime.now(dt.UTC)))
+        return [*checks, *checks_via_service(config.status_socket, config.readers)]
     checks.append(check_certificates(tls.cert, tls.key, tls.ca, dt.datetime.now(dt.UTC)))
     server, seen = trio.run(probe_server, config)
     checks.append(server)
     if server.status == "ok":
         checks += check_tokens(config.readers, seen)
     return checks
+
+
+def checks_via_service(socket_path: Path, readers: Any) -> list[Check]:
+    """The server and token checks as the running client sees them (its status socket)."""
+    try:
+        data = trio.run(fetch_status, socket_path)
+    except (OSError, trio.TooSlowError) as exc:
+        return [
+            Check(
+                "server", "fail",
+                f"this user can read neither the client key nor the client's status socket "
+                f"{socket_path} ({exc})",
+                "run doctor as root, or add this user to the tokenbridge group (usermod -aG "
+                "tokenbridge USER; docs/client.md §4), and check that tokenbridge-client runs",
+            )
+        ]  # fmt: skip
+    tunnel = data["tunnel"]
+    where = f"via the running tokenbridge-client ({socket_path})"
+    if tunnel["state"] != "connected":
+        return [
+            Check("server", "fail", f"{where}: tunnel {tunnel['state']}: {tunnel['reason']}", _TUNNEL_FIX)
+        ]
+    out = [Check("server", "ok", f"{where}: connected to {tunnel['server']} as {tunnel['identity']!r}")]
+    by_token = {r["token"]: r for r in data["readers"]}
+    for reader in readers:
+        r = by_token.get(reader.token)
+        name = f"token {reader.token}"
+        if r is None or not r["allowed"]:
+            out.append(Check(name, "fail", f"this identity may not use {reader.token!r}", _ALLOW_FIX))
+        elif not r["token_present"]:
+            out.append(Check(name, "fail", f"{reader.token!r} is not plugged in on the server", _PLUG_FIX))
+        else:
+            out.append(Check(name, "ok", f"present ({r['server_state']}), card {r['card']}"))
+    return out
+
+
+_TUNNEL_FIX: Final = (
+    "tokenbridge-client status and journalctl -u tokenbridge-client say why (docs/client.md §5)"
+)
+_ALLOW_FIX: Final = "ask an operator to add it to the token's allow list"
+_PLUG_FIX: Final = "plug the token in on the server host (tokenbridge status shows it)"
 
 
 def run_doctor(config_path: Path, *, as_json: bool = False, pcscd_socket: Path | None = None) -> int:

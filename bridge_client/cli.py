@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
 import structlog
@@ -30,6 +31,7 @@ from protocol.runtime.cli import (
     package_version,
 )
 from protocol.runtime.logging import configure_logging
+from protocol.runtime.tls import validity_problem
 
 log = structlog.get_logger(__name__)
 
@@ -132,6 +134,12 @@ def check_report(path: Path) -> dict[str, object]:
         config = load_client_config(path)
     except BridgeError as exc:
         report["problem"] = str(exc)
+        return report
+    # issue 19 #7: a certificate outside its validity is a problem found (exit 1).
+    cert = config.tls.cert
+    problem = validity_problem(cert, datetime.now(UTC)) if cert.is_file() else None
+    if problem is not None:
+        report["problem"] = f"{path}: tls.cert: {problem}"
         return report
     report.update(ok=True, server=str(config.server_address), readers=[r.token for r in config.readers])
     return report

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import os
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -22,7 +23,9 @@ import yaml  # type: ignore[import-untyped]  # no stubs in the venv
 from protocol.errors import ConfigError
 
 __all__ = [
+    "CREDENTIAL_PREFIX",
     "Fields",
+    "credential_path",
     "dotted",
     "dump_yaml",
     "load_yaml",
@@ -362,9 +365,43 @@ class Fields:
 # --- paths (addresses: protocol.runtime.address) --------------------------------------------
 
 
+# Issue 19 #2: keys reach the service as systemd credentials (LoadCredential=), never as files
+# the service user can read on disk. A path value `credential:NAME` is the credential NAME.
+CREDENTIAL_PREFIX: Final = "credential:"
+# systemd.exec(5), LoadCredential= (systemd >= 252): a credential without an absolute source
+# path is looked up in these folders; a program started outside the service (check-config as
+# root) looks in the same places, so both read the same file.
+CREDSTORE_DIRS: Final = (Path("/etc/credstore"), Path("/run/credstore"), Path("/usr/lib/credstore"))
+_CREDENTIAL_NAME: Final = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.@-]{0,254}$")
+
+
+def credential_path(name: str, environ: Mapping[str, str] | None = None) -> Path:
+    """Where credential NAME is: `$CREDENTIALS_DIRECTORY/NAME` inside a unit that has
+    `LoadCredential=NAME:...`, else the first credstore folder holding it (else /etc/credstore).
+
+    Raises:
+        ValueError: NAME is not a plain file name.
+    """
+    if not _CREDENTIAL_NAME.match(name) or name in {".", ".."}:
+        raise ValueError(f"{name!r} is not a credential name (letters, digits, '_', '.', '@', '-')")
+    env = os.environ if environ is None else environ
+    folder = env.get("CREDENTIALS_DIRECTORY")
+    if folder:
+        return Path(folder) / name
+    for store in CREDSTORE_DIRS:
+        if (store / name).exists():
+            return store / name
+    return CREDSTORE_DIRS[0] / name
+
+
 def resolve_path(value: str | Path, config_path: Path) -> Path:
     """`~` expanded; a relative path is relative to the config file's folder, not the cwd
-    (systemd starts daemons in `/`)."""
+    (systemd starts daemons in `/`); `credential:NAME` is `credential_path(NAME)`."""
+    if isinstance(value, str) and value.startswith(CREDENTIAL_PREFIX):
+        try:
+            return credential_path(value.removeprefix(CREDENTIAL_PREFIX))
+        except ValueError as exc:
+            raise ConfigError(str(config_path), "", str(exc)) from None
     candidate = Path(value).expanduser()
     if candidate.is_absolute():
         return candidate

@@ -25,6 +25,7 @@ Both daemons build their `ssl.SSLContext` here so the two ends cannot drift apar
 from __future__ import annotations
 
 import hashlib
+import os
 import ssl
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -36,6 +37,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from protocol.errors import TlsSetupError
+from protocol.runtime.config import CREDSTORE_DIRS
 
 __all__ = [
     "EXPIRED",
@@ -53,6 +55,7 @@ __all__ = [
     "peer_identity_from_der",
     "purpose_problem",
     "server_context",
+    "validity_problem",
 ]
 
 
@@ -113,6 +116,19 @@ def read_pem(path: Path, what: str) -> bytes:
         ) from exc
 
 
+def _missing_file(what: str, path: Path) -> str:
+    """Not found: for a systemd credential (`credential:NAME`), say where systemd takes it from."""
+    in_service = os.environ.get("CREDENTIALS_DIRECTORY")
+    if path.parent in CREDSTORE_DIRS or (in_service and path.parent == Path(in_service)):
+        source = CREDSTORE_DIRS[0] / path.name
+        return (
+            f"{what} credential {path.name} not found ({path}): install it as {source} "
+            f"(`install -D -m 0600 FILE {source}`) and keep the unit's "
+            f"LoadCredential={path.name}:{source} line"
+        )
+    return f"{what} file {path} not found; create it or fix tls.{what[:4]} in the config"
+
+
 def _load_ca(ctx: ssl.SSLContext, ca: Path) -> None:
     if not ca.is_file():
         raise TlsSetupError(f"ca file {ca} not found; point tls.ca at the bridge's private ca certificate")
@@ -132,9 +148,7 @@ def _load_own_cert(ctx: ssl.SSLContext, cert: Path, key: Path) -> None:
     """Parse both files first so the error names the file at fault, then hand them to OpenSSL."""
     for what, path in (("certificate", cert), ("key", key)):
         if not path.is_file():
-            raise TlsSetupError(
-                f"{what} file {path} not found; create it or fix tls.{what[:4]} in the config"
-            )
+            raise TlsSetupError(_missing_file(what, path))
     cert_data, key_data = read_pem(cert, "certificate"), read_pem(key, "key")
     try:
         x509.load_pem_x509_certificates(cert_data)
@@ -155,6 +169,30 @@ def _load_own_cert(ctx: ssl.SSLContext, cert: Path, key: Path) -> None:
             f"certificate {cert} and key {key} could not be loaded together ({exc}); "
             "check that the key belongs to the certificate"
         ) from exc
+
+
+def validity_problem(cert_path: Path, now: datetime) -> str | None:
+    """Why the certificate at `cert_path` is not valid at `now` (expired, not yet valid), or None.
+
+    For `check-config`: OpenSSL would refuse it at every handshake, the peer with "certificate
+    expired", which reads like the other end's fault.
+    """
+    try:
+        cert = x509.load_pem_x509_certificate(read_pem(cert_path, "certificate"))
+    except (OSError, ValueError) as exc:
+        return f"certificate {cert_path} could not be read: {exc}"
+    if cert.not_valid_after_utc < now:
+        days = (now - cert.not_valid_after_utc).days
+        return (
+            f"certificate {cert_path} expired on {cert.not_valid_after_utc.isoformat()} ({days} day(s) ago); "
+            "issue a new one (`tokenbridge pki renew NAME` on the CA host)"
+        )
+    if cert.not_valid_before_utc > now:
+        return (
+            f"certificate {cert_path} is not valid before {cert.not_valid_before_utc.isoformat()}; "
+            "check this machine's clock (timedatectl)"
+        )
+    return None
 
 
 # --- CRL --------------------------------------------------------------------------------------

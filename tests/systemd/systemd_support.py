@@ -127,9 +127,15 @@ class Proc:
 
 
 def spawn(
-    cmd: list[str], log_path: Path, notify: NotifySocket | None, *, watchdog_usec: int | None = None
+    cmd: list[str],
+    log_path: Path,
+    notify: NotifySocket | None,
+    *,
+    watchdog_usec: int | None = None,
+    extra_env: dict[str, str] | None = None,
 ) -> Proc:
     env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
+    env.update(extra_env or {})
     env["PYTHONPATH"] = str(REPO)
     if notify is not None:
         env["NOTIFY_SOCKET"] = str(notify.path)

@@ -167,7 +167,7 @@ def test_install_service_client_adds_polkit_and_pcscd_dropins_and_dry_run_writes
     assert (tmp_path / "etc/systemd/system/pcscd.service.d/tokenbridge-loopback.conf").exists()
     assert (tmp_path / "etc/polkit-1/rules.d/60-tokenbridge-pcsc.rules").exists()
     client_yaml = tmp_path / "etc/tokenbridge/client.yaml"
-    assert client_yaml.stat().st_mode & 0o777 == 0o640
+    assert client_yaml.stat().st_mode & 0o777 == 0o644  # no secret inside: the key is a credential
     unit = rendered(tmp_path, "client")
     assert unit.read_bytes() == (tmp_path / "etc/systemd/system/tokenbridge-client.service").read_bytes()
 
