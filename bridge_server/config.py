@@ -20,6 +20,8 @@ from bridge_server.guard.command_policy import (
     allowed_instructions,
     default_family,
 )
+from bridge_server.guard.server_pin_config import KEYS as SERVER_PIN_KEYS
+from bridge_server.guard.server_pin_config import ServerPinConfig, load_server_pin, parse_server_pin
 from protocol.errors import ConfigError
 from protocol.runtime.address import parse_address
 from protocol.runtime.config import load_yaml
@@ -69,6 +71,7 @@ class TokenConfig:
     match: TokenMatch
     allow: tuple[str, ...] = ()
     policy: PolicyConfig = PolicyConfig()
+    server_pin: ServerPinConfig | None = None  # issue 16: bridge_server/guard/server_pin_config.py
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,7 +214,7 @@ def _parse_tokens(root: Section) -> tuple[TokenConfig, ...]:
         raise root.error("tokens", "expected a non-empty list of tokens")
     tokens: list[TokenConfig] = []
     for i, item in enumerate(raw):
-        sec = Section(item, root.path, f"tokens[{i}]", ("name", "match", "allow", "policy"))
+        sec = Section(item, root.path, f"tokens[{i}]", ("name", "match", "allow", "policy", "server_pin"))
         name = sec.string("name", required=True)
         assert name is not None
         if len(name) > MAX_TOKEN_NAME_LENGTH or not name.isprintable():
@@ -221,7 +224,12 @@ def _parse_tokens(root: Section) -> tuple[TokenConfig, ...]:
         sec.require("match")
         match = _parse_match(sec.section("match", ("vid", "pid", "serial", "simulate", "state")))
         policy = _parse_policy(sec.section("policy", ("allow_management", "family", "allow_ins")), match)
-        tokens.append(TokenConfig(name=name, match=match, allow=sec.names("allow"), policy=policy))
+        allow = sec.names("allow")
+        server_pin = None
+        if sec.has("server_pin"):
+            pin_sec = sec.section("server_pin", SERVER_PIN_KEYS)
+            server_pin = parse_server_pin(pin_sec, allow=allow, family=policy.family)
+        tokens.append(TokenConfig(name=name, match=match, allow=allow, policy=policy, server_pin=server_pin))
     return tuple(tokens)
 
 
@@ -310,4 +318,14 @@ def load_server_config(path: Path) -> ServerConfig:
         ConfigError: the file is missing, is not YAML, or is not a valid server config.
     """
 
-    return parse_server_config(load_yaml(path), path)
+    return load_server_pins(parse_server_config(load_yaml(path), path))
+
+
+def load_server_pins(config: ServerConfig) -> ServerConfig:
+    """`config` with each token's server-held PIN read (issue 16); a reload reads them again."""
+    tokens = tuple(
+        t if t.server_pin is None
+        else replace(t, server_pin=load_server_pin(t.server_pin, config.path, f"tokens[{i}].server_pin"))
+        for i, t in enumerate(config.tokens)
+    )  # fmt: skip
+    return replace(config, tokens=tokens)

@@ -118,6 +118,8 @@ def _token_changes(
             applied.append(f"tokens: {tok.name}.allow")
         if fresh.policy != tok.policy:
             applied.append(f"tokens: {tok.name}.policy")
+        if fresh.server_pin is not None or tok.server_pin is not None:
+            applied.append(f"tokens: {tok.name}.server_pin (re-read)")
         kept.append(replace(fresh, match=tok.match))
     restart.extend(f"tokens: {name} added" for name in by_name)
     return kept, applied, restart

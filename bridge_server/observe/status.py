@@ -90,6 +90,7 @@ def _token(server: ServerView, tok: TokenManager, now: float, wall: float) -> di
         "queue": queue,
         "signatures_today": tok.stats.signatures_today(),
         "pin_guard": guard,
+        "server_pin": tok.rails.server_pin.status(tok.rails.guard),  # issue 16: null when not configured
     }
 
 

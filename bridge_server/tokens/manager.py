@@ -102,7 +102,7 @@ class TokenManager:
         self.token_id = token_id
         self._epochs = epochs
         # Command policy, PIN guard and audit (bridge_server/guard/guardrails.py); on by default.
-        self.rails = guardrails or Guardrails(config.name, policy=config.policy)
+        self.rails = guardrails or Guardrails(config.name, policy=config.policy, server_pin=config.server_pin)
         self.flood = FloodGuard(config.name, self.rails, hub.penalties)  # repeated refusals (issue 13 item 3)
         self._holder: Holder | None = None
         self.config = config
@@ -146,6 +146,7 @@ class TokenManager:
         )
         self.queue_timeout_s = lease.queue_timeout_s
         self.rails.policy = config.policy
+        self.rails.server_pin.configure(config.server_pin)  # re-read on every reload (issue 16)
         if before.allow != config.allow:
             for sub in self.hub:
                 if sub.admin or sub.may_use(before.allow) or sub.may_use(config.allow):
@@ -229,6 +230,7 @@ class TokenManager:
             "apdus": holder.apdus if holder else 0,
             "queue": len(self.book.waiting),
             "pin_guard": self.rails.guard.status(self.name),
+            "server_pin": self.rails.server_pin.status(self.rails.guard),
         }
 
     # -- the loop ----------------------------------------------------------------
@@ -402,7 +404,10 @@ class TokenManager:
         self.atr = atr
         holder = self._holder = _who(sub, event.epoch)
         self.rails.private_key_ops = 0
-        self._reader = VirtualReader(driver, atr, screen=lambda raw: self.rails.screen(raw, holder))
+        self._reader = VirtualReader(
+            driver, atr, screen=lambda raw: self.rails.screen(raw, holder),
+            rewrite=lambda raw: self.rails.server_pin.apdu(raw, holder.names),
+        )  # fmt: skip
         if self.simulated is not None:
             self.simulated.current_epoch = event.epoch
         sub.push(wire.LeaseGranted(token_id=self.token_id, epoch=event.epoch, atr=atr))
