@@ -20,8 +20,12 @@ from bridge_server.guard.command_policy import (
     allowed_instructions,
     default_family,
 )
-from bridge_server.guard.server_pin_config import KEYS as SERVER_PIN_KEYS
-from bridge_server.guard.server_pin_config import ServerPinConfig, load_server_pin, parse_server_pin
+from bridge_server.guard.server_pin_config import (
+    ServerPinConfig,
+    load_server_pin,
+    parse_server_pin,
+    server_pin_section,
+)
 from protocol.errors import ConfigError
 from protocol.runtime.address import parse_address
 from protocol.runtime.config import load_yaml
@@ -227,7 +231,7 @@ def _parse_tokens(root: Section) -> tuple[TokenConfig, ...]:
         allow = sec.names("allow")
         server_pin = None
         if sec.has("server_pin"):
-            pin_sec = sec.section("server_pin", SERVER_PIN_KEYS)
+            pin_sec = server_pin_section(sec)
             server_pin = parse_server_pin(pin_sec, allow=allow, family=policy.family)
         tokens.append(TokenConfig(name=name, match=match, allow=allow, policy=policy, server_pin=server_pin))
     return tuple(tokens)

@@ -47,6 +47,18 @@ class ServerPinConfig:
         return f"credential {self.credential}" if self.credential is not None else f"file {self.file}"
 
 
+def server_pin_section(token: Section) -> Section:
+    """The token's `server_pin` mapping; a `pin:` key in it gets its own error (it never goes there)."""
+    raw = token.raw.get("server_pin")
+    if isinstance(raw, dict) and any(k in raw for k in ("pin", "value", "password")):
+        raise ConfigError(
+            token.path, token.key("server_pin"),
+            "the PIN is never written in the YAML; put it in a systemd credential or a 0600 file "
+            "with `tokenbridge pin set` and name it with credential: or file: (docs/ops.md)",
+        )  # fmt: skip
+    return token.section("server_pin", KEYS)
+
+
 def parse_server_pin(sec: Section, *, allow: tuple[str, ...], family: str) -> ServerPinConfig:
     """The `server_pin` mapping of one token (`allow` and `family` are the token's)."""
     credential, file = sec.string("credential"), sec.file("file")
