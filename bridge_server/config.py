@@ -322,11 +322,16 @@ def load_server_config(path: Path) -> ServerConfig:
         ConfigError: the file is missing, is not YAML, or is not a valid server config.
     """
 
-    return load_server_pins(parse_server_config(load_yaml(path), path))
+    return parse_server_config(load_yaml(path), path)
 
 
 def load_server_pins(config: ServerConfig) -> ServerConfig:
-    """`config` with each token's server-held PIN read (issue 16); a reload reads them again."""
+    """`config` with each token's server-held PIN read (issue 16): only the daemon calls this, at
+    start and on every reload; admin tools read the config without the PINs.
+
+    Raises:
+        ConfigError: a PIN file or credential that is there but must not be used.
+    """
     tokens = tuple(
         t if t.server_pin is None
         else replace(t, server_pin=load_server_pin(t.server_pin, config.path, f"tokens[{i}].server_pin"))

@@ -53,6 +53,7 @@ _HELP: Final = {
     "tokenbridge_apdus_total": ("counter", "APDUs exchanged with the card"),
     "tokenbridge_signatures_total": ("counter", "successful private-key operations"),
     "tokenbridge_pin_guard_engaged": ("gauge", "1 while the PIN guard refuses PIN commands"),
+    "tokenbridge_server_pin_ok": ("gauge", "1 while a token's server-held PIN is loaded and not rejected"),
     "tokenbridge_sessions": ("gauge", "connected client sessions"),
     "tokenbridge_audit_truncated": (
         "gauge",
@@ -103,6 +104,9 @@ def server_rows(server: ServerView) -> list[tuple[str, float, dict[str, str]]]:
         rows += [
             ("tokenbridge_lease_ends_total", float(n), {**t, "reason": r}) for r, n in s.lease_ends.items()
         ]
+        server_pin = tok.rails.server_pin.status(tok.rails.guard)  # issue 16: only where configured
+        if server_pin is not None:
+            rows.append(("tokenbridge_server_pin_ok", float(server_pin["state"] == "configured"), t))
     rows.append(("tokenbridge_sessions", float(len(server.hub)), {}))
     saved = {
         "audit": server.audit.available,

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from bridge_server.config import load_server_config, parse_server_config
+from bridge_server.config import load_server_config, load_server_pins, parse_server_config
 from bridge_server.guard.server_pin_source import ServerPinError, read_server_pin
 from protocol.errors import ConfigError
 from protocol.runtime.config import dump_yaml
@@ -213,19 +213,27 @@ def test_loading_the_config_reads_the_pin_and_a_loose_file_is_a_config_error(tmp
     pin_file = write(tmp_path / "codesign.pin", b"918273\n")
     path = tmp_path / "server.yaml"
     path.write_text(dump_yaml(doc_with({"file": "codesign.pin", "for": ["build-vm-01"]})))
-    sp = load_server_config(path).tokens[0].server_pin
+    sp = load_server_pins(load_server_config(path)).tokens[0].server_pin
     assert sp is not None and sp.pin is not None and bytes(sp.pin.value) == b"918273"
-    assert "918273" not in repr(load_server_config(path))
+    assert "918273" not in repr(load_server_pins(load_server_config(path)))
     pin_file.chmod(0o644)
     with pytest.raises(ConfigError) as info:
-        load_server_config(path)
+        load_server_pins(load_server_config(path))
     assert info.value.key == "tokens[0].server_pin.file"
     assert "chmod 600" in str(info.value)
+
+
+def test_admin_tools_read_the_config_without_touching_the_pin(tmp_path: Path) -> None:
+    write(tmp_path / "codesign.pin", b"918273\n", 0o644)  # loose: the daemon would refuse it
+    path = tmp_path / "server.yaml"
+    path.write_text(dump_yaml(doc_with({"file": "codesign.pin", "for": ["build-vm-01"]})))
+    sp = load_server_config(path).tokens[0].server_pin
+    assert sp is not None and sp.pin is None and sp.problem == ""
 
 
 def test_loading_with_the_credential_absent_keeps_the_server_running_and_says_missing(tmp_path: Path) -> None:
     path = tmp_path / "server.yaml"
     path.write_text(dump_yaml(doc_with({"file": "codesign.pin", "for": ["build-vm-01"]})))
-    sp = load_server_config(path).tokens[0].server_pin
+    sp = load_server_pins(load_server_config(path)).tokens[0].server_pin
     assert sp is not None and sp.pin is None
     assert "does not exist" in sp.problem
