@@ -155,6 +155,10 @@ class Guardrails:
             return Screened(REFUSAL_SW, "pin_guard_unsaved", head.ins, self.store.problem)
         return None
 
+    def state_saved(self) -> bool:
+        """`_state_saved` for a PIN command the server sends itself (`tokenbridge pin test`)."""
+        return self._state_saved()
+
     def _state_saved(self) -> bool:
         """Fail closed: a PIN command reaches the card only once the guard's state was just saved.
 

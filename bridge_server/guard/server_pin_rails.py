@@ -85,6 +85,13 @@ class ServerPinRails:
         self._substituted = True
         return fill(raw, self.config.pin.value)
 
+    def substitute(self, raw: bytes) -> bytearray:
+        """`pin test` (an operator's check, not a client's command): `raw` with the PIN, noted."""
+        pin = None if self.config is None else self.config.pin
+        assert pin is not None  # pin_check.preflight checked it
+        self._substituted = True
+        return fill(raw, pin.value)
+
     def take_substituted(self) -> bool:
         was, self._substituted = self._substituted, False
         return was

@@ -109,16 +109,20 @@ def _pin_from(raw: bytearray, count: int, path: Path) -> bytearray:
         end -= 1
         if end and raw[end - 1] == 0x0D:
             end -= 1
-    if not MIN_PIN_LENGTH <= end <= MAX_PIN_LENGTH:
-        raise ServerPinError(
-            f"{path} holds {end} characters; a PIN has {MIN_PIN_LENGTH} to {MAX_PIN_LENGTH} characters"
-        )
-    if any(not 0x21 <= b <= 0x7E for b in raw[:end]):
-        raise ServerPinError(f"{path} holds characters other than printable ASCII without spaces")
     pin = bytearray(raw[:end])
-    if pin == PLACEHOLDER:
+    problem = pin_problem(pin)
+    if problem is not None:
         wipe(pin)
-        raise ServerPinError(
-            f"{path} holds the placeholder 000000 that build VMs send; change the card's PIN first"
-        )
+        raise ServerPinError(f"{path}: the PIN {problem}")
     return pin
+
+
+def pin_problem(pin: bytes | bytearray) -> str | None:
+    """Why `pin` cannot be a server-held PIN (the server and `tokenbridge pin set` agree), or None."""
+    if not MIN_PIN_LENGTH <= len(pin) <= MAX_PIN_LENGTH:
+        return f"has {len(pin)} characters; a PIN has {MIN_PIN_LENGTH} to {MAX_PIN_LENGTH}"
+    if any(not 0x21 <= b <= 0x7E for b in pin):
+        return "has characters other than printable ASCII without spaces"
+    if pin == PLACEHOLDER:
+        return "is the placeholder 000000 that build VMs send; change the card's PIN first"
+    return None

@@ -40,6 +40,7 @@ from bridge_server.guard.guardrails import Guardrails, Holder
 from bridge_server.guard.pin_guard import Attempt, Engaged
 from bridge_server.net.hub import Hub, Subscriber
 from bridge_server.tokens.commands import (
+    CheckServerPin,
     Command,
     ReleaseLease,
     RequestLease,
@@ -62,6 +63,7 @@ from bridge_server.tokens.leases import (
     Queued,
     Refusal,
 )
+from bridge_server.tokens.pin_check import answer_check
 from bridge_server.tokens.stats import TokenStats
 from bridge_server.tokens.virtual_reader import VirtualReader
 from protocol import wire
@@ -273,6 +275,8 @@ class TokenManager:
                     await self._try_attach()
             case Wake():
                 pass  # the loop applies pending detaches first
+            case CheckServerPin():
+                await self._check_server_pin(cmd)
             case RequestLease() | ReleaseLease() | SubmitFrame():
                 sub = cmd.sub
                 if sub.closed or sub.conn_id in self._drops or self.flood.ejected(sub.conn_id):
@@ -351,6 +355,23 @@ class TokenManager:
             self.book.note_power_off(now)
         if result.failure is not None:
             await self._device_failed(result.failure, during=msg.msg_type)
+
+    async def check_server_pin(self, actor: str) -> dict[str, Any]:
+        """Admin `pin test`: the answer of `pin_check.check_server_pin` (or why it did not run)."""
+        send, receive = trio.open_memory_channel[dict[str, Any]](1)
+        await self._send.send(CheckServerPin(actor, send))
+        async with receive:
+            return await receive.receive()
+
+    async def _check_server_pin(self, cmd: CheckServerPin) -> None:
+        holder = self.book.holder
+        busy = "absent" if self._card is None else f"leased by {holder.identity}" if holder else None
+        driver = None if self._card is None else self._card.driver
+        answer, failure = await answer_check(driver, self.rails, cmd.actor, self.config.policy.family, busy)
+        if failure is not None:
+            await self._device_failed(failure, during=None)
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            cmd.reply.send_nowait(answer)
 
     async def _abandoned(self, sub: Subscriber, epoch: int, msg: CcidMessage, reader: VirtualReader) -> None:
         """Shutdown abandoned this exchange: an explicit failure, and a PIN counts as tried."""

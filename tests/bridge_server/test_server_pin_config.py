@@ -192,11 +192,11 @@ def test_a_symlink_to_a_pin_file_is_refused(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("content", "words"),
     [
-        (b"123", "holds 3 characters"),
-        (b"1" * 17, "holds 17 characters"),
+        (b"123", "has 3 characters"),
+        (b"1" * 17, "has 17 characters"),
         (b"12 3456", "printable ASCII"),
         (b"12\x003456", "printable ASCII"),
-        (b"000000\n", "holds the placeholder"),
+        (b"000000\n", "is the placeholder"),
         (b"1" * 65, "larger than 64 bytes"),
     ],
 )
@@ -205,7 +205,7 @@ def test_bad_pin_content_is_refused_without_showing_it(tmp_path: Path, content: 
     with pytest.raises(ServerPinError) as info:
         read_server_pin(credential=None, file=path)
     assert words in str(info.value)
-    if words != "holds the placeholder":  # the placeholder is no secret
+    if words != "is the placeholder":  # the placeholder is no secret
         assert content.decode(errors="replace").strip() not in str(info.value)
 
 

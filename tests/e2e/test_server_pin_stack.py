@@ -157,13 +157,19 @@ def test_a_build_vm_holding_only_the_placeholder_signs_and_the_canary_pin_is_fou
         "state": "configured", "source": f"credential {CREDENTIAL}", "for": ["build-vm-01"],
         "references": ["80"], "message": "",
     }  # fmt: skip
-    raw_status = tokenbridge(stack, "status", "--json").stdout
+    wait_for(lambda: status(stack)["holder"] is None, timeout=30, what="the lease to end (pcscd powers off)")
+    tested = tokenbridge(stack, "pin", "test", "codesign", "--json")
+    assert tested.returncode == 0, tested.stdout + tested.stderr
+    assert json.loads(tested.stdout)["result"]["retries_before"] == 3
+    raw_status = tokenbridge(stack, "status", "--json").stdout + tested.stdout
     client_environ = Path(f"/proc/{client.proc.pid}/environ").read_bytes().decode(errors="replace")
     stack.stop()
 
     events = audit_events(stack)
     verified = [e for e in events if e["event"] == "pin.verified"]
-    assert verified and all(e.get("server_pin") is True and e["outcome"] == "ok" for e in verified)
+    assert len(verified) == 3  # pkcs11-tool, osslsigncode, pin test
+    assert all(e.get("server_pin") is True and e["outcome"] == "ok" for e in verified)
+    assert [e["ok"] for e in events if e["event"] == "server_pin.tested"] == [True]
     assert verify_file(stack.workdir / "audit.jsonl").ok
     server_log = (stack.workdir / "server.log").read_text()
     assert '"apdu.exchanged"' in server_log and '"server_pin.loaded"' in server_log  # debug was on
@@ -259,9 +265,17 @@ def test_an_identity_not_on_the_list_needs_its_own_pin_and_is_guarded_as_before(
     token = status(stack)
     assert token["state"] == "guarded"
     assert token["server_pin"]["state"] == "configured"  # type: ignore[index]  # its own PIN failed
+    wait_for(lambda: status(stack)["holder"] is None, timeout=30, what="the lease to end (pcscd powers off)")
+    engaged = tokenbridge(stack, "pin", "test", "codesign")
+    assert engaged.returncode == 1 and "PIN guard of 'codesign' is engaged" in engaged.stderr
+    assert tokenbridge(stack, "pin-guard", "reset", "codesign").returncode == 0
+    floor = tokenbridge(stack, "pin", "test", "codesign", "--json")  # 2 retries left = the floor
+    assert floor.returncode == 1
+    assert "not risking a retry" in json.loads(floor.stdout)["result"]["message"]
+    assert card_pin_retries(stack) == 2  # the test read the counter and stopped there
     stack.stop()
     events = audit_events(stack)
     refused = [e for e in events if e["event"] == "command.refused"]
     assert [e["reason"] for e in refused][:1] == ["server_pin"]
     verified = [e for e in events if e["event"] == "pin.verified"]
-    assert [e.get("server_pin", False) for e in verified] == [False, False]
+    assert [e.get("server_pin", False) for e in verified] == [False, False]  # the PIN test presented none
