@@ -20,13 +20,14 @@ import signal
 import subprocess
 import sys
 import tempfile
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from e2e_stack import VpcdSlot
 
-from bridge_admin.local_stack import BridgeStack, Daemon, wait_for
+from bridge_admin.local_stack import BridgeStack, Daemon, free_port, wait_for
 from bridge_admin.signing_tools import (
     minimal_pe,
     osslsigncode_sign,
@@ -94,10 +95,14 @@ def load_credential(stack: BridgeStack, pin: str) -> Path:
     return folder
 
 
-def configure(stack: BridgeStack, *, allow: list[str], server_pin_for: list[str], **guard: int) -> None:
+def configure(
+    stack: BridgeStack, *, allow: list[str], server_pin_for: list[str], metrics_port: int = 0, **guard: int
+) -> None:
     path = stack.write_server_config(allow=allow)
     doc = load_yaml(path)
     doc["tokens"][0]["server_pin"] = {"credential": CREDENTIAL, "for": server_pin_for}
+    if metrics_port:
+        doc["metrics"] = {"listen": f"127.0.0.1:{metrics_port}"}
     if guard:
         doc["pin_guard"] = guard
     path.write_text(dump_yaml(doc))
@@ -135,7 +140,8 @@ def test_a_build_vm_holding_only_the_placeholder_signs_and_the_canary_pin_is_fou
 ) -> None:
     slot = vpcd_slot.index
     stack.make_pki(["build-vm-01"])
-    configure(stack, allow=["build-vm-01"], server_pin_for=["build-vm-01"])
+    metrics_port = free_port()
+    configure(stack, allow=["build-vm-01"], server_pin_for=["build-vm-01"], metrics_port=metrics_port)
     set_card_pin(stack, CANARY)
     start_server(stack, load_credential(stack, CANARY), monkeypatch)
     client = stack.start_client("build-vm-01", [slot])
@@ -162,6 +168,9 @@ def test_a_build_vm_holding_only_the_placeholder_signs_and_the_canary_pin_is_fou
     assert tested.returncode == 0, tested.stdout + tested.stderr
     assert json.loads(tested.stdout)["result"]["retries_before"] == 3
     raw_status = tokenbridge(stack, "status", "--json").stdout + tested.stdout
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=30) as response:
+        metrics = response.read().decode()
+    assert 'tokenbridge_server_pin_ok{token="codesign"} 1' in metrics
     client_environ = Path(f"/proc/{client.proc.pid}/environ").read_bytes().decode(errors="replace")
     stack.stop()
 
@@ -180,6 +189,7 @@ def test_a_build_vm_holding_only_the_placeholder_signs_and_the_canary_pin_is_fou
         "audit log": leaks((stack.workdir / "audit.jsonl").read_text()),
         "pin guard state": leaks((stack.workdir / "pin-guard.json").read_text()),
         "status --json": leaks(raw_status),
+        "metrics": leaks(metrics),
         "client environment": leaks(client_environ),
         **{
             f"client side: {name}": leaks(p.read_bytes().decode(errors="replace"))
