@@ -73,6 +73,9 @@ def test_an_unlisted_identitys_placeholder_is_refused_before_it_can_spend_a_retr
 def test_an_unlisted_identitys_placeholder_in_another_command_is_not_judged_here() -> None:
     change = bytes.fromhex("0024008010") + b"000000\xff\xff" + b"654321\xff\xff"
     assert verdict(change, listed=False) is Verdict.FORWARD
+    for ins in ("21", "24", "2C"):  # data that is exactly the placeholder, but not a VERIFY (20)
+        raw = bytes.fromhex(f"00{ins}008008") + b"000000\xff\xff"
+        assert verdict(raw, listed=False) is Verdict.FORWARD
 
 
 def test_a_listed_identitys_real_looking_pin_is_refused() -> None:
@@ -213,3 +216,10 @@ def test_wipe_overwrites_a_buffer_and_ignores_none() -> None:
     wipe(buf)
     assert buf == bytearray(6)
     wipe(None)
+
+
+def test_fill_keeps_the_largest_les_which_encode_as_zero() -> None:
+    extended = bytes.fromhex("00200080000006") + PLACEHOLDER + bytes.fromhex("0000")  # Ne 65536
+    assert bytes(fill(extended, b"4321")) == bytes.fromhex("00200080000004") + b"4321" + bytes.fromhex("0000")
+    short = bytes.fromhex("0020008006") + PLACEHOLDER + b"\x00"  # Ne 256
+    assert bytes(fill(short, b"4321")) == bytes.fromhex("0020008004") + b"4321\x00"
