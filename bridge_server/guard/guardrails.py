@@ -123,6 +123,7 @@ class Guardrails:
         self.private_key_ops = 0  # this lease's successful private-key operations
 
     def screen(self, raw: bytes, holder: Holder) -> Screened | None:
+        self.server_pin.take_substituted()  # a mark left by an exchange that never got observed dies here
         head = _header(raw)
         if head is not None and head.chained and head.ins in PIN_INS:
             return self._check_pin(head)  # before the policy: the same answer for everybody
@@ -263,8 +264,14 @@ class Guardrails:
                 f"then an operator runs `tokenbridge pin-guard reset {self.token}`"
             )
         if refused.kind.startswith("server_pin"):
+            # Missing: why (a path on the server) is for the operator's status, not the client.
+            why = (
+                "the server has no PIN loaded for it"
+                if refused.kind == "server_pin_missing"
+                else refused.detail
+            )
             return (
-                f"the server-held PIN of token {self.token!r} was not used: {refused.detail} "
+                f"the server-held PIN of token {self.token!r} was not used: {why} "
                 f"(answered {describe_sw(refused.sw)}, nothing reached the card); identities in "
                 "server_pin.for log in with the placeholder PIN 000000 (docs/client.md)"
             )

@@ -89,12 +89,23 @@ def test_without_a_loaded_pin_the_listed_placeholder_is_refused_and_status_says_
     assert refused is not None and refused.kind == "server_pin_missing"
     assert "CREDENTIALS_DIRECTORY" in refused.detail
     assert "000000" in r.notice(refused)
+    assert "CREDENTIALS_DIRECTORY" not in r.notice(refused)  # server paths stay on the server
     assert r.server_pin.status(r.guard)["state"] == "missing"  # type: ignore[index]
 
 
 def test_a_placeholder_from_an_unlisted_identity_is_refused_with_6985() -> None:
     refused = rails().screen(PLACEHOLDER_VERIFY, OTHER)
     assert refused is not None and (refused.kind, refused.sw) == ("server_pin", 0x6985)
+
+
+def test_a_substitution_never_observed_does_not_mark_the_next_command() -> None:
+    r = rails(max_failures=3)
+    assert r.server_pin.apdu(PLACEHOLDER_VERIFY, LISTED.names) is not None  # then the exchange vanished
+    own = bytes.fromhex("0020008008") + b"111111\xff\xff"
+    assert r.screen(own, OTHER) is None
+    events = r.observe(own, b"\x63\xc5", OTHER)
+    assert [e for e in events if isinstance(e, Attempt) and e.server_pin] == []
+    assert r.server_pin.status(r.guard)["state"] == "configured"  # type: ignore[index]
 
 
 def test_a_token_without_server_pin_changes_nothing() -> None:
