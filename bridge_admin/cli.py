@@ -13,6 +13,7 @@ from bridge_admin.commands import add_admin_commands, run_admin_command
 from bridge_admin.pki import PkiError
 from bridge_admin.pki_cli import add_pki_parser, run_pki
 from bridge_admin.selftest import add_selftest_parser, run_selftest_command
+from bridge_admin.server_pin_cli import add_pin_parser, run_pin_command
 from protocol.errors import BridgeError
 from protocol.runtime.cli import add_version_option
 
@@ -36,6 +37,8 @@ examples:
   tokenbridge status --server tokenhost:7447 --bundle pki/clients/ops-admin   the same, remotely
   tokenbridge lease revoke codesign                        take the token from its holder
   tokenbridge pin-guard reset codesign                     clear the PIN guard (prints what to check first)
+  tokenbridge pin set codesign                             store the token's PIN on the server (no echo)
+  tokenbridge pin test codesign                            check the stored PIN against the card
   tokenbridge audit verify /var/lib/tokenbridge/audit.jsonl   check the audit log's hash chain
   tokenbridge doctor --config /etc/tokenbridge/client.yaml
                                                           preflight check on a build VM
@@ -84,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_admin_commands(sub)
     add_audit_parser(sub)
     add_selftest_parser(sub)
+    add_pin_parser(sub)  # issue 16: pin set|test
     return parser
 
 
@@ -112,6 +116,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_audit(args)
         if args.command == "selftest":
             return run_selftest_command(args)
+        if args.command == "pin":
+            return run_pin_command(args)
     except BridgeError as exc:
         print(f"tokenbridge: {exc}", file=sys.stderr)
         return 2

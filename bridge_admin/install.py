@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+from bridge_admin.server_pin_cli import DROPIN, credential_dropin
 from bridge_server.config import ServerConfig, load_server_config
 from protocol.errors import ConfigError
 from protocol.runtime.config import CREDENTIAL_PREFIX, CREDSTORE_DIRS, load_yaml
@@ -197,7 +198,8 @@ def plan(
         ),
     ]
     if role == "server":
-        return [*common, Action(Path("/etc/udev/rules.d/70-tokenbridge.rules"), udev_rules(config))]
+        udev = Action(Path("/etc/udev/rules.d/70-tokenbridge.rules"), udev_rules(config))
+        return [*common, udev, *credential_actions(config)]
     dropins = Path("/etc/systemd/system/pcscd.service.d")
     return [
         *common,
@@ -208,6 +210,12 @@ def plan(
         Action(dropins / "tokenbridge-loopback.conf", service_file("pcscd-loopback.conf")),
         Action(dropins / "tokenbridge-keep-running.conf", service_file("pcscd-keep-running.conf")),
     ]
+
+
+def credential_actions(config: ServerConfig | None) -> list[Action]:
+    """Issue 16: the unit drop-in that loads the server-held PINs (bridge_admin/server_pin_cli.py)."""
+    dropin = credential_dropin(config)
+    return [] if dropin is None else [Action(DROPIN, dropin)]
 
 
 def crl_plan(bindir: str) -> list[Action]:

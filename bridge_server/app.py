@@ -86,7 +86,12 @@ class BridgeServer:
         self.audit = AuditLog(config.audit.path, max_bytes=config.audit.max_bytes, keep=config.audit.keep)
         self.rails = {
             t.name: Guardrails(
-                t.name, policy=t.policy, guard=self.pin_guard, store=guard_store, audit=self.audit
+                t.name,
+                policy=t.policy,
+                guard=self.pin_guard,
+                store=guard_store,
+                audit=self.audit,
+                server_pin=t.server_pin,
             )
             for t in config.tokens
         }

@@ -32,7 +32,7 @@ from typing import Final
 import structlog
 import trio
 
-from bridge_server.config import ServerConfig, load_server_config
+from bridge_server.config import ServerConfig, load_server_config, load_server_pins
 from protocol.errors import BridgeError, ConfigError
 from protocol.runtime.address import Address
 from protocol.runtime.cli import (
@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_config(args: argparse.Namespace) -> ServerConfig:
     """The config the command line asks for. Raises ConfigError."""
-    config = load_server_config(args.config)
+    config = load_server_pins(load_server_config(args.config))  # issue 16: the daemon reads PINs
     if args.listen:
         config = config.with_listen(args.listen)
     if args.simulate:

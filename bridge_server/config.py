@@ -21,6 +21,12 @@ from bridge_server.guard.command_policy import (
     allowed_instructions,
     default_family,
 )
+from bridge_server.guard.server_pin_config import (
+    ServerPinConfig,
+    load_server_pin,
+    parse_server_pin,
+    server_pin_section,
+)
 from protocol.errors import ConfigError
 from protocol.runtime.address import parse_address
 from protocol.runtime.config import load_yaml
@@ -92,6 +98,7 @@ class TokenConfig:
     allow: tuple[str, ...] = ()
     policy: PolicyConfig = PolicyConfig()
     timeouts: TokenTimeouts = TokenTimeouts()
+    server_pin: ServerPinConfig | None = None  # issue 16: bridge_server/guard/server_pin_config.py
 
 
 @dataclass(frozen=True, slots=True)
@@ -258,7 +265,8 @@ def _parse_tokens(root: Section) -> tuple[TokenConfig, ...]:
         raise root.error("tokens", "expected a non-empty list of tokens")
     tokens: list[TokenConfig] = []
     for i, item in enumerate(raw):
-        sec = Section(item, root.path, f"tokens[{i}]", ("name", "match", "allow", "policy", "timeouts"))
+        keys = ("name", "match", "allow", "policy", "timeouts", "server_pin")
+        sec = Section(item, root.path, f"tokens[{i}]", keys)
         name = sec.string("name", required=True)
         assert name is not None
         if len(name) > MAX_TOKEN_NAME_LENGTH or not name.isprintable():
@@ -269,8 +277,15 @@ def _parse_tokens(root: Section) -> tuple[TokenConfig, ...]:
         match = _parse_match(sec.section("match", ("vid", "pid", "serial", "port", "simulate", "state")))
         policy = _parse_policy(sec.section("policy", ("allow_management", "family", "allow_ins")), match)
         timeouts = _parse_timeouts(sec.section("timeouts", ("frame_s", "max_s")))
+        allow = sec.names("allow")
+        server_pin = None
+        if sec.has("server_pin"):
+            pin_sec = server_pin_section(sec)
+            server_pin = parse_server_pin(pin_sec, allow=allow, family=policy.family)
         tokens.append(
-            TokenConfig(name=name, match=match, allow=sec.names("allow"), policy=policy, timeouts=timeouts)
+            TokenConfig(
+                name=name, match=match, allow=allow, policy=policy, timeouts=timeouts, server_pin=server_pin
+            )
         )
     return tuple(tokens)
 
@@ -361,3 +376,18 @@ def load_server_config(path: Path) -> ServerConfig:
     """
 
     return parse_server_config(load_yaml(path), path)
+
+
+def load_server_pins(config: ServerConfig) -> ServerConfig:
+    """`config` with each token's server-held PIN read (issue 16): only the daemon calls this, at
+    start and on every reload; admin tools read the config without the PINs.
+
+    Raises:
+        ConfigError: a PIN file or credential that is there but must not be used.
+    """
+    tokens = tuple(
+        t if t.server_pin is None
+        else replace(t, server_pin=load_server_pin(t.server_pin, config.path, f"tokens[{i}].server_pin"))
+        for i, t in enumerate(config.tokens)
+    )  # fmt: skip
+    return replace(config, tokens=tokens)

@@ -24,7 +24,7 @@ from typing import Final, Protocol
 import structlog
 import trio
 
-from bridge_server.config import ServerConfig, TokenConfig, load_server_config
+from bridge_server.config import ServerConfig, TokenConfig, load_server_config, load_server_pins
 from bridge_server.net.hub import Hub
 from bridge_server.net.rights import apply_rights
 from bridge_server.observe.reloads import ReloadOutcome
@@ -121,6 +121,8 @@ def _token_changes(
             applied.append(f"tokens: {tok.name}.allow")
         if fresh.policy != tok.policy:
             applied.append(f"tokens: {tok.name}.policy")
+        if fresh.server_pin is not None or tok.server_pin is not None:
+            applied.append(f"tokens: {tok.name}.server_pin (re-read)")
         kept.append(replace(fresh, match=tok.match))
     restart.extend(f"tokens: {name} added" for name in by_name)
     return kept, applied, restart
@@ -159,7 +161,7 @@ def reload_config(server: Reconfigurable) -> ReloadPlan | None:
     """
     path = server.config.path
     try:
-        new = load_server_config(path)
+        new = load_server_pins(load_server_config(path))  # re-reads each server-held PIN (issue 16)
     except ConfigError as exc:
         log.error("reload.failed", what="config", path=str(path), reason=str(exc), kept="the running config")
         return None

@@ -31,7 +31,17 @@ from bridge_server.config import PolicyConfig, ServerConfig
 from bridge_server.guard.audit import AuditLog
 from bridge_server.guard.command_policy import check_command, may_manage
 from bridge_server.guard.pin_guard import REFUSAL_SW, Attempt, Engaged, PinGuard, PinGuardStore, checklist
-from protocol.apdu import PIN_INS, ApduClass, CommandApdu, classify, describe_sw, is_chained
+from bridge_server.guard.server_pin_config import ServerPinConfig
+from bridge_server.guard.server_pin_rails import ServerPinRails
+from protocol.apdu import (
+    PIN_INS,
+    SW_CONDITIONS_NOT_SATISFIED,
+    ApduClass,
+    CommandApdu,
+    classify,
+    describe_sw,
+    is_chained,
+)
 from protocol.errors import ConfigError, MalformedApduError
 
 log = structlog.get_logger(__name__)
@@ -60,6 +70,7 @@ class Screened:
 
     sw: int
     kind: str  # "policy" | "pin_guard" | "pin_chaining" | "pin_guard_unsaved" (state not saved)
+    # | "server_pin" (guard/server_pin.py refused it) | "server_pin_missing" (no PIN loaded)
     ins: int
     detail: str
 
@@ -100,8 +111,10 @@ class Guardrails:
         store: PinGuardStore | None = None,
         audit: AuditLog | None = None,
         wall_time: Callable[[], float] = time.time,
+        server_pin: ServerPinConfig | None = None,
     ) -> None:
         self.token = token
+        self.server_pin = ServerPinRails(token, server_pin)  # issue 16
         self.policy = policy or PolicyConfig()
         self.guard = guard if guard is not None else PinGuard()
         self.store = store or PinGuardStore(None)
@@ -110,6 +123,7 @@ class Guardrails:
         self.private_key_ops = 0  # this lease's successful private-key operations
 
     def screen(self, raw: bytes, holder: Holder) -> Screened | None:
+        self.server_pin.take_substituted()  # a mark left by an exchange that never got observed dies here
         head = _header(raw)
         if head is not None and head.chained and head.ins in PIN_INS:
             return self._check_pin(head)  # before the policy: the same answer for everybody
@@ -122,7 +136,15 @@ class Guardrails:
             )
         if head is None:
             return None
-        return self._check_pin(head)
+        return self._check_pin(head) or self._check_server_pin(raw, head, holder)
+
+    def _check_server_pin(self, raw: bytes, head: _Header, holder: Holder) -> Screened | None:
+        refused = self.server_pin.screen(raw, holder.names) if head.ins in PIN_INS else None
+        return (
+            None
+            if refused is None
+            else Screened(SW_CONDITIONS_NOT_SATISFIED, refused[0], head.ins, refused[1])
+        )
 
     def _check_pin(self, head: _Header) -> Screened | None:
         sw = self.guard.check(self.token, head.ins, head.p2, head.has_data, chained=head.chained)
@@ -133,6 +155,10 @@ class Guardrails:
         if head.ins in PIN_INS and head.has_data and not self._state_saved():
             return Screened(REFUSAL_SW, "pin_guard_unsaved", head.ins, self.store.problem)
         return None
+
+    def state_saved(self) -> bool:
+        """`_state_saved` for a PIN command the server sends itself (`tokenbridge pin test`)."""
+        return self._state_saved()
 
     def _state_saved(self) -> bool:
         """Fail closed: a PIN command reaches the card only once the guard's state was just saved.
@@ -145,6 +171,7 @@ class Guardrails:
         return not self.store.problem
 
     def observe(self, raw: bytes, rapdu: bytes, holder: Holder) -> list[Attempt | Engaged]:
+        substituted = self.server_pin.take_substituted()  # this answer is to the server-held PIN
         head = _header(raw)
         if head is None or len(rapdu) < 2:
             return []
@@ -158,6 +185,8 @@ class Guardrails:
             self.token, head.ins, head.p2, head.has_data, sw, holder=holder.name, now=self._wall(),
             chained=head.chained,
         )  # fmt: skip
+        if substituted:
+            events = self.server_pin.after_observe(events, self.guard, self._wall())
         if self.guard.to_json() != before:
             self.save()
         return events
@@ -189,7 +218,7 @@ class Guardrails:
                 await self.record(
                     "pin.verified", **holder.audit_fields(), lease_epoch=holder.epoch, ins=f"{ev.ins:02X}",
                     reference=ev.ref, sw=f"{ev.sw:04X}", outcome=ev.outcome, retries_left=ev.retries_left,
-                    failures=ev.failures,
+                    failures=ev.failures, **({"server_pin": True} if ev.server_pin else {}),
                 )  # fmt: skip
                 log.info(
                     "pin.verified",
@@ -197,6 +226,7 @@ class Guardrails:
                     client_id=holder.name,
                     sw=f"{ev.sw:04X}",
                     outcome=ev.outcome,
+                    **({"server_pin": True} if ev.server_pin else {}),
                 )
             else:
                 await self.record(
@@ -232,6 +262,18 @@ class Guardrails:
                 f"(answered {describe_sw(refused.sw)}) so the card cannot lock; "
                 "fix the PIN in the CI secret, "
                 f"then an operator runs `tokenbridge pin-guard reset {self.token}`"
+            )
+        if refused.kind.startswith("server_pin"):
+            # Missing: why (a path on the server) is for the operator's status, not the client.
+            why = (
+                "the server has no PIN loaded for it"
+                if refused.kind == "server_pin_missing"
+                else refused.detail
+            )
+            return (
+                f"the server-held PIN of token {self.token!r} was not used: {why} "
+                f"(answered {describe_sw(refused.sw)}, nothing reached the card); identities in "
+                "server_pin.for log in with the placeholder PIN 000000 (docs/client.md)"
             )
         if refused.kind == "pin_chaining":
             return (

@@ -106,6 +106,7 @@ class Attempt:
     outcome: str  # "ok" | "wrong_pin" | "blocked" | "not_checked" | "failed"
     retries_left: int | None
     failures: int
+    server_pin: bool = False  # the server put its own PIN in (issue 16, guard/server_pin.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,6 +267,16 @@ class PinGuard:
         if self.failures(token) >= self.max_failures and not any(r.engaged for r in refs):
             return "max_failures"  # once per card, on the reference whose failure crossed the line
         return ""
+
+    def engage(self, token: str, ref: str, reason: str, now: float) -> Engaged | None:
+        """Engage for `reason` whatever the counters say (a server-held PIN the card rejected:
+        trying it again cannot help). None if `ref` was already engaged for that reason."""
+        state = self.refs(token).setdefault(ref, RefState())
+        if state.engaged and state.reason == reason:
+            return None
+        state.engaged, state.reason = True, reason
+        state.engaged_at = state.engaged_at if state.engaged_at is not None else now
+        return Engaged(ref, reason, state.retries_left, self.failures(token))
 
     # -- operator ----------------------------------------------------------------------------
 

@@ -6,6 +6,7 @@ certificate name). Every action is logged as `admin.action_done` / `admin.action
 actor. Answers are `(ok, result, error)`; an error says what was wrong and what to do.
 
 Actions: `status`, `lease.revoke {token}`, `token.reset {token}`, `pin-guard.reset {token}`,
+`server-pin.test {token}` (issue 16),
 and for simulator tokens only `simulator.unplug {token}`, `simulator.replug {token, serial?}`,
 `simulator.evidence {token}` (test hooks).
 """
@@ -13,9 +14,10 @@ and for simulator tokens only `simulator.unplug {token}`, `simulator.replug {tok
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import structlog
+import trio
 
 from bridge_server.observe.status import build_status
 from bridge_server.tokens.manager import TokenManager
@@ -29,6 +31,7 @@ if TYPE_CHECKING:  # the simulator is a test and demo feature: no import at run 
 log = structlog.get_logger(__name__)
 
 Answer = tuple[bool, dict[str, Any], str]
+PIN_TEST_TIMEOUT_S: Final = 10.0  # below the admin client's 15 s request timeout
 
 
 class AdminError(Exception):
@@ -45,6 +48,7 @@ class AdminDispatcher:
             "lease.revoke": self._lease_revoke,
             "token.reset": self._token_reset,
             "pin-guard.reset": self._pin_guard_reset,
+            "server-pin.test": self._server_pin_test,
             "simulator.unplug": self._sim_unplug,
             "simulator.replug": self._sim_replug,
             "simulator.evidence": self._sim_evidence,
@@ -120,6 +124,13 @@ class AdminDispatcher:
     async def _pin_guard_reset(self, args: Mapping[str, Any], actor: str) -> dict[str, Any]:
         tok = self._token(args)
         return self.server.reset_pin_guard(tok.name, actor)
+
+    async def _server_pin_test(self, args: Mapping[str, Any], actor: str) -> dict[str, Any]:
+        """`tokenbridge pin test`: the token task checks the server-held PIN (tokens/pin_check.py)."""
+        tok = self._token(args)
+        with trio.move_on_after(PIN_TEST_TIMEOUT_S):
+            return await tok.check_server_pin(actor)
+        raise AdminError(f"token {tok.name!r} did not answer the PIN test within {PIN_TEST_TIMEOUT_S:g} s")
 
     async def _sim_unplug(self, args: Mapping[str, Any], _actor: str) -> dict[str, Any]:
         tok, sim = self._simulated(args)

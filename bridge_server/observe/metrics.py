@@ -59,6 +59,16 @@ def _lease_ends(s: ServerView) -> Rows:
     ]
 
 
+def _server_pin_ok(s: ServerView) -> Rows:
+    """Issue 16: one series per token that has a server-held PIN configured."""
+    rows: list[tuple[Sequence[str], Value]] = []
+    for t in s.tokens:
+        state = t.rails.server_pin.status(t.rails.guard)
+        if state is not None:
+            rows.append(((t.name,), state["state"] == "configured"))
+    return rows
+
+
 def _state_saved(s: ServerView) -> Rows:
     saved = {
         "audit": s.audit.available,
@@ -129,6 +139,8 @@ SERVER_METRICS: Final[tuple[Metric[ServerView], ...]] = (
             "SIGNATURE)", TOKEN, per_token(lambda s, t: t.stats.signatures_total)),
     gauge("tokenbridge_pin_guard_engaged", "1 while the PIN guard refuses PIN commands", TOKEN,
           per_token(lambda s, t: pin_guard_state(s, t.name).get("engaged") is True)),
+    gauge("tokenbridge_server_pin_ok", "1 while a token's server-held PIN is loaded and not rejected", TOKEN,
+          _server_pin_ok),
     gauge("tokenbridge_sessions", "connected client sessions", (), single(lambda s: len(s.hub))),
     gauge("tokenbridge_state_saved", "1 while the state file's last write succeeded (0: full disk?)",
           ("file",), _state_saved),

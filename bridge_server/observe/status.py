@@ -90,6 +90,7 @@ def _token(server: ServerView, tok: TokenManager, now: float, wall: float) -> di
         "queue": queue,
         "signatures_today": tok.stats.signatures_today(),
         "pin_guard": guard,
+        "server_pin": tok.rails.server_pin.status(tok.rails.guard),  # issue 16: null when not configured
     }
 
 
@@ -184,8 +185,22 @@ def build_status(server: ServerView) -> dict[str, Any]:
         "warnings": certificate_warnings(server, dt.datetime.now(dt.UTC))
         + _device_warnings(server)
         + _audit_warning(server)
-        + _state_warnings(server),
+        + _state_warnings(server)
+        + _server_pin_warnings(server),
     }
+
+
+def _server_pin_warnings(server: ServerView) -> list[dict[str, Any]]:
+    """Issue 16: a server-held PIN that is missing or that the card rejected (never the PIN)."""
+    out: list[dict[str, Any]] = []
+    for tok in server.tokens:
+        state = tok.rails.server_pin.status(tok.rails.guard)
+        if state is not None and state["message"]:
+            message = f"token {tok.name!r}: {state['message']}"
+            out.append(
+                {"subject": f"token {tok.name}", "not_after": None, "days_left": None, "message": message}
+            )
+    return out
 
 
 def _device_warnings(server: ServerView) -> list[dict[str, Any]]:

@@ -8,12 +8,15 @@ makes the loop handle.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Final, TypeAlias
+from typing import Any, Final, TypeAlias
+
+import trio
 
 from bridge_server.net.hub import Subscriber
 
 __all__ = [
     "COMMAND_TYPES",
+    "CheckServerPin",
     "Command",
     "ReleaseLease",
     "RequestLease",
@@ -69,7 +72,18 @@ class ResetToken:
     """Admin: end the lease, release the USB device and open it again."""
 
 
-Command: TypeAlias = RequestLease | ReleaseLease | SubmitFrame | Wake | Shutdown | RevokeLease | ResetToken
+@dataclass(frozen=True, slots=True)
+class CheckServerPin:
+    """Admin (`tokenbridge pin test`): check the server-held PIN against the card while nobody
+    holds a lease (bridge_server/tokens/pin_check.py); the answer goes to `reply`."""
+
+    actor: str
+    reply: trio.MemorySendChannel[dict[str, Any]]
+
+
+Command: TypeAlias = (
+    RequestLease | ReleaseLease | SubmitFrame | Wake | Shutdown | RevokeLease | ResetToken | CheckServerPin
+)
 COMMAND_TYPES: Final[tuple[type[Command], ...]] = (
     RequestLease,
     ReleaseLease,
@@ -78,5 +92,6 @@ COMMAND_TYPES: Final[tuple[type[Command], ...]] = (
     Shutdown,
     RevokeLease,
     ResetToken,
+    CheckServerPin,
 )
 SessionCommand: TypeAlias = RequestLease | ReleaseLease | SubmitFrame

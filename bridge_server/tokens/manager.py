@@ -40,6 +40,7 @@ from bridge_server.guard.guardrails import Guardrails, Holder
 from bridge_server.guard.pin_guard import Attempt, Engaged
 from bridge_server.net.hub import Hub, Subscriber
 from bridge_server.tokens.commands import (
+    CheckServerPin,
     Command,
     ReleaseLease,
     RequestLease,
@@ -62,6 +63,7 @@ from bridge_server.tokens.leases import (
     Queued,
     Refusal,
 )
+from bridge_server.tokens.pin_check import answer_check
 from bridge_server.tokens.stats import TokenStats
 from bridge_server.tokens.virtual_reader import VirtualReader
 from protocol import wire
@@ -103,7 +105,7 @@ class TokenManager:
         self.token_id = token_id
         self._epochs = epochs
         # Command policy, PIN guard and audit (bridge_server/guard/guardrails.py); on by default.
-        self.rails = guardrails or Guardrails(config.name, policy=config.policy)
+        self.rails = guardrails or Guardrails(config.name, policy=config.policy, server_pin=config.server_pin)
         self.flood = FloodGuard(config.name, self.rails, hub.penalties)  # repeated refusals (issue 13 item 3)
         self._holder: Holder | None = None
         self.config = config
@@ -147,6 +149,7 @@ class TokenManager:
         )
         self.queue_timeout_s = lease.queue_timeout_s
         self.rails.policy = config.policy
+        self.rails.server_pin.configure(config.server_pin)  # re-read on every reload (issue 16)
         if before.allow != config.allow:
             for sub in self.hub:
                 if sub.admin or sub.may_use(before.allow) or sub.may_use(config.allow):
@@ -230,6 +233,7 @@ class TokenManager:
             "apdus": holder.apdus if holder else 0,
             "queue": len(self.book.waiting),
             "pin_guard": self.rails.guard.status(self.name),
+            "server_pin": self.rails.server_pin.status(self.rails.guard),
         }
 
     # -- the loop ----------------------------------------------------------------
@@ -272,6 +276,8 @@ class TokenManager:
                     await self._try_attach()
             case Wake():
                 pass  # the loop applies pending detaches first
+            case CheckServerPin():
+                await self._check_server_pin(cmd)
             case RequestLease() | ReleaseLease() | SubmitFrame():
                 sub = cmd.sub
                 if sub.closed or sub.conn_id in self._drops or self.flood.ejected(sub.conn_id):
@@ -351,6 +357,23 @@ class TokenManager:
         if result.failure is not None:
             await self._device_failed(result.failure, during=msg.msg_type)
 
+    async def check_server_pin(self, actor: str) -> dict[str, Any]:
+        """Admin `pin test`: the answer of `pin_check.check_server_pin` (or why it did not run)."""
+        send, receive = trio.open_memory_channel[dict[str, Any]](1)
+        await self._send.send(CheckServerPin(actor, send))
+        async with receive:
+            return await receive.receive()
+
+    async def _check_server_pin(self, cmd: CheckServerPin) -> None:
+        holder = self.book.holder
+        busy = "absent" if self._card is None else f"leased by {holder.identity}" if holder else None
+        driver = None if self._card is None else self._card.driver
+        answer, failure = await answer_check(driver, self.rails, cmd.actor, self.config.policy.family, busy)
+        if failure is not None:
+            await self._device_failed(failure, during=None)
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            cmd.reply.send_nowait(answer)
+
     async def _abandoned(self, sub: Subscriber, epoch: int, msg: CcidMessage, reader: VirtualReader) -> None:
         """Shutdown abandoned this exchange: an explicit failure, and a PIN counts as tried."""
         log.warning("apdu.abandoned", token=self.name, client_id=sub.name, reason="server shutting down")
@@ -403,7 +426,10 @@ class TokenManager:
         self.atr = atr
         holder = self._holder = _who(sub, event.epoch)
         self.rails.private_key_ops = 0
-        self._reader = VirtualReader(driver, atr, screen=lambda raw: self.rails.screen(raw, holder))
+        self._reader = VirtualReader(
+            driver, atr, screen=lambda raw: self.rails.screen(raw, holder),
+            rewrite=lambda raw: self.rails.server_pin.apdu(raw, holder.names),
+        )  # fmt: skip
         if self.simulated is not None:
             self.simulated.current_epoch = event.epoch
         sub.push(wire.LeaseGranted(token_id=self.token_id, epoch=event.epoch, atr=atr))

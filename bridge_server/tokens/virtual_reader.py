@@ -36,6 +36,7 @@ from typing import Any, Final, Protocol
 import structlog
 
 from bridge_server.errors import CardError, DeviceError, DeviceGoneError, DeviceTimeoutError
+from bridge_server.guard.server_pin import wipe
 from protocol.apdu import redact
 from protocol.ccid import (
     CcidMessage,
@@ -83,6 +84,9 @@ class FrameResult:
 # Called with each whole command APDU before the card sees it (bridge_server/guard/guardrails.py):
 # None lets it through; anything with an `sw: int` is answered with that status word instead.
 Screen = Callable[[bytes], Any]
+# Called with each screened command APDU right before the card (issue 16, guard/server_pin.py):
+# None sends it as it is; a bytearray is sent instead and overwritten once the card has it.
+Rewrite = Callable[[bytes], bytearray | None]
 
 
 def failure_error(exc: DeviceError) -> tuple[IccStatus, int]:
@@ -99,9 +103,12 @@ def failure_error(exc: DeviceError) -> tuple[IccStatus, int]:
 class VirtualReader:
     """Executes one lease's CCID commands against the card. See the module docstring."""
 
-    def __init__(self, driver: CardDriver, atr: bytes, *, screen: Screen | None = None) -> None:
+    def __init__(
+        self, driver: CardDriver, atr: bytes, *, screen: Screen | None = None, rewrite: Rewrite | None = None
+    ) -> None:
         self._driver = driver
         self._screen = screen
+        self._rewrite = rewrite
         self.atr = atr
         self.client_powered = True  # the grant's cold reset left the card active
         # Set once a command APDU reached the card (or the client powered it off): its state may
@@ -152,11 +159,15 @@ class VirtualReader:
             return FrameResult(data_block(msg.seq, refused.sw.to_bytes(2, "big")), refused=refused)
         started = time.perf_counter()
         self._needs_reset = True  # the card may change state from here on, even if this fails
+        secret = self._rewrite(msg.data) if self._rewrite is not None else None
         try:
-            rapdu = await self._driver.transmit(msg.data)
+            # bytes(): the driver's contract; its copy (like the T=1 blocks) is not ours to wipe
+            rapdu = await self._driver.transmit(msg.data if secret is None else bytes(secret))
         except DeviceError as exc:
             log.warning("apdu.failed", apdu=redact(msg.data), error=str(exc))
             return dataclasses.replace(self._device_failed(msg, exc), answer_lost=True)
+        finally:
+            wipe(secret)
         if debug_enabled(__name__):  # per APDU: skip building the event at INFO
             log.debug(
                 "apdu.exchanged",

@@ -24,6 +24,7 @@ def test_every_command_is_a_small_frozen_dataclass_with_only_the_fields_it_needs
         cmds.Shutdown: (),
         cmds.RevokeLease: (),
         cmds.ResetToken: (),
+        cmds.CheckServerPin: ("actor", "reply"),
     }
     for command_type in cmds.COMMAND_TYPES:
         assert command_type.__dataclass_params__.frozen  # type: ignore[attr-defined]

@@ -24,3 +24,25 @@ async def test_power_on_right_after_the_grant_does_not_reset_again() -> None:
     assert (await reader.execute(ccid.icc_power_on(0))).response.data == ATR
     assert (await reader.execute(ccid.icc_power_on(1))).response.data == ATR
     assert card.calls == []  # no APDU reached the card: it is still as the grant's reset left it
+
+
+async def test_a_rewritten_command_reaches_the_card_instead_and_its_buffer_is_wiped_after() -> None:
+    # issue 16 hook (guard/server_pin.py): the card sees the rewrite, the client's command never.
+    card = FakeCard()
+    sent: list[bytearray] = []
+
+    def rewrite(raw: bytes) -> bytearray | None:
+        if raw[1] != 0x20:
+            return None
+        sent.append(bytearray(raw[:5]) + bytearray(b"918273\xff\xff"))
+        return sent[-1]
+
+    reader = VirtualReader(card, ATR, rewrite=rewrite)
+    placeholder = bytes.fromhex("0020008008") + b"000000\xff\xff"
+    await reader.execute(ccid.xfr_block(0, placeholder))
+    await reader.execute(ccid.xfr_block(1, SIGN))
+    assert card.calls == [
+        ("transmit", bytes.fromhex("0020008008") + b"918273\xff\xff"),
+        ("transmit", SIGN),  # not rewritten: sent as the client sent it
+    ]
+    assert sent == [bytearray(13)]  # overwritten once the card had it
