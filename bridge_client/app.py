@@ -1,4 +1,4 @@
-"""tokenbridge-client's root: the tunnel, one vpcd link per reader, signals, readiness."""
+"""tokenbridge-client's root: the tunnel, one vpcd link (or USB/IP reader) per token, signals, readiness."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ from bridge_client.backoff import Backoff
 from bridge_client.config import ClientConfig
 from bridge_client.status import serve_status
 from bridge_client.tunnel import Tunnel
+from bridge_client.usbip.reader import UsbipReader
+from bridge_client.usbip.server import serve_usbip
 from bridge_client.vpcd_link import VpcdLink
 from protocol.runtime.sdnotify import SystemdNotifier, run_watchdog
 from protocol.runtime.tls import client_context
@@ -39,18 +41,32 @@ class ClientApp:
             backoff=Backoff(initial_s=cfg.reconnect_initial_s, max_s=cfg.reconnect_max_s),
             connect_timeout_s=cfg.connect_timeout_s,
         )
-        self.links = [
-            VpcdLink(
-                self.tunnel, r.token, host=r.vpcd_host, port=r.vpcd_port, queue_timeout_s=cfg.queue_timeout_s
-            )
-            for r in cfg.readers
-        ]
+        self.links: list[VpcdLink] = []
+        self.usbip_readers: list[UsbipReader] = []
+        if cfg.reader == "usbip":
+            self.usbip_readers = [
+                UsbipReader(self.tunnel, r.token, i, cfg.usbip_listen, queue_timeout_s=cfg.queue_timeout_s)
+                for i, r in enumerate(cfg.readers)
+            ]
+        else:
+            self.links = [
+                VpcdLink(
+                    self.tunnel,
+                    r.token,
+                    host=r.vpcd_host,
+                    port=r.vpcd_port,
+                    queue_timeout_s=cfg.queue_timeout_s,
+                )
+                for r in cfg.readers
+            ]
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             await nursery.start(self.tunnel.run)
             for link in self.links:
                 await nursery.start(link.run)
+            if self.usbip_readers:
+                await nursery.start(serve_usbip, self.usbip_readers, self.config.usbip_listen)
             if self.config.status_socket is not None:
                 await nursery.start(serve_status, self, self.config.status_socket)
             nursery.start_soon(run_watchdog, self.notifier)
@@ -58,7 +74,9 @@ class ClientApp:
             log.info(
                 "client.started",
                 server=str(self.config.server_address),
-                readers=[f"{r.token}@{r.vpcd_address}" for r in self.config.readers],
+                readers=[f"{r.token}@{r.vpcd_address}" for r in self.config.readers]
+                if not self.usbip_readers
+                else [f"{r.token}@usbip:{r.busid}@{r.listen}" for r in self.usbip_readers],
             )
             task_status.started()
 

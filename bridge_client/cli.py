@@ -14,8 +14,9 @@ from protocol.errors import BridgeError
 from protocol.runtime.logging import configure_logging
 
 DESCRIPTION = """\
-Show a token served by tokenbridge-server as a smart card in a local vpcd reader, so
-PC/SC and PKCS#11 tools on this machine (OpenSC, osslsigncode, jsign...) can sign with it.
+Show a token served by tokenbridge-server as a smart card in a local vpcd reader (or, with
+`reader: usbip`, in an emulated USB CCID reader attached over USB/IP on loopback), so PC/SC
+and PKCS#11 tools on this machine (OpenSC, osslsigncode, jsign, signtool...) can sign with it.
 """
 
 EPILOG = """\
@@ -121,12 +122,14 @@ def render_status(data: dict) -> str:  # type: ignore[type-arg]
     if t["rtt_ms"] is not None:
         lines.append(f"         rtt {t['rtt_ms']} ms, connected for {t['connected_for_s']} s")
     lines.append("")
-    lines.append(f"{'TOKEN':<16} {'VPCD':<18} {'CARD':<18} {'LEASE':<14} DETAIL")
+    lines.append(f"{'TOKEN':<16} {'READER':<24} {'CARD':<18} {'LEASE':<14} DETAIL")
     for r in data["readers"]:
+        usbip = r.get("usbip")
+        where = f"usbip {usbip['busid']}@{usbip['listen']}" if usbip else f"vpcd {r['vpcd']}"
         lease = "-" if r["lease"] is None else f"epoch {r['lease']['epoch']}"
         if r["queue_position"] is not None:
             lease = f"queued #{r['queue_position']}"
-        lines.append(f"{r['token']:<16} {r['vpcd']:<18} {r['card']:<18} {lease:<14} {r['reason']}".rstrip())
+        lines.append(f"{r['token']:<16} {where:<24} {r['card']:<18} {lease:<14} {r['reason']}".rstrip())
     return "\n".join(lines)
 
 
