@@ -232,3 +232,66 @@ async def test_halt_and_clear_halt_and_unknown_requests_follow_usb_chapter_9(
     assert (await host.control(0x82, 0, 0, 0x82, 2)).data == b"\x00\x00"
     assert (await host.control(0x40, 0x55, 0, 0, 0)).status == -errno.EPIPE  # vendor request: stall
     assert (await host.control(0x80, 8, 0, 0, 1)).data == b"\x01"  # GET_CONFIGURATION
+
+
+async def test_a_lease_lost_under_the_application_removes_the_card_for_a_second(
+    nursery: trio.Nursery,
+    tunnel_and_server: tuple[Tunnel, FakeServer],
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    tunnel, server = tunnel_and_server
+    host, _ = await attached(nursery, tunnel)
+    await host.submit(INTR_IN, 1, 8)
+    assert (await host.ret()).data == b"\x50\x03"
+    await hold_lease(tunnel, server)
+    await host.submit(INTR_IN, 1, 8)
+    await server.send(wire.LeaseEnded(token_id=0, epoch=41, reason="revoked"))
+    assert (await host.ret()).data == b"\x50\x02"  # removed
+    removed_at = trio.current_time()
+    await host.submit(INTR_IN, 1, 8)
+    assert (await host.ret()).data == b"\x50\x03"  # back, as a new card
+    assert trio.current_time() - removed_at == pytest.approx(1.0)
+
+
+async def test_a_failed_exchange_answers_a_hardware_error_and_removes_the_card(
+    nursery: trio.Nursery,
+    tunnel_and_server: tuple[Tunnel, FakeServer],
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    tunnel, server = tunnel_and_server
+    host, reader = await attached(nursery, tunnel)
+    await ccid_exchange(host, ccid.icc_power_on(0))
+    await hold_lease(tunnel, server)
+    await host.submit(INTR_IN, 1, 8)
+    assert (await host.ret()).data == b"\x50\x03"
+
+    async def answer_without_status_word() -> None:
+        frame = await server.expect(wire.CcidFrame)
+        command = ccid.decode_message(frame.message)
+        await server.send(
+            wire.CcidFrame(token_id=0, epoch=41, message=ccid.data_block(command.seq, b"").encode())
+        )
+
+    nursery.start_soon(answer_without_status_word)
+    answer = await ccid_exchange(host, ccid.xfr_block(1, SELECT))
+    assert (answer.command_status, answer.error, answer.data) == (ccid.CommandStatus.FAILED, 0xFB, b"")
+    failed_at = trio.current_time()
+    await host.submit(INTR_IN, 1, 8)
+    assert (await host.ret()).data == b"\x50\x02"
+    assert trio.current_time() == failed_at  # at once, not at the next heartbeat loss
+    assert tunnel.connected
+    assert reader.status.apdus == 0
+
+
+async def test_detaching_gives_a_held_lease_back(
+    nursery: trio.Nursery,
+    tunnel_and_server: tuple[Tunnel, FakeServer],
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    tunnel, server = tunnel_and_server
+    host, reader = await attached(nursery, tunnel)
+    await hold_lease(tunnel, server)
+    await host.stream.aclose()
+    assert await server.expect(wire.LeaseRelease) == wire.LeaseRelease(token_id=0, epoch=41)
+    assert reader.status.state == "exported"
+    assert reader.attached_by is None
