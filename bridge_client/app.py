@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 from dataclasses import dataclass, field
+from functools import partial
 
 import structlog
 import trio
@@ -14,7 +15,7 @@ from bridge_client.config import ClientConfig
 from bridge_client.status import serve_status
 from bridge_client.tunnel import Tunnel
 from bridge_client.usbip.reader import UsbipReader
-from bridge_client.usbip.server import serve_usbip
+from bridge_client.usbip.server import open_usbip_listeners, serve_usbip
 from bridge_client.vpcd_link import VpcdLink
 from protocol.runtime.sdnotify import SystemdNotifier, run_watchdog
 from protocol.runtime.tls import client_context
@@ -43,6 +44,7 @@ class ClientApp:
         )
         self.links: list[VpcdLink] = []
         self.usbip_readers: list[UsbipReader] = []
+        self._usbip_listeners: list[trio.SocketListener] | None = None
         if cfg.reader == "usbip":
             self.usbip_readers = [
                 UsbipReader(self.tunnel, r.token, i, cfg.usbip_listen, queue_timeout_s=cfg.queue_timeout_s)
@@ -66,7 +68,10 @@ class ClientApp:
             for link in self.links:
                 await nursery.start(link.run)
             if self.usbip_readers:
-                await nursery.start(serve_usbip, self.usbip_readers, self.config.usbip_listen)
+                listen = self.config.usbip_listen
+                await nursery.start(
+                    partial(serve_usbip, listeners=self._usbip_listeners), self.usbip_readers, listen
+                )
             if self.config.status_socket is not None:
                 await nursery.start(serve_status, self, self.config.status_socket)
             nursery.start_soon(run_watchdog, self.notifier)
@@ -79,6 +84,11 @@ class ClientApp:
                 else [f"{r.token}@usbip:{r.busid}@{r.listen}" for r in self.usbip_readers],
             )
             task_status.started()
+
+    async def open_listeners(self) -> None:
+        """Open the USB/IP port before the service starts, so a busy port is a plain startup error."""
+        if self.usbip_readers and self._usbip_listeners is None:
+            self._usbip_listeners = await open_usbip_listeners(self.config.usbip_listen)
 
     async def _announce_ready(self) -> None:
         """READY=1 once the readers run and the first tunnel attempt ended (bridge_client.service)."""
@@ -93,6 +103,7 @@ class ClientApp:
 
 async def main_async(config: ClientConfig) -> None:
     app = ClientApp(config)
+    await app.open_listeners()
     # SIGHUP (reload) exists on POSIX only; the client must keep starting on Windows agents.
     wanted = [signal.SIGTERM, signal.SIGINT, *([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])]
     with trio.open_signal_receiver(*wanted) as signals:

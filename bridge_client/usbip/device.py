@@ -83,6 +83,7 @@ class CcidReaderDevice:
         self._notify: tuple[bool, bool] | None = None  # (present, changed) not yet read
         self._pending: dict[int, deque[_Urb]] = {d.EP_BULK_IN: deque(), d.EP_INTR_IN: deque()}
         self._power_loss = False
+        self._parameters: tuple[int, bytes] = (1, _DEFAULT_PARAMETERS[1])
 
     # -- URBs from the host ----------------------------------------------------------------
     def submit(self, seqnum: int, endpoint: int, length: int, setup: bytes, data: bytes) -> list[Completion]:
@@ -272,9 +273,20 @@ class CcidReaderDevice:
         ):
             if icc == IccStatus.ABSENT:
                 return self._failed(MessageType.RDR_to_PC_Parameters, seq, 0, SlotError.ICC_MUTE)
-            # The reader keeps T=1 defaults: the server's reader below the tunnel sets the card's
-            # real parameters; an automatic-parameter reader may ignore what the host sets.
-            return ccid.parameters(seq, 1, bytes([0x11, 0x10, 0x00, 0x4D, 0x00, 0xFE, 0x00]), icc=icc)
+            # The server's reader below the tunnel sets the card's real parameters; this one only
+            # keeps what the host set (CCID 1.1 §6.1.7) so that GetParameters reads it back.
+            if kind == MessageType.PC_to_RDR_SetParameters and msg.b7 in _DEFAULT_PARAMETERS:
+                if len(msg.data) != len(_DEFAULT_PARAMETERS[msg.b7]):
+                    return self._failed(
+                        MessageType.RDR_to_PC_Parameters, seq, 0, 10
+                    )  # bError: dwLength offset
+                self._parameters = (msg.b7, msg.data)
+            elif kind == MessageType.PC_to_RDR_SetParameters:
+                return self._failed(MessageType.RDR_to_PC_Parameters, seq, 0, 7)  # bProtocolNum offset
+            elif kind == MessageType.PC_to_RDR_ResetParameters:
+                self._parameters = (1, _DEFAULT_PARAMETERS[1])
+            protocol, params = self._parameters
+            return ccid.parameters(seq, protocol, params, icc=icc)
         return self._failed(ccid.response_type_for(kind), seq, 0, SlotError.CMD_NOT_SUPPORTED)
 
     def _failed(self, kind: MessageType, seq: int, slot: int, error: int) -> ccid.CcidMessage:
@@ -319,6 +331,13 @@ class CcidReaderDevice:
             done.append(Completion(intr.popleft().seqnum, 0, note[:2]))
         return done
 
+
+# CCID 1.1 §6.1.7 abProtocolDataStructure defaults: T=0 (Fi/Di 11, guard time 0, WI 10) and
+# T=1 (Fi/Di 11, LRC, guard time 0, BWI 4 / CWI 13, no clock stop, IFSC 254, NAD 0).
+_DEFAULT_PARAMETERS = {
+    0: bytes([0x11, 0x00, 0x00, 0x0A, 0x00]),
+    1: bytes([0x11, 0x10, 0x00, 0x4D, 0x00, 0xFE, 0x00]),
+}
 
 # Command types whose answer type CCID defines (response_type_for knows them).
 _ANSWERED = frozenset(

@@ -126,6 +126,7 @@ class UsbipReader:
                 nursery.start_soon(_sender, stream, out_receive)
                 nursery.start_soon(session.card_task)
                 nursery.start_soon(session.presence_task)
+                nursery.start_soon(session.tunnel_watch)
                 try:
                     await session.receive_loop(stream, side)
                 except (RemoteProtocolError, UrbLimitError) as exc:
@@ -205,17 +206,13 @@ class _Session:
             usable = reader._usable()
             if usable != self.device.card_present:
                 self._set_present(usable, "" if usable else reader_why(reader))
-            await self._wait_either()
+            await self._wait()
 
-    async def _wait_either(self) -> None:
-        async with trio.open_nursery() as nursery:
-
-            async def one(wait: object) -> None:
-                await wait()  # type: ignore[operator]
-                nursery.cancel_scope.cancel()
-
-            nursery.start_soon(one, self.reader.tunnel.wait_changed)
-            nursery.start_soon(one, self._wait)
+    async def tunnel_watch(self) -> None:
+        """Turn every tunnel change into a wake-up of the card tasks (they re-check, then park)."""
+        while True:
+            await self.reader.tunnel.wait_changed()
+            self._changed.unpark_all()
 
     def _set_present(self, present: bool, why: str) -> None:
         status = self.reader.status

@@ -16,21 +16,39 @@ import trio
 from bridge_client.usbip import wire
 from bridge_client.usbip.reader import UsbipReader
 from protocol import NEED_DATA
-from protocol.errors import RemoteProtocolError
+from protocol.errors import BridgeError, RemoteProtocolError
 from protocol.runtime.address import Address
 
 log = structlog.get_logger(__name__)
 
+
+class UsbipListenError(BridgeError):
+    """The USB/IP port cannot be opened."""
+
+
 OP_TIMEOUT_S = 10.0  # an importer has this long to send its one operation request
+
+
+async def open_usbip_listeners(listen: Address) -> list[trio.SocketListener]:
+    """The listening sockets, or UsbipListenError naming the config key (called before serving)."""
+    try:
+        return await trio.open_tcp_listeners(listen.port, host=listen.host)
+    except OSError as exc:
+        raise UsbipListenError(
+            f"cannot listen for USB/IP on {listen} (config key usbip.listen): {exc.strerror or exc}; "
+            "is another USB/IP server (usbipd) or a second tokenbridge-client using the port?"
+        ) from exc
 
 
 async def serve_usbip(
     readers: Sequence[UsbipReader],
     listen: Address,
     *,
+    listeners: list[trio.SocketListener] | None = None,
     task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    listeners = await trio.open_tcp_listeners(listen.port, host=listen.host)
+    if listeners is None:
+        listeners = await open_usbip_listeners(listen)
     port = listeners[0].socket.getsockname()[1]
     for reader in readers:
         reader.listen = Address(listen.host, port)

@@ -93,3 +93,16 @@ def test_requests_before_set_configuration_reach_only_endpoint_zero() -> None:
     assert device.submit(1, 0x82, 64, bytes(8), b"") == [Completion(1, -errno.EPIPE)]
     get_device = struct.pack("<BBHHH", 0x80, 6, 0x0100, 0, 18)
     assert len(device.submit(2, 0x80, 18, get_device, b"")[0].data) == 18
+
+
+def test_set_parameters_is_kept_and_read_back_and_a_bad_protocol_names_its_field() -> None:
+    device = configured()
+    t0 = bytes([0x96, 0x00, 0x00, 0x0A, 0x00])
+    device.submit(2, 0x01, 15, bytes(8), ccid.set_parameters(1, 0, t0).encode())
+    device.submit(
+        3, 0x01, 10, bytes(8), ccid.CcidMessage(ccid.MessageType.PC_to_RDR_GetParameters, 2).encode()
+    )
+    device.submit(4, 0x01, 11, bytes(8), bytes.fromhex("61 01000000 00 03 02 0000 00"))  # bProtocolNum 2
+    answers = [ccid.decode_message(device.submit(n, 0x82, 64, bytes(8), b"")[0].data) for n in (5, 6, 7)]
+    assert [(a.seq, a.b9, a.data) for a in answers[:2]] == [(1, 0, t0), (2, 0, t0)]
+    assert (answers[2].command_status, answers[2].error) == (ccid.CommandStatus.FAILED, 7)

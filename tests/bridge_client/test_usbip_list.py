@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
+import socket
 import ssl
+from pathlib import Path
 
 import pytest
 import trio
+from client_fakes import Certs
 
+from bridge_client.cli import main
 from bridge_client.tunnel import Tunnel
 from bridge_client.usbip.reader import UsbipReader
-from bridge_client.usbip.server import serve_usbip
+from bridge_client.usbip.server import UsbipListenError, open_usbip_listeners, serve_usbip
+from protocol.errors import BridgeError
 from protocol.runtime.address import Address
 
 # One device block of `usbip list -r` (usbip-utils 2.0): "BUSID: VENDOR : PRODUCT (VID:PID)",
@@ -70,3 +76,35 @@ async def test_usbip_list_shows_one_ccid_reader_per_configured_token(nursery: tr
         }
         for i in range(2)
     ], out
+
+
+async def test_a_busy_usbip_port_is_a_startup_error_naming_the_config_key() -> None:
+    with trio.socket.socket() as busy:
+        await busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        with pytest.raises(UsbipListenError) as info:
+            await open_usbip_listeners(Address("127.0.0.1", port))
+    assert f"cannot listen for USB/IP on 127.0.0.1:{port} (config key usbip.listen)" in str(info.value)
+    assert isinstance(info.value, BridgeError)  # the CLI prints it and exits 2
+
+
+def test_the_client_exits_2_with_the_reason_when_its_usbip_port_is_busy(
+    certs: Certs, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        path = tmp_path / "client.yaml"
+        doc = {
+            "server": "127.0.0.1:1",
+            "tls": {"ca": str(certs.ca), "cert": str(certs.client[0]), "key": str(certs.client[1])},
+            "reader": "usbip",
+            "usbip": {"listen": f"127.0.0.1:{port}"},
+            "readers": [{"token": "codesign"}],
+        }
+        path.write_text(json.dumps(doc))
+        rc = main(["--config", str(path), "--log-level", "error"])
+    assert rc == 2
+    assert f"cannot listen for USB/IP on 127.0.0.1:{port}" in capsys.readouterr().err
