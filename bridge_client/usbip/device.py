@@ -31,17 +31,17 @@ read yet is kept pending per endpoint, in order, until data arrives.
 
 from __future__ import annotations
 
-import errno
 import struct
 from collections import deque
 from dataclasses import dataclass
 
 from bridge_client.usbip import descriptors as d
+from bridge_client.usbip.wire import UrbStatus
 from protocol import ccid
 from protocol.ccid import CommandStatus, IccStatus, MessageType, SlotError
 from protocol.errors import MalformedCcidMessageError
 
-EPIPE, EOVERFLOW, ECONNRESET = -errno.EPIPE, -errno.EOVERFLOW, -errno.ECONNRESET
+EPIPE, EOVERFLOW = int(UrbStatus.EPIPE), int(UrbStatus.EOVERFLOW)
 # The card task's commands; everything else is the reader's own business.
 CARD_COMMANDS = frozenset(
     {MessageType.PC_to_RDR_IccPowerOn, MessageType.PC_to_RDR_IccPowerOff, MessageType.PC_to_RDR_XfrBlock}
@@ -52,7 +52,7 @@ MAX_PENDING_URBS = 64  # per endpoint; hosts keep one or two in flight
 @dataclass(frozen=True, slots=True)
 class Completion:
     seqnum: int
-    status: int  # 0 or -errno
+    status: int  # UrbStatus: 0 or a negated Linux errno
     data: bytes = b""  # IN data
     actual_length: int | None = None  # OUT: bytes taken (default len(data))
 

@@ -27,7 +27,6 @@ ends for another reason than our own release does the same.
 from __future__ import annotations
 
 import contextlib
-import errno
 from dataclasses import dataclass
 from typing import Final
 
@@ -183,7 +182,7 @@ class _Session:
                 self.emit(self.device.submit(event.seqnum, endpoint, event.length, event.setup, event.data))
             elif isinstance(event, wire.CmdUnlink):
                 found = self.device.unlink(event.unlink_seqnum)
-                self.out.send_nowait(wire.ret_unlink(event.seqnum, -errno.ECONNRESET if found else 0))
+                self.out.send_nowait(wire.ret_unlink(event.seqnum, wire.UrbStatus.ECONNRESET if found else 0))
             else:
                 raise RemoteProtocolError(
                     f"USB/IP: {type(event).__name__} after import", CloseCode.PROTOCOL_ERROR

@@ -37,6 +37,20 @@ ST_OK: Final = 0
 ST_NA: Final = 1  # "not available": unknown bus id, or already imported
 
 
+class UrbStatus(IntEnum):
+    """URB status values on the wire: negated *Linux* errno numbers, whatever the host OS.
+
+    Python's `errno` module gives the local OS's numbers (on Windows ECONNRESET is 10054), so the
+    values the USB/IP importers (vhci-hcd, usbip-win2) expect are spelled out here.
+    """
+
+    OK = 0
+    ENOENT = -2  # a killed URB
+    EPIPE = -32  # endpoint stalled
+    EOVERFLOW = -75  # babble: more data than the buffer holds
+    ECONNRESET = -104  # unlinked while pending
+
+
 class OpCode(IntEnum):
     OP_REQ_DEVLIST = 0x8005
     OP_REP_DEVLIST = 0x0005
@@ -275,6 +289,7 @@ __all__ = [
     "ReqDevlist",
     "ReqImport",
     "Speed",
+    "UrbStatus",
     "UsbipServerSide",
     "rep_devlist",
     "rep_import",

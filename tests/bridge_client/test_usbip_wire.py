@@ -109,3 +109,14 @@ def test_replies_have_the_documented_sizes_and_fields() -> None:
     unlink = wire.ret_unlink(9, -104)
     assert len(unlink) == 48 and struct.unpack(">IIIIIi", unlink[:24]) == (4, 9, 0, 0, 0, -104)
     assert wire.rep_import(None) == bytes.fromhex("0111 0003 00000001")
+
+
+def test_urb_statuses_are_linux_errno_values_on_every_platform() -> None:
+    # linux/include/uapi/asm-generic/errno-base.h and errno.h: the importer decodes these.
+    assert {s.name: int(s) for s in wire.UrbStatus} == {
+        "OK": 0,
+        "ENOENT": -2,
+        "EPIPE": -32,
+        "EOVERFLOW": -75,
+        "ECONNRESET": -104,
+    }
