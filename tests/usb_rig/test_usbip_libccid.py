@@ -121,3 +121,66 @@ def test_libccid_reads_and_osslsigncode_signs_through_the_usbip_reader(tmp_path:
     der = (tmp_path / "cert.der").read_bytes()
     assert x509.load_der_x509_certificate(der).public_bytes(Encoding.PEM) == cert_pem.read_bytes()
     verify_signature(cert_pem, data.read_bytes(), (tmp_path / "sig.bin").read_bytes())
+
+
+# Inside the namespace: wait for a card state in `opensc-tool -l`, telling the test each step by a file.
+STEPS_SCRIPT = """
+set -e
+card() {{
+    for _ in $(seq 150); do opensc-tool -l | grep -qE "^0 +$1 " && return 0; sleep 0.2; done; return 1
+}}
+wait_file() {{ for _ in $(seq 300); do [ -e "$1" ] && return 0; sleep 0.1; done; return 1; }}
+card Yes; echo inserted
+touch {work}/seen-inserted; wait_file {work}/server-stopped
+card No; echo removed
+touch {work}/seen-removed; wait_file {work}/server-started
+card Yes; echo inserted-again
+opensc-tool --atr
+"""
+
+
+def test_libccid_sees_the_card_leave_and_return_with_the_token_server(tmp_path: Path) -> None:
+    problem = chain_problem()
+    if problem is not None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"the USB/IP chain cannot run: {problem}")
+        pytest.skip(problem)
+    stack = UsbipStack(tmp_path / "stack", profiles=["yubikey5"])
+    stack.make_pki([CLIENT])
+    stack.write_server_config([CLIENT])
+    work = tmp_path
+
+    def step(name: str) -> None:
+        wait_for(lambda: (work / name).exists() or proc.poll() is not None, timeout=60, what=name)
+        assert proc.poll() is None, f"{proc.communicate()}"
+
+    try:
+        stack.start_server()
+        client = stack.start_client(CLIENT, [0])
+        wait_for(
+            lambda: bool((client_status(stack).get("readers") or [{}])[0].get("token_present")),
+            timeout=30,
+            what="the client to see the token",
+        )
+        with imported_reader(tmp_path, stack.usbip_port) as reader:
+            cmd = ["unshare", "--mount", "--propagation", "unchanged", "bash", str(NS_SCRIPT)]
+            cmd += [reader.umockdev_dir, str(work), "bash", "-c", STEPS_SCRIPT.format(work=work)]
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            try:
+                step("seen-inserted")
+                assert stack.server is not None
+                stack.server.stop()
+                (work / "server-stopped").touch()
+                step("seen-removed")
+                stack.start_server()
+                (work / "server-started").touch()
+                out, err = proc.communicate(timeout=120)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.communicate()
+    finally:
+        stack.stop()
+    assert proc.returncode == 0, f"{out}\n{err}\n--- client ---\n{client.log_text()[-3000:]}"
+    assert out.splitlines()[:3] == ["inserted", "removed", "inserted-again"]
+    assert bytes.fromhex(re.sub(r"[^0-9a-fA-F]", "", out.splitlines()[3])) == PROFILES["yubikey5"].atr
