@@ -15,6 +15,7 @@ from bridge_client import status as status_module
 from bridge_client.app import ClientApp
 from bridge_client.cli import main, render_status
 from bridge_client.config import load_client_config
+from bridge_client.service import app_status
 from bridge_client.status import serve_status, snapshot
 
 NOW = 1_800_000_000.0
@@ -239,3 +240,4 @@ def test_a_usbip_reader_shows_its_backend_bus_id_and_importer(certs: Certs, tmp_
     table = render_status(snapshot(app)).splitlines()
     assert table[-2].split()[:3] == ["codesign", "usbip", "1-1@127.0.0.1:3241"]
     assert table[-1].split()[:4] == ["spare", "usbip", "1-2@127.0.0.1:3241", "exported"]
+    assert app_status(app).endswith("codesign: exported (usbip 1-1), spare: exported (usbip 1-2)")
