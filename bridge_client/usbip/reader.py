@@ -27,7 +27,9 @@ ends for another reason than our own release does the same.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Final
 
 import structlog
@@ -84,11 +86,11 @@ class UsbipReader:
         return self.listen
 
     @property
-    def _tok(self) -> TokenState:
+    def token_state(self) -> TokenState:
         return self.tunnel.tokens[self.token]
 
-    def _usable(self) -> bool:
-        return self.tunnel.connected and self._tok.usable
+    def usable(self) -> bool:
+        return self.tunnel.connected and self.token_state.usable
 
     def descriptors(self) -> d.ReaderDescriptors:
         return d.ReaderDescriptors(product=f"tokenbridge {self.token}", serial=f"{self.token}-{self.busid}")
@@ -116,49 +118,66 @@ class UsbipReader:
         """Run the device for one importer until it detaches (closes) or breaks the protocol."""
         device = CcidReaderDevice(self.descriptors())
         out_send, out_receive = trio.open_memory_channel[bytes](SEND_QUEUE)
-        session = _Session(self, device, out_send)
+        session = _Session(self, device, out_send, out_receive, stream)
         self.status.state, self.status.reason = "attached", ""
         log.info("usbip.attached", token=self.token, busid=self.busid, peer=peer)
-        reason = "importer detached"
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(_sender, stream, out_receive)
-                nursery.start_soon(session.card_task)
-                nursery.start_soon(session.presence_task)
-                nursery.start_soon(session.tunnel_watch)
-                try:
-                    await session.receive_loop(stream, side)
-                except (RemoteProtocolError, UrbLimitError) as exc:
-                    reason = f"protocol error: {exc}"
-                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                    reason = f"connection lost: {exc}"
+                for child in (
+                    session.send_loop,
+                    session.card_task,
+                    session.presence_task,
+                    session.tunnel_watch,
+                ):
+                    nursery.start_soon(session.guarded, child, nursery.cancel_scope)
+                await session.guarded(partial(session.receive_loop, stream, side), nursery.cancel_scope)
                 nursery.cancel_scope.cancel()
         finally:
+            reason = session.ended
             self.status.state, self.status.reason = "exported", f"detached: {reason}"
             log.info(
                 "usbip.detached", token=self.token, busid=self.busid, reason=reason, apdus=self.status.apdus
             )
-            if self._tok.epoch is not None and self.tunnel.connected:
+            if self.token_state.epoch is not None and self.tunnel.connected:
                 with trio.move_on_after(2), contextlib.suppress(*_SEND_FAILED):
                     await self.tunnel.release_lease(self.token)
 
 
-async def _sender(stream: trio.abc.Stream, packets: trio.MemoryReceiveChannel[bytes]) -> None:
-    """The one writer of the connection: RET_* packets in the order the device produced them."""
-    async for packet in packets:
-        await stream.send_all(packet)
-
-
 class _Session:
+    """One attachment: the connection's tasks around one `CcidReaderDevice`."""
+
     def __init__(
-        self, reader: UsbipReader, device: CcidReaderDevice, out: trio.MemorySendChannel[bytes]
+        self,
+        reader: UsbipReader,
+        device: CcidReaderDevice,
+        out: trio.MemorySendChannel[bytes],
+        packets: trio.MemoryReceiveChannel[bytes],
+        stream: trio.abc.Stream,
     ) -> None:
         self.reader = reader
         self.device = device
         self.out = out
+        self.packets = packets
+        self.stream = stream
+        self.ended = "importer detached"
         # Both card tasks check the device's state, then park here with no await in between, so a
         # change (unpark_all after every emit) is never missed.
         self._changed = trio.lowlevel.ParkingLot()
+
+    async def guarded(self, task: Callable[[], Awaitable[None]], scope: trio.CancelScope) -> None:
+        """Run one task of the attachment; an error ends the attachment, never the client."""
+        try:
+            await task()
+        except (RemoteProtocolError, UrbLimitError) as exc:
+            self.ended = f"protocol error: {exc}"
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self.ended = f"connection lost: {exc}"
+        scope.cancel()
+
+    async def send_loop(self) -> None:
+        """The one writer of the connection: RET_* packets in the order the device produced them."""
+        async for packet in self.packets:
+            await self.stream.send_all(packet)
 
     def emit(self, completions: list[Completion]) -> None:
         for c in completions:
@@ -193,7 +212,7 @@ class _Session:
 
     # -- the card ---------------------------------------------------------------------------------
     async def presence_task(self) -> None:
-        reader, tok = self.reader, self.reader._tok
+        reader, tok = self.reader, self.reader.token_state
         generation = tok.lost_generation
         while True:
             if tok.lost_generation != generation or reader.card_lost:
@@ -202,7 +221,7 @@ class _Session:
                     self._set_present(False, "lease lost")
                     await trio.sleep(REMOVAL_HOLD_S)
                 continue
-            usable = reader._usable()
+            usable = reader.usable()
             if usable != self.device.card_present:
                 self._set_present(usable, "" if usable else reader_why(reader))
             await self._wait()
@@ -259,7 +278,7 @@ class _Session:
             return ccid.CcidMessage(kind, command.seq, 0, status, SlotError.HW_ERROR)
 
     async def _power_on(self, seq: int) -> ccid.CcidMessage:
-        tunnel, tok = self.reader.tunnel, self.reader._tok
+        tunnel, tok = self.reader.tunnel, self.reader.token_state
         atr = tok.atr
         if tok.epoch is not None:
             generation = tok.lost_generation
@@ -278,7 +297,7 @@ class _Session:
         return ccid.data_block(seq, atr)
 
     async def _power_off(self) -> None:
-        tok = self.reader._tok
+        tok = self.reader.token_state
         if tok.epoch is None or not self.reader.tunnel.connected:
             return
         generation = tok.lost_generation

@@ -59,19 +59,24 @@ async def serve_usbip(
             peer = "{}:{}".format(*stream.socket.getpeername()[:2])
         except OSError:
             peer = "?"
-        try:
-            await handle_connection(readers, stream, peer)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError) as exc:
-            log.info("usbip.connection_closed", peer=peer, reason=str(exc) or type(exc).__name__)
-        except RemoteProtocolError as exc:
-            log.warning("usbip.protocol_error", peer=peer, reason=str(exc))
-        finally:
-            await trio.aclose_forcefully(stream)
+        await handle_connection(readers, stream, peer)
 
     await trio.serve_listeners(handle, listeners, task_status=task_status)
 
 
 async def handle_connection(readers: Sequence[UsbipReader], stream: trio.abc.Stream, peer: str) -> None:
+    """Serve one connection until it ends, then close it; its errors end it, never the server."""
+    try:
+        await _operation(readers, stream, peer)
+    except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError) as exc:
+        log.info("usbip.connection_closed", peer=peer, reason=str(exc) or type(exc).__name__)
+    except RemoteProtocolError as exc:
+        log.warning("usbip.protocol_error", peer=peer, reason=str(exc))
+    finally:
+        await trio.aclose_forcefully(stream)
+
+
+async def _operation(readers: Sequence[UsbipReader], stream: trio.abc.Stream, peer: str) -> None:
     side = wire.UsbipServerSide()
     with trio.fail_after(OP_TIMEOUT_S):
         event = side.next_event()

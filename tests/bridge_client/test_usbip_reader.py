@@ -295,3 +295,17 @@ async def test_detaching_gives_a_held_lease_back(
     assert await server.expect(wire.LeaseRelease) == wire.LeaseRelease(token_id=0, epoch=41)
     assert reader.status.state == "exported"
     assert reader.attached_by is None
+
+
+async def test_a_protocol_error_ends_the_attachment_not_the_client(
+    nursery: trio.Nursery, tunnel_and_server: tuple[Tunnel, FakeServer]
+) -> None:
+    tunnel, _ = tunnel_and_server
+    host, reader = await attached(nursery, tunnel)
+    await host.submit(BULK_IN, 1, 64)  # a pending URB: its task is running when the error comes
+    await host.stream.send_all(struct.pack(">I", 9) + bytes(44))  # no such USB/IP command
+    with trio.fail_after(10), pytest.raises(EOFError):
+        await host.ret()  # we close the connection
+    assert reader.status.reason.startswith("detached: protocol error: USB/IP: unknown command 0x00000009")
+    again = await connect(nursery, [reader])  # the exporter still serves, and the device is free again
+    assert await again.attach("1-1") is not None
