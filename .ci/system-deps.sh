@@ -5,7 +5,7 @@ set -euo pipefail
 
 PKGS=(ca-certificates pcscd vsmartcard-vpcd opensc opensc-pkcs11 osslsigncode libengine-pkcs11-openssl
       libusb-1.0-0 openssl python3-venv procps iproute2 systemd
-      umockdev gir1.2-umockdev-1.0 libumockdev0 python3-gi)  # systemd: systemd-analyze for tests/systemd; umockdev..python3-gi: the USB rig (tests/support/usb_rig)
+      umockdev gir1.2-umockdev-1.0 libumockdev0 python3-gi usbip)  # systemd: systemd-analyze for tests/systemd; umockdev..python3-gi: the USB rig (tests/support/usb_rig); usbip: `usbip list` against the client's USB/IP reader
 
 missing=()
 for p in "${PKGS[@]}"; do

@@ -1,9 +1,10 @@
-"""tokenbridge-client's root: the tunnel, one vpcd link per reader, signals, readiness."""
+"""tokenbridge-client's root: the tunnel, one vpcd link (or USB/IP reader) per token, signals, readiness."""
 
 from __future__ import annotations
 
 import signal
 from dataclasses import dataclass, field
+from functools import partial
 
 import structlog
 import trio
@@ -14,6 +15,8 @@ from bridge_client.config import ClientConfig
 from bridge_client.metrics import client_registry
 from bridge_client.status import serve_status
 from bridge_client.tunnel import Tunnel
+from bridge_client.usbip.reader import UsbipReader
+from bridge_client.usbip.server import open_usbip_listeners, serve_usbip
 from bridge_client.vpcd_link import VpcdLink
 from protocol.runtime.metrics import serve_metrics
 from protocol.runtime.sdnotify import SystemdNotifier, run_watchdog
@@ -41,12 +44,25 @@ class ClientApp:
             backoff=Backoff(initial_s=cfg.reconnect_initial_s, max_s=cfg.reconnect_max_s),
             connect_timeout_s=cfg.connect_timeout_s,
         )
-        self.links = [
-            VpcdLink(
-                self.tunnel, r.token, host=r.vpcd_host, port=r.vpcd_port, queue_timeout_s=cfg.queue_timeout_s
-            )
-            for r in cfg.readers
-        ]
+        self.links: list[VpcdLink] = []
+        self.usbip_readers: list[UsbipReader] = []
+        self._usbip_listeners: list[trio.SocketListener] | None = None
+        if cfg.reader == "usbip":
+            self.usbip_readers = [
+                UsbipReader(self.tunnel, r.token, i, cfg.usbip_listen, queue_timeout_s=cfg.queue_timeout_s)
+                for i, r in enumerate(cfg.readers)
+            ]
+        else:
+            self.links = [
+                VpcdLink(
+                    self.tunnel,
+                    r.token,
+                    host=r.vpcd_host,
+                    port=r.vpcd_port,
+                    queue_timeout_s=cfg.queue_timeout_s,
+                )
+                for r in cfg.readers
+            ]
         self.metrics = client_registry(self)  # this instance's own registry (bridge_client/metrics.py)
         self.metrics_listeners: list[trio.SocketListener] = []
 
@@ -55,6 +71,11 @@ class ClientApp:
             await nursery.start(self.tunnel.run)
             for link in self.links:
                 await nursery.start(link.run)
+            if self.usbip_readers:
+                listen = self.config.usbip_listen
+                await nursery.start(
+                    partial(serve_usbip, listeners=self._usbip_listeners), self.usbip_readers, listen
+                )
             if self.config.status_socket is not None:
                 await nursery.start(serve_status, self, self.config.status_socket)
             if self.config.metrics_listen is not None:
@@ -67,9 +88,16 @@ class ClientApp:
             log.info(
                 "client.started",
                 server=str(self.config.server_address),
-                readers=[f"{r.token}@{r.vpcd_address}" for r in self.config.readers],
+                readers=[f"{r.token}@{r.vpcd_address}" for r in self.config.readers]
+                if not self.usbip_readers
+                else [f"{r.token}@usbip:{r.busid}@{r.listen}" for r in self.usbip_readers],
             )
             task_status.started()
+
+    async def open_listeners(self) -> None:
+        """Open the USB/IP port before the service starts, so a busy port is a plain startup error."""
+        if self.usbip_readers and self._usbip_listeners is None:
+            self._usbip_listeners = await open_usbip_listeners(self.config.usbip_listen)
 
     async def _announce_ready(self) -> None:
         """READY=1 once the readers run and the first tunnel attempt ended (bridge_client.service)."""
@@ -84,6 +112,7 @@ class ClientApp:
 
 async def main_async(config: ClientConfig) -> None:
     app = ClientApp(config)
+    await app.open_listeners()
     # SIGHUP (reload) exists on POSIX only; the client must keep starting on Windows agents.
     wanted = [signal.SIGTERM, signal.SIGINT, *([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])]
     with trio.open_signal_receiver(*wanted) as signals:

@@ -36,8 +36,9 @@ from protocol.runtime.tls import validity_problem
 log = structlog.get_logger(__name__)
 
 DESCRIPTION = """\
-Show a token served by tokenbridge-server as a smart card in a local vpcd reader, so
-PC/SC and PKCS#11 tools on this machine (OpenSC, osslsigncode, jsign...) can sign with it.
+Show a token served by tokenbridge-server as a smart card in a local vpcd reader (or, with
+`reader: usbip`, in an emulated USB CCID reader attached over USB/IP on loopback), so PC/SC
+and PKCS#11 tools on this machine (OpenSC, osslsigncode, jsign, signtool...) can sign with it.
 """
 
 EPILOG = """\
@@ -209,12 +210,14 @@ def render_status(data: dict) -> str:  # type: ignore[type-arg]
         since = format_duration(t["connected_for_s"])
         lines.append(f"         rtt {t['rtt_ms']:.1f}ms, connected for {since}")
     lines.append("")
-    lines.append(f"{'TOKEN':<16} {'VPCD':<18} {'CARD':<18} {'LEASE':<14} DETAIL")
+    lines.append(f"{'TOKEN':<16} {'READER':<24} {'CARD':<18} {'LEASE':<14} DETAIL")
     for r in data["readers"]:
+        usbip = r.get("usbip")
+        where = f"usbip {usbip['busid']}@{usbip['listen']}" if usbip else f"vpcd {r['vpcd']}"
         lease = "-" if r["lease"] is None else f"epoch {r['lease']['epoch']}"
         if r["queue_position"] is not None:
             lease = f"queued #{r['queue_position']}"
-        lines.append(f"{r['token']:<16} {r['vpcd']:<18} {r['card']:<18} {lease:<14} {r['reason']}".rstrip())
+        lines.append(f"{r['token']:<16} {where:<24} {r['card']:<18} {lease:<14} {r['reason']}".rstrip())
     return "\n".join(lines)
 
 

@@ -7,6 +7,8 @@ tls: {ca: pki/ca.pem, cert: pki/build-vm-01.pem, key: pki/build-vm-01.key}
 readers:
   - token: codesign
     vpcd: {connect: "127.0.0.1:35963"}  # vpcd slot n listens on 35963+n
+reader: vpcd                          # or usbip: an emulated USB CCID reader per token (docs/windows.md)
+usbip: {listen: "127.0.0.1:3240"}     # reader: usbip only; loopback only
 lease: {queue_timeout_s: 900}
 reconnect: {initial_s: 0.5, max_s: 30}
 status: {socket: /run/tokenbridge/client.sock}
@@ -38,6 +40,9 @@ from protocol.runtime.config import (
 
 DEFAULT_PORT = wire.DEFAULT_PORT
 VPCD_BASE_PORT = vpcd_protocol.DEFAULT_PORT  # reader slot n connects to VPCD_BASE_PORT + n
+USBIP_DEFAULT_PORT = 3240  # IANA "usbip"; bridge_client.usbip.wire.DEFAULT_PORT
+USBIP_DEFAULT_LISTEN = Address("127.0.0.1", USBIP_DEFAULT_PORT)
+READER_BACKENDS = ("vpcd", "usbip")
 DEFAULT_CONFIG = Path("/etc/tokenbridge/client.yaml")
 DEFAULT_STATUS_SOCKET = Path("/run/tokenbridge/client.sock")
 DEFAULT_METRICS_PORT = 9448  # the server's is 9447: both can run on one machine
@@ -75,6 +80,8 @@ class ClientConfig:
     connect_timeout_s: float = 10.0
     status_socket: Path | None = None
     metrics_listen: Address | None = None  # opt-in Prometheus endpoint (bridge_client/metrics.py)
+    reader: str = "vpcd"  # READER_BACKENDS
+    usbip_listen: Address = USBIP_DEFAULT_LISTEN
 
     @property
     def server_address(self) -> Address:
@@ -100,8 +107,22 @@ def parse_tls_files(raw: dict[str, Any], path: Path) -> TlsFiles:
 
 def parse_client_config(raw: dict[str, Any], path: Path) -> ClientConfig:
     reject_unknown(
-        raw, ["server", "server_name", "tls", "readers", "lease", "reconnect", "status", "metrics"], path
+        raw,
+        [
+            "server",
+            "server_name",
+            "tls",
+            "readers",
+            "reader",
+            "usbip",
+            "lease",
+            "reconnect",
+            "status",
+            "metrics",
+        ],
+        path,
     )
+    backend, usbip_listen = _parse_backend(raw, path)
     server = require_str(raw, "server", path)
     try:
         server_address = parse_address(server, DEFAULT_PORT)
@@ -127,7 +148,7 @@ def parse_client_config(raw: dict[str, Any], path: Path) -> ClientConfig:
         server_port=server_address.port,
         server_name=optional_str(raw, "server_name", path) or server_address.host,
         tls=tls,
-        readers=_parse_readers(raw, path),
+        readers=_parse_readers(raw, path, backend),
         queue_timeout_s=_queue_timeout(lease, path),
         reconnect_initial_s=initial,
         reconnect_max_s=maximum,
@@ -137,6 +158,8 @@ def parse_client_config(raw: dict[str, Any], path: Path) -> ClientConfig:
         or 10.0,
         status_socket=resolve_path(status_socket, path) if status_socket else None,
         metrics_listen=_metrics_listen(raw, path),
+        reader=backend,
+        usbip_listen=usbip_listen,
     )
 
 
@@ -153,13 +176,41 @@ def _metrics_listen(raw: dict[str, Any], path: Path) -> Address | None:
         raise ConfigError(str(path), "metrics.listen", str(exc)) from None
 
 
+def _parse_backend(raw: dict[str, Any], path: Path) -> tuple[str, Address]:
+    """`reader: vpcd | usbip` and, for usbip, `usbip: {listen: HOST:PORT}` (loopback only)."""
+    backend = optional_str(raw, "reader", path) or "vpcd"
+    if backend not in READER_BACKENDS:
+        raise ConfigError(
+            str(path), "reader", f"must be one of {', '.join(READER_BACKENDS)}, not {backend!r}"
+        )
+    usbip = optional_mapping(raw, "usbip", path)
+    if "usbip" in raw and backend != "usbip":
+        raise ConfigError(
+            str(path), "usbip", "only applies with `reader: usbip`; remove it or set reader: usbip"
+        )
+    reject_unknown(usbip, ["listen"], path, "usbip")
+    text = optional_str(usbip, "listen", path, prefix="usbip") or f"127.0.0.1:{USBIP_DEFAULT_PORT}"
+    try:
+        listen = parse_address(text, USBIP_DEFAULT_PORT, listen=True)
+    except ValueError as exc:
+        raise ConfigError(str(path), "usbip.listen", str(exc)) from None
+    if not _is_loopback(listen.host):
+        raise ConfigError(
+            str(path),
+            "usbip.listen",
+            f"{listen.host} is not a loopback address: USB/IP has no authentication and whoever attaches "
+            "the reader sees every APDU (PINs included); use 127.0.0.1",
+        )
+    return backend, listen
+
+
 def _queue_timeout(lease: dict[str, Any], path: Path) -> float:
     value = optional_float(lease, "queue_timeout_s", path, 900.0, prefix="lease", minimum=0.1)
     assert value is not None
     return value
 
 
-def _parse_readers(raw: dict[str, Any], path: Path) -> tuple[ReaderConfig, ...]:
+def _parse_readers(raw: dict[str, Any], path: Path, backend: str = "vpcd") -> tuple[ReaderConfig, ...]:
     items = raw.get("readers")
     if not isinstance(items, list) or not items:
         raise ConfigError(
@@ -170,6 +221,12 @@ def _parse_readers(raw: dict[str, Any], path: Path) -> tuple[ReaderConfig, ...]:
         prefix = f"readers[{index}]"
         if not isinstance(item, dict):
             raise ConfigError(str(path), prefix, "must be a mapping with keys token and vpcd")
+        if backend == "usbip" and "vpcd" in item:
+            raise ConfigError(
+                str(path),
+                f"{prefix}.vpcd",
+                "does not apply with `reader: usbip` (each token gets a USB/IP bus id)",
+            )
         reject_unknown(item, ["token", "vpcd"], path, prefix)
         token = require_str(item, "token", path, prefix=prefix)
         vpcd = optional_mapping(item, "vpcd", path, prefix=prefix) or {}

@@ -15,6 +15,7 @@ from typing import Final
 from prometheus_client import CollectorRegistry
 
 from bridge_client.status import StatusSource
+from bridge_client.usbip.reader import UsbipReader
 from bridge_client.vpcd_link import VpcdLink
 from protocol.runtime.cli import package_version
 from protocol.runtime.metrics import (
@@ -34,9 +35,16 @@ Rows = Iterable[tuple[Sequence[str], Value]]
 TOKEN: Final = ("token",)
 
 
-def per_reader(read: Callable[[StatusSource, VpcdLink], Value]) -> Callable[[StatusSource], Rows]:
-    """One series per configured reader, present (at 0) from the start."""
-    return lambda app: [((link.token,), read(app, link)) for link in app.links]
+Reader = VpcdLink | UsbipReader
+
+
+def per_reader(read: Callable[[StatusSource, Reader], Value]) -> Callable[[StatusSource], Rows]:
+    """One series per configured reader (vpcd or USB/IP), present (at 0) from the start."""
+    return lambda app: [((link.token,), read(app, link)) for link in _readers(app)]
+
+
+def _readers(app: StatusSource) -> list[Reader]:
+    return [*app.links, *app.usbip_readers]
 
 
 def single(read: Callable[[StatusSource], Value]) -> Callable[[StatusSource], Rows]:
@@ -59,7 +67,8 @@ CLIENT_METRICS: Final[tuple[Metric[StatusSource], ...]] = (
             single(lambda app: app.tunnel.status.connects)),
     gauge("tokenbridge_client_tunnel_rtt_seconds", "last heartbeat round trip (absent while down)", (),
           _rtt),
-    gauge("tokenbridge_client_card_inserted", "1 while the token shows as a card in the vpcd reader", TOKEN,
+    gauge("tokenbridge_client_card_inserted",
+          "1 while the token shows as a card in its reader (vpcd or USB/IP)", TOKEN,
           per_reader(lambda app, link: link.status.state == "inserted")),
     gauge("tokenbridge_client_lease_held", "1 while this client holds the token's lease", TOKEN,
           per_reader(lambda app, link: app.tunnel.tokens[link.token].epoch is not None)),

@@ -38,7 +38,9 @@ def status_line(tunnel_state: str, reason: str, readers: list[tuple[str, str]]) 
 
 def app_status(app: Any) -> str:
     st = app.tunnel.status
-    return status_line(st.state, st.reason, [(link.token, link.status.state) for link in app.links])
+    readers = [(link.token, link.status.state) for link in app.links]
+    readers += [(r.token, f"{r.status.state} (usbip {r.busid})") for r in app.usbip_readers]
+    return status_line(st.state, st.reason, readers)
 
 
 async def wait_first_attempt(tunnel: Any) -> None:

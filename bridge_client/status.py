@@ -18,6 +18,7 @@ import trio
 
 from bridge_client.config import ClientConfig
 from bridge_client.tunnel import Tunnel
+from bridge_client.usbip.reader import UsbipReader
 from bridge_client.vpcd_link import VpcdLink
 from protocol.display import format_atr
 
@@ -36,18 +37,27 @@ class StatusSource(Protocol):
     @property
     def links(self) -> Sequence[VpcdLink]: ...
 
+    @property
+    def usbip_readers(self) -> Sequence[UsbipReader]: ...
+
 
 def snapshot(app: StatusSource) -> dict[str, Any]:
     """What `tokenbridge-client status --json` prints (schema in docs/client.md)."""
     st = app.tunnel.status
     now = time.time()
     readers = []
-    for link in app.links:
+    links: list[VpcdLink | UsbipReader] = [*app.links, *app.usbip_readers]
+    for link in links:
         tok = app.tunnel.tokens[link.token]
+        usbip = isinstance(link, UsbipReader)
         readers.append(
             {
                 "token": link.token,
-                "vpcd": str(link.address),
+                "backend": "usbip" if usbip else "vpcd",
+                "vpcd": None if usbip else str(link.address),
+                "usbip": {"listen": str(link.address), "busid": link.busid, "attached_by": link.attached_by}
+                if isinstance(link, UsbipReader)
+                else None,
                 "card": link.status.state,
                 "reason": link.status.reason,
                 "apdus": link.status.apdus,

@@ -17,6 +17,7 @@ from bridge_client import status as status_module
 from bridge_client.app import ClientApp
 from bridge_client.cli import main, render_status
 from bridge_client.config import load_client_config
+from bridge_client.service import app_status
 from bridge_client.status import serve_status, snapshot
 
 NOW = 1_800_000_000.0
@@ -63,7 +64,9 @@ EXPECTED: dict[str, Any] = {
     "readers": [
         {
             "token": "codesign",
+            "backend": "vpcd",
             "vpcd": "127.0.0.1:35963",
+            "usbip": None,
             "card": "inserted",
             "reason": "",
             "apdus": 35,
@@ -76,7 +79,9 @@ EXPECTED: dict[str, Any] = {
         },
         {
             "token": "spare",
+            "backend": "vpcd",
             "vpcd": "127.0.0.1:35964",
+            "usbip": None,
             "card": "waiting",
             "reason": "not offered to this client",
             "apdus": 0,
@@ -94,9 +99,9 @@ TABLE = """\
 tunnel   connected to tokenhost.test:7447 as build-vm-01
          rtt 1.5ms, connected for 12s
 
-TOKEN            VPCD               CARD               LEASE          DETAIL
-codesign         127.0.0.1:35963    inserted           epoch 41
-spare            127.0.0.1:35964    waiting            -              not offered to this client"""
+TOKEN            READER                   CARD               LEASE          DETAIL
+codesign         vpcd 127.0.0.1:35963     inserted           epoch 41
+spare            vpcd 127.0.0.1:35964     waiting            -              not offered to this client"""
 
 
 @pytest.fixture
@@ -140,7 +145,7 @@ def test_a_queued_reader_shows_its_queue_position_and_a_refused_tunnel_its_reaso
         "tunnel   refused to tokenhost.test:7447",
         "         server refused this client: not_allowed: ask ops",
     ]
-    assert lines[4].split()[:4] == ["codesign", "127.0.0.1:35963", "inserted", "queued"]
+    assert lines[4].split()[:5] == ["codesign", "vpcd", "127.0.0.1:35963", "inserted", "queued"]
     assert "#2" in lines[4]
 
 
@@ -246,3 +251,32 @@ async def test_status_watch_json_prints_one_snapshot_per_line(certs: Certs, tmp_
         lines = await read_lines(argv, 2)
         nursery.cancel_scope.cancel()
     assert [json.loads(line)["tunnel"]["state"] for line in lines] == ["connected", "connected"]
+
+
+def test_a_usbip_reader_shows_its_backend_bus_id_and_importer(certs: Certs, tmp_path: Path) -> None:
+    path = tmp_path / "client.yaml"
+    doc = {
+        "server": "tokenhost.test:7447",
+        "tls": {"ca": str(certs.ca), "cert": str(certs.client[0]), "key": str(certs.client[1])},
+        "readers": [{"token": "codesign"}, {"token": "spare"}],
+        "reader": "usbip",
+        "usbip": {"listen": "127.0.0.1:3241"},
+    }
+    path.write_text(json.dumps(doc))
+    app = ClientApp(load_client_config(path))
+    assert app.links == []
+    app.usbip_readers[1].attached_by = "127.0.0.1:50312"
+    readers = snapshot(app)["readers"]
+    assert [(r["token"], r["backend"], r["vpcd"], r["usbip"]) for r in readers] == [
+        ("codesign", "usbip", None, {"listen": "127.0.0.1:3241", "busid": "1-1", "attached_by": None}),
+        (
+            "spare",
+            "usbip",
+            None,
+            {"listen": "127.0.0.1:3241", "busid": "1-2", "attached_by": "127.0.0.1:50312"},
+        ),
+    ]
+    table = render_status(snapshot(app)).splitlines()
+    assert table[-2].split()[:3] == ["codesign", "usbip", "1-1@127.0.0.1:3241"]
+    assert table[-1].split()[:4] == ["spare", "usbip", "1-2@127.0.0.1:3241", "exported"]
+    assert app_status(app).endswith("codesign: exported (usbip 1-1), spare: exported (usbip 1-2)")
