@@ -37,7 +37,10 @@ async def test_server_status_systemd_status_and_client_status_use_the_same_words
                 )
             )
             app = SimpleNamespace(
-                config=load_client_config(config), tunnel=tunnel, links=[VpcdLink(tunnel, "codesign")]
+                config=load_client_config(config),
+                tunnel=tunnel,
+                links=[VpcdLink(tunnel, "codesign")],
+                usbip_readers=[],
             )
             client_doc = snapshot(app)
             server_doc = build_status(server)
