@@ -242,12 +242,15 @@ def _step(step: str, run: str) -> dict[str, str]:
     return {"step": step, "run": run}
 
 
-def next_steps(role: str, credentials: list[Credential]) -> list[dict[str, str]]:
+def next_steps(
+    role: str, credentials: list[Credential], bindir: str = CANONICAL_BINDIR
+) -> list[dict[str, str]]:
     """What to do after the files are in place, in the order that works: the user and folders
     first, then the key, then the config (edit, check), and only then start the service."""
     if role == "crl":
         return crl_steps()
     config = f"/etc/tokenbridge/{role}.yaml"
+    bin_ = bindir.rstrip("/")
     steps = [
         _step("create the tokenbridge user and groups", "systemd-sysusers /etc/sysusers.d/tokenbridge.conf"),
         _step("create its folders", "systemd-tmpfiles --create /etc/tmpfiles.d/tokenbridge.conf"),
@@ -255,7 +258,7 @@ def next_steps(role: str, credentials: list[Credential]) -> list[dict[str, str]]
     steps += [
         _step(
             f"install the credential {c.name} (root only; systemd hands it to the service)",
-            f"install -D -m 0600 -o root -g root FILE {c.source}",
+            f"install -D -m 0600 -o root -g root KEY_FILE {c.source}   # the key `tokenbridge pki` wrote",
         )
         for c in credentials
     ]
@@ -264,11 +267,11 @@ def next_steps(role: str, credentials: list[Credential]) -> list[dict[str, str]]
         steps.append(
             _step(
                 "render the udev rule from the edited config and apply it",
-                f"tokenbridge install-service server --config {config} && udevadm control --reload "
+                f"{bin_}/tokenbridge install-service server --config {config} && udevadm control --reload "
                 "&& udevadm trigger --subsystem-match=usb --action=change",
             )
         )
-    check = f"tokenbridge-{role} check-config --config {config}"
+    check = f"{bin_}/tokenbridge-{role} check-config --config {config}"
     steps.append(_step("check the config, the certificates and the key", check))
     steps.append(_step("load the units", "systemctl daemon-reload"))
     if role == "client":
@@ -313,7 +316,7 @@ def install(
             target.write_bytes(action.content)
             target.chmod(action.mode)
         files.append({"path": str(target), "action": verb, "mode": f"{action.mode:04o}"})
-    steps = next_steps(role, credentials)
+    steps = next_steps(role, credentials, bindir or find_bindir())
     notes = []
     if role == "server" and config is None:
         notes.append(

@@ -146,6 +146,8 @@ class Pki:
         self, public_key: PublicKey, name: str, *, sans: list[str], kind: str, days: int,
         not_before: dt.datetime | None = None,
     ) -> x509.Certificate:  # fmt: skip
+        if not 1 <= days <= CA_DAYS:
+            raise PkiError(f"--days {days}: a certificate must be valid for 1 to {CA_DAYS} days")
         ca_cert, ca_key = self._ca()
         attrs = [x509.NameAttribute(NameOID.COMMON_NAME, name)]
         if kind == "admin":

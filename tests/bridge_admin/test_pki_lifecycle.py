@@ -272,3 +272,10 @@ def test_the_documented_openssl_request_becomes_a_server_certificate_with_its_na
     sans = _cert(out).extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert sans.get_values_for_type(x509.DNSName) == ["tokenhost.example"]
     assert [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)] == ["10.0.0.5"]
+
+
+@pytest.mark.parametrize("days", [0, -5, 3651])
+def test_a_certificate_lifetime_outside_one_day_to_ten_years_is_refused(pki: Pki, days: int) -> None:
+    with pytest.raises(PkiError, match="valid for 1 to 3650 days"):
+        pki.issue_client("build-vm-01", days=days)
+    assert pki.listing() == []

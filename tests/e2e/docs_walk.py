@@ -82,6 +82,10 @@ class Walk:
     services: dict[str, Service] = field(default_factory=dict)
     runner_groups: list[int] = field(default_factory=list)
     status_line: str = ""
+    drop: bool = False  # run services as their User= and the runner as its uid (set by __post_init__)
+
+    def __post_init__(self) -> None:
+        self.drop = self.other_users_can_run()
 
     # -- paths and users ---------------------------------------------------------------------
 
@@ -99,13 +103,24 @@ class Walk:
                 return int(fields[2])
         raise AssertionError(f"{name} is not in {self.root}/etc/{file}: did systemd-sysusers run?")
 
+    def other_users_can_run(self) -> bool:
+        """Whether a uid other than root can run this venv (a checkout under /root cannot be)."""
+        if os.geteuid() != 0:
+            return False
+        probe = ["setpriv", f"--reuid={RUNNER_UID}", f"--regid={RUNNER_UID}", "--clear-groups",
+                 str(self.bindir / "python"), "-c", "import bridge_server"]  # fmt: skip
+        if subprocess.run(probe, capture_output=True, timeout=60, cwd="/").returncode == 0:
+            return True
+        self.gap("the checkout is not readable by other users here: services and the runner ran as root")
+        return False
+
     def gap(self, text: str) -> None:
         if text not in self.gaps:
             self.gaps.append(text)
 
     def run(self, argv: list[str], *, env: dict[str, str] | None = None, as_runner: bool = False,
             ok: bool = True) -> subprocess.CompletedProcess[str]:  # fmt: skip
-        if as_runner:
+        if as_runner and self.drop:
             groups = ",".join(map(str, self.runner_groups)) or str(RUNNER_UID)
             argv = ["setpriv", f"--reuid={RUNNER_UID}", f"--regid={RUNNER_UID}", f"--groups={groups}", *argv]
         proc = subprocess.run(
@@ -247,7 +262,7 @@ class Walk:
         notify.folder.chmod(0o755)
         notify.path.chmod(0o777)
         env["NOTIFY_SOCKET"] = str(notify.path)
-        if os.geteuid() == 0:
+        if self.drop:
             uid, gid = self.ids(unit["User"][0]), self.ids(unit["Group"][0], "group")
             argv = ["setpriv", f"--reuid={uid}", f"--regid={gid}", f"--groups={gid}", *argv]
         umask = int(unit.get("UMask", ["0022"])[0], 8)
@@ -271,7 +286,7 @@ class Walk:
         """$CREDENTIALS_DIRECTORY as systemd makes it: a private copy, readable by the user only."""
         folder = Path(tempfile.mkdtemp(prefix="tb-creds-", dir=self.work)) / name
         folder.mkdir()
-        owner = self.ids(unit["User"][0]) if os.geteuid() == 0 else -1
+        owner = self.ids(unit["User"][0]) if self.drop else -1
         for spec in unit.get("LoadCredential", []):
             cred, source = spec.split(":", 1)
             shutil.copyfile(self.word(source), folder / cred)

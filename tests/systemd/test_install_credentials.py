@@ -73,7 +73,7 @@ def test_next_steps_come_in_the_order_that_works_and_never_chgrp_a_key(tmp_path:
     order = [
         "systemd-sysusers",
         "systemd-tmpfiles --create",
-        "install -D -m 0600 -o root -g root FILE /etc/credstore/tokenbridge-server.key",
+        "install -D -m 0600 -o root -g root KEY_FILE /etc/credstore/tokenbridge-server.key",
         "edit /etc/tokenbridge/server.yaml",
         "udevadm control --reload",
         "tokenbridge-server check-config --config /etc/tokenbridge/server.yaml",
