@@ -36,7 +36,11 @@ async def run_t1(link: CcidLink, t1: T1Reader, checksum: Checksum, block: bytes)
             recoverable = (SlotError.XFR_PARITY_ERROR, SlotError.ICC_MUTE)
             if resp.error not in recoverable or resp.icc_status is IccStatus.ABSENT:
                 raise slot_failure("XfrBlock", resp)
-            step = t1.receive_error()  # libccid: parity/mute → R-block (§1.10.5)
+            # Parity (0xFD): an R-block, as libccid (proto-t1.c). Mute (0xFE, card present):
+            # libccid gives up at once (IFD_COMMUNICATION_ERROR, T=1 DEAD); we ask again with an
+            # R-block, as ISO 7816-3 §11.6.3.2 lets the interface device after BWT; T1Reader's
+            # retry limit and resynch bound it, and the cold reset follows if that fails.
+            step = t1.receive_error()
         else:
             step = t1.receive(_t1_block(resp.data, checksum))
         if isinstance(step, ApduComplete):
