@@ -38,7 +38,8 @@ async def run_t1(link: CcidLink, t1: T1Reader, checksum: Checksum, block: bytes)
                 raise slot_failure("XfrBlock", resp)
             # Parity (0xFD): an R-block, as libccid (proto-t1.c). Mute (0xFE, card present):
             # libccid gives up at once (IFD_COMMUNICATION_ERROR, T=1 DEAD); we ask again with an
-            # R-block, as ISO 7816-3 §11.6.3.2 lets the interface device after BWT; T1Reader's
+            # R-block, as ISO 7816-3's T=1 error handling (§11.6.3) lets the interface device after a
+            # block waiting time without answer; T1Reader's
             # retry limit and resynch bound it, and the cold reset follows if that fails.
             step = t1.receive_error()
         else:
