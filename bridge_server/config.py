@@ -56,6 +56,7 @@ class TokenMatch:
     port: str | None = None  # USB port path ("1-1.2"), for tokens without a usb serial number
     simulate: str | None = None
     state: Path | None = None  # simulator only: folder where the simulated card persists its state
+    usb_serial: bool = True  # simulator only: false = the device shows no iSerialNumber (issue 15 item 3)
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,9 +193,13 @@ def _parse_match(sec: Section) -> TokenMatch:
     if profile is not None:
         if any(sec.has(k) for k in ("vid", "pid", "serial", "port")):
             raise sec.error("simulate", "cannot be combined with vid/pid/serial/port")
-        return TokenMatch(simulate=profile, state=sec.file("state"))
-    if sec.has("state"):
-        raise sec.error("state", "only applies to a simulated token (match.simulate)")
+        usb_serial = sec.raw.get("usb_serial", True)
+        if not isinstance(usb_serial, bool):
+            raise sec.error("usb_serial", f"expected true or false, got {usb_serial!r}")
+        return TokenMatch(simulate=profile, state=sec.file("state"), usb_serial=usb_serial)
+    for key in ("state", "usb_serial"):
+        if sec.has(key):
+            raise sec.error(key, "only applies to a simulated token (match.simulate)")
     vid = sec.optional_integer("vid", low=0, high=0xFFFF)
     pid = sec.optional_integer("pid", low=0, high=0xFFFF)
     serial = sec.string("serial")  # text: YAML turns `serial: 0012345` into a number
@@ -274,7 +279,8 @@ def _parse_tokens(root: Section) -> tuple[TokenConfig, ...]:
         if any(t.name == name for t in tokens):
             raise sec.error("name", f"duplicate token name {name!r}")
         sec.require("match")
-        match = _parse_match(sec.section("match", ("vid", "pid", "serial", "port", "simulate", "state")))
+        match_keys = ("vid", "pid", "serial", "port", "simulate", "state", "usb_serial")
+        match = _parse_match(sec.section("match", match_keys))
         policy = _parse_policy(sec.section("policy", ("allow_management", "family", "allow_ins")), match)
         timeouts = _parse_timeouts(sec.section("timeouts", ("frame_s", "max_s")))
         allow = sec.names("allow")

@@ -192,11 +192,12 @@ class SimulatorBackend(usb.backend.IBackend):  # type: ignore[misc]
 
 
 def open_simulator(
-    profile_names: Sequence[str], *, state_dir: Path | None = None
+    profile_names: Sequence[str], *, state_dir: Path | None = None, usb_serial: bool = True
 ) -> tuple[SimulatorBackend, list[SimulatedToken]]:
     """Build one token per profile name (repeats get distinct serials) and their backend.
 
-    With `state_dir`, each token's PIV card persists to `<state_dir>/<serial>.json`.
+    With `state_dir`, each token's PIV card persists to `<state_dir>/<serial>.json`. With
+    `usb_serial=False` the devices show no iSerialNumber; their cards still know their serial.
     """
     from .piv import PivCard
     from .profiles import PROFILES, yubikey_serial
@@ -213,5 +214,5 @@ def open_simulator(
         serial = profile.serial if count == 1 else f"{profile.serial}-{count}"
         state_path = state_dir / f"{serial}.json" if state_dir is not None else None
         card = PivCard(state_path=state_path, yubikey_serial=yubikey_serial(profile, serial))
-        tokens.append(SimulatedToken(profile, card=card, serial=serial, port=port))
+        tokens.append(SimulatedToken(profile, card=card, serial=serial if usb_serial else "", port=port))
     return SimulatorBackend(tokens), tokens

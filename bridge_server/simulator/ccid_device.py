@@ -44,6 +44,7 @@ from protocol.errors import LocalProtocolError
 from protocol.t1 import ApduComplete, Idle, SendBlock, SType, T1Card, s_block
 
 from .faults import Evidence, Faults
+from .t0_card import T0Tpdu
 
 if TYPE_CHECKING:
     from .profiles import Profile
@@ -146,6 +147,8 @@ class CcidDevice:
         self._command_chain: bytearray | None = None
         self._response_chunks: list[bytes] = []
         self._pending_rapdu: bytes | None = None
+        # A card whose ATR offers T=0 only speaks T=0 TPDUs at a TPDU-level reader.
+        self._t0 = T0Tpdu(lambda apdu: self._execute(apdu)[0]) if self._atr.protocols == (0,) else None
         # ISO 7816-3 §9: the card's Fi/Di (0x11 after a reset, PPS1 after a PPS) and the one the
         # reader was set to by SetParameters (None: never set). TPDU only: when they differ the
         # two ends sample at different rates and the card hears nothing it can read (mute).
@@ -174,6 +177,8 @@ class CcidDevice:
 
     def _reset_exchange(self) -> None:
         self._t1.reset()
+        if self._t0 is not None:
+            self._t0.reset()
         self._command_chain = None
         self._response_chunks = []
         self._pending_rapdu = None
@@ -275,22 +280,22 @@ class CcidDevice:
         return slot_status(seq, icc=self.icc_status)
 
     def _set_parameters(self, seq: int, protocol: int, data: bytes) -> CcidMessage:
-        # Every profile's ATR offers T=1 only (reference §1.12), so T=0 is refused by
-        # pointing at bProtocolNum.
-        if protocol != 1:
+        # The protocol must be one the ATR offers (T=1 for every default profile, reference
+        # §1.12); anything else is refused by pointing at bProtocolNum.
+        if protocol not in self._atr.protocols or protocol not in (0, 1):
             return _failure(MessageType.RDR_to_PC_Parameters, seq, self.icc_status, ERR_BAD_BYTE7)
-        if len(data) != 7:
+        if len(data) != (7 if protocol == 1 else 5):
             return _failure(MessageType.RDR_to_PC_Parameters, seq, self.icc_status, ERR_BAD_LENGTH)
         self.parameters = bytes(data)
         self.reader_fidi = data[0]
-        return parameters(seq, 1, self.parameters, icc=self.icc_status)
+        return parameters(seq, protocol, self.parameters, icc=self.icc_status)
 
     def _get_parameters(self, seq: int, _b7: int, _data: bytes) -> CcidMessage:
-        return parameters(seq, 1, self.parameters, icc=self.icc_status)
+        return parameters(seq, 1 if len(self.parameters) == 7 else 0, self.parameters, icc=self.icc_status)
 
     def _reset_parameters(self, seq: int, _b7: int, _data: bytes) -> CcidMessage:
         self.parameters = self._defaults
-        return parameters(seq, 1, self.parameters, icc=self.icc_status)
+        return parameters(seq, 1 if len(self.parameters) == 7 else 0, self.parameters, icc=self.icc_status)
 
     def _escape(self, seq: int, _b7: int, data: bytes) -> CcidMessage:
         if self._profile.escape_supported and data == ESCAPE_GET_FIRMWARE_FEATURES:
@@ -312,6 +317,8 @@ class CcidDevice:
                 return _failure(
                     MessageType.RDR_to_PC_DataBlock, seq, self.icc_status, SlotError.ICC_MUTE
                 ), 0.0
+            if self._t0 is not None:
+                return data_block(seq, self._t0.handle(data)), 0.0
             return self._xfr_tpdu(seq, data)
         if self._level is ExchangeLevel.EXTENDED_APDU:
             return self._xfr_extended(seq, level, data)

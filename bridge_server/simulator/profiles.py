@@ -10,6 +10,7 @@ the profile uses a PIV-shaped ATR instead and says why.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Final
 
@@ -200,8 +201,18 @@ SAFENET_5110_FIPS: Final = Profile(
     note="atr replaced: the real IDPrime ATR offers T=0 only; rig-only profile",
     data_rates=(12903, 25806, 51613, 103226, 154839, 206452, 300000),
 )
+# The 5110 reader (TPDU, T=0 and T=1) with a card whose ATR offers T=0 only, as many
+# IDPrime-based tokens do: TA1 0x18 like the 5110's, no TD1 (so T=0, no TCK), and the
+# historical bytes naming the PIV AID so OpenSC still picks its PIV driver.
+SAFENET_5110_T0: Final = dataclasses.replace(
+    SAFENET_5110,
+    name="safenet-5110-t0",
+    serial="0247A1B3",
+    atr=bytes.fromhex("3B 1B 18 80 F9 A0 00 00 03 08 00 00 10 00"),
+    note="rig-only: a T=0 ATR on the 5110 reader",
+)
 # Profiles the USB rig offers besides the four default ones (tests iterate PROFILES).
-EXTRA_PROFILES: Final = {p.name: p for p in (SAFENET_5110_FIPS,)}
+EXTRA_PROFILES: Final = {p.name: p for p in (SAFENET_5110_FIPS, SAFENET_5110_T0)}
 
 YUBICO_VID: Final = 0x1050
 

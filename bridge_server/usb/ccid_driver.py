@@ -2,16 +2,10 @@
 
 Theory of operation
 -------------------
-One `CcidDriver` per claimed token, one exchange at a time (a trio.Lock): write a PC_to_RDR
-command with the next 8-bit bSeq, then read until the response that echoes that bSeq. Frames
-with another bSeq are stale leftovers of an abandoned exchange and are dropped (at most
-`MAX_STALE_FRAMES`, reference §1.3). The per-frame wait is the card's read timeout as libccid
-derives it from the ATR (`card_read_timeout_ms`: 260 EGT + BWT + 260 CWT + 1 s for T=1), at
-least 3 s (libccid's default), and 10 s before the ATR is known. A response whose bStatus says
-"time extension" (0x80) is re-read with the per-frame wait multiplied by bError (reference
-§1.10.3), under a hard cap on the total wait (max_wait_s, never below one frame wait). A command
-answered CMD_SLOT_BUSY is sent again with a new bSeq until the slot is free, under the same cap.
-Every response is checked for type, bSeq and length before use. Here we are stricter than
+One `CcidDriver` per claimed token, one exchange at a time (a trio.Lock). One command, one
+answer is `CcidLink` (ccid_link.py: bSeq, the ATR-derived frame wait, time extensions, slot
+busy, stale frames, the cap on one exchange); the exchange levels are ccid_levels.py.
+The link checks every answer's type, bSeq and length. Here we are stricter than
 libccid on purpose: libccid reads an XfrBlock answer without checking its bSeq, but only because
 its CCID_Receive does not know the bSeq CCID_Transmit used (ReadPort(..., -1)); its commit
 1addd75 (2021) states the rule it applies everywhere else, "ignore packets with a bSeq that does
@@ -24,9 +18,10 @@ a wrong TCK or bytes after the ATR (`ccid_policy.parse_card_atr`) and bytes afte
 `power_on()` follows reference §1.10.1: IccPowerOn (automatic voltage, else 5 V → 3 V → 1.8 V),
 ATR, SetParameters unless the reader negotiates itself (AUTO_PPS_PROP), and for TPDU T=1 a fresh
 `T1Reader` plus the S(IFS) request unless AUTO_IFSD (or the 0529:0620 fw 0.12/0.13 quirk); with
-AUTO_IFSD the reader already negotiated, and the reader's IFSD is min(dwMaxIFSD, 254). We
-never send a PPS: the card then stays at its default Fd/Dd, which every token here accepts, and
-SetParameters says so (Fi/Di 0x11 unless the card is in specific mode, reference §1.12).
+AUTO_IFSD the reader already negotiated, and the reader's IFSD is min(dwMaxIFSD, 254). A PPS
+goes out where libccid sends one (`ccid_policy.pps_request`: TPDU reader without automatic PPS,
+card faster than the default rate); SetParameters then carries the Fi/Di the card confirmed,
+else 0x11 (TA1 in specific mode, reference §1.12).
 
 `transmit()` hides the exchange level (reference §1.10.2): TPDU T=1 (one block per XfrBlock,
 bBWI = WTX multiplier), TPDU T=0 (one XfrBlock, 61xx/6Cxx handled), short APDU (one XfrBlock) and
@@ -44,7 +39,6 @@ reader hung. No Gemalto GET_FIRMWARE_FEATURES escape: it only feeds pinpad logic
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -58,18 +52,10 @@ from bridge_server.errors import (
     DeviceStallError,
     DeviceTimeoutError,
 )
+from bridge_server.usb.ccid_levels import run_t1, transmit_extended, transmit_t0
+from bridge_server.usb.ccid_link import CcidLink
 from bridge_server.usb.ccid_policy import (
-    CHAIN_BEGIN,
-    CHAIN_MIDDLE,
-    CHAIN_MORE,
-    DEFAULT_FRAME_TIMEOUT_S,
-    MAX_RESPONSE_APDU,
-    MAX_STALE_FRAMES,
-    MAX_T0_ROUNDS,
     MAX_T1_IFS,
-    MIN_FRAME_TIMEOUT_S,
-    SLOT_BUSY_RETRY_S,
-    card_read_timeout_ms,
     choose_protocol,
     effective_features,
     extended_chunks,
@@ -78,11 +64,9 @@ from bridge_server.usb.ccid_policy import (
     pps_confirmed,
     pps_fidi,
     pps_request,
-    silent_reader_extra_s,
     slot_error_name,
     slot_failure,
     t0_parameters,
-    t1_block_length,
     t1_parameters,
 )
 from bridge_server.usb.transport import AsyncUsbDevice
@@ -97,11 +81,10 @@ from protocol.ccid import (
     HardwareError,
     IccStatus,
     NotifySlotChange,
-    SlotError,
 )
 from protocol.errors import MalformedAtrError, MalformedCcidMessageError, T1Error
 from protocol.runtime.logging import debug_enabled
-from protocol.t1 import ApduComplete, SendBlock, T1Reader, at_most_once
+from protocol.t1 import T1Reader
 
 log = structlog.get_logger(__name__)
 
@@ -135,17 +118,7 @@ class CcidDriver:
         if self._level is ExchangeLevel.CHARACTER:
             raise DeviceError(f"{device.info.describe()}: character-level ccid readers are not supported")
         self._features = effective_features(self._desc, device.info)
-        # None: DEFAULT_FRAME_TIMEOUT_S until the ATR is in, then the card's own read timeout
-        # as libccid derives it from the ATR (card_read_timeout_ms); a number fixes it.
-        self._fixed_frame_timeout_s = frame_timeout_s
-        self._frame_timeout_s = frame_timeout_s or DEFAULT_FRAME_TIMEOUT_S
-        # A reader that sends no time extension while the card computes gets libccid's extra
-        # wait on XfrBlock answers (ccid_policy.SILENT_READER_EXTRA_S), unless the config fixes
-        # the frame wait. Only XfrBlock: a card computes only there, and a power-off or slot
-        # status that waited 5 minutes would hold up recovery and unplug detection.
-        self._xfr_extra_s = 0.0 if frame_timeout_s else silent_reader_extra_s(device.info)
-        self._max_wait_s = max_wait_s
-        self._seq = 0
+        self._link = CcidLink(device, frame_timeout_s=frame_timeout_s, max_wait_s=max_wait_s)
         self._lock = trio.Lock()
         self._atr: Atr | None = None
         self._protocol: int | None = None
@@ -171,13 +144,13 @@ class CcidDriver:
     async def power_off(self) -> None:
         async with self._lock:
             self._forget_card()
-            resp = await self._exchange(ccid.icc_power_off(self._next_seq()))
+            resp = await self._link.exchange(ccid.icc_power_off(self._link.next_seq()))
             if resp.command_status is CommandStatus.FAILED:
                 raise slot_failure("IccPowerOff", resp)
 
     async def slot_present(self) -> bool:
         async with self._lock:
-            resp = await self._exchange(ccid.get_slot_status(self._next_seq()))
+            resp = await self._link.exchange(ccid.get_slot_status(self._link.next_seq()))
             # ICC_MUTE here only means "no card answering" (reference §1.4): use bmICCStatus.
             return resp.icc_status is not IccStatus.ABSENT
 
@@ -246,12 +219,7 @@ class CcidDriver:
         if problem is not None:
             log.warning("card.atr_accepted", atr=atr.raw.hex(), problem=problem, reason="libccid accepts it")
         protocol = choose_protocol(atr, self._desc)
-        if self._fixed_frame_timeout_s is None:
-            derived = card_read_timeout_ms(atr, protocol, self._desc) / 1000
-            # Not below libccid's own default (3 s): libccid reads in a thread of its own, we read
-            # through a worker thread and an event loop shared with every session, where 1.5 s
-            # (a YubiKey's value) could be a scheduling stall on a loaded host, not a dead card.
-            self._frame_timeout_s = max(MIN_FRAME_TIMEOUT_S, derived)
+        self._link.derive_frame_timeout(atr, protocol, self._desc)
         if not self._features & Feature.AUTO_PPS_PROP:
             await self._set_parameters(protocol, atr, await self._negotiate_pps(atr, protocol))
         if self._level is ExchangeLevel.TPDU and protocol == 1:
@@ -272,8 +240,8 @@ class CcidDriver:
         resp: CcidMessage | None = None
         for select in power_select_sequence(self._desc, self._features):
             if resp is not None:  # deactivate before trying the next class (ISO 7816-3 §6.2.4)
-                await self._exchange(ccid.icc_power_off(self._next_seq()))
-            resp = await self._exchange(ccid.icc_power_on(self._next_seq(), power_select=select))
+                await self._link.exchange(ccid.icc_power_off(self._link.next_seq()))
+            resp = await self._link.exchange(ccid.icc_power_on(self._link.next_seq(), power_select=select))
             if resp.command_status is CommandStatus.OK:
                 return resp
             if resp.icc_status is IccStatus.ABSENT:
@@ -292,13 +260,13 @@ class CcidDriver:
         request = pps_request(atr, self._desc, protocol, pps_fidi(atr, self._desc, self._data_rates))
         if request is None:
             return None
-        fidi = pps_confirmed(request, await self._xfr_ok(request))
+        fidi = pps_confirmed(request, await self._link.xfr_ok(request))
         log.info("card.pps_negotiated", request=request.hex(), fidi=None if fidi is None else f"{fidi:02x}")
         return fidi
 
     async def _set_parameters(self, protocol: int, atr: Atr, pps1: int | None) -> None:
         params = t1_parameters(atr, pps1) if protocol == 1 else t0_parameters(atr, pps1)
-        resp = await self._exchange(ccid.set_parameters(self._next_seq(), protocol, params))
+        resp = await self._link.exchange(ccid.set_parameters(self._link.next_seq(), protocol, params))
         if resp.command_status is not CommandStatus.FAILED:
             return
         # libccid: bError 1..127 = "parameter not changeable" is success; 0 = not supported (§1.4).
@@ -313,7 +281,7 @@ class CcidDriver:
         if ifsd <= 0:
             return
         try:
-            await self._run_t1(self._t1.begin_ifs(ifsd))
+            await run_t1(self._link, self._t1, self._t1_checksum, self._t1.begin_ifs(ifsd))
         except T1Error as exc:
             raise CardError(f"T=1 IFSD negotiation (IFSD {ifsd}) failed: {exc}") from exc
 
@@ -335,168 +303,21 @@ class CcidDriver:
         """The whole APDU under one `max_wait_s` deadline: a token that keeps the exchange alive
         with well-formed chatter (endless T=1 S(WTX), empty chained blocks) is cut off, not
         served forever (found by tests/fuzz/test_ccid_driver_fuzz.py)."""
-        with trio.move_on_after(self._cap_s()):
+        with trio.move_on_after(self._link.cap_s()):
             return await self._transmit_level(apdu)
         raise DeviceTimeoutError(
-            f"{self._device.info.describe()}: apdu exchange not finished within {self._cap_s():g} s"
+            f"{self._device.info.describe()}: apdu exchange not finished within {self._link.cap_s():g} s"
         )
 
     async def _transmit_level(self, apdu: bytes) -> bytes:
         if self._level is ExchangeLevel.EXTENDED_APDU:
-            return await self._transmit_extended(apdu)
+            return await transmit_extended(self._link, self._desc.max_ccid_message_length, apdu)
         if self._level is ExchangeLevel.SHORT_APDU:
-            return await self._xfr_ok(apdu)
+            return await self._link.xfr_ok(apdu)
         if self._protocol == 1:
             assert self._t1 is not None
-            return await self._run_t1(self._t1.begin_apdu(apdu))
-        return await self._transmit_t0(apdu)
-
-    async def _run_t1(self, block: bytes) -> bytes:
-        """Drive the T1Reader: one T=1 block per XfrBlock until it reports completion."""
-        assert self._t1 is not None
-        bwi = 0
-        step: SendBlock | ApduComplete
-        while True:
-            resp = await self._xfr(block, bwi=bwi)
-            if resp.command_status is CommandStatus.FAILED:
-                recoverable = (SlotError.XFR_PARITY_ERROR, SlotError.ICC_MUTE)
-                if resp.error not in recoverable or resp.icc_status is IccStatus.ABSENT:
-                    raise slot_failure("XfrBlock", resp)
-                step = self._t1.receive_error()  # libccid: parity/mute → R-block (§1.10.5)
-            else:
-                step = self._t1.receive(self._t1_block(resp.data))
-            if isinstance(step, ApduComplete):
-                return step.apdu
-            block, bwi = step.block, step.wtx
-
-    def _t1_block(self, data: bytes) -> bytes:
-        end = t1_block_length(data, self._t1_checksum)
-        if end is None:
-            return data
-        log.warning(
-            "t1.trailing_bytes_ignored", length=len(data), block_length=end, reason="libccid ignores them"
-        )
-        return data[:end]
-
-    async def _transmit_t0(self, apdu: bytes) -> bytes:
-        """T=0 TPDU: 6Cxx → resend with Le=xx; 61xx → GET RESPONSE until the card is done."""
-        if len(apdu) > 5 and len(apdu) == 6 + apdu[4]:
-            apdu = apdu[:-1]  # ISO 7816-3 §12.2.1: case 4 goes as case 3; the card answers 61xx
-        resp = await self._xfr_ok(apdu)
-        # 6Cxx asks for the same header again; a PIN-class command is never sent twice (P2),
-        # so its 6Cxx goes back to the client, which decides itself whether to send it again.
-        if len(resp) >= 2 and resp[-2] == 0x6C and len(apdu) == 5 and not at_most_once(apdu):
-            resp = await self._xfr_ok(apdu[:4] + resp[-1:])
-        body = bytearray()
-        for _ in range(MAX_T0_ROUNDS):
-            if len(resp) < 2 or resp[-2] != 0x61:
-                return bytes(body + resp)
-            body += resp[:-2]
-            if len(body) > MAX_RESPONSE_APDU:
-                raise CardError(f"T=0 response exceeds {MAX_RESPONSE_APDU} bytes")
-            resp = await self._xfr_ok(bytes([apdu[0] & ~0x10 & 0xFF, 0xC0, 0x00, 0x00, resp[-1]]))
-        raise CardError(f"card kept answering 61xx for {MAX_T0_ROUNDS} rounds")
-
-    async def _transmit_extended(self, apdu: bytes) -> bytes:
-        chunks = extended_chunks(apdu, self._desc.max_ccid_message_length)
-        for data, level in chunks[:-1]:
-            await self._xfr_ok(data, level=level)  # an empty DataBlock acknowledges each chunk
-        data, level = chunks[-1]
-        resp = await self._xfr_checked(data, level=level)
-        body = bytearray(resp.data)
-        while resp.chain_parameter in (CHAIN_BEGIN, CHAIN_MIDDLE, CHAIN_MORE):
-            resp = await self._xfr_checked(b"", level=CHAIN_MORE)
-            body += resp.data
-            if len(body) > MAX_RESPONSE_APDU:
-                raise CardError(f"chained response exceeds {MAX_RESPONSE_APDU} bytes")
-        return bytes(body)
-
-    async def _xfr(self, data: bytes, *, bwi: int = 0, level: int = 0) -> CcidMessage:
-        msg = ccid.xfr_block(self._next_seq(), data, bwi=bwi, level_parameter=level)
-        return await self._exchange(msg, wait_multiplier=max(1, bwi), extra_s=self._xfr_extra_s)
-
-    async def _xfr_checked(self, data: bytes, *, level: int = 0) -> CcidMessage:
-        resp = await self._xfr(data, level=level)
-        if resp.command_status is CommandStatus.FAILED:
-            raise slot_failure("XfrBlock", resp)
-        return resp
-
-    async def _xfr_ok(self, data: bytes, *, level: int = 0) -> bytes:
-        return (await self._xfr_checked(data, level=level)).data
-
-    # ---- one command, one response ----
-
-    def _cap_s(self) -> float:
-        """The bound on one exchange: max_wait_s, but never below one full frame wait (a card
-        whose ATR announces a BWT beyond max_wait_s gets that BWT, as under libccid)."""
-        return max(self._max_wait_s, self._frame_timeout_s + self._xfr_extra_s)
-
-    def _next_seq(self) -> int:
-        seq, self._seq = self._seq, (self._seq + 1) & 0xFF
-        return seq
-
-    async def _exchange(
-        self, msg: CcidMessage, *, wait_multiplier: int = 1, extra_s: float = 0.0
-    ) -> CcidMessage:
-        expected = ccid.response_type_for(msg.msg_type)
-        with trio.move_on_after(self._cap_s()) as total:
-            while True:
-                resp = await self._receive(msg, expected, self._frame_timeout_s * wait_multiplier + extra_s)
-                busy = resp.command_status is CommandStatus.FAILED and resp.error == SlotError.CMD_SLOT_BUSY
-                if not busy:
-                    return resp
-                # CCID 1.1 §6.2.6: the slot still works on an earlier (abandoned) command. Its
-                # answer comes first and is dropped by bSeq; ask again, under the same cap.
-                log.debug("ccid.slot_busy", seq=msg.seq)
-                await trio.sleep(SLOT_BUSY_RETRY_S)
-                msg = dataclasses.replace(msg, seq=self._next_seq())
-        assert total.cancelled_caught
-        raise DeviceTimeoutError(
-            f"{self._device.info.describe()}: no final answer to {msg.msg_type.name} "
-            f"(bSeq {msg.seq}) within {self._cap_s():g} s"
-        )
-
-    async def _receive(
-        self, msg: CcidMessage, expected: ccid.MessageType, frame_timeout_s: float
-    ) -> CcidMessage:
-        """Send `msg` and read until its answer: the write and the first read are one
-        `transceive` (one worker-thread hop), later frames (stale, time extension) plain reads."""
-        seq, command = msg.seq, msg.encode()
-        stale = 0
-        wait_s = frame_timeout_s
-        while True:
-            try:
-                with trio.move_on_after(wait_s) as frame:
-                    raw = await (self._device.transceive(command) if command else self._device.read())
-                command = b""  # sent; a cancelled transceive does not get here (it raises below)
-                if frame.cancelled_caught:
-                    raise DeviceTimeoutError(
-                        f"{self._device.info.describe()}: no ccid frame for bSeq {seq} within {wait_s:g} s"
-                    )
-                resp = ccid.decode_message(raw)
-                _ = resp.icc_status, resp.command_status  # RFU bStatus bits raise here, not later
-            except MalformedCcidMessageError as exc:
-                # Callers (token manager, virtual reader) handle DeviceError: a token that sends
-                # garbage fails the exchange like any other card fault (found by tests/fuzz).
-                raise CardError(f"{self._device.info.describe()}: malformed ccid answer: {exc}") from exc
-            if resp.seq != seq:
-                if resp.command_status is CommandStatus.TIME_EXTENSION:
-                    # The card is still busy with an abandoned exchange (shutdown, a client gone):
-                    # its time extensions only say so; the total wait (`_exchange`) bounds them.
-                    continue
-                stale += 1
-                log.debug("ccid.stale_dropped", seq=resp.seq, expected_seq=seq)
-                if stale >= MAX_STALE_FRAMES:
-                    raise CardError(f"{stale} ccid frames with a foreign bSeq (expected {seq})")
-                continue
-            if resp.msg_type is not expected:
-                raise CardError(f"ccid answer type {resp.msg_type.name} does not match {expected.name}")
-            if resp.command_status is CommandStatus.TIME_EXTENSION:
-                # CCID 1.1 §6.2.6: bError is the multiplier of the waiting time (0 = keep it).
-                wait_s = frame_timeout_s * max(1, resp.error)
-                log.debug("ccid.time_extension", seq=seq, multiplier=resp.error)
-                continue
-            return resp
+            return await run_t1(self._link, self._t1, self._t1_checksum, self._t1.begin_apdu(apdu))
+        return await transmit_t0(self._link, apdu)
 
     # ---- recovery ----
 
@@ -531,33 +352,33 @@ class CcidDriver:
         log.warning("card.reset_failed", reason="no recovery step brought the card back")
 
     async def _cold_reset(self) -> None:
-        await self._exchange(ccid.icc_power_off(self._next_seq()))
+        await self._link.exchange(ccid.icc_power_off(self._link.next_seq()))
         await self._power_on()
 
     async def _abort_then_cold_reset(self) -> None:
         assert self._rescue is not None
-        seq = self._next_seq()
+        seq = self._link.next_seq()
         await self._rescue.abort_request(seq)  # a reader that stalls it does not support Abort
-        with trio.move_on_after(self._cap_s()):
-            resp = await self._receive(
-                ccid.abort(seq), ccid.MessageType.RDR_to_PC_SlotStatus, self._frame_timeout_s
+        with trio.move_on_after(self._link.cap_s()):
+            resp = await self._link.receive(
+                ccid.abort(seq), ccid.MessageType.RDR_to_PC_SlotStatus, self._link.frame_timeout_s
             )
             if resp.command_status is CommandStatus.FAILED:
                 raise slot_failure("Abort", resp)
             await self._cold_reset()
             return
         raise DeviceTimeoutError(
-            f"{self._device.info.describe()}: abort not finished within {self._cap_s():g} s"
+            f"{self._device.info.describe()}: abort not finished within {self._link.cap_s():g} s"
         )
 
     async def _usb_reset_then_power_on(self) -> None:
         assert self._rescue is not None
         await self._rescue.usb_reset()
-        with trio.move_on_after(self._cap_s()):
+        with trio.move_on_after(self._link.cap_s()):
             await self._power_on()
             return
         raise DeviceTimeoutError(
-            f"{self._device.info.describe()}: no power-up within {self._cap_s():g} s of a usb reset"
+            f"{self._device.info.describe()}: no power-up within {self._link.cap_s():g} s of a usb reset"
         )
 
 

@@ -35,7 +35,9 @@ def card_opener(token: TokenConfig, *, config_path: str = "") -> tuple[CardOpene
         from bridge_server.simulator.backend import open_simulator
 
         try:
-            backend, sims = open_simulator([match.simulate], state_dir=match.state)
+            backend, sims = open_simulator(
+                [match.simulate], state_dir=match.state, usb_serial=match.usb_serial
+            )
         except ValueError as exc:
             raise ConfigError(config_path, f"tokens.{token.name}.match.simulate", str(exc)) from None
         simulated = sims[0]

@@ -7,10 +7,12 @@ from pathlib import Path
 
 import pytest
 import trio
+from structlog.testing import capture_logs
 
 from bridge_server.config import parse_server_config
 from bridge_server.errors import CardError, DeviceNotFoundError
 from bridge_server.simulator.piv import PivCard
+from bridge_server.usb.devices import card_opener
 from bridge_server.usb.identity import IdentitySource, chuid_guid, read_card_identity, yubikey_serial
 from bridge_server.usb.transport import DeviceInfo, DeviceMatch, select_device
 from protocol.errors import ConfigError
@@ -105,3 +107,23 @@ def test_a_token_can_be_matched_by_usb_port_path(tmp_path: Path) -> None:
 def test_a_malformed_port_path_is_a_config_error_with_an_example(tmp_path: Path, port: str) -> None:
     with pytest.raises(ConfigError, match=r"tokens\[0\]\.match\.port: expected a usb port path such as"):
         parse_server_config(_server_config({"vid": 0x1050, "port": port}), tmp_path / "s.yaml")
+
+
+async def test_a_simulated_token_without_usb_serial_is_known_by_its_card(tmp_path: Path) -> None:
+    # match: {simulate: yubikey5, usb_serial: false}: the simulator's device has no iSerialNumber.
+    config = parse_server_config(
+        _server_config({"simulate": "yubikey5", "usb_serial": False}), tmp_path / "server.yaml"
+    )
+    open_card, _sim = card_opener(config.tokens[0])
+    with capture_logs() as logs:
+        card = await open_card()
+    try:
+        assert (card.serial, card.identity_source) == ("17331337", "card-serial")
+    finally:
+        await card.close()
+    assert any(e["event"] == "device.identity_fallback" and e["log_level"] == "warning" for e in logs)
+
+
+def test_usb_serial_applies_to_simulated_tokens_only(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"match\.usb_serial: only applies to a simulated token"):
+        parse_server_config(_server_config({"vid": 0x1050, "usb_serial": False}), tmp_path / "s.yaml")

@@ -22,11 +22,20 @@ from procstack import verify_signature
 from usb_rig.rig import ALL_PROFILES, emulated_token
 
 from bridge_admin.signing_tools import OPENSC_PKCS11
+from protocol.atr import Atr
 from protocol.ccid import MessageType
 
 NS_SCRIPT = Path(__file__).resolve().parents[1] / "support" / "usb_rig" / "pcscd_ns.sh"
-# The four default profiles, and the rig-only 5110+ FIPS reader where libccid sends a PPS.
-PROFILE_NAMES = ["safenet-5110", "yubikey5", "etoken-fusion", "epass2003", "safenet-5110-fips"]
+# The four default profiles, the rig-only 5110+ FIPS reader where libccid sends a PPS, and a
+# T=0 card on the 5110 reader.
+PROFILE_NAMES = [
+    "safenet-5110",
+    "yubikey5",
+    "etoken-fusion",
+    "epass2003",
+    "safenet-5110-fips",
+    "safenet-5110-t0",
+]
 
 
 def reference_host_problem() -> str | None:
@@ -74,8 +83,9 @@ def test_pcscd_with_libccid_reads_and_signs_on_the_emulated_token(tmp_path: Path
     sent = [(e["type"], e["head"]) for e in token.events()]
     tpdu = ALL_PROFILES[profile].descriptor.exchange_level.value == "tpdu"
     assert (MessageType.PC_to_RDR_SetParameters in [t for t, _ in sent]) is tpdu
-    assert ((MessageType.PC_to_RDR_XfrBlock, "00c1") in sent) is tpdu
-    if tpdu:
+    t1 = tpdu and 1 in Atr.parse(ALL_PROFILES[profile].atr).protocols  # no S(IFS) with T=0
+    assert ((MessageType.PC_to_RDR_XfrBlock, "00c1") in sent) is t1
+    if t1:
         ifsd = min(ALL_PROFILES[profile].descriptor.max_ifsd, 254)
         assert f"T=1: IFSC=254, IFSD={ifsd}" in log
     # PPS (issue 15 item 5): libccid negotiates TA1 only on the reader without automatic PPS

@@ -19,7 +19,8 @@ descriptors (the sysfs `descriptors` attribute libusb reads, busnum/devnum, a
 - DISCARDURB cancels an URB: it is reaped with -ENOENT and the partial data it holds.
 
 On start it prints one JSON line (umockdev_dir, devnode, syspath) and serves until stdin
-closes or SIGTERM.
+closes or SIGTERM. A line "unplug" on stdin unplugs the device: every ioctl then fails with
+ENODEV (as usbdevfs after a disconnect) and the device leaves sysfs.
 """
 
 from __future__ import annotations
@@ -187,6 +188,7 @@ class UsbfsHandler(UMockdev.IoctlBase):  # type: ignore[misc]
         super().__init__()
         self.token = token
         self.inflight: list[InFlight] = []
+        self.unplugged = False
 
     def do_handle_ioctl(self, client: Any) -> bool:
         request = client.get_request()
@@ -201,6 +203,8 @@ class UsbfsHandler(UMockdev.IoctlBase):  # type: ignore[misc]
         return True
 
     def _dispatch(self, client: Any, request: int, arg: Any) -> tuple[int, int] | None:
+        if self.unplugged:
+            return (-1, errno.ENODEV)  # usbdevfs after a disconnect: libusb's LIBUSB_ERROR_NO_DEVICE
         if request == fs.SUBMITURB:
             return self._submit(arg)
         if request in (fs.REAPURBNDELAY, fs.REAPURB):
@@ -410,7 +414,21 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"usb_rig: could not attach the ioctl handler to {devnode}")
     loop = GLib.MainLoop()
     GLib.unix_signal_add(GLib.PRIORITY_DEFAULT, signal.SIGTERM, loop.quit)
-    GLib.io_add_watch(sys.stdin.fileno(), GLib.IO_HUP | GLib.IO_IN | GLib.IO_ERR, lambda *_: loop.quit())
+
+    def on_stdin(*_: Any) -> bool:
+        # One command per line; EOF (the test is done) quits. "unplug": the device goes away
+        # as the kernel shows it: every usbdevfs ioctl fails with ENODEV, sysfs loses it.
+        line = sys.stdin.readline()
+        if not line:
+            loop.quit()
+            return False
+        if line.strip() == "unplug":
+            handler.unplugged = True
+            testbed.remove_device(syspath)
+            print(json.dumps({"unplugged": True}), flush=True)
+        return True
+
+    GLib.io_add_watch(sys.stdin.fileno(), GLib.IO_HUP | GLib.IO_IN | GLib.IO_ERR, on_stdin)
     print(json.dumps({"umockdev_dir": testbed.get_root_dir(), "devnode": devnode, "syspath": syspath}))
     sys.stdout.flush()
     loop.run()

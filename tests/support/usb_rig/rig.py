@@ -90,6 +90,13 @@ class EmulatedToken:
             return []
         return [json.loads(line) for line in self.events_path.read_text().splitlines() if line]
 
+    def unplug(self) -> None:
+        """Pull the token out: its ioctls fail with ENODEV from now on, and sysfs loses it."""
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write("unplug\n")
+        self.proc.stdin.flush()
+        assert json.loads(self.proc.stdout.readline()) == {"unplugged": True}
+
     def match(self) -> dict[str, Any]:
         p = ALL_PROFILES[self.profile]
         return {"vid": p.vid, "pid": p.pid, "serial": self.serial}
