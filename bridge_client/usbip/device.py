@@ -47,6 +47,7 @@ CARD_COMMANDS = frozenset(
     {MessageType.PC_to_RDR_IccPowerOn, MessageType.PC_to_RDR_IccPowerOff, MessageType.PC_to_RDR_XfrBlock}
 )
 MAX_PENDING_URBS = 64  # per endpoint; hosts keep one or two in flight
+MAX_UNREAD_ANSWERS = 32  # a CCID host reads each answer before its next command
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,9 +112,6 @@ class CcidReaderDevice:
                     return True
         return False
 
-    def pending_urbs(self) -> int:
-        return sum(len(q) for q in self._pending.values())
-
     # -- the card task's side --------------------------------------------------------------
     def take_command(self) -> ccid.CcidMessage | None:
         if self.busy is not None or not self._commands:
@@ -133,8 +131,8 @@ class CcidReaderDevice:
 
     def time_extension(self) -> list[Completion]:
         """CCID 1.1 §6.2.7: the card needs more time (bStatus 0x80, bError = BWT multiplier 1)."""
-        if self.busy is None:
-            return []
+        if self.busy is None or self._bulk_in:
+            return []  # the host has not read the last one yet: one is enough
         wtx = ccid.data_block(
             self.busy.seq, icc=IccStatus.PRESENT_ACTIVE, cmd=CommandStatus.TIME_EXTENSION, error=1
         )
@@ -294,6 +292,10 @@ class CcidReaderDevice:
         return ccid.CcidMessage(kind, seq, slot, status, int(error))
 
     def _queue_answer(self, message: ccid.CcidMessage) -> list[Completion]:
+        if len(self._bulk_in) >= MAX_UNREAD_ANSWERS:
+            raise UrbLimitError(
+                f"the host left {MAX_UNREAD_ANSWERS} answers unread and keeps sending commands"
+            )
         self._bulk_in.append(message.encode())
         return self._pump()
 

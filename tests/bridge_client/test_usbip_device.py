@@ -5,8 +5,10 @@ from __future__ import annotations
 import errno
 import struct
 
+import pytest
+
 from bridge_client.usbip.descriptors import ReaderDescriptors
-from bridge_client.usbip.device import CcidReaderDevice, Completion
+from bridge_client.usbip.device import MAX_UNREAD_ANSWERS, CcidReaderDevice, Completion, UrbLimitError
 from protocol import ccid
 
 SET_CONFIGURATION = struct.pack("<BBHHH", 0x00, 9, 1, 0, 0)
@@ -106,3 +108,11 @@ def test_set_parameters_is_kept_and_read_back_and_a_bad_protocol_names_its_field
     answers = [ccid.decode_message(device.submit(n, 0x82, 64, bytes(8), b"")[0].data) for n in (5, 6, 7)]
     assert [(a.seq, a.b9, a.data) for a in answers[:2]] == [(1, 0, t0), (2, 0, t0)]
     assert (answers[2].command_status, answers[2].error) == (ccid.CommandStatus.FAILED, 7)
+
+
+def test_a_host_that_never_reads_its_answers_is_cut_off_after_a_bound() -> None:
+    device = configured()
+    with pytest.raises(UrbLimitError, match="answers unread"):
+        for seq in range(64):
+            device.submit(seq + 2, 0x01, 10, bytes(8), ccid.get_slot_status(seq).encode())
+    assert seq == MAX_UNREAD_ANSWERS  # the first 32 were queued, the 33rd refused

@@ -163,7 +163,7 @@ async def test_a_lease_queue_wait_sends_time_extensions_so_the_host_keeps_readin
     assert trio.current_time() - start == pytest.approx(1.5)
 
 
-async def test_an_unlinked_bulk_in_urb_gets_no_reply_and_its_data_goes_to_the_next(
+async def test_unlinked_pending_bulk_and_interrupt_urbs_get_no_reply_and_bulk_data_goes_to_the_next(
     nursery: trio.Nursery, tunnel_and_server: tuple[Tunnel, FakeServer]
 ) -> None:
     host, _ = await attached(nursery, tunnel_and_server[0])
@@ -176,6 +176,12 @@ async def test_an_unlinked_bulk_in_urb_gets_no_reply_and_its_data_goes_to_the_ne
     assert (answer.msg_type, answer.seq) == (ccid.MessageType.RDR_to_PC_SlotStatus, 7)
     late = await host.unlink(pending)  # already gone: nothing to cancel
     assert (await host.ret()).seqnum == late
+    first = await host.submit(INTR_IN, 1, 8)
+    assert (await host.ret()).data == b"\x50\x03"  # the insertion, then nothing new to report
+    waiting = await host.submit(INTR_IN, 1, 8)
+    unlink = await host.unlink(waiting)
+    reply = await host.ret()
+    assert (reply.command, reply.seqnum, reply.status, first) == (4, unlink, -errno.ECONNRESET, first)
 
 
 async def test_a_dropped_tunnel_removes_the_card_through_the_interrupt_endpoint(
