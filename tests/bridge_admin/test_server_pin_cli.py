@@ -130,3 +130,25 @@ def test_install_service_adds_the_credential_drop_in_only_for_tokens_with_one(tm
     without = load_server_config(server_yaml(tmp_path, None))
     assert credential_dropin(without) is None
     assert DROPIN not in [a.dest for a in plan("server", bindir="/opt/tokenbridge/bin", config=without)]
+
+
+def test_pin_set_asks_twice_without_echo_and_two_different_pins_write_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = server_yaml(tmp_path, {"file": "codesign.pin", "for": ["build-vm-01"]})
+    typed = iter(["918273", "918274"])
+    prompts: list[str] = []
+
+    def getpass(prompt: str) -> str:
+        prompts.append(prompt)
+        return next(typed)
+
+    monkeypatch.setattr("getpass.getpass", getpass)
+    assert main(["pin", "set", "codesign", "--config", str(config)]) == 1
+    assert prompts == ["PIN: ", "PIN again: "]
+    assert "differ" in capsys.readouterr().err
+    assert not (tmp_path / "codesign.pin").exists()
+    typed = iter(["918273", "918273"])
+    assert main(["pin", "set", "codesign", "--config", str(config)]) == 0
+    assert (tmp_path / "codesign.pin").read_bytes() == b"918273\n"
+    assert "918273" not in capsys.readouterr().out
