@@ -168,6 +168,11 @@ def test_a_build_vm_holding_only_the_placeholder_signs_and_the_canary_pin_is_fou
     cert = read_certificate_pem(slot, "01", tmp_path / "cert.pem")
     program = tmp_path / "build.exe"
     program.write_bytes(minimal_pe(b"\xc3 server pin build"))
+    # A fresh lease (so a cold-reset card) for osslsigncode, as two CI jobs would have. Observed
+    # twice in ~15 runs under load: when osslsigncode started while pkcs11-tool's login was still on
+    # the card (same lease, no reset between the processes), OpenSC answered C_Login with
+    # CKR_PIN_INCORRECT having sent only the empty VERIFY (9000), no PIN at all (docs/client.md).
+    wait_for(lambda: status(stack)["holder"] is None, timeout=60, what="the first lease to end")
     osslsigncode_sign(slot, cert, program, tmp_path / "signed.exe", pin=PLACEHOLDER)
     assert "Signature verification: ok" in osslsigncode_verify(cert, tmp_path / "signed.exe").stdout
     assert card_pin_retries(stack) == 3  # no attempt was wrong
