@@ -129,7 +129,10 @@ class AdminDispatcher:
         """`tokenbridge pin test`: the token task checks the server-held PIN (tokens/pin_check.py)."""
         tok = self._token(args)
         with trio.move_on_after(PIN_TEST_TIMEOUT_S):
-            return await tok.check_server_pin(actor)
+            try:
+                return await tok.check_server_pin(actor)
+            except (trio.ClosedResourceError, trio.BrokenResourceError):
+                raise AdminError(f"token {tok.name!r} is shutting down; nothing was tested") from None
         raise AdminError(f"token {tok.name!r} did not answer the PIN test within {PIN_TEST_TIMEOUT_S:g} s")
 
     async def _sim_unplug(self, args: Mapping[str, Any], _actor: str) -> dict[str, Any]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
 import stat
 import subprocess
 from pathlib import Path
@@ -15,7 +14,7 @@ import pytest
 
 from bridge_admin.cli import main
 from bridge_admin.install import plan
-from bridge_admin.server_pin_cli import DROPIN, credential_dropin
+from bridge_admin.server_pin_cli import DROPIN, credential_dropin, systemd_creds_usable
 from bridge_server.config import load_server_config
 from bridge_server.guard.server_pin_source import read_server_pin
 from protocol.runtime.config import dump_yaml
@@ -94,8 +93,8 @@ def test_pin_set_plain_credential_is_a_0600_file_for_load_credential(
 
 
 @pytest.mark.skipif(
-    shutil.which("systemd-creds") is None and os.environ.get("CI") != "true",
-    reason="systemd-creds not installed",
+    not systemd_creds_usable() and os.environ.get("CI") != "true",
+    reason="systemd-creds cannot encrypt here (not installed, or not root); CI installs and runs it as root",
 )
 def test_pin_set_encrypts_with_systemd_creds_and_the_credential_decrypts_as_systemd_would(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
@@ -131,3 +130,25 @@ def test_install_service_adds_the_credential_drop_in_only_for_tokens_with_one(tm
     without = load_server_config(server_yaml(tmp_path, None))
     assert credential_dropin(without) is None
     assert DROPIN not in [a.dest for a in plan("server", bindir="/opt/tokenbridge/bin", config=without)]
+
+
+def test_pin_set_asks_twice_without_echo_and_two_different_pins_write_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = server_yaml(tmp_path, {"file": "codesign.pin", "for": ["build-vm-01"]})
+    typed = iter(["918273", "918274"])
+    prompts: list[str] = []
+
+    def getpass(prompt: str) -> str:
+        prompts.append(prompt)
+        return next(typed)
+
+    monkeypatch.setattr("getpass.getpass", getpass)
+    assert main(["pin", "set", "codesign", "--config", str(config)]) == 1
+    assert prompts == ["PIN: ", "PIN again: "]
+    assert "differ" in capsys.readouterr().err
+    assert not (tmp_path / "codesign.pin").exists()
+    typed = iter(["918273", "918273"])
+    assert main(["pin", "set", "codesign", "--config", str(config)]) == 0
+    assert (tmp_path / "codesign.pin").read_bytes() == b"918273\n"
+    assert "918273" not in capsys.readouterr().out
