@@ -45,6 +45,9 @@ examples:
   tokenbridge-client status --json                             the same for scripts
   tokenbridge-client check-config --config client.yaml         validate a config file
   tokenbridge-client check-config --json                       the same as one JSON document
+  tokenbridge-client status --watch 5 --json                   one JSON document per line
+
+exit codes: 0 ok, 1 a problem found (bad config, no status, tunnel down), 2 bad usage
 """
 
 

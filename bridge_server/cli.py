@@ -78,7 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve USB code-signing tokens to build machines over mutual TLS.",
         epilog="examples:\n"
         "  tokenbridge-server --config /etc/tokenbridge/server.yaml                run the server\n"
-        "  tokenbridge-server check-config --config /etc/tokenbridge/server.yaml   validate, start nothing\n",
+        "  tokenbridge-server check-config --config /etc/tokenbridge/server.yaml   validate, start nothing\n"
+        "  tokenbridge-server check-config --json                                  the same for scripts\n"
+        "\nexit codes: 0 ok, 1 a problem found (check-config) or the start failed, 2 bad usage or config\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_version_option(parser)
