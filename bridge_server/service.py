@@ -26,8 +26,8 @@ import trio
 
 from bridge_server.config import ServerConfig, TokenConfig, load_server_config
 from bridge_server.net.hub import Hub
+from bridge_server.net.reload import ReloadOutcome
 from bridge_server.net.rights import apply_rights
-from bridge_server.observe.reloads import ReloadOutcome
 from bridge_server.tokens.manager import TokenManager
 from protocol.display import TokenState
 from protocol.errors import ConfigError
