@@ -29,11 +29,14 @@ from protocol.runtime.cli import (
     add_version_option,
     json_line,
     package_version,
+    print_error,
 )
 from protocol.runtime.logging import configure_logging
 from protocol.runtime.tls import validity_problem
 
 log = structlog.get_logger(__name__)
+
+PROG = "tokenbridge-client"
 
 DESCRIPTION = """\
 Show a token served by tokenbridge-server as a smart card in a local vpcd reader (or, with
@@ -48,6 +51,9 @@ examples:
   tokenbridge-client status --json                             the same for scripts
   tokenbridge-client check-config --config client.yaml         validate a config file
   tokenbridge-client check-config --json                       the same as one JSON document
+  tokenbridge-client status --watch 5 --json                   one JSON document per line
+
+exit codes: 0 ok, 1 a problem found (bad config, no status, tunnel down), 2 bad usage
 """
 
 
@@ -116,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         trio.run(main_async, config)
         return EXIT_OK
     except BridgeError as exc:
-        print(f"tokenbridge-client: {exc}", file=sys.stderr)
+        print_error(PROG, str(exc))
         return EXIT_USAGE
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
@@ -155,7 +161,7 @@ def _check(args: argparse.Namespace) -> int:
         assert isinstance(readers, list)
         print(f"{args.config}: ok ({len(readers)} reader(s), server {report['server']})")
     else:
-        print(f"tokenbridge-client: {report['problem']}", file=sys.stderr)
+        print_error(PROG, str(report["problem"]))
     return EXIT_OK if report["ok"] else EXIT_PROBLEM
 
 
@@ -173,10 +179,10 @@ def _status(args: argparse.Namespace) -> int:
             return _show(args, trio.run(fetch_status, path))
         return trio.run(_watch, args, path)
     except (OSError, trio.TooSlowError) as exc:
-        print(
-            f"tokenbridge-client: cannot read status from {path}: {exc}. Is the client running, and does "
-            "its config set status.socket?",
-            file=sys.stderr,
+        print_error(
+            PROG,
+            f"cannot read status from {path}: {exc}. Is the client running, and does its config set "
+            "status.socket?",
         )
         return EXIT_PROBLEM
 

@@ -36,10 +36,9 @@ from bridge_server.net.admin import AdminDispatcher
 from bridge_server.net.control import serve_control
 from bridge_server.net.hub import Hub
 from bridge_server.net.listener import ConnectionHandler, run_listener
-from bridge_server.net.reload import TlsReloader
+from bridge_server.net.reload import ReloadOutcome, TlsReloader
 from bridge_server.net.session import SessionContext
 from bridge_server.observe.metrics import server_registry
-from bridge_server.observe.reloads import ReloadOutcome
 from bridge_server.tokens.device import CardOpener
 from bridge_server.tokens.epochs import EpochStore, epoch_state_path
 from bridge_server.tokens.manager import TokenManager

@@ -24,7 +24,6 @@ import argparse
 import errno
 import json
 import os
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
@@ -42,9 +41,12 @@ from protocol.runtime.cli import (
     EXIT_USAGE,
     add_version_option,
     package_version,
+    print_error,
 )
 
 log = structlog.get_logger(__name__)
+
+PROG: Final = "tokenbridge-server"
 
 DEFAULT_CONFIG: Final = Path("/etc/tokenbridge/server.yaml")
 LEVELS: Final = ["debug", "info", "warning", "error"]
@@ -78,7 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve USB code-signing tokens to build machines over mutual TLS.",
         epilog="examples:\n"
         "  tokenbridge-server --config /etc/tokenbridge/server.yaml                run the server\n"
-        "  tokenbridge-server check-config --config /etc/tokenbridge/server.yaml   validate, start nothing\n",
+        "  tokenbridge-server check-config --config /etc/tokenbridge/server.yaml   validate, start nothing\n"
+        "  tokenbridge-server check-config --json                                  the same for scripts\n"
+        "\nexit codes: 0 ok, 1 a problem found (check-config) or the start failed, 2 bad usage or config\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_version_option(parser)
@@ -152,7 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = load_config(args)
     except ConfigError as exc:
-        print(f"tokenbridge-server: {exc}", file=sys.stderr)
+        print_error(PROG, str(exc))
         return EXIT_USAGE
     return _serve(config)
 
@@ -181,7 +185,7 @@ def _check(args: argparse.Namespace) -> int:
         names = ", ".join(map(str, report["tokens"]))  # type: ignore[call-overload]
         print(f"{report['config']}: ok (listen {report['listen']}; tokens: {names}; TLS files load)")
     else:
-        print(f"tokenbridge-server: {report['problem']}", file=sys.stderr)
+        print_error(PROG, str(report["problem"]))
     return EXIT_OK if report["ok"] else EXIT_PROBLEM
 
 
@@ -197,11 +201,11 @@ def _serve(config: ServerConfig) -> int:
     except BaseException as group:  # the ExceptionGroup trio wraps it in
         exc = first_error(group)
         if isinstance(exc, ConfigError):
-            print(f"tokenbridge-server: {exc}", file=sys.stderr)
+            print_error(PROG, str(exc))
             return EXIT_USAGE
         if isinstance(exc, BridgeError | OSError):
             log.error("server.failed", error=describe(exc, config))
-            print(f"tokenbridge-server: {describe(exc, config)}", file=sys.stderr)
+            print_error(PROG, describe(exc, config))
             return EXIT_PROBLEM
         if isinstance(exc, KeyboardInterrupt):
             return EXIT_INTERRUPTED

@@ -26,8 +26,8 @@ import trio
 
 from bridge_server.config import ServerConfig, TokenConfig, load_server_config, load_server_pins
 from bridge_server.net.hub import Hub
+from bridge_server.net.reload import ReloadOutcome
 from bridge_server.net.rights import apply_rights
-from bridge_server.observe.reloads import ReloadOutcome
 from bridge_server.tokens.manager import TokenManager
 from protocol.display import TokenState
 from protocol.errors import ConfigError
@@ -42,14 +42,25 @@ MAX_STATUS_LENGTH: Final = 200
 _RESTART_SECTIONS: Final = ("pin_guard", "audit", "control", "limits", "heartbeat_s")
 
 
-def token_state(name: str, present: bool, holder: str | None) -> str:
-    """`codesign idle`, `codesign leased by build-vm-01`, `codesign absent` (protocol.display words)."""
-    state = TokenState.of(present=present, leased=holder is not None)
-    return f"{name} {state} by {holder}" if state is TokenState.LEASED else f"{name} {state}"
+TokenLine = tuple[str, bool, str | None] | tuple[str, bool, str | None, bool, bool]
 
 
-def status_line(tokens: Iterable[tuple[str, bool, str | None]], connections: int) -> str:
-    """One STATUS= text: each token's state and the number of connections."""
+def token_state(
+    name: str, present: bool, holder: str | None, guarded: bool = False, locked: bool = False
+) -> str:
+    """`codesign idle`, `codesign leased by build-vm-01`, `codesign guarded, leased by build-vm-01`,
+    `codesign absent`: the words of `tokenbridge status` (protocol.display.TokenState)."""
+    state = TokenState.of(present=present, leased=holder is not None, guarded=guarded, locked=locked)
+    if state is TokenState.LEASED:
+        return f"{name} leased by {holder}"
+    if holder is not None and state is not TokenState.ABSENT:
+        return f"{name} {state}, leased by {holder}"
+    return f"{name} {state}"
+
+
+def status_line(tokens: Iterable[TokenLine], connections: int) -> str:
+    """One STATUS= text: each token's state (name, present, holder[, guarded, locked]) and the
+    number of connections."""
     parts = [token_state(*t) for t in tokens]
     text = f"{'; '.join(parts)}; {connections} connection(s)"
     return text if len(text) <= MAX_STATUS_LENGTH else text[: MAX_STATUS_LENGTH - 3] + "..."
@@ -74,8 +85,20 @@ class Service(Reconfigurable, Protocol):
     def reload_tls(self) -> bool: ...
 
 
+def _guard_flags(token: TokenManager) -> tuple[bool, bool]:
+    """(engaged, locked) from the token's PIN guard; a guard that cannot say is not shown."""
+    try:
+        guard = token.rails.guard.status(token.name)
+    except Exception:  # the STATUS= task must not die with the guard (like `status`)
+        return False, False
+    return bool(guard.get("engaged")), bool(guard.get("locked"))
+
+
 def server_status(server: Reconfigurable) -> str:
-    tokens = [(t.name, t.present, t.book.holder.identity if t.book.holder else None) for t in server.tokens]
+    tokens: list[TokenLine] = [
+        (t.name, t.present, t.book.holder.identity if t.book.holder else None, *_guard_flags(t))
+        for t in server.tokens
+    ]
     return status_line(tokens, sum(1 for _ in server.hub))
 
 

@@ -15,7 +15,7 @@ from bridge_server.config import ServerConfig
 from bridge_server.guard.audit import AuditLog
 from bridge_server.guard.pin_guard import PinGuard, PinGuardStore
 from bridge_server.net.hub import Hub
-from bridge_server.observe.reloads import ReloadOutcome
+from bridge_server.net.reload import ReloadOutcome
 from bridge_server.tokens.epochs import EpochStore
 from bridge_server.tokens.manager import TokenManager
 

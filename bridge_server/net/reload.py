@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ssl
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final
@@ -33,7 +34,6 @@ from cryptography import x509
 
 from bridge_server.config import TlsConfig
 from bridge_server.net.hub import Hub
-from bridge_server.observe.reloads import ReloadOutcome
 from protocol import wire
 from protocol.errors import CloseCode, TlsSetupError
 from protocol.runtime.tls import server_context
@@ -85,6 +85,23 @@ def _mtimes(paths: list[Path]) -> tuple[float | None, ...]:
         except OSError:
             out.append(None)
     return tuple(out)
+
+
+@dataclass
+class ReloadOutcome:
+    """The last reload of one kind (TLS files here, the config in `service.reload_service`), for
+    /metrics: `ok` whether the last attempt succeeded, `success_at` the wall time of the last
+    success (the start counts as the first)."""
+
+    success_at: float
+    ok: bool = True
+    attempts: int = 0
+
+    def record(self, ok: bool, wall: float) -> None:
+        self.attempts += 1
+        self.ok = ok
+        if ok:
+            self.success_at = wall
 
 
 class TlsReloader:

@@ -18,7 +18,7 @@ from typing import Final
 from cryptography import x509
 from prometheus_client import CollectorRegistry
 
-from bridge_server.observe.reloads import ReloadOutcome
+from bridge_server.net.reload import ReloadOutcome
 from bridge_server.observe.status import crl_status, pin_guard_state
 from bridge_server.tokens.manager import TokenManager
 from bridge_server.view import ServerView

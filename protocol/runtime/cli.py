@@ -16,8 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import sys
 from importlib import metadata
-from typing import Any, Final
+from typing import Any, Final, TextIO
+
+from protocol.runtime.logging import SYSLOG_PRIORITIES, under_journald
 
 __all__ = [
     "DISTRIBUTION",
@@ -28,6 +32,7 @@ __all__ = [
     "add_version_option",
     "json_line",
     "package_version",
+    "print_error",
 ]
 
 EXIT_OK: Final = 0
@@ -59,3 +64,11 @@ def add_version_option(parser: argparse.ArgumentParser) -> None:
 def json_line(document: Any) -> str:
     """One JSON document on one line (what `--watch --json` prints per refresh, `jq`-friendly)."""
     return json.dumps(document, separators=(",", ":"), sort_keys=False)
+
+
+def print_error(prog: str, message: str, *, stream: TextIO | None = None) -> None:
+    """The one-line failure `PROG: MESSAGE` on stderr; at error priority (`<3>`) for journald
+    when stderr is the journal, so `journalctl -p err` shows why a start failed."""
+    out = sys.stderr if stream is None else stream
+    prefix = f"<{SYSLOG_PRIORITIES[logging.ERROR]}>" if under_journald(out) else ""
+    print(f"{prefix}{prog}: {message}", file=out)

@@ -3,6 +3,7 @@ one registry per server, and the documented names."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -14,7 +15,8 @@ from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from bridge_server.observe.metrics import SERVER_METRICS, server_registry
+from bridge_server import service
+from bridge_server.observe.metrics import SERVER_METRICS, server_registry, server_rows
 from bridge_server.tokens.stats import TokenStats, is_signature
 from protocol import wire
 from protocol.runtime.metrics import DurationHistogram, http_response
@@ -128,6 +130,37 @@ async def test_a_failed_tls_reload_sets_reload_successful_to_zero(tmp_path: Path
     assert values[key("tokenbridge_reload_successful", what="tls")] == 0
     assert values[key("tokenbridge_reload_last_success_timestamp_seconds", what="tls")] == before
     assert values[key("tokenbridge_reload_successful", what="config")] == 1
+
+
+class _Notes:
+    def notify(self, **fields: object) -> None:
+        pass
+
+
+async def test_a_sighup_with_a_broken_config_sets_reload_successful_to_zero_until_a_good_one(
+    tmp_path: Path,
+) -> None:
+    Certs(tmp_path)
+    config = tmp_path / "server.yaml"
+    async with running(tmp_path) as (srv, _port):
+        config.write_text("tokens: [unclosed\n")
+        service.reload_service(srv, _Notes())
+        broken = {(n, lab.get("what")): v for n, v, lab in server_rows(srv)}
+        good = {
+            "listen": "127.0.0.1:0",
+            "tls": {"ca": "ca.pem", "cert": "localhost.pem", "key": "localhost.key"},
+            "admins": ["ops"],
+            "control": {"socket": "control.sock"},
+            "lease": {"linger_s": 0.5},
+            "tokens": [{"name": "codesign", "match": {"simulate": "safenet-5110"}, "allow": ["build-vm-01"]}],
+        }
+        config.write_text(json.dumps(good))  # JSON is YAML
+        service.reload_service(srv, _Notes())
+        fixed = {(n, lab.get("what")): v for n, v, lab in server_rows(srv)}
+    assert broken[("tokenbridge_reload_successful", "config")] == 0
+    assert broken[("tokenbridge_reload_last_success_timestamp_seconds", "config")] == srv.started_at
+    assert fixed[("tokenbridge_reload_successful", "config")] == 1
+    assert fixed[("tokenbridge_reload_last_success_timestamp_seconds", "config")] > srv.started_at
 
 
 def test_only_get_metrics_is_served() -> None:

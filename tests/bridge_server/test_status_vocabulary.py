@@ -53,3 +53,14 @@ async def test_server_status_systemd_status_and_client_status_use_the_same_words
     assert token["atr"] == reader["atr"] != ""
     assert token["atr"] == token["atr"].upper() and " " not in token["atr"]
     assert token["atr"] in render_table(server_doc)
+
+
+async def test_a_locked_pin_reads_locked_in_status_and_in_the_systemd_status_line(tmp_path: Path) -> None:
+    Pki(tmp_path)
+    async with running_server(tmp_path) as (server, _port):
+        # The card answers a VERIFY with 6983 (authentication method blocked): the guard locks.
+        server.pin_guard.observe("codesign", 0x20, 0x80, True, 0x6983, holder="build-vm-01", now=0.0)
+        doc = build_status(server)
+        systemd = server_status(server)
+    assert doc["tokens"][0]["state"] == "locked"
+    assert systemd == "codesign locked; 0 connection(s)"

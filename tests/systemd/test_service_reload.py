@@ -119,6 +119,15 @@ def test_status_line_names_each_token_state_and_the_connections() -> None:
     assert len(status_line([(f"token-{i}", True, None) for i in range(40)], 0)) == 200
 
 
+def test_status_line_says_guarded_and_locked_like_tokenbridge_status() -> None:
+    tokens = [
+        ("a", True, "build-vm-01", True, False),
+        ("b", True, None, True, True),
+        ("c", False, "x", True, True),
+    ]
+    assert status_line(tokens, 1) == "a guarded, leased by build-vm-01; b locked; c absent; 1 connection(s)"
+
+
 def test_client_reload_keeps_the_old_context_on_a_broken_key_and_swaps_on_a_good_one(tmp_path: Path) -> None:
     stack = make_stack(tmp_path / "stack")
     config = stack.write_client_config("build-vm-01", [0])

@@ -127,3 +127,18 @@ def test_paths_addresses_and_errors_are_logged_as_plain_text_not_reprs(tmp_path:
     assert line["peer"] == "127.0.0.1:35853"
     assert line["error"] == "[Errno 13] Permission denied"
     assert (line["count"], line["names"]) == (3, ["a"])
+
+
+def test_a_start_failure_line_is_at_error_priority_under_journald(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from protocol.runtime.cli import print_error
+
+    journal, terminal = tmp_path / "journal", tmp_path / "terminal"
+    journal.write_text("")
+    monkeypatch.setenv("JOURNAL_STREAM", _journal_stream(journal))
+    with journal.open("a") as j, terminal.open("w") as t:
+        print_error("tokenbridge-server", "address already in use", stream=j)
+        print_error("tokenbridge-server", "address already in use", stream=t)
+    assert journal.read_text() == "<3>tokenbridge-server: address already in use\n"
+    assert terminal.read_text() == "tokenbridge-server: address already in use\n"
