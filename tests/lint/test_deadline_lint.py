@@ -48,7 +48,7 @@ REVIEWED: dict[str, str] = {
     # protocol/runtime: primitives; the deadline belongs to whoever calls them.
     "protocol/runtime/framed.py::send::send_all": "delegation: FramedConnection.send; callers bound it (entries below)",
     "protocol/runtime/framed.py::receive::receive_some": "delegation: FramedConnection.receive; callers bound it",
-    "protocol/runtime/connect.py::connect::send": "caller: every connect() runs under fail_after (tunnel connect_timeout_s, admin client, doctor)",
+    "protocol/runtime/connect.py::connect::send": "caller: every connect() runs under fail_after (tunnel connect_timeout_s, doctor SERVER_TIMEOUT_S, admin client CONNECT_TIMEOUT_S: faults/test_admin_connect_deadline.py)",
     "protocol/runtime/connect.py::_handshake::do_handshake": "caller: connect() is run under fail_after by every caller",
     "protocol/runtime/connect.py::_greeting::receive": "caller: connect() is run under fail_after by every caller",
     # bridge_server/net
