@@ -119,9 +119,15 @@ class AdminSession:
         t = self.target
         try:
             if t.socket is not None:
-                self._stream = await trio.open_unix_socket(str(t.socket))
+                with trio.fail_after(CONNECT_TIMEOUT_S):  # blocks while the accept backlog is full
+                    self._stream = await trio.open_unix_socket(str(t.socket))
             else:
                 await self._open_tls()
+        except trio.TooSlowError as exc:
+            raise AdminClientError(
+                f"{t.describe()} did not accept the connection within {CONNECT_TIMEOUT_S:g} s; "
+                "is tokenbridge-server stuck?"
+            ) from exc
         except OSError as exc:
             raise AdminClientError(
                 f"cannot reach {t.describe()}: {exc.strerror or exc}; is tokenbridge-server running?"

@@ -5,7 +5,8 @@ reliability-anchors §8 P5 ("no await on network or USB is unbounded") and §6 r
 lint. STYLE forbids `timeout=` parameters on async functions: deadlines are cancel scopes set
 by a caller, often several frames up, which a lexical lint cannot follow. So this is the honest
 narrower version: it finds every await of a network or USB primitive in `bridge_server/`
-(the test simulator excluded), `bridge_client/` and `protocol/runtime/`, and each one must be
+(the test simulator excluded), `bridge_client/`, `protocol/runtime/` and the admin CLI's
+network side in `bridge_admin/`, and each one must be
 either lexically inside `trio.fail_after` / `move_on_after` / `fail_at` / `move_on_at` /
 `CancelScope(deadline=...)` in its own function, or listed in `REVIEWED` below with who bounds
 it. A new unbounded await fails the test until someone bounds it or reviews it; a reviewed
@@ -22,7 +23,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-SCANNED = ("bridge_server", "bridge_client", "protocol/runtime")
+SCANNED = ("bridge_server", "bridge_client", "protocol/runtime", "bridge_admin")
 EXCLUDED = ("bridge_server/simulator/",)  # the test token and its USB link, not a daemon path
 NETWORK = frozenset(
     {
@@ -65,6 +66,9 @@ REVIEWED: dict[str, str] = {
     "bridge_server/usb/transport.py::read::run_sync": _LIBUSB,
     "bridge_server/usb/transport.py::read_interrupt::run_sync": _LIBUSB,
     "bridge_server/usb/transport.py::open::run_sync": "gap: opening the device (enumeration, claim) has no deadline of ours; libusb's control transfers carry their own default timeouts",
+    # bridge_admin (the CLI's network side)
+    "bridge_admin/client.py::_socket_request::send_all": "caller: request() runs it under fail_after(REQUEST_TIMEOUT_S)",
+    "bridge_admin/client.py::_socket_request::receive_some": "caller: request() runs it under fail_after(REQUEST_TIMEOUT_S)",
     # bridge_client
     "bridge_client/tunnel.py::_heartbeat::send": "the tunnel's receive loop: a server that stops reading stops answering, and the loop's move_on_after(silence) ends the tunnel, cancelling the pinger",
     "bridge_client/tunnel.py::_dispatch::send": "gap: a Pong or LeaseRelease to a server that stopped reading blocks the receive loop outside its move_on_after(silence); the TCP send buffer (kilobytes) must fill first",
