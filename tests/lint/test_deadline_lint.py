@@ -76,7 +76,6 @@ REVIEWED: dict[str, str] = {
     "bridge_client/tunnel.py::release_lease::send": "gap: best-effort release; a server that stopped reading blocks it until the tunnel's heartbeat loss tears the connection down",
     "bridge_client/tunnel.py::exchange::send": "gap: the exchange waits for the server's answer as long as the tunnel lives (a slow card may take long); bounded by heartbeat loss, not by a deadline",
     "bridge_client/vpcd_link.py::_vpcd_loop::receive_some": "by design: waiting for pcscd's next command is idle time, not an operation; a closed vpcd socket ends it",
-    "bridge_client/vpcd_link.py::_vpcd_loop::send_all": "gap: a reply to a pcscd that stopped reading has no deadline (local socket, pcscd reads its replies synchronously)",
 }
 
 
