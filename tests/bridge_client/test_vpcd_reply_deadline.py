@@ -9,27 +9,12 @@ from typing import Any
 
 import trio
 import trio.testing
-from client_fakes import Certs, FakeVpcd, open_tunnel
+from client_fakes import Certs, FakeVpcd, LockstepNet, open_tunnel
 from structlog.testing import capture_logs
 
 from bridge_client.backoff import Backoff
 from bridge_client.vpcd_link import VPCD_REPLY_TIMEOUT_S, VpcdLink
 from protocol.vpcd import VpcdControl
-
-
-class LockstepNet:
-    """`open_stream` handing out lockstep pairs: the test gets the pcscd end of each connect."""
-
-    def __init__(self) -> None:
-        self._send, self._receive = trio.open_memory_channel[trio.abc.Stream](8)
-
-    async def __call__(self, host: str, port: int) -> trio.abc.Stream:
-        near, far = trio.testing.lockstep_stream_pair()
-        self._send.send_nowait(far)
-        return near
-
-    async def accept(self) -> trio.abc.Stream:
-        return await self._receive.receive()
 
 
 async def test_a_pcscd_that_stops_reading_replies_is_dropped_at_the_deadline_and_reconnected(

@@ -71,7 +71,7 @@ REVIEWED: dict[str, str] = {
     "bridge_admin/client.py::_socket_request::receive_some": "caller: request() runs it under fail_after(REQUEST_TIMEOUT_S)",
     # bridge_client
     "bridge_client/tunnel.py::_heartbeat::send": "the tunnel's receive loop: a server that stops reading stops answering, and the loop's move_on_after(silence) ends the tunnel, cancelling the pinger",
-    "bridge_client/tunnel.py::_dispatch::send": "gap: a Pong or LeaseRelease to a server that stopped reading blocks the receive loop outside its move_on_after(silence); the TCP send buffer (kilobytes) must fill first",
+    "bridge_client/tunnel.py::_dispatch::send": "caller: _receive_loop runs _dispatch under move_on_after(silence) (bridge_client/test_tunnel_send_deadline.py)",
     "bridge_client/tunnel.py::acquire_lease::send": "caller: vpcd_link runs acquire_lease under fail_after(queue_timeout_s)",
     "bridge_client/tunnel.py::release_lease::send": "gap: best-effort release; a server that stopped reading blocks it until the tunnel's heartbeat loss tears the connection down",
     "bridge_client/tunnel.py::exchange::send": "gap: the exchange waits for the server's answer as long as the tunnel lives (a slow card may take long); bounded by heartbeat loss, not by a deadline",
