@@ -27,6 +27,7 @@ from protocol.wire import DEFAULT_PORT
 
 DEFAULT_SERVER_CONFIG: Final = Path("/etc/tokenbridge/server.yaml")
 REQUEST_TIMEOUT_S: Final = 15.0
+CONNECT_TIMEOUT_S: Final = 15.0  # TCP, TLS and the server's Welcome
 MAX_RESPONSE: Final = 16 * 1024 * 1024
 SOFTWARE: Final = "tokenbridge-admin/0.1.0"
 _ids = itertools.count(1)
@@ -118,9 +119,15 @@ class AdminSession:
         t = self.target
         try:
             if t.socket is not None:
-                self._stream = await trio.open_unix_socket(str(t.socket))
+                with trio.fail_after(CONNECT_TIMEOUT_S):  # blocks while the accept backlog is full
+                    self._stream = await trio.open_unix_socket(str(t.socket))
             else:
                 await self._open_tls()
+        except trio.TooSlowError as exc:
+            raise AdminClientError(
+                f"{t.describe()} did not accept the connection within {CONNECT_TIMEOUT_S:g} s; "
+                "is tokenbridge-server stuck?"
+            ) from exc
         except OSError as exc:
             raise AdminClientError(
                 f"cannot reach {t.describe()}: {exc.strerror or exc}; is tokenbridge-server running?"
@@ -139,15 +146,23 @@ class AdminSession:
         assert t.ca is not None
         ctx = client_context(ca=t.ca, cert=t.cert, key=t.key)
         try:
-            greeted = await connect(
-                t.address,
-                ctx,
-                server_name=t.server_name or t.address.host,
-                software=SOFTWARE,
-                name_fix="fix --server or --server-name",
-            )
+            # Every wait has a deadline (P5): a peer that accepts TCP and then says nothing
+            # (a black hole, a stuck server) must not hang `tokenbridge status` forever.
+            with trio.fail_after(CONNECT_TIMEOUT_S):
+                greeted = await connect(
+                    t.address,
+                    ctx,
+                    server_name=t.server_name or t.address.host,
+                    software=SOFTWARE,
+                    name_fix="fix --server or --server-name",
+                )
         except ConnectFailed as exc:
             raise AdminClientError(str(exc)) from exc
+        except trio.TooSlowError as exc:
+            raise AdminClientError(
+                f"{t.describe()} accepted the connection but did not complete the TLS handshake "
+                f"and greeting within {CONNECT_TIMEOUT_S:g} s (a black hole, or not a tokenbridge server?)"
+            ) from exc
         self._stream, self._framed = greeted.stream, greeted.conn
 
     async def request(self, action: str, args: dict[str, Any] | None = None) -> dict[str, Any]:

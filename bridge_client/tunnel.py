@@ -249,7 +249,16 @@ class Tunnel:
             if isinstance(msg, Goodbye):
                 log.info("tunnel.goodbye", code=int(msg.code), reason=msg.reason)
                 return
-            await self._dispatch(conn, msg)
+            # P5: a Pong or LeaseRelease to a server that stopped reading would block this loop
+            # outside its silence deadline; the same bound applies to what it sends.
+            with trio.move_on_after(silence) as stalled:
+                await self._dispatch(conn, msg)
+            if stalled.cancelled_caught:
+                log.warning("tunnel.heartbeat_lost", peer=str(self.address), silent_s=silence)
+                raise _HeartbeatLost(
+                    f"heartbeat lost: the server took nothing we sent for {silence:g} s "
+                    f"({MISSED_HEARTBEATS} heartbeat intervals); network or server stalled"
+                )
 
     async def _dispatch(self, conn: FramedConnection, msg: object) -> None:
         if isinstance(msg, Ping):

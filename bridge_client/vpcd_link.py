@@ -51,6 +51,7 @@ from protocol.vpcd import DEFAULT_PORT, MAX_ATR_LENGTH, Apdu, Closed, Control, V
 log = structlog.get_logger(__name__)
 
 RECEIVE_SIZE = 65536 + 2
+VPCD_REPLY_TIMEOUT_S = 10.0  # pcscd takes a reply at once; this long means it is stuck
 
 
 @dataclass
@@ -194,7 +195,14 @@ class VpcdLink:
             else:  # pragma: no cover - exhaustive
                 raise AssertionError(event)
             if reply:
-                await stream.send_all(reply)
+                # P5: pcscd reads each reply right after its command; one it does not take
+                # within the deadline means pcscd is stuck: drop the link, it reconnects.
+                with trio.move_on_after(VPCD_REPLY_TIMEOUT_S) as stuck:
+                    await stream.send_all(reply)
+                if stuck.cancelled_caught:
+                    raise trio.BrokenResourceError(
+                        f"vpcd did not take our reply within {VPCD_REPLY_TIMEOUT_S:g} s"
+                    )
 
     async def _on_control(self, card: VpcdCardSide, code: VpcdControl) -> bytes:
         tok = self._tok

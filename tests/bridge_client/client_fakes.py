@@ -268,3 +268,19 @@ class FakeVpcd:
     async def closed(self) -> bool:
         """True once the card side closed the connection without sending anything more."""
         return await self._next() == Closed()
+
+
+class LockstepNet:
+    """`MemoryNet` with flow control: each connect is a lockstep pair, so a write waits until
+    the far end reads (a peer that stops reading really blocks the writer)."""
+
+    def __init__(self) -> None:
+        self._send, self._receive = trio.open_memory_channel[trio.abc.Stream](8)
+
+    async def __call__(self, host: str, port: int) -> trio.abc.Stream:
+        near, far = trio.testing.lockstep_stream_pair()
+        self._send.send_nowait(far)
+        return near
+
+    async def accept(self) -> trio.abc.Stream:
+        return await self._receive.receive()

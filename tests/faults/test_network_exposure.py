@@ -82,7 +82,12 @@ def link() -> Iterator[Link]:
     host_ns, vm_ns = f"tbhost{tag}", f"tbvm{tag}"
     veth_host, veth_vm = f"tbh{tag}", f"tbv{tag}"
     net = Link(host_ns, vm_ns, f"10.231.{n}.1", f"10.231.{n}.2", f"fd00:7b:{n:x}::1", f"fd00:7b:{n:x}::2")
-    ip("netns", "add", host_ns)
+    try:
+        ip("netns", "add", host_ns)
+    except subprocess.CalledProcessError as exc:  # e.g. an unprivileged container
+        pytest.fail(
+            f"cannot create a network namespace (needs CAP_SYS_ADMIN and CAP_NET_ADMIN): {exc.stderr}"
+        )
     try:
         ip("netns", "add", vm_ns)
         ip("link", "add", veth_host, "type", "veth", "peer", "name", veth_vm)

@@ -5,7 +5,8 @@ reliability-anchors §8 P5 ("no await on network or USB is unbounded") and §6 r
 lint. STYLE forbids `timeout=` parameters on async functions: deadlines are cancel scopes set
 by a caller, often several frames up, which a lexical lint cannot follow. So this is the honest
 narrower version: it finds every await of a network or USB primitive in `bridge_server/`
-(the test simulator excluded), `bridge_client/` and `protocol/runtime/`, and each one must be
+(the test simulator excluded), `bridge_client/`, `protocol/runtime/` and the admin CLI's
+network side in `bridge_admin/`, and each one must be
 either lexically inside `trio.fail_after` / `move_on_after` / `fail_at` / `move_on_at` /
 `CancelScope(deadline=...)` in its own function, or listed in `REVIEWED` below with who bounds
 it. A new unbounded await fails the test until someone bounds it or reviews it; a reviewed
@@ -22,7 +23,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-SCANNED = ("bridge_server", "bridge_client", "protocol/runtime")
+SCANNED = ("bridge_server", "bridge_client", "protocol/runtime", "bridge_admin")
 EXCLUDED = ("bridge_server/simulator/",)  # the test token and its USB link, not a daemon path
 NETWORK = frozenset(
     {
@@ -48,7 +49,7 @@ REVIEWED: dict[str, str] = {
     # protocol/runtime: primitives; the deadline belongs to whoever calls them.
     "protocol/runtime/framed.py::send::send_all": "delegation: FramedConnection.send; callers bound it (entries below)",
     "protocol/runtime/framed.py::receive::receive_some": "delegation: FramedConnection.receive; callers bound it",
-    "protocol/runtime/connect.py::connect::send": "caller: every connect() runs under fail_after (tunnel connect_timeout_s, admin client, doctor)",
+    "protocol/runtime/connect.py::connect::send": "caller: every connect() runs under fail_after (tunnel connect_timeout_s, doctor SERVER_TIMEOUT_S, admin client CONNECT_TIMEOUT_S: faults/test_admin_connect_deadline.py)",
     "protocol/runtime/connect.py::_handshake::do_handshake": "caller: connect() is run under fail_after by every caller",
     "protocol/runtime/connect.py::_greeting::receive": "caller: connect() is run under fail_after by every caller",
     # bridge_server/net
@@ -65,14 +66,16 @@ REVIEWED: dict[str, str] = {
     "bridge_server/usb/transport.py::read::run_sync": _LIBUSB,
     "bridge_server/usb/transport.py::read_interrupt::run_sync": _LIBUSB,
     "bridge_server/usb/transport.py::open::run_sync": "gap: opening the device (enumeration, claim) has no deadline of ours; libusb's control transfers carry their own default timeouts",
+    # bridge_admin (the CLI's network side)
+    "bridge_admin/client.py::_socket_request::send_all": "caller: request() runs it under fail_after(REQUEST_TIMEOUT_S)",
+    "bridge_admin/client.py::_socket_request::receive_some": "caller: request() runs it under fail_after(REQUEST_TIMEOUT_S)",
     # bridge_client
     "bridge_client/tunnel.py::_heartbeat::send": "the tunnel's receive loop: a server that stops reading stops answering, and the loop's move_on_after(silence) ends the tunnel, cancelling the pinger",
-    "bridge_client/tunnel.py::_dispatch::send": "gap: a Pong or LeaseRelease to a server that stopped reading blocks the receive loop outside its move_on_after(silence); the TCP send buffer (kilobytes) must fill first",
+    "bridge_client/tunnel.py::_dispatch::send": "caller: _receive_loop runs _dispatch under move_on_after(silence) (bridge_client/test_tunnel_send_deadline.py)",
     "bridge_client/tunnel.py::acquire_lease::send": "caller: vpcd_link runs acquire_lease under fail_after(queue_timeout_s)",
     "bridge_client/tunnel.py::release_lease::send": "gap: best-effort release; a server that stopped reading blocks it until the tunnel's heartbeat loss tears the connection down",
     "bridge_client/tunnel.py::exchange::send": "gap: the exchange waits for the server's answer as long as the tunnel lives (a slow card may take long); bounded by heartbeat loss, not by a deadline",
     "bridge_client/vpcd_link.py::_vpcd_loop::receive_some": "by design: waiting for pcscd's next command is idle time, not an operation; a closed vpcd socket ends it",
-    "bridge_client/vpcd_link.py::_vpcd_loop::send_all": "gap: a reply to a pcscd that stopped reading has no deadline (local socket, pcscd reads its replies synchronously)",
 }
 
 
