@@ -84,7 +84,8 @@ async def _operation(readers: Sequence[UsbipReader], stream: trio.abc.Stream, pe
             side.receive_data(bytes(await stream.receive_some(4096)))
             event = side.next_event()
     if isinstance(event, wire.ReqDevlist):
-        await stream.send_all(wire.rep_devlist([r.exported() for r in readers]))
+        with trio.fail_after(OP_TIMEOUT_S):
+            await stream.send_all(wire.rep_devlist([r.exported() for r in readers]))
         return
     if not isinstance(event, wire.ReqImport):
         return
@@ -92,11 +93,13 @@ async def _operation(readers: Sequence[UsbipReader], stream: trio.abc.Stream, pe
     if reader is None or reader.attached_by is not None:
         why = "no such bus id" if reader is None else f"already attached by {reader.attached_by}"
         log.warning("usbip.import_refused", peer=peer, busid=event.busid, reason=why)
-        await stream.send_all(wire.rep_import(None))
+        with trio.fail_after(OP_TIMEOUT_S):
+            await stream.send_all(wire.rep_import(None))
         return
     reader.attached_by = peer  # before the first await: a second import is refused from now on
     try:
-        await stream.send_all(wire.rep_import(reader.exported()))
+        with trio.fail_after(OP_TIMEOUT_S):
+            await stream.send_all(wire.rep_import(reader.exported()))
         side.imported()
         await reader.serve_attached(stream, side, peer)
     finally:

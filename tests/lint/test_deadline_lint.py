@@ -65,6 +65,8 @@ REVIEWED: dict[str, str] = {
     "bridge_server/usb/transport.py::transceive::run_sync": _LIBUSB,
     "bridge_server/usb/transport.py::read::run_sync": _LIBUSB,
     "bridge_server/usb/transport.py::read_interrupt::run_sync": _LIBUSB,
+    "bridge_server/usb/transport.py::abort_request::run_sync": _LIBUSB,
+    "bridge_server/usb/transport.py::usb_reset::run_sync": "libusb: the usbfs reset ioctl returns when the kernel has reset the port; the driver's recovery runs each step under the exchange cap (bridge_server/test_ccid_recovery.py)",
     "bridge_server/usb/transport.py::open::run_sync": "gap: opening the device (enumeration, claim) has no deadline of ours; libusb's control transfers carry their own default timeouts",
     # bridge_admin (the CLI's network side)
     "bridge_admin/client.py::_socket_request::send_all": "caller: request() runs it under fail_after(REQUEST_TIMEOUT_S)",
@@ -75,6 +77,8 @@ REVIEWED: dict[str, str] = {
     "bridge_client/tunnel.py::acquire_lease::send": "caller: vpcd_link runs acquire_lease under fail_after(queue_timeout_s)",
     "bridge_client/tunnel.py::release_lease::send": "gap: best-effort release; a server that stopped reading blocks it until the tunnel's heartbeat loss tears the connection down",
     "bridge_client/tunnel.py::exchange::send": "gap: the exchange waits for the server's answer as long as the tunnel lives (a slow card may take long); bounded by heartbeat loss, not by a deadline",
+    "bridge_client/usbip/reader.py::send_loop::send_all": "the attachment: answers queue in a bounded channel; an importer that stops reading fills it, emit() raises and the attachment's scope is cancelled (bridge_client/test_usbip_reader.py)",
+    "bridge_client/usbip/reader.py::receive_loop::receive_some": "by design: waiting for the importer's next URB is idle time, as with vpcd; a closed socket ends it",
     "bridge_client/vpcd_link.py::_vpcd_loop::receive_some": "by design: waiting for pcscd's next command is idle time, not an operation; a closed vpcd socket ends it",
 }
 
