@@ -69,6 +69,7 @@ class TokenConfig:
     match: TokenMatch
     allow: tuple[str, ...] = ()
     policy: PolicyConfig = PolicyConfig()
+    speculation: bool = True  # verified speculation and GET RESPONSE prefetch (issue 17, docs/performance.md)
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,7 +212,7 @@ def _parse_tokens(root: Section) -> tuple[TokenConfig, ...]:
         raise root.error("tokens", "expected a non-empty list of tokens")
     tokens: list[TokenConfig] = []
     for i, item in enumerate(raw):
-        sec = Section(item, root.path, f"tokens[{i}]", ("name", "match", "allow", "policy"))
+        sec = Section(item, root.path, f"tokens[{i}]", ("name", "match", "allow", "policy", "speculation"))
         name = sec.string("name", required=True)
         assert name is not None
         if len(name) > MAX_TOKEN_NAME_LENGTH or not name.isprintable():
@@ -221,7 +222,14 @@ def _parse_tokens(root: Section) -> tuple[TokenConfig, ...]:
         sec.require("match")
         match = _parse_match(sec.section("match", ("vid", "pid", "serial", "simulate", "state")))
         policy = _parse_policy(sec.section("policy", ("allow_management", "family", "allow_ins")), match)
-        tokens.append(TokenConfig(name=name, match=match, allow=sec.names("allow"), policy=policy))
+        speculation = sec.raw.get("speculation", True)
+        if not isinstance(speculation, bool):
+            raise sec.error("speculation", f"expected true or false, got {speculation!r}")
+        tokens.append(
+            TokenConfig(
+                name=name, match=match, allow=sec.names("allow"), policy=policy, speculation=speculation
+            )
+        )
     return tuple(tokens)
 
 

@@ -16,7 +16,9 @@ Pure (no I/O, clock or concurrency; tests/protocol/test_purity.py):
 - `protocol.ccid`, `protocol.apdu`, `protocol.atr`, `protocol.t1`: smart-card codecs
   (CCID messages, APDUs, ATRs, the T=1 block protocol for both reader and card);
 - `protocol.ccid_stream`: CCID messages assembled from bulk-IN transfers of any size;
-- `protocol.vpcd`: vsmartcard's vpcd socket protocol.
+- `protocol.vpcd`: vsmartcard's vpcd socket protocol;
+- `protocol.speculation`: verified speculation (issue 17): the read-only command rule, GET
+  RESPONSE prefetch, taught paths and their binary messages.
 
 Runtime helpers (they do I/O; the daemons share them):
 
@@ -40,6 +42,7 @@ PUBLIC_MODULES = (
     "protocol.ccid_stream",
     "protocol.connection",
     "protocol.errors",
+    "protocol.speculation",
     "protocol.t1",
     "protocol.vocabulary",
     "protocol.vpcd",

@@ -17,6 +17,7 @@ import structlog
 import trio
 
 from bridge_server.observe.status import crl_status, pin_guard_state
+from bridge_server.tokens import speculation
 from bridge_server.view import ServerView
 
 log = structlog.get_logger(__name__)
@@ -65,6 +66,7 @@ _HELP: Final = {
         "seconds until the CRL in force passes next_update (negative: stale, new handshakes fail)",
     ),
     "tokenbridge_crl_stale": ("gauge", "1 once the CRL in force is past next_update (fail closed)"),
+    **speculation.METRICS_HELP,  # issue 17: round trips, speculative hits, replay mismatches
 }
 
 
@@ -103,6 +105,7 @@ def server_rows(server: ServerView) -> list[tuple[str, float, dict[str, str]]]:
         rows += [
             ("tokenbridge_lease_ends_total", float(n), {**t, "reason": r}) for r, n in s.lease_ends.items()
         ]
+        rows += [(name, v, t) for name, v in speculation.metric_values(tok.spec, s.round_trips_total).items()]
     rows.append(("tokenbridge_sessions", float(len(server.hub)), {}))
     saved = {
         "audit": server.audit.available,

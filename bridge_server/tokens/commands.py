@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Final, TypeAlias
 
 from bridge_server.net.hub import Subscriber
+from protocol.speculation import LeaseExchange
 
 __all__ = [
     "COMMAND_TYPES",
@@ -27,9 +28,10 @@ __all__ = [
 
 @dataclass(frozen=True, slots=True)
 class RequestLease:
-    """The client's `LeaseRequest`."""
+    """The client's `LeaseRequest`, or its `LeaseExchange` (`batch`: run once granted)."""
 
     sub: Subscriber
+    batch: LeaseExchange | None = None
 
 
 @dataclass(frozen=True, slots=True)

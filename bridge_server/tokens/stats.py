@@ -29,6 +29,7 @@ class TokenStats:
         self.wait_seconds_sum = 0.0
         self.hold_seconds_sum = 0.0
         self.holds = 0
+        self.round_trips_total = 0  # client messages waited on, over all ended leases (issue 17)
         self._day = _today()
         self._signatures_day = 0
         self._queued_at: dict[int, float] = {}

@@ -126,7 +126,8 @@ async def expect(client: FramedConnection, cls: type) -> Any:
         if isinstance(msg, wire.Ping):
             await client.send(wire.Pong(nonce=msg.nonce))
             continue
-        assert isinstance(msg, wire.TokenStatus | wire.Pong | wire.LeaseQueued), msg
+        # SpeculationPaths: the server teaches what it learnt after a lease (issue 17), unasked
+        assert isinstance(msg, wire.TokenStatus | wire.Pong | wire.LeaseQueued | wire.SpeculationPaths), msg
 
 
 async def hello(client: FramedConnection) -> None:
