@@ -298,6 +298,7 @@ class Tunnel:
         if isinstance(msg, SpeculationPaths):
             self.speculation[tok.name].teach(msg.paths)
             log.info("speculation.taught", token=tok.name, paths=len(msg.paths))
+            self._notify()
         elif tok.epoch == msg.epoch:  # the chain that follows the next CCID answer of this lease
             self.prefetched[tok.name].load(msg.steps)
 
