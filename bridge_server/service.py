@@ -118,6 +118,8 @@ def _token_changes(
             applied.append(f"tokens: {tok.name}.allow")
         if fresh.policy != tok.policy:
             applied.append(f"tokens: {tok.name}.policy")
+        if fresh.speculation != tok.speculation:  # issue 17: applied by TokenManager.reconfigure
+            applied.append(f"tokens: {tok.name}.speculation")
         kept.append(replace(fresh, match=tok.match))
     restart.extend(f"tokens: {name} added" for name in by_name)
     return kept, applied, restart
