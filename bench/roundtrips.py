@@ -35,11 +35,12 @@ import yaml
 
 from bench import run
 from bench.stats import machine
-from bridge_admin.local_stack import BridgeStack, claim_vpcd_slot, wait_for
+from bridge_admin.local_stack import BridgeStack, DemoError, claim_vpcd_slot, wait_for
 from bridge_admin.signing_tools import read_certificate_pem
 from protocol.runtime.config import dump_yaml
 
 SETTLE_S = 2.0
+FAILURES: list[str] = []  # signatures that failed and were retried
 TOOLS: dict[str, Callable[[int, Path], float]] = {
     "pkcs11-tool": run.pkcs11_sign,
     "osslsigncode": run.ossl_sign,
@@ -73,14 +74,39 @@ def _leases(stack: BridgeStack) -> list[dict[str, object]]:
     return out
 
 
+def _client_events(stack: BridgeStack) -> list[str]:
+    """The client's last lease endings, removals and server errors (why a signature failed)."""
+    events = []
+    for log in stack.workdir.glob("client-*.log"):
+        for line in log.read_text().splitlines()[-200:]:
+            with contextlib.suppress(ValueError):
+                d = json.loads(line)
+                if d.get("event") in ("lease.ended", "reader.removed", "server.error"):
+                    events.append(f"{d['event']}: {d.get('reason') or d.get('code')}")
+    return events[-4:]
+
+
 def _one(stack: BridgeStack, slot: int, work: Path, tool: str) -> dict[str, float]:
     """One signature in a lease of its own: wall time and the lease's round trips and APDUs."""
-    before = len(_leases(stack))
-    with run.only_reader(slot, work):
-        seconds = TOOLS[tool](slot, work)
-    wait_for(lambda: len(_leases(stack)) > before, timeout=60, what="the lease to end")
-    lease = _leases(stack)[-1]
-    return {"s": round(seconds, 4), "round_trips": int(lease["round_trips"]), "apdus": int(lease["apdus"])}  # type: ignore[call-overload]
+    for attempt in range(2):
+        before = len(_leases(stack))
+        try:
+            with run.only_reader(slot, work):
+                seconds = TOOLS[tool](slot, work)
+        except DemoError as exc:  # reported, then retried once: the table says how often
+            why = _client_events(stack)
+            print(f"  {tool} failed (attempt {attempt + 1}): {str(exc).splitlines()[-2:]} {why}", flush=True)
+            FAILURES.append(f"{tool}: {exc} {why}")
+            wait_for(lambda n=before: len(_leases(stack)) > n, timeout=60, what="the failed lease to end")
+            continue
+        wait_for(lambda n=before: len(_leases(stack)) > n, timeout=60, what="the lease to end")
+        lease = _leases(stack)[-1]
+        return {
+            "s": round(seconds, 4),
+            "round_trips": int(lease["round_trips"]),
+            "apdus": int(lease["apdus"]),
+        }  # type: ignore[call-overload]
+    raise RuntimeError(f"{tool} failed twice in a row: {FAILURES[-1]}")
 
 
 def _reset(stack: BridgeStack, slot: int, daemon: object) -> None:
@@ -182,7 +208,7 @@ def main() -> int:
         results = measure(
             slot, tmp, args.delays, args.warm, [m == "on" for m in args.modes], args.log_level, args.cold
         )
-    doc = {"machine": machine(), "started": started, "results": results}
+    doc = {"machine": machine(), "started": started, "results": results, "failures": FAILURES}
     if args.json:
         args.json.write_text(json.dumps(doc, indent=2) + "\n")
     header = ("speculation-delay tool", "round trips cold / warm", "time cold / warm", "APDUs cold / warm")
@@ -190,6 +216,7 @@ def main() -> int:
     widths = [max(len(r[i]) for r in lines) for i in range(4)]
     for line in lines:
         print("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)))
+    print(f"signatures that failed and were retried: {len(FAILURES)}")
     return 0
 
 

@@ -69,7 +69,7 @@ from protocol import wire
 from protocol.apdu import SW_UNKNOWN
 from protocol.ccid import CcidMessage, MessageType, decode_message, xfr_block
 from protocol.errors import MalformedCcidMessageError
-from protocol.speculation import MAX_STEPS, LeaseExchange, Step, get_response_for
+from protocol.speculation import MAX_STEPS, LeaseExchange, Step, get_response_for, speculable_command
 from protocol.vocabulary import ErrorCode
 
 if TYPE_CHECKING:  # the simulator is a test and demo feature: no import at run time
@@ -433,6 +433,9 @@ class TokenManager:
             holder = self.book.holder
             if holder is None or holder.epoch != epoch:
                 return  # the lease ended meanwhile (revoked, unplugged, shutdown)
+            if not speculable_command(command):  # never taught, so never deferred: fail closed
+                await self._card_changed(sub, epoch, index, command)
+                return
             result = await self._card_apdu(sub, epoch, command)
             if result is None:
                 return

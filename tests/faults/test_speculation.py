@@ -235,3 +235,18 @@ async def test_a_certificate_renewed_between_two_leases_removes_the_card_instead
         new_chuid = await app.transmit(GET_CHUID)
         assert new_chuid is not None and new_chuid != old_chuid and new_chuid[-2:] == SW_OK
         nursery.cancel_scope.cancel()
+
+
+async def test_a_deferred_verify_is_refused_before_the_card_sees_it(tmp_path: Path) -> None:
+    """Only plain reads are ever taught, so a client deferring anything else is not believed."""
+    pki = Pki(tmp_path)
+    async with running_server(tmp_path, lease=LEASE) as (server, port), raw_client(pki, port) as client:
+        await hello(client)
+        deferred = ((VERIFY_123456, SW_OK),)
+        live = ccid.xfr_block(1, GET_CHUID).encode()
+        await client.send(wire.LeaseExchange(token_id=0, deferred=deferred, message=live))
+        epoch = (await expect(client, wire.LeaseGranted)).epoch
+        ended = await expect(client, wire.LeaseEnded)
+    assert ended.reason == "card_changed"
+    assert _instructions(server, epoch) == []  # neither the VERIFY nor the command after it ran
+    assert server.tokens[0].simulated.evidence.snapshot().pin_attempts == 0
