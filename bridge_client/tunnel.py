@@ -362,6 +362,10 @@ class Tunnel:
             return
         error = LeaseError(msg.code, msg.message)
         if msg.code in _FRAME_ERRORS:  # about a CCID frame (maybe a late one): not our lease request
+            if msg.token_id in self._leases:
+                # A LeaseExchange not granted yet: its command has not run, so this error is
+                # about a frame of the lease that just ended (sent before it, answered before it).
+                return
             pending = self._exchanges.pop(msg.token_id, None)
             if pending is not None:
                 pending.fail(error)

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
-from client_fakes import ATR, Certs, FakeServer, FakeVpcd, MemoryNet, open_tunnel
+from client_fakes import ATR, Certs, FakeServer, FakeVpcd, MemoryNet, hold_lease, open_tunnel
 from structlog.testing import capture_logs
 
 from bridge_client.speculation import ChainBroken, PrefetchedChain, SpeculationCache
@@ -181,3 +181,27 @@ async def test_prefetched_get_responses_are_answered_locally_and_a_wrong_one_rem
     await vpcd.send_apdu(bytes.fromhex("00C0000008"))  # not the GET RESPONSE the card answered
     assert await vpcd.closed()
     assert link.status.local_answers == 1
+
+
+async def test_a_late_error_for_the_ended_lease_does_not_fail_the_next_lease_exchange(
+    nursery: trio.Nursery, certs: Certs, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Found by bench.roundtrips at 25 ms: pcscd's power-on crossed the linger's LeaseEnded, the
+    server answered that frame with lease_required after the client had sent its LeaseExchange."""
+    tunnel, server, _ = await open_tunnel(nursery, certs)
+    await hold_lease(tunnel, server, epoch=41)
+    vnet = MemoryNet()
+    link = VpcdLink(tunnel, "codesign", open_stream=vnet)
+    await nursery.start(link.run)
+    vpcd = FakeVpcd(await vnet.accept())
+    await server.send(wire.LeaseEnded(token_id=0, epoch=41, reason="linger_expired"))
+    while tunnel.tokens["codesign"].epoch is not None:
+        await tunnel.wait_changed()
+    await vpcd.send_apdu(SELECT)
+    command = ccid.decode_message((await server.expect(wire.LeaseExchange)).message)
+    stale = "no lease with epoch 41 on token 'codesign'"
+    await server.send(wire.ErrorMessage(code="lease_required", message=stale, token_id=0))
+    await server.send(wire.LeaseGranted(token_id=0, epoch=42, atr=ATR))
+    await server.send(wire.CcidFrame(token_id=0, epoch=42, message=ccid.data_block(command.seq, OK).encode()))
+    assert await vpcd.response() == OK
+    assert link.status.apdus == 1
