@@ -84,6 +84,7 @@ class VpcdLink:
 
     def __post_init__(self) -> None:
         self.status = ReaderStatus()
+        self._flush_at = 0.0  # deferred APDUs go to the card at this trio time at the latest
 
     @property
     def address(self) -> Address:
@@ -200,7 +201,8 @@ class VpcdLink:
     async def _receive(self, stream: trio.abc.Stream) -> bytes | bytearray:
         """vpcd's next bytes; deferred APDUs go to the card when the application pauses."""
         if self._cache.deferred:
-            with trio.move_on_after(self.flush_after_s):
+            # A deadline from the last deferred APDU: pcscd's get-ATR polls must not push it back.
+            with trio.move_on_at(self._flush_at):
                 return await stream.receive_some(RECEIVE_SIZE)
             await self._lease_exchange(lambda seq: ccid.get_slot_status(seq))
         return await stream.receive_some(RECEIVE_SIZE)
@@ -246,6 +248,7 @@ class VpcdLink:
         if local is not None:
             self.status.apdus += 1
             self.status.local_answers += 1
+            self._flush_at = trio.current_time() + self.flush_after_s
             return local
         if debug_enabled(__name__):  # per APDU: skip building the event at INFO
             log.debug("apdu.sent", token=self.token, apdu=redact(apdu))
