@@ -59,9 +59,11 @@ def test_a_warm_signature_answers_its_reads_on_the_build_vm_and_the_card_still_s
     first, warm = leases
     for sig in signatures:
         verify_signature(cert, data.read_bytes(), sig)
-    # The card saw every APDU of the warm signature (the deferred ones replayed), in far fewer
-    # round trips: everything before OpenSC's first VERIFY was answered on the build VM.
+    # Everything before OpenSC's first VERIFY was answered on the build VM, and still reached
+    # the card: the replayed APDUs are counted at the card without a round trip of their own.
+    # (On a pcscd shared with other programs that enumerate every reader, their APDUs may join a
+    # lease; hence bounds, not the exact 49 / 12 of docs/performance.md.)
     assert warm["reason"] == "linger_expired"
-    assert warm["apdus"] == first["apdus"]
-    assert warm["round_trips"] <= 13  # was 50 before issue 17 (docs/performance.md)
+    assert warm["round_trips"] <= 13  # was 50 before issue 17
+    assert warm["apdus"] - warm["round_trips"] >= 30
     assert first["round_trips"] >= warm["round_trips"]
