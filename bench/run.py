@@ -232,20 +232,23 @@ def side_by_side(fn: object, direct: int, bridged: int, workdir: Path, runs: int
     }
 
 
-def lease_apdus(stack: BridgeStack) -> tuple[int, int]:
-    """(leases ended, APDUs in them) so far, from the server's JSON log."""
+def lease_apdus(stack: BridgeStack) -> tuple[int, int, int]:
+    """(leases ended, APDUs in them, round trips in them) so far, from the server's JSON log."""
     assert stack.server is not None
-    leases = apdus = 0
+    leases = apdus = trips = 0
     for line in stack.server.log_path.read_text().splitlines():
         if '"lease.ended"' in line:
             with contextlib.suppress(ValueError):
-                apdus += int(json.loads(line).get("apdus", 0))
+                ended = json.loads(line)
+                apdus += int(ended.get("apdus", 0))
+                trips += int(ended.get("round_trips", 0))  # issue 17: counted by the server
                 leases += 1
-    return leases, apdus
+    return leases, apdus, trips
 
 
 def round_trips(stack: BridgeStack, slot: int, workdir: Path, runs: int) -> dict[str, float]:
-    """APDU round trips (client->server CCID frames) per `pkcs11-tool --sign`, from lease.ended.
+    """Round trips (lease request or LeaseExchange, then every CCID frame the client waited for)
+    and APDUs per `pkcs11-tool --sign`, from lease.ended; `python -m bench.roundtrips` has more.
 
     One lease per signature: wait for each lease to end before the next. The first wait also
     collects the lease of earlier measurements, so the median over the runs is reported."""
@@ -256,9 +259,10 @@ def round_trips(stack: BridgeStack, slot: int, workdir: Path, runs: int) -> dict
         # The lease ends after pcscd powers the idle card off (its grace period) plus our linger.
         wait_for(lambda n=before[0]: lease_apdus(stack)[0] > n, timeout=60, what="the lease to end")
         after = lease_apdus(stack)
-        per_op.append((after[1] - before[1], after[0] - before[0]))
+        per_op.append((after[1] - before[1], after[2] - before[2]))
     apdus = median([float(a) for a, _ in per_op])
-    return {"apdus_per_sign": apdus, "round_trips_per_sign": apdus + 1, "runs": runs}
+    trips = median([float(t) for _, t in per_op])
+    return {"apdus_per_sign": apdus, "round_trips_per_sign": trips, "runs": runs}
 
 
 @contextlib.contextmanager

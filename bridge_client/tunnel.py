@@ -36,6 +36,7 @@ import trio
 
 from bridge_client.backoff import Backoff
 from bridge_client.errors import CardFailure, LeaseError, TunnelDown, TunnelRefused
+from bridge_client.speculation import PrefetchedChain, SpeculationCache
 from bridge_client.tunnel_state import Pending, TokenState, TunnelStatus
 from protocol import ccid
 from protocol.connection import ConnectionClosed
@@ -43,17 +44,21 @@ from protocol.errors import CloseCode, RemoteProtocolError
 from protocol.runtime.address import Address
 from protocol.runtime.connect import ConnectFailed, ConnectRefused, connect, describe_connect_error
 from protocol.runtime.framed import FramedConnection
+from protocol.speculation import Step
 from protocol.wire import (
     CcidFrame,
     ErrorMessage,
     Goodbye,
     LeaseEnded,
+    LeaseExchange,
     LeaseGranted,
     LeaseQueued,
     LeaseRelease,
     LeaseRequest,
     Ping,
     Pong,
+    Prefetched,
+    SpeculationPaths,
     TokenStatus,
     Welcome,
 )
@@ -102,6 +107,9 @@ class Tunnel:
         self._seq: dict[int, int] = {}
         self._ping_sent: dict[int, float] = {}
         self._nonce = 0
+        # Issue 17: taught paths and the prefetched GET RESPONSE chain, per token name.
+        self.speculation = {n: SpeculationCache() for n in self.token_names}
+        self.prefetched = {n: PrefetchedChain() for n in self.token_names}
 
     # -- state shared with readers -------------------------------------------------------
     async def wait_changed(self) -> None:
@@ -219,6 +227,8 @@ class Tunnel:
                 tok.lost_generation += 1
             tok.epoch = tok.token_id = tok.queue_position = tok.lease_since = None
             tok.present = False
+            self._lease_over(tok.name)
+            self.speculation[tok.name].teach(())  # a new connection is taught afresh
         self._notify()
 
     async def _heartbeat(self, conn: FramedConnection, interval: float) -> None:
@@ -282,12 +292,30 @@ class Tunnel:
                 await conn.send(LeaseRelease(token_id=msg.token_id, epoch=msg.epoch))
         elif isinstance(msg, LeaseEnded):
             self._on_lease_ended(msg)
+        elif isinstance(msg, SpeculationPaths | Prefetched):
+            self._on_speculation(msg)
         elif isinstance(msg, CcidFrame):
             pending = self._exchanges.pop(msg.token_id, None)
             if pending is not None:
                 pending.resolve(msg)
         elif isinstance(msg, ErrorMessage):
             self._on_error(msg)
+
+    def _on_speculation(self, msg: SpeculationPaths | Prefetched) -> None:
+        tok = self._by_id(msg.token_id)
+        if tok is None:
+            return
+        if isinstance(msg, SpeculationPaths):
+            self.speculation[tok.name].teach(msg.paths)
+            log.info("speculation.taught", token=tok.name, paths=len(msg.paths))
+            self._notify()
+        elif tok.epoch == msg.epoch:  # the chain that follows the next CCID answer of this lease
+            self.prefetched[tok.name].load(msg.steps)
+
+    def _lease_over(self, name: str) -> None:
+        """No lease any more: the next APDU meets a freshly reset card (issue 17)."""
+        self.prefetched[name].clear()
+        self.speculation[name].restart()
 
     def _on_token_status(self, msg: TokenStatus) -> None:
         tok = self.tokens.get(msg.name)
@@ -302,6 +330,7 @@ class Tunnel:
             if tok.epoch is not None:
                 tok.epoch = tok.lease_since = None
                 tok.lost_generation += 1
+                self._lease_over(tok.name)
             # Nothing more will answer a request for an absent or forbidden token.
             gone = LeaseError(msg.state or "token_absent", "the token is no longer usable")
             self._fail_pending(msg.token_id, gone)
@@ -328,6 +357,7 @@ class Tunnel:
         if tok is None or tok.epoch != msg.epoch:
             return
         tok.epoch = tok.lease_since = None
+        self._lease_over(tok.name)
         if msg.reason not in NORMAL_LEASE_ENDINGS:
             tok.lost_generation += 1
         pending = self._exchanges.pop(msg.token_id, None)
@@ -342,6 +372,10 @@ class Tunnel:
             return
         error = LeaseError(msg.code, msg.message)
         if msg.code in _FRAME_ERRORS:  # about a CCID frame (maybe a late one): not our lease request
+            if msg.token_id in self._leases:
+                # A LeaseExchange not granted yet: its command has not run, so this error is
+                # about a frame of the lease that just ended (sent before it, answered before it).
+                return
             pending = self._exchanges.pop(msg.token_id, None)
             if pending is not None:
                 pending.fail(error)
@@ -398,6 +432,32 @@ class Tunnel:
         self._seq[token_id] = (seq + 1) % 256
         return seq
 
+    async def lease_exchange(self, name: str, deferred: tuple[Step, ...], build: object) -> ccid.CcidMessage:
+        """Request the lease and send one CCID command in one message (`LeaseExchange`, issue 17).
+
+        The server replays `deferred` (steps already answered from a taught path) on the card
+        before the command, and ends the lease as `card_changed` on any difference, which fails
+        this call with LeaseError. Callers bound the wait (queue) with `trio.fail_after`.
+        """
+        conn, tok, token_id = self._require(name)
+        if tok.epoch is not None or token_id in self._leases or token_id in self._exchanges:
+            raise CardFailure(f"a lease request or exchange with {name} is already under way")
+        seq = self.next_seq(token_id)
+        command = build(seq)  # type: ignore[operator]
+        lease = self._leases[token_id] = Pending()
+        pending = self._exchanges[token_id] = Pending()
+        try:
+            await conn.send(LeaseExchange(token_id=token_id, deferred=deferred, message=command.encode()))
+            log.info("lease.requested", token=name, deferred=len(deferred))
+            await lease.wait()
+            frame = await pending.wait()
+        finally:
+            # Cancelled (queue deadline, reader gone): a late grant is handed back (see _dispatch)
+            for table, mine in ((self._leases, lease), (self._exchanges, pending)):
+                if table.get(token_id) is mine:
+                    del table[token_id]
+        return _checked(frame, seq)
+
     async def exchange(self, name: str, build: object) -> ccid.CcidMessage:
         """Send one CCID command under our lease and return the server's CCID response.
 
@@ -420,13 +480,18 @@ class Tunnel:
             # refused as "already in flight" until the tunnel reconnects.
             if self._exchanges.get(token_id) is pending:
                 del self._exchanges[token_id]
-        assert isinstance(frame, CcidFrame)
-        try:
-            response = ccid.decode_message(frame.message)
-        except RemoteProtocolError as exc:
-            raise CardFailure(f"malformed CCID response from server: {exc}") from exc
-        if response.seq != seq:
-            raise CardFailure(f"CCID response bSeq {response.seq} does not match command bSeq {seq}")
-        if response.command_status != ccid.CommandStatus.OK:
-            raise CardFailure(f"reader error from server: bError 0x{response.error:02X}")
-        return response
+        return _checked(frame, seq)
+
+
+def _checked(frame: object, seq: int) -> ccid.CcidMessage:
+    """The server's CCID answer to our command `seq`, or CardFailure."""
+    assert isinstance(frame, CcidFrame)
+    try:
+        response = ccid.decode_message(frame.message)
+    except RemoteProtocolError as exc:
+        raise CardFailure(f"malformed CCID response from server: {exc}") from exc
+    if response.seq != seq:
+        raise CardFailure(f"CCID response bSeq {response.seq} does not match command bSeq {seq}")
+    if response.command_status != ccid.CommandStatus.OK:
+        raise CardFailure(f"reader error from server: bError 0x{response.error:02X}")
+    return response

@@ -16,10 +16,15 @@ vpcd's messages and our answers:
   the card, so a reset on the VM is a reset on the token.
 * power off (00): no reply. Under a lease we forward IccPowerOff; the server releases the
   lease after its linger unless the card is used again.
-* an APDU: acquire the lease first if we have none (waiting in the server's queue, bounded
-  by queue_timeout_s), then one XfrBlock under the lease. Any failure (tunnel down, lease
-  lost, reader error) closes the vpcd connection: pcscd reports a reader error and the card
-  removed; we never invent a status word.
+* an APDU: without a lease, first the taught paths (bridge_client/speculation.py, issue 17):
+  an APDU on a path is answered from it and deferred; the first one off the path goes out as
+  `LeaseExchange` (lease request + deferred steps + this XfrBlock in one message, waiting in
+  the server's queue, bounded by queue_timeout_s). Deferred steps left when the application
+  pauses for `flush_after_s` or sends a power event go out the same way, so the card sees
+  every APDU. Under a lease, a GET RESPONSE the server already ran is answered from that
+  chain; anything else is one XfrBlock. Any failure (tunnel down, lease lost, a replay that
+  found the card changed, reader error) closes the vpcd connection: pcscd reports a reader
+  error and the card removed; we never invent a status word.
 
 A lease that ends for any reason but our own release/linger also closes the connection, so
 an application that believed it was logged in sees the card go away instead of a silently
@@ -37,6 +42,7 @@ import trio
 
 from bridge_client.backoff import Backoff
 from bridge_client.errors import CardFailure, LeaseError, TunnelError
+from bridge_client.speculation import SpeculationCache
 from bridge_client.tunnel import Tunnel
 from bridge_client.tunnel_state import TokenState
 from protocol import NEED_DATA, ccid
@@ -59,6 +65,7 @@ class ReaderStatus:
     state: str = "waiting"  # waiting, connecting, inserted, vpcd_unreachable
     reason: str = "waiting for the token"
     apdus: int = 0
+    local_answers: int = 0  # APDUs answered from a taught path or a prefetched chain (issue 17)
     inserted_since: float | None = None
     # Lease request to grant, as this reader waited (for /metrics; the server has its own).
     lease_wait: DurationHistogram = field(default_factory=lambda: DurationHistogram(WAIT_BUCKETS_S))
@@ -73,6 +80,8 @@ class VpcdLink:
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
     queue_timeout_s: float = 900.0
+    # Deferred (speculatively answered) APDUs go to the card after this pause at the latest.
+    flush_after_s: float = 0.5
     backoff: Backoff = field(default_factory=lambda: Backoff(initial_s=0.25, max_s=5.0))
     # How the vpcd connection is opened; tests pass a memory-stream factory.
     open_stream: Callable[[str, int], Awaitable[trio.abc.Stream]] = trio.open_tcp_stream
@@ -83,6 +92,7 @@ class VpcdLink:
     def __post_init__(self) -> None:
         self.status = ReaderStatus()
         self._repeats = RepeatLimiter(self.unreachable_log_interval_s, clock=trio.current_time)
+        self._flush_at = 0.0  # deferred APDUs go to the card at this trio time at the latest
 
     @property
     def address(self) -> Address:
@@ -182,7 +192,7 @@ class VpcdLink:
         while True:
             event = card.next_event()
             if event is NEED_DATA:
-                data = await stream.receive_some(RECEIVE_SIZE)
+                data = await self._receive(stream)
                 _quickack(stream)
                 card.receive_data(bytes(data))
                 continue
@@ -204,20 +214,46 @@ class VpcdLink:
                         f"vpcd did not take our reply within {VPCD_REPLY_TIMEOUT_S:g} s"
                     )
 
+    @property
+    def _cache(self) -> SpeculationCache:
+        return self.tunnel.speculation[self.token]
+
+    async def _receive(self, stream: trio.abc.Stream) -> bytes | bytearray:
+        """vpcd's next bytes; deferred APDUs go to the card when the application pauses."""
+        if self._cache.deferred:
+            # A deadline from the last deferred APDU: pcscd's get-ATR polls must not push it back.
+            with trio.move_on_at(self._flush_at):
+                return await stream.receive_some(RECEIVE_SIZE)
+            await self._lease_exchange(lambda seq: ccid.get_slot_status(seq))
+        return await stream.receive_some(RECEIVE_SIZE)
+
+    async def _lease_exchange(self, build: Callable[[int], ccid.CcidMessage]) -> ccid.CcidMessage:
+        """Lease request + deferred steps + this command in one message (issue 17)."""
+        deferred = self._cache.take_deferred()
+        asked_at = trio.current_time()
+        with trio.fail_after(self.queue_timeout_s):
+            answer = await self.tunnel.lease_exchange(self.token, deferred, build)
+        # For /metrics: the grant travels with the first answer, so the wait ends with it.
+        self.status.lease_wait.observe(trio.current_time() - asked_at)
+        return answer
+
     async def _on_control(self, card: VpcdCardSide, code: VpcdControl) -> bytes:
         tok = self._tok
         if code == VpcdControl.GET_ATR:
             return card.send_atr(tok.atr)
         log.debug("vpcd.control", token=self.token, code=code.name, leased=tok.epoch is not None)
-        if tok.epoch is None:
+        if tok.epoch is None and not self._cache.deferred:
+            self._cache.restart()  # still no lease: the next APDU meets a freshly reset card
             return b""
         generation = tok.lost_generation
+        power_off = code == VpcdControl.POWER_OFF
+        # POWER_ON / RESET under a lease: the server cold-resets the card
+        build = ccid.icc_power_off if power_off else ccid.icc_power_on
         try:
-            if code == VpcdControl.POWER_OFF:
-                await self.tunnel.exchange(self.token, lambda seq: ccid.icc_power_off(seq))
-                return b""
-            # POWER_ON / RESET under a lease: the server cold-resets the card
-            response = await self.tunnel.exchange(self.token, lambda seq: ccid.icc_power_on(seq))
+            if tok.epoch is None:  # deferred APDUs wait: they reach the card before this event
+                response = await self._lease_exchange(lambda seq: build(seq))
+            else:
+                response = await self.tunnel.exchange(self.token, lambda seq: build(seq))
         except LeaseError:
             if tok.epoch is None and tok.lost_generation == generation:
                 # The lease ended normally (its linger ran out) while this power event was on its
@@ -227,24 +263,35 @@ class VpcdLink:
             raise
         # Only a plausible ATR replaces the cached one: send_atr() refuses 0 or > 33 bytes, and
         # that error would end the reader task (tests/fuzz ATR-length table, reliability §7.2 B4).
-        if 1 <= len(response.data) <= MAX_ATR_LENGTH:
+        if not power_off and 1 <= len(response.data) <= MAX_ATR_LENGTH:
             tok.atr = response.data
         return b""
 
     async def _on_apdu(self, apdu: bytes) -> bytes:
-        asked_at = None if self._tok.epoch is not None else trio.current_time()
-        with trio.fail_after(self.queue_timeout_s):
-            await self.tunnel.acquire_lease(self.token)
-        if asked_at is not None:
-            self.status.lease_wait.observe(trio.current_time() - asked_at)
+        local = self._local_answer(apdu)
+        if local is not None:
+            self.status.apdus += 1
+            self.status.local_answers += 1
+            self._flush_at = trio.current_time() + self.flush_after_s
+            return local
         if debug_enabled(__name__):  # per APDU: skip building the event at INFO
             log.debug("apdu.sent", token=self.token, apdu=redact(apdu))
-        response = await self.tunnel.exchange(self.token, lambda seq: ccid.xfr_block(seq, apdu))
+        if self._tok.epoch is None:
+            response = await self._lease_exchange(lambda seq: ccid.xfr_block(seq, apdu))
+        else:
+            response = await self.tunnel.exchange(self.token, lambda seq: ccid.xfr_block(seq, apdu))
         if len(response.data) < 2:
             # vpcd needs an R-APDU with a status word; we never invent one.
             raise CardFailure(f"server answered an APDU with {len(response.data)} bytes (no status word)")
         self.status.apdus += 1
         return response.data
+
+    def _local_answer(self, apdu: bytes) -> bytes | None:
+        """The answer known without the network: a taught path (no lease) or the prefetched
+        GET RESPONSE chain (under a lease); ChainBroken (a CardFailure) removes the card."""
+        if self._tok.epoch is None:
+            return self._cache.answer(apdu)
+        return self.tunnel.prefetched[self.token].answer(apdu)
 
 
 def _quickack(stream: trio.abc.Stream) -> None:

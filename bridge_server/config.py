@@ -100,6 +100,7 @@ class TokenConfig:
     policy: PolicyConfig = PolicyConfig()
     timeouts: TokenTimeouts = TokenTimeouts()
     server_pin: ServerPinConfig | None = None  # issue 16: bridge_server/guard/server_pin_config.py
+    speculation: bool = True  # verified speculation and GET RESPONSE prefetch (issue 17, docs/performance.md)
 
 
 @dataclass(frozen=True, slots=True)
@@ -270,7 +271,7 @@ def _parse_tokens(root: Section) -> tuple[TokenConfig, ...]:
         raise root.error("tokens", "expected a non-empty list of tokens")
     tokens: list[TokenConfig] = []
     for i, item in enumerate(raw):
-        keys = ("name", "match", "allow", "policy", "timeouts", "server_pin")
+        keys = ("name", "match", "allow", "policy", "timeouts", "server_pin", "speculation")
         sec = Section(item, root.path, f"tokens[{i}]", keys)
         name = sec.string("name", required=True)
         assert name is not None
@@ -288,9 +289,18 @@ def _parse_tokens(root: Section) -> tuple[TokenConfig, ...]:
         if sec.has("server_pin"):
             pin_sec = server_pin_section(sec)
             server_pin = parse_server_pin(pin_sec, allow=allow, family=policy.family)
+        speculation = sec.raw.get("speculation", True)
+        if not isinstance(speculation, bool):
+            raise sec.error("speculation", f"expected true or false, got {speculation!r}")
         tokens.append(
             TokenConfig(
-                name=name, match=match, allow=allow, policy=policy, timeouts=timeouts, server_pin=server_pin
+                name=name,
+                match=match,
+                allow=allow,
+                policy=policy,
+                timeouts=timeouts,
+                server_pin=server_pin,
+                speculation=speculation,
             )
         )
     return tuple(tokens)

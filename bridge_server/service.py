@@ -146,6 +146,8 @@ def _token_changes(
             applied.append(f"tokens: {tok.name}.policy")
         if fresh.server_pin is not None or tok.server_pin is not None:
             applied.append(f"tokens: {tok.name}.server_pin (re-read)")
+        if fresh.speculation != tok.speculation:  # issue 17: applied by TokenManager.reconfigure
+            applied.append(f"tokens: {tok.name}.speculation")
         kept.append(replace(fresh, match=tok.match))
     restart.extend(f"tokens: {name} added" for name in by_name)
     return kept, applied, restart

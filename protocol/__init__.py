@@ -17,7 +17,9 @@ Pure (no I/O, clock or concurrency; tests/protocol/test_purity.py):
   (CCID messages, APDUs, ATRs, the T=1 block protocol for both reader and card);
 - `protocol.ccid_stream`: CCID messages assembled from bulk-IN transfers of any size;
 - `protocol.vpcd`: vsmartcard's vpcd socket protocol;
-- `protocol.display`: how token states, ATRs and durations are shown to people.
+- `protocol.display`: how token states, ATRs and durations are shown to people;
+- `protocol.speculation`: verified speculation (issue 17): the read-only command rule, GET
+  RESPONSE prefetch, taught paths and their binary messages.
 
 Runtime helpers (they do I/O; the daemons share them):
 
@@ -42,6 +44,7 @@ PUBLIC_MODULES = (
     "protocol.connection",
     "protocol.display",
     "protocol.errors",
+    "protocol.speculation",
     "protocol.t1",
     "protocol.vocabulary",
     "protocol.vpcd",

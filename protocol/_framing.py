@@ -33,6 +33,10 @@ MAX_ADMIN_RESPONSE_PAYLOAD: Final = 1 << 20
 ever comes from the server, to an identity the server itself accepted as an admin."""
 
 HEADER: Final = struct.Struct(">BBI")
+MAX_SPECULATION_PAYLOAD: Final = (256 * 1024) + 16 * (2 + 8 * 512) + 8 + MAX_CCID_MESSAGE
+"""Largest `LeaseExchange` / `Prefetched` / `SpeculationPaths` payload: protocol/speculation.py
+bounds (MAX_STEPS_BYTES + MAX_PATHS x step overhead + fixed fields + one CCID message); a test
+checks the two agree."""
 
 
 class FrameType(IntEnum):
@@ -42,12 +46,15 @@ class FrameType(IntEnum):
     REFUSED = 0x02
     CLIENT_HELLO = 0x03
     TOKEN_STATUS = 0x10
+    SPECULATION_PATHS = 0x11  # binary (protocol/speculation.py), version 2
     LEASE_REQUEST = 0x20
     LEASE_QUEUED = 0x21
     LEASE_GRANTED = 0x22
     LEASE_RELEASE = 0x23
     LEASE_ENDED = 0x24
+    LEASE_EXCHANGE = 0x25  # binary (protocol/speculation.py), version 2
     CCID = 0x30
+    PREFETCHED = 0x31  # binary (protocol/speculation.py), version 2
     PING = 0x40
     PONG = 0x41
     ERROR = 0x50
@@ -73,6 +80,8 @@ def max_payload(
         return max_ccid
     if frame_type is FrameType.ADMIN_RESPONSE and large_admin_response:
         return max(max_control, MAX_ADMIN_RESPONSE_PAYLOAD)
+    if frame_type in _SPECULATION_FRAMES:
+        return MAX_SPECULATION_PAYLOAD
     return max_control
 
 
@@ -187,3 +196,6 @@ class FrameDecoder:
 
 
 _FRAME_TYPES: Final = frozenset(int(t) for t in FrameType)
+_SPECULATION_FRAMES: Final = frozenset(
+    {FrameType.LEASE_EXCHANGE, FrameType.PREFETCHED, FrameType.SPECULATION_PATHS}
+)

@@ -15,10 +15,10 @@ The rules (DESIGN §3, docs/protocol.md §4):
      server has reached OPEN (it has received Welcome).
   4. The server sends nothing but Welcome, Refused and Goodbye until the client has reached
      OPEN (its ClientHello has been received).
-  5. Direction: only the client sends ClientHello, LeaseRequest, LeaseRelease and
-     AdminRequest; only the server sends Welcome, Refused, TokenStatus, LeaseQueued,
-     LeaseGranted, LeaseEnded and AdminResponse. CcidFrame, Ping, Pong, ErrorMessage and
-     Goodbye go both ways.
+  5. Direction: only the client sends ClientHello, LeaseRequest, LeaseExchange, LeaseRelease
+     and AdminRequest; only the server sends Welcome, Refused, TokenStatus, LeaseQueued,
+     LeaseGranted, LeaseEnded, AdminResponse, Prefetched and SpeculationPaths. CcidFrame,
+     Ping, Pong, ErrorMessage and Goodbye go both ways.
   6. Goodbye (either side, AWAIT_GREETING or OPEN) and Refused (server, AWAIT_GREETING or
      OPEN: in answer to an unacceptable ClientHello) move the sender to CLOSED. A CLOSED side
      sends nothing more.
@@ -47,6 +47,7 @@ from protocol.wire import (
     ErrorMessage,
     Goodbye,
     LeaseEnded,
+    LeaseExchange,
     LeaseGranted,
     LeaseQueued,
     LeaseRelease,
@@ -54,7 +55,9 @@ from protocol.wire import (
     Message,
     Ping,
     Pong,
+    Prefetched,
     Refused,
+    SpeculationPaths,
     TokenStatus,
     Welcome,
 )
@@ -78,6 +81,7 @@ AWAIT_GREETING, OPEN, CLOSED, ERROR = ConnState
 _BOTH_WAYS: Final[frozenset[type[Message]]] = frozenset({CcidFrame, Ping, Pong, ErrorMessage})
 CLIENT_SESSION_MESSAGES: Final[frozenset[type[Message]]] = _BOTH_WAYS | {
     LeaseRequest,
+    LeaseExchange,
     LeaseRelease,
     AdminRequest,
 }
@@ -87,6 +91,8 @@ SERVER_SESSION_MESSAGES: Final[frozenset[type[Message]]] = _BOTH_WAYS | {
     LeaseGranted,
     LeaseEnded,
     AdminResponse,
+    Prefetched,
+    SpeculationPaths,
 }
 FAREWELLS: Final[frozenset[type[Message]]] = frozenset({Goodbye, Refused})
 

@@ -77,6 +77,7 @@ class LeaseEndReason(StrEnum):
     REVOKED = "revoked"
     QUEUE_TIMEOUT = "queue_timeout"
     SHUTDOWN = "shutdown"
+    CARD_CHANGED = "card_changed"  # a replayed deferred APDU got another answer (issue 17)
 
 
 WORD_ENUMS: tuple[type[StrEnum], ...] = (ErrorCode, RefusalReason, LeaseEndReason)

@@ -35,6 +35,7 @@ from protocol._framing import (
 )
 from protocol._wire_fields import Kind, from_json, to_json
 from protocol.errors import CloseCode, LocalProtocolError, MalformedFrameError
+from protocol.speculation import LeaseExchange, Prefetched, SpeculationPaths, decode_payload, encode_payload
 from protocol.vocabulary import ErrorCode, LeaseEndReason, RefusalReason
 
 __all__ = [
@@ -62,6 +63,7 @@ __all__ = [
     "Goodbye",
     "LeaseEndReason",
     "LeaseEnded",
+    "LeaseExchange",
     "LeaseGranted",
     "LeaseQueued",
     "LeaseRelease",
@@ -69,8 +71,10 @@ __all__ = [
     "Message",
     "Ping",
     "Pong",
+    "Prefetched",
     "RefusalReason",
     "Refused",
+    "SpeculationPaths",
     "TokenStatus",
     "Welcome",
     "decode_message",
@@ -80,8 +84,9 @@ __all__ = [
     "max_payload",
 ]
 
-PROTOCOL_VERSION: Final = 1
-"""Major version carried by Welcome, Refused and ClientHello; a peer with another is refused."""
+PROTOCOL_VERSION: Final = 2
+"""Major version carried by Welcome, Refused and ClientHello; a peer with another is refused.
+2: LeaseExchange, Prefetched and SpeculationPaths (issue 17, docs/protocol.md §5.4)."""
 DEFAULT_PORT: Final = 7447
 HEARTBEAT_MISSES: Final = 3
 """A peer silent for this many heartbeat intervals is considered dead."""
@@ -214,6 +219,9 @@ Message: TypeAlias = (
     | AdminRequest
     | AdminResponse
     | Goodbye
+    | LeaseExchange
+    | Prefetched
+    | SpeculationPaths
 )
 
 _V, _T, _U16, _U32 = Kind.VERSION, Kind.TEXT, Kind.U16, Kind.U32
@@ -258,11 +266,20 @@ _CONTROL: Final[dict[type[Message], tuple[FrameType, tuple[tuple[str, Kind], ...
     Goodbye: (FrameType.GOODBYE, (("code", Kind.CLOSE_CODE), ("reason", _T))),
 }
 _CONTROL_BY_TYPE: Final = {ftype: (cls, schema) for cls, (ftype, schema) in _CONTROL.items()}
-MESSAGE_TYPES: Final[tuple[type[Message], ...]] = (*_CONTROL, CcidFrame)
+# Binary messages of protocol/speculation.py: the frame type carrying each.
+_BINARY: Final[dict[type[Message], FrameType]] = {
+    LeaseExchange: FrameType.LEASE_EXCHANGE,
+    Prefetched: FrameType.PREFETCHED,
+    SpeculationPaths: FrameType.SPECULATION_PATHS,
+}
+_BINARY_BY_TYPE: Final = {ftype: cls for cls, ftype in _BINARY.items()}
+MESSAGE_TYPES: Final[tuple[type[Message], ...]] = (*_CONTROL, CcidFrame, *_BINARY)
 
 
 def frame_type_of(msg_type: type[Message]) -> FrameType:
     """The frame type that carries messages of class `msg_type`."""
+    if msg_type in _BINARY:
+        return _BINARY[msg_type]
     return FrameType.CCID if msg_type is CcidFrame else _CONTROL[msg_type][0]
 
 
@@ -277,6 +294,11 @@ def encode_message(
     """
     if isinstance(msg, CcidFrame):
         payload, limit = _encode_ccid(msg), max_ccid_payload
+    elif isinstance(msg, LeaseExchange | Prefetched | SpeculationPaths):
+        try:
+            payload, limit = encode_payload(msg), max_ccid_payload
+        except ValueError as exc:
+            raise LocalProtocolError(f"{type(msg).__name__}: {exc}") from None
     elif type(msg) in _CONTROL:
         payload, limit = _encode_control(msg), max_control_payload
     else:
@@ -321,6 +343,11 @@ def decode_message(frame_type: FrameType, payload: bytes) -> Message:
     """
     if frame_type is FrameType.CCID:
         return _decode_ccid(payload)
+    if frame_type in _BINARY_BY_TYPE:
+        try:
+            return decode_payload(_BINARY_BY_TYPE[frame_type], payload)  # type: ignore[arg-type]
+        except ValueError as exc:
+            raise MalformedFrameError(f"{frame_type.name.lower()}: {exc}") from None
     cls, schema = _CONTROL_BY_TYPE[frame_type]
     where = frame_type.name.lower()
     obj = _parse_json_object(payload, where)

@@ -132,6 +132,9 @@ class _Session:
         for token in self.ctx.tokens:
             if token.may_see(self.sub):
                 self.sub.push(token.status_for(self.sub))
+                paths = token.speculation_for(self.sub)  # issue 17: what it learnt before we came
+                if paths is not None:
+                    self.sub.push(paths)
 
     def _finish(self, reason: str) -> None:
         if self.reason is None:
@@ -225,7 +228,7 @@ class _Session:
             return False
         if isinstance(event, wire.Ping):
             self.sub.push(wire.Pong(nonce=event.nonce))
-        elif isinstance(event, wire.LeaseRequest | wire.LeaseRelease | wire.CcidFrame):
+        elif isinstance(event, wire.LeaseRequest | wire.LeaseExchange | wire.LeaseRelease | wire.CcidFrame):
             await self._to_token(event)
         elif isinstance(event, wire.AdminRequest):
             self.sub.push(await self._admin(event))
@@ -235,7 +238,9 @@ class _Session:
             log.warning("client.reported_error", code=event.code, error=event.message[:200])
         return True  # Pong: hearing it is all the heartbeat needs
 
-    async def _to_token(self, msg: wire.LeaseRequest | wire.LeaseRelease | wire.CcidFrame) -> None:
+    async def _to_token(
+        self, msg: wire.LeaseRequest | wire.LeaseExchange | wire.LeaseRelease | wire.CcidFrame
+    ) -> None:
         tokens = self.ctx.tokens
         if not 0 <= msg.token_id < len(tokens) or not tokens[msg.token_id].may_see(self.sub):
             self.sub.push(
@@ -250,6 +255,9 @@ class _Session:
         try:
             if isinstance(msg, wire.LeaseRequest):
                 await token.request_lease(self.sub)
+            elif isinstance(msg, wire.LeaseExchange):
+                self.ccid_frames += 1
+                await token.request_lease(self.sub, msg)
             elif isinstance(msg, wire.LeaseRelease):
                 await token.release_lease(self.sub, msg.epoch)
             else:

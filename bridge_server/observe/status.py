@@ -69,6 +69,7 @@ def _token(server: ServerView, tok: TokenManager, now: float, wall: float) -> di
             "since": _iso(wall - held_s),
             "held_s": round(held_s, 1),
             "apdus": holder.apdus,
+            "round_trips": tok.round_trips,  # issue 17: client messages waited on in this lease
         }
     queue = [
         {"identity": name, "conn_id": conn_id, "waiting_s": None if since is None else round(now - since, 1)}
@@ -91,6 +92,8 @@ def _token(server: ServerView, tok: TokenManager, now: float, wall: float) -> di
         "signatures_today": tok.stats.signatures_today(),
         "pin_guard": guard,
         "server_pin": tok.rails.server_pin.status(tok.rails.guard),  # issue 16: null when not configured
+        # issue 17: taught paths, speculative hits, replay mismatches, round trips of ended leases
+        "speculation": {**tok.spec.snapshot(), "round_trips_total": tok.stats.round_trips_total},
     }
 
 

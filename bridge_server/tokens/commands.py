@@ -13,6 +13,7 @@ from typing import Any, Final, TypeAlias
 import trio
 
 from bridge_server.net.hub import Subscriber
+from protocol.speculation import LeaseExchange
 
 __all__ = [
     "COMMAND_TYPES",
@@ -30,9 +31,10 @@ __all__ = [
 
 @dataclass(frozen=True, slots=True)
 class RequestLease:
-    """The client's `LeaseRequest`."""
+    """The client's `LeaseRequest`, or its `LeaseExchange` (`batch`: run once granted)."""
 
     sub: Subscriber
+    batch: LeaseExchange | None = None
 
 
 @dataclass(frozen=True, slots=True)

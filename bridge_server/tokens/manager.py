@@ -64,13 +64,15 @@ from bridge_server.tokens.leases import (
     Refusal,
 )
 from bridge_server.tokens.pin_check import answer_check
+from bridge_server.tokens.speculation import PathRecorder, SpeculationBook, replay_matches
 from bridge_server.tokens.stats import TokenStats
-from bridge_server.tokens.virtual_reader import VirtualReader
+from bridge_server.tokens.virtual_reader import FrameResult, VirtualReader
 from protocol import wire
 from protocol.apdu import SW_UNKNOWN
-from protocol.ccid import CcidMessage, MessageType, decode_message
+from protocol.ccid import CcidMessage, MessageType, decode_message, xfr_block
 from protocol.display import TokenState
 from protocol.errors import MalformedCcidMessageError
+from protocol.speculation import MAX_STEPS, LeaseExchange, Step, get_response_for, speculable_command
 from protocol.vocabulary import ErrorCode
 
 if TYPE_CHECKING:  # the simulator is a test and demo feature: no import at run time
@@ -131,6 +133,13 @@ class TokenManager:
         self._in_flight: trio.CancelScope | None = None  # the exchange at the card, if any
         self._abort_at: float | None = None  # shutdown: when an exchange at the card is abandoned
         self.stats = TokenStats()  # counters for `status` and /metrics
+        # Issue 17 (docs/performance.md): taught paths, replay of deferred steps, GET RESPONSE
+        # prefetch, round trips per lease.
+        self.spec = SpeculationBook(enabled=config.speculation)
+        self._recorder: PathRecorder | None = None
+        self._batches: dict[int, LeaseExchange] = {}  # conn_id -> its LeaseExchange, until granted
+        self._granted_batch: tuple[Subscriber, int, LeaseExchange] | None = None
+        self.round_trips = 0  # of the current lease: its request and every CCID frame
 
     @property
     def _card(self) -> OpenedCard | None:
@@ -150,6 +159,9 @@ class TokenManager:
         self.queue_timeout_s = lease.queue_timeout_s
         self.rails.policy = config.policy
         self.rails.server_pin.configure(config.server_pin)  # re-read on every reload (issue 16)
+        self.spec.enabled = config.speculation
+        if not config.speculation and self.spec.forget():
+            self._teach()
         if before.allow != config.allow:
             for sub in self.hub:
                 if sub.admin or sub.may_use(before.allow) or sub.may_use(config.allow):
@@ -175,8 +187,14 @@ class TokenManager:
             state=state,
         )
 
-    async def request_lease(self, sub: Subscriber) -> None:
-        await self._send.send(RequestLease(sub))
+    async def request_lease(self, sub: Subscriber, batch: LeaseExchange | None = None) -> None:
+        await self._send.send(RequestLease(sub, batch))
+
+    def speculation_for(self, sub: Subscriber) -> wire.SpeculationPaths | None:
+        """The taught paths for a client allowed to use the token (None: nothing to teach)."""
+        if not sub.may_use(self.config.allow) or not self.spec.paths or not self.spec.enabled:
+            return None
+        return self.spec.message(self.token_id)
 
     async def release_lease(self, sub: Subscriber, epoch: int) -> None:
         await self._send.send(ReleaseLease(sub, epoch))
@@ -234,6 +252,8 @@ class TokenManager:
             "queue": len(self.book.waiting),
             "pin_guard": self.rails.guard.status(self.name),
             "server_pin": self.rails.server_pin.status(self.rails.guard),
+            "round_trips": self.round_trips if holder else 0,
+            "speculation": self.spec.snapshot(),
         }
 
     # -- the loop ----------------------------------------------------------------
@@ -288,14 +308,14 @@ class TokenManager:
 
     async def _from_session(self, cmd: SessionCommand, sub: Subscriber, now: float) -> None:
         match cmd:
-            case RequestLease():
-                await self._request(sub, now)
+            case RequestLease(batch=batch):
+                await self._request(sub, now, batch)
             case ReleaseLease(epoch=epoch):
                 await self._apply(self.book.release(sub.conn_id, epoch, now))
             case SubmitFrame(epoch=epoch, raw=raw):
                 await self._frame(sub, epoch, raw)
 
-    async def _request(self, sub: Subscriber, now: float) -> None:
+    async def _request(self, sub: Subscriber, now: float, batch: LeaseExchange | None = None) -> None:
         if not sub.may_use(self.config.allow):
             self._error(sub, ErrorCode.NOT_ALLOWED, f"{sub.name!r} may not use token {self.name!r}")
             return
@@ -311,10 +331,12 @@ class TokenManager:
             self._error(sub, ErrorCode.AUDIT_UNAVAILABLE, msg)
             return
         self.stats.requested(sub.conn_id, now)
+        if batch is not None:
+            self._batches[sub.conn_id] = batch  # run once granted (_run_batch)
         events = self.book.request(sub.conn_id, sub.name, now, queue_timeout=self.queue_timeout_s)
         await self._apply(events)
 
-    async def _frame(self, sub: Subscriber, epoch: int, raw: bytes) -> None:
+    async def _frame(self, sub: Subscriber, epoch: int, raw: bytes, *, count: bool = True) -> None:
         refusal = self.book.check_frame(sub.conn_id, epoch)
         if refusal is not None:
             self._error(sub, refusal, f"no lease with epoch {epoch} on token {self.name!r}")
@@ -324,6 +346,34 @@ class TokenManager:
         except MalformedCcidMessageError as exc:
             self._error(sub, ErrorCode.BAD_CCID, str(exc))
             return
+        self.round_trips += count  # a LeaseExchange's command rode on its request (issue 17)
+        done = await self._at_card(sub, epoch, msg)
+        if done is None:
+            return
+        result, guard_events = done
+        now = trio.current_time()
+        holder = self._holder or _who(sub, epoch)
+        chain, chain_failure = await self._prefetch(sub, epoch, msg.data, result)
+        if chain:  # before the answer it follows: the client keeps it for the next GET RESPONSEs
+            sub.push(wire.Prefetched(token_id=self.token_id, epoch=epoch, steps=tuple(chain)))
+        sub.push(wire.CcidFrame(token_id=self.token_id, epoch=epoch, message=result.response.encode()))
+        if result.refused is not None:
+            pin = result.refused.kind == "pin_guard"
+            code = ErrorCode.PIN_GUARD if pin else ErrorCode.COMMAND_REFUSED
+            sub.push(wire.ErrorMessage(code=code, message=self.rails.notice(result.refused)))
+            await self.flood.refused(sub, result.refused, holder, now)
+        await self.rails.record_guard_events(guard_events, holder)
+        if result.powered_off:
+            self.book.note_power_off(now)
+        failure = result.failure or chain_failure
+        if failure is not None:
+            await self._device_failed(failure, during=msg.msg_type)
+
+    async def _at_card(
+        self, sub: Subscriber, epoch: int, msg: CcidMessage
+    ) -> tuple[FrameResult, list[Attempt | Engaged]] | None:
+        """Run one CCID command and count it (lease book, stats, path recorder, PIN guard: the
+        caller records the guard's events); None when shutdown abandoned it."""
         assert self._reader is not None  # a holder always has a reader (set on grant)
         reader = self._reader
         with trio.CancelScope(deadline=math.inf if self._abort_at is None else self._abort_at) as scope:
@@ -334,28 +384,96 @@ class TokenManager:
                 self._in_flight = None
         if scope.cancelled_caught:
             await self._abandoned(sub, epoch, msg, reader)
-            return
-        now = trio.current_time()
-        self.book.note_frame(now, apdu=result.apdu)
+            return None
+        self.book.note_frame(trio.current_time(), apdu=result.apdu)
         if result.apdu:
             self.stats.apdu(msg.data, result.response.data)
+        self._record_step(msg, result)
         holder = self._holder or _who(sub, epoch)
         guard_events: list[Attempt | Engaged] = []
         if result.apdu:
             guard_events = self.rails.observe(msg.data, result.response.data, holder)
         elif result.answer_lost:  # the card may have counted it: the guard counts it too
             guard_events = self.rails.observe(msg.data, SW_UNKNOWN.to_bytes(2, "big"), holder)
-        sub.push(wire.CcidFrame(token_id=self.token_id, epoch=epoch, message=result.response.encode()))
-        if result.refused is not None:
-            pin = result.refused.kind == "pin_guard"
-            code = ErrorCode.PIN_GUARD if pin else ErrorCode.COMMAND_REFUSED
-            sub.push(wire.ErrorMessage(code=code, message=self.rails.notice(result.refused)))
-            await self.flood.refused(sub, result.refused, holder, now)
-        await self.rails.record_guard_events(guard_events, holder)
-        if result.powered_off:
-            self.book.note_power_off(now)
-        if result.failure is not None:
-            await self._device_failed(result.failure, during=msg.msg_type)
+        return result, guard_events
+
+    def _record_step(self, msg: CcidMessage, result: FrameResult) -> None:
+        recorder = self._recorder
+        if recorder is None:
+            return
+        if msg.msg_type is MessageType.PC_to_RDR_XfrBlock:
+            recorder.note(msg.data, result.response.data if result.apdu and result.failure is None else None)
+        elif msg.msg_type is MessageType.PC_to_RDR_IccPowerOff or (
+            msg.msg_type is MessageType.PC_to_RDR_IccPowerOn and (recorder.steps or not recorder.open)
+        ):
+            recorder.interrupt()  # a power cycle mid-lease: later steps are not "from power-on"
+
+    async def _card_apdu(self, sub: Subscriber, epoch: int, command: bytes) -> FrameResult | None:
+        """One APDU the server sends itself (replay, prefetch), counted like the client's own."""
+        done = await self._at_card(sub, epoch, xfr_block(0, command))
+        if done is None:
+            return None
+        result, guard_events = done
+        await self.rails.record_guard_events(guard_events, self._holder or _who(sub, epoch))
+        return result
+
+    async def _prefetch(
+        self, sub: Subscriber, epoch: int, command: bytes, result: FrameResult
+    ) -> tuple[list[Step], DeviceError | None]:
+        """The GET RESPONSE chain the client will ask for next (protocol/speculation.py)."""
+        chain: list[Step] = []
+        if not (self.spec.enabled and result.apdu and result.failure is None):
+            return chain, None
+        response = result.response.data
+        while len(chain) < MAX_STEPS and (next_command := get_response_for(command, response)) is not None:
+            step = await self._card_apdu(sub, epoch, next_command)
+            if step is None or step.failure is not None or not step.apdu:
+                return chain, None if step is None else step.failure
+            command, response = next_command, step.response.data
+            chain.append((command, response))
+            self.spec.prefetched += 1
+        return chain, None
+
+    async def _run_batch(self, sub: Subscriber, epoch: int, batch: LeaseExchange) -> None:
+        """A `LeaseExchange` was granted: replay its deferred steps, check each, run its command."""
+        for index, (command, promised) in enumerate(batch.deferred):
+            holder = self.book.holder
+            if holder is None or holder.epoch != epoch:
+                return  # the lease ended meanwhile (revoked, unplugged, shutdown)
+            if not speculable_command(command):  # never taught, so never deferred: fail closed
+                await self._card_changed(sub, epoch, index, command)
+                return
+            result = await self._card_apdu(sub, epoch, command)
+            if result is None:
+                return
+            if result.failure is not None:
+                await self._device_failed(result.failure, during=MessageType.PC_to_RDR_XfrBlock)
+                return
+            if not replay_matches(promised, result.response.data if result.apdu else None):
+                await self._card_changed(sub, epoch, index, command)
+                return
+            self.spec.hits += 1
+        await self._frame(sub, epoch, batch.message, count=False)
+
+    async def _card_changed(self, sub: Subscriber, epoch: int, index: int, command: bytes) -> None:
+        """A replayed step got another answer than the client gave: end the lease (issue 17)."""
+        self.spec.mismatches += 1
+        log.warning(
+            "speculation.mismatch", token=self.name, client_id=sub.name, lease_epoch=epoch, step=index,
+            ins=f"{command[1]:02x}" if len(command) > 1 else "",
+        )  # fmt: skip
+        holder = self._holder or _who(sub, epoch)
+        await self.rails.record(
+            "speculation.mismatch", **holder.audit_fields(), lease_epoch=epoch, step=index
+        )
+        await self._apply(self.book.end(trio.current_time(), EndReason.CARD_CHANGED))
+
+    def _teach(self) -> None:
+        """Send the token's paths (or their withdrawal) to every client allowed to use it."""
+        msg = self.spec.message(self.token_id)
+        for sub in self.hub:
+            if sub.may_use(self.config.allow):
+                sub.push(msg)
 
     async def check_server_pin(self, actor: str) -> dict[str, Any]:
         """Admin `pin test`: the answer of `pin_check.check_server_pin` (or why it did not run)."""
@@ -391,6 +509,9 @@ class TokenManager:
         if self._status_changed:  # after the LeaseEnded messages, so a client sees the cause first
             self._status_changed = False
             self._broadcast_status()
+        granted, self._granted_batch = self._granted_batch, None
+        if granted is not None:  # after the events: a replay may end this lease and grant the next
+            await self._run_batch(*granted)
 
     async def _run_events(self, pending: list[LeaseEvent]) -> None:
         while pending:
@@ -403,6 +524,7 @@ class TokenManager:
                 self._push(event.conn_id, wire.LeaseQueued(token_id=self.token_id, position=event.position))
             elif isinstance(event, Dequeued):
                 self.stats.forget(event.conn_id)
+                self._batches.pop(event.conn_id, None)
                 # queue_timeout and shutdown are words of both vocabularies (protocol/vocabulary.py)
                 code = ErrorCode(event.reason.value)
                 self._error_to(event.conn_id, code, f"lease request for {self.name!r} ended")
@@ -412,6 +534,7 @@ class TokenManager:
     async def _grant(self, event: Granted) -> list[LeaseEvent]:
         now = trio.current_time()
         sub = self.hub.get(event.conn_id)
+        batch = self._batches.pop(event.conn_id, None)
         if sub is None or sub.closed or self._card is None:
             return self.book.drop(event.conn_id, now, EndReason.DISCONNECTED)
         driver = self._card.driver
@@ -433,6 +556,9 @@ class TokenManager:
         if self.simulated is not None:
             self.simulated.current_epoch = event.epoch
         sub.push(wire.LeaseGranted(token_id=self.token_id, epoch=event.epoch, atr=atr))
+        self._recorder, self.round_trips = PathRecorder(atr), 1
+        if batch is not None:
+            self._granted_batch = (sub, event.epoch, batch)
         self.stats.granted(event.conn_id, now)
         await self.rails.record(
             "lease.granted", **holder.audit_fields(), conn_id=event.conn_id, lease_epoch=event.epoch
@@ -448,10 +574,14 @@ class TokenManager:
 
     async def _ended(self, event: Ended) -> list[LeaseEvent]:
         self._reader = None
+        recorder, self._recorder = self._recorder, None
+        self.stats.round_trips_total += self.round_trips
         if self.simulated is not None:
             self.simulated.current_epoch = None
         msg = wire.LeaseEnded(token_id=self.token_id, epoch=event.epoch, reason=event.reason)
         self._push(event.conn_id, msg)
+        if recorder is not None and self.spec.learn(recorder) and not self._stopped:
+            self._teach()  # after the LeaseEnded: the holder learns why first
         self.stats.ended(event.held_s, str(event.reason))
         who = self._holder.audit_fields() if self._holder is not None else {"client_id": event.identity}
         self._holder = None
@@ -469,6 +599,7 @@ class TokenManager:
             lease_epoch=event.epoch,
             duration_ms=round(event.held_s * 1000),
             apdus=event.apdus,
+            round_trips=self.round_trips,
             reason=str(event.reason),
         )
         if self._card is not None and event.reason is not EndReason.TOKEN_GONE and not self._stopped:
@@ -508,6 +639,8 @@ class TokenManager:
 
     async def _lose_card(self, why: str) -> list[LeaseEvent]:
         self._reader = None
+        if self.spec.forget():  # a re-plugged token may hold other content
+            self._teach()
         await self.device.forget(why)
         self._status_changed = True
         return self.book.set_present(False, trio.current_time())
@@ -535,6 +668,7 @@ class TokenManager:
         drops, self._drops = self._drops, {}
         for conn_id, reason in drops.items():
             self.stats.forget(conn_id)
+            self._batches.pop(conn_id, None)
             self.flood.forget(conn_id)
             await self._apply(self.book.drop(conn_id, trio.current_time(), reason))
 

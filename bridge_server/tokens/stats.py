@@ -46,6 +46,7 @@ class TokenStats:
         self.signatures_total = 0
         self.wait_seconds = DurationHistogram(WAIT_BUCKETS_S)  # requested -> granted
         self.hold_seconds = DurationHistogram(HOLD_BUCKETS_S)  # granted -> ended
+        self.round_trips_total = 0  # client messages waited on, over all ended leases (issue 17)
         self._day = _today()
         self._signatures_day = 0
         self._queued_at: dict[int, float] = {}

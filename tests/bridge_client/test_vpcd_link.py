@@ -107,19 +107,19 @@ async def test_get_atr_power_on_and_power_off_without_a_lease_stay_local(
     assert tunnel.tokens["codesign"].epoch is None
 
 
-async def test_an_apdu_takes_the_lease_then_travels_as_one_xfrblock_under_its_epoch(
+async def test_an_apdu_without_a_lease_asks_for_it_in_the_same_message_then_travels_under_its_epoch(
     nursery: trio.Nursery, certs: Certs, autojump_clock: trio.testing.MockClock
 ) -> None:
     tunnel, server, _ = await open_tunnel(nursery, certs)
     link, vnet = await start_link(nursery, tunnel)
     vpcd = await inserted(vnet)
     await vpcd.send_apdu(SELECT)
-    assert await server.expect(wire.LeaseRequest) == wire.LeaseRequest(token_id=0)
-    await server.send(wire.LeaseGranted(token_id=0, epoch=41, atr=ATR))
-    frame = await server.expect(wire.CcidFrame)
-    command = ccid.decode_message(frame.message)
-    assert (frame.token_id, frame.epoch) == (0, 41)
+    # One message, one round trip: the lease request and the first XfrBlock (issue 17).
+    exchange = await server.expect(wire.LeaseExchange)
+    command = ccid.decode_message(exchange.message)
+    assert (exchange.token_id, exchange.deferred) == (0, ())
     assert (command.msg_type, command.data) == (ccid.MessageType.PC_to_RDR_XfrBlock, SELECT)
+    await server.send(wire.LeaseGranted(token_id=0, epoch=41, atr=ATR))
     rapdu = bytes.fromhex("61109000")
     await server.send(
         wire.CcidFrame(token_id=0, epoch=41, message=ccid.data_block(command.seq, rapdu).encode())
@@ -160,9 +160,8 @@ async def test_a_tunnel_dropped_mid_apdu_is_a_reader_error_never_an_invented_sta
     vpcd = await inserted(vnet)
     with capture_logs() as logs:
         await vpcd.send_apdu(SELECT)
-        await server.expect(wire.LeaseRequest)
+        await server.expect(wire.LeaseExchange)
         await server.send(wire.LeaseGranted(token_id=0, epoch=41, atr=ATR))
-        await server.expect(wire.CcidFrame)
         await server.close()
         assert await vpcd.closed()  # nothing at all was sent back: pcscd sees a reader error
     [reason] = removals(logs)
@@ -242,7 +241,7 @@ async def test_giving_up_in_the_lease_queue_after_queue_timeout_removes_the_card
     vpcd = await inserted(vnet)
     with capture_logs() as logs:
         await vpcd.send_apdu(SELECT)
-        await server.expect(wire.LeaseRequest)
+        await server.expect(wire.LeaseExchange)
         start = trio.current_time()
         await server.send(wire.LeaseQueued(token_id=0, position=1))
         assert await vpcd.closed()

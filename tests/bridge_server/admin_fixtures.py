@@ -80,4 +80,4 @@ async def expect(client: FramedConnection, cls: type) -> Any:
         msg = await client.receive()
         if isinstance(msg, cls):
             return msg
-        assert isinstance(msg, wire.TokenStatus | wire.Ping | wire.LeaseQueued), msg
+        assert isinstance(msg, wire.TokenStatus | wire.Ping | wire.LeaseQueued | wire.SpeculationPaths), msg

@@ -81,7 +81,7 @@ async def expect(client: FramedConnection, cls: type) -> Any:
         msg = await client.receive()
         if isinstance(msg, cls):
             return msg
-        assert isinstance(msg, wire.TokenStatus | wire.Ping), msg
+        assert isinstance(msg, wire.TokenStatus | wire.Ping | wire.SpeculationPaths), msg
 
 
 async def test_welcome_comes_first_then_token_status_after_hello(nursery: trio.Nursery) -> None:
@@ -90,9 +90,12 @@ async def test_welcome_comes_first_then_token_status_after_hello(nursery: trio.N
     async with env.connect("vm1", hello=False) as client:
         welcome = await client.receive()
         assert welcome == wire.Welcome(
-            version=1, server="tokenbridge-server/0.1.0", identity="vm1", heartbeat_interval=HEARTBEAT
+            version=wire.PROTOCOL_VERSION,
+            server="tokenbridge-server/0.1.0",
+            identity="vm1",
+            heartbeat_interval=HEARTBEAT,
         )
-        await client.send(wire.ClientHello(version=1, software="test"))
+        await client.send(wire.ClientHello(version=wire.PROTOCOL_VERSION, software="test"))
         status = await client.receive()
         assert status == wire.TokenStatus(
             token_id=0, name="codesign", present=True, allowed=True, atr=ATR, state="idle"

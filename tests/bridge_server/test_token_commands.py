@@ -17,7 +17,7 @@ from bridge_server.tokens import commands as cmds
 def test_every_command_is_a_small_frozen_dataclass_with_only_the_fields_it_needs() -> None:
     fields = {c: tuple(f.name for f in dataclasses.fields(c)) for c in cmds.COMMAND_TYPES}
     assert fields == {
-        cmds.RequestLease: ("sub",),
+        cmds.RequestLease: ("sub", "batch"),  # batch: a LeaseExchange (issue 17)
         cmds.ReleaseLease: ("sub", "epoch"),
         cmds.SubmitFrame: ("sub", "epoch", "raw"),
         cmds.Wake: (),

@@ -117,7 +117,7 @@ async def expect_guarded(client: FramedConnection, cls: type) -> Any:
             continue
         if isinstance(msg, wire.ErrorMessage) and msg.code == "pin_guard":
             continue
-        assert isinstance(msg, wire.TokenStatus | wire.Pong | wire.LeaseQueued), msg
+        assert isinstance(msg, wire.TokenStatus | wire.Pong | wire.LeaseQueued | wire.SpeculationPaths), msg
 
 
 async def token_apdu(client: FramedConnection, token_id: int, epoch: int, seq: int, command: bytes) -> bytes:

@@ -124,7 +124,11 @@ async def _fuzz_session(hello: bool, items: list[bytes]) -> list[dict[str, objec
 
             nursery.start_soon(run_server)
             with trio.fail_after(3600):  # virtual seconds: a hang shows up as a timeout
-                stream = wire.encode_message(wire.ClientHello(version=1, software="fuzz")) if hello else b""
+                stream = (
+                    wire.encode_message(wire.ClientHello(version=wire.PROTOCOL_VERSION, software="fuzz"))
+                    if hello
+                    else b""
+                )
                 stream += b"".join(items)
                 with contextlib.suppress(trio.BrokenResourceError):
                     await client.send_all(stream)
@@ -147,10 +151,12 @@ async def _still_serves(ctx: SessionContext, nursery: trio.Nursery) -> None:
     client = FramedConnection(client_stream, BridgeConnection(Role.CLIENT))
     with trio.fail_after(600):
         assert isinstance(await client.receive(), wire.Welcome)
-        await client.send(wire.ClientHello(version=1, software="next"))
+        await client.send(wire.ClientHello(version=wire.PROTOCOL_VERSION, software="next"))
         await client.send(wire.LeaseRequest(token_id=0))
         while not isinstance(msg := await client.receive(), wire.LeaseGranted):
-            assert isinstance(msg, wire.TokenStatus | wire.LeaseQueued | wire.Ping), msg
+            assert isinstance(msg, wire.TokenStatus | wire.LeaseQueued | wire.Ping | wire.SpeculationPaths), (
+                msg
+            )
         await client_stream.aclose()
 
 

@@ -16,12 +16,12 @@ from protocol import NEED_DATA, ccid, wire
 from protocol.connection import BridgeConnection, Role
 from protocol.errors import CloseCode, RemoteProtocolError
 
-WELCOME = wire.Welcome(version=1, server="s", identity="vm1", heartbeat_interval=10.0)
+WELCOME = wire.Welcome(version=wire.PROTOCOL_VERSION, server="s", identity="vm1", heartbeat_interval=10.0)
 # A recorded client session: greeting, a lease, power-on, one APDU, release, ping, goodbye.
 CLIENT_SESSION = b"".join(
     wire.encode_message(m)
     for m in (
-        wire.ClientHello(version=1, software="tokenbridge-client/0.1.0"),
+        wire.ClientHello(version=wire.PROTOCOL_VERSION, software="tokenbridge-client/0.1.0"),
         wire.LeaseRequest(token_id=0),
         wire.CcidFrame(token_id=0, epoch=1000, message=ccid.icc_power_on(0).encode()),
         wire.CcidFrame(

@@ -293,8 +293,9 @@ def test_connection_applies_its_configured_ccid_limit() -> None:
 
 def test_client_refuses_a_welcome_of_another_major_version_and_can_say_goodbye() -> None:
     client = BridgeConnection(CLIENT)
-    client.receive_data(encode_message(Welcome(version=2, server="s", identity="i", heartbeat_interval=5.0)))
-    with pytest.raises(RemoteProtocolError, match="version 2") as info:
+    # version 1: a server from before LeaseExchange/Prefetched/SpeculationPaths (issue 17)
+    client.receive_data(encode_message(Welcome(version=1, server="s", identity="i", heartbeat_interval=5.0)))
+    with pytest.raises(RemoteProtocolError, match="version 1") as info:
         client.next_event()
     assert info.value.close_code is CloseCode.UNSUPPORTED_VERSION
     assert client.their_state is ERROR

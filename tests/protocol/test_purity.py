@@ -28,6 +28,7 @@ PURE_MODULES = (
     "protocol.wire",
     "protocol.connection",
     "protocol.errors",
+    "protocol.speculation",
 )
 
 FORBIDDEN = (

@@ -29,6 +29,7 @@ from protocol.wire import (
     FrameType,
     Goodbye,
     LeaseEnded,
+    LeaseExchange,
     LeaseGranted,
     LeaseQueued,
     LeaseRelease,
@@ -36,7 +37,9 @@ from protocol.wire import (
     Message,
     Ping,
     Pong,
+    Prefetched,
     Refused,
+    SpeculationPaths,
     TokenStatus,
     Welcome,
     decode_message,
@@ -49,23 +52,23 @@ ATR_5100 = bytes.fromhex("3BD518008131FE7D8073C82110F4")
 # header filled in from that length. Spaces separate header, prefix and CCID fields only.
 VECTORS: list[tuple[Message, str]] = [
     (
-        Welcome(version=1, server="tokenhost", identity="build-vm-01", heartbeat_interval=10.0),
-        "01 00 00000055 7b2276657273696f6e223a312c22736572766572223a22746f6b656e686f7374222c226964656e74"
+        Welcome(version=2, server="tokenhost", identity="build-vm-01", heartbeat_interval=10.0),
+        "01 00 00000055 7b2276657273696f6e223a322c22736572766572223a22746f6b656e686f7374222c226964656e74"
         "697479223a226275696c642d766d2d3031222c226865617274626561745f696e74657276616c223a31302e307d",
     ),
     (
         Refused(
-            version=1,
+            version=2,
             code=CloseCode.NOT_AUTHORIZED,
             reason="not_allowed",
             message="build-vm-09 may not connect",
         ),
-        "02 00 00000055 7b2276657273696f6e223a312c22636f6465223a342c22726561736f6e223a226e6f745f616c6c6f"
+        "02 00 00000055 7b2276657273696f6e223a322c22636f6465223a342c22726561736f6e223a226e6f745f616c6c6f"
         "776564222c226d657373616765223a226275696c642d766d2d3039206d6179206e6f7420636f6e6e656374227d",
     ),
     (
-        ClientHello(version=1, software="tokenbridge-client/0.1.0"),
-        "03 00 00000033 7b2276657273696f6e223a312c22736f667477617265223a22746f6b656e6272696467652d636c69"
+        ClientHello(version=2, software="tokenbridge-client/0.1.0"),
+        "03 00 00000033 7b2276657273696f6e223a322c22736f667477617265223a22746f6b656e6272696467652d636c69"
         "656e742f302e312e30227d",
     ),
     (
@@ -123,6 +126,24 @@ VECTORS: list[tuple[Message, str]] = [
         AdminResponse(request_id=5, ok=True, result={"leases": 0}, error=""),
         "61 00 0000003b 7b22726571756573745f6964223a352c226f6b223a747275652c22726573756c74223a7b226c656173"
         "6573223a307d2c226572726f72223a22227d",
+    ),
+    (
+        LeaseExchange(
+            token_id=1,
+            deferred=((bytes.fromhex("00a4040005a000000308"), bytes.fromhex("9000")),),
+            message=bytes.fromhex("62000000000001000000"),
+        ),
+        "25 00 00000022 0001 0001 0000000a 00a4040005a000000308 00000002 9000 62000000000001000000",
+    ),
+    (
+        Prefetched(token_id=1, epoch=7, steps=((bytes.fromhex("00c0000002"), bytes.fromhex("01029000")),)),
+        "31 00 00000019 0001 00000007 0001 00000005 00c0000002 00000004 01029000",
+    ),
+    (
+        SpeculationPaths(
+            token_id=1, paths=(((bytes.fromhex("00a4040005a000000308"), bytes.fromhex("9000")),),)
+        ),
+        "11 00 0000001a 0001 0001 0001 0000000a 00a4040005a000000308 00000002 9000",
     ),
     (
         Goodbye(code=CloseCode.NORMAL, reason="client stopping"),
@@ -198,7 +219,7 @@ def test_decoder_fed_one_byte_at_a_time_returns_need_data_until_each_frame_is_wh
 def test_schema_table_names_exactly_each_dataclass_field_in_order() -> None:
     for cls, (_, schema) in _CONTROL.items():
         assert tuple(f.name for f in dataclasses.fields(cls)) == tuple(name for name, _ in schema)
-    assert set(MESSAGE_TYPES) == set(_CONTROL) | {CcidFrame}
+    assert set(MESSAGE_TYPES) == set(_CONTROL) | {CcidFrame, LeaseExchange, Prefetched, SpeculationPaths}
 
 
 def test_message_classes_are_frozen_slotted_and_keyword_only() -> None:
@@ -477,6 +498,7 @@ def _containers(inner: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
 
 
 json_object = st.dictionaries(text, json_leaf | _containers(json_leaf | _containers(json_leaf)), max_size=4)
+steps = st.lists(st.tuples(st.binary(max_size=40), st.binary(max_size=40)), max_size=4).map(tuple)
 ccid_message = st.binary(min_size=10, max_size=300) | st.sampled_from([b"\x50\x03", b"\x51\x00\x01\x02"])
 
 MESSAGES: dict[type[Any], st.SearchStrategy[Any]] = {
@@ -518,6 +540,11 @@ MESSAGES: dict[type[Any], st.SearchStrategy[Any]] = {
     AdminRequest: st.builds(AdminRequest, request_id=u32, action=text, args=json_object),
     AdminResponse: st.builds(AdminResponse, request_id=u32, ok=st.booleans(), result=json_object, error=text),
     Goodbye: st.builds(Goodbye, code=st.sampled_from(CloseCode), reason=text),
+    LeaseExchange: st.builds(
+        LeaseExchange, token_id=u16, deferred=steps, message=st.binary(min_size=10, max_size=300)
+    ),
+    Prefetched: st.builds(Prefetched, token_id=u16, epoch=u32, steps=steps),
+    SpeculationPaths: st.builds(SpeculationPaths, token_id=u16, paths=st.lists(steps, max_size=3).map(tuple)),
 }
 any_message = st.one_of(*MESSAGES.values())
 

@@ -32,4 +32,4 @@ def test_version_port_and_heartbeat_misses_are_the_documented_ones() -> None:
     assert f"wire protocol, version {PROTOCOL_VERSION}\n" in DOC.splitlines(keepends=True)[0]
     assert f"**{DEFAULT_PORT}**" in DOC
     assert f"silent for {HEARTBEAT_MISSES} intervals is dead" in DOC
-    assert (PROTOCOL_VERSION, DEFAULT_PORT, HEARTBEAT_MISSES) == (1, 7447, 3)
+    assert (PROTOCOL_VERSION, DEFAULT_PORT, HEARTBEAT_MISSES) == (2, 7447, 3)

@@ -59,11 +59,21 @@ class Pki:
         return client_context(ca=f / "ca.pem", cert=f / f"{stem}.pem", key=f / f"{stem}.key")
 
 
-def server_config(folder: Path, *, heartbeat_s: float, allow: tuple[str, ...], **extra: Any) -> Any:
+def server_config(
+    folder: Path,
+    *,
+    heartbeat_s: float,
+    allow: tuple[str, ...],
+    token: dict[str, Any] | None = None,
+    **extra: Any,
+) -> Any:
+    """`token`: more keys of the one token (e.g. `{"speculation": False}`)."""
     doc: dict[str, Any] = {
         "listen": "127.0.0.1:0",
         "tls": {"ca": "ca.pem", "cert": "server.pem", "key": "server.key"},
-        "tokens": [{"name": "codesign", "match": {"simulate": "yubikey5"}, "allow": list(allow)}],
+        "tokens": [
+            {"name": "codesign", "match": {"simulate": "yubikey5"}, "allow": list(allow), **(token or {})}
+        ],
         "heartbeat_s": heartbeat_s,
         **extra,
     }
@@ -126,7 +136,8 @@ async def expect(client: FramedConnection, cls: type) -> Any:
         if isinstance(msg, wire.Ping):
             await client.send(wire.Pong(nonce=msg.nonce))
             continue
-        assert isinstance(msg, wire.TokenStatus | wire.Pong | wire.LeaseQueued), msg
+        # SpeculationPaths: the server teaches what it learnt after a lease (issue 17), unasked
+        assert isinstance(msg, wire.TokenStatus | wire.Pong | wire.LeaseQueued | wire.SpeculationPaths), msg
 
 
 async def hello(client: FramedConnection) -> None:
