@@ -18,7 +18,7 @@ from test_vpcd_link import SELECT, answer_next, inserted, start_link
 from bridge_client.app import ClientApp
 from bridge_client.config import load_client_config
 from bridge_client.metrics import CLIENT_METRICS, client_rows
-from protocol import wire
+from protocol import ccid, wire
 from protocol.errors import ConfigError
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "client.md"
@@ -63,10 +63,14 @@ async def test_the_wait_for_a_lease_is_observed_once_per_grant_in_virtual_time(
     link, vnet = await start_link(nursery, tunnel)
     vpcd = await inserted(vnet)
     await vpcd.send_apdu(SELECT)
-    await server.expect(wire.LeaseRequest)
+    # The lease request travels with the first command (issue 17): the wait ends with its answer.
+    exchange = await server.expect(wire.LeaseExchange)
     await trio.sleep(7.0)  # another build holds the token for 7 s
     await server.send(wire.LeaseGranted(token_id=0, epoch=41, atr=ATR))
-    await answer_next(server)
+    seq = ccid.decode_message(exchange.message).seq
+    await server.send(
+        wire.CcidFrame(token_id=0, epoch=41, message=ccid.data_block(seq, b"\x90\x00").encode())
+    )
     await vpcd.response()
     await vpcd.send_apdu(SELECT)  # under the lease: no wait to observe
     await answer_next(server)
