@@ -17,7 +17,16 @@ from __future__ import annotations
 
 from typing import Any, Final
 
-from protocol.speculation import MAX_STEPS, SpeculationPaths, Step, merge_path, paths_size, speculable_command
+from protocol.speculation import (
+    MAX_STEP_BYTES,
+    MAX_STEPS,
+    MAX_STEPS_BYTES,
+    SpeculationPaths,
+    Step,
+    merge_path,
+    paths_size,
+    speculable_command,
+)
 
 # INS after which every read still answers as before (ISO 7816-4/-8): reads, PIN verification
 # (volatile security state), authentication and crypto with a key, GET CHALLENGE, MANAGE
@@ -68,6 +77,7 @@ class PathRecorder:
         self.steps: list[Step] = []
         self.open = True
         self.content_changed = False
+        self._bytes = 0
 
     def note(self, command: bytes, response: bytes | None) -> None:
         """One command of this lease; `response` None: it did not reach the card (refused)."""
@@ -75,9 +85,14 @@ class PathRecorder:
             self.content_changed = True
         if not self.open:
             return
+        size = self._bytes + len(command) + len(response or b"")
         if response is None or not speculable_command(command) or len(self.steps) >= MAX_STEPS:
             self.open = False  # the card's state may now depend on more than its content
             return
+        if size > MAX_STEPS_BYTES or max(len(command), len(response)) > MAX_STEP_BYTES:
+            self.open = False  # a path must fit one SpeculationPaths message (protocol/speculation.py)
+            return
+        self._bytes = size
         self.steps.append((command, response))
 
     def interrupt(self) -> None:

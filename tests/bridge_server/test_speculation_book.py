@@ -10,6 +10,7 @@ from bridge_server.tokens.speculation import (
     may_change_content,
     replay_matches,
 )
+from protocol.speculation import MAX_STEP_BYTES, MAX_STEPS_BYTES, encode_payload, paths_size
 
 ATR = bytes.fromhex("3BD518008131FE7D8073C82110F4")
 SELECT = bytes.fromhex("00A4040009A0000003080000100000")
@@ -139,3 +140,14 @@ def test_forget_reports_whether_there_was_anything_to_withdraw() -> None:
     book.learn(recorded((SELECT, OK)))
     assert book.forget()
     assert book.message(7).paths == ()
+
+
+def test_a_path_stops_before_it_would_outgrow_one_message() -> None:
+    step = (GET_CERT, bytes(60_000))  # 4 fit in MAX_STEPS_BYTES (256 KiB), the 5th does not
+    rec = recorded(*[step] * 5)
+    assert len(rec.steps) == 4 and not rec.open
+    assert paths_size([rec.steps]) <= MAX_STEPS_BYTES < paths_size([[step] * 5])
+    book = SpeculationBook()
+    book.learn(rec)
+    assert encode_payload(book.message(0))  # a longer path could not be sent at all
+    assert recorded((GET_CERT, bytes(MAX_STEP_BYTES + 1))).steps == []
