@@ -68,7 +68,7 @@ from bridge_server.tokens.speculation import PathRecorder, SpeculationBook, repl
 from bridge_server.tokens.stats import TokenStats
 from bridge_server.tokens.virtual_reader import FrameResult, VirtualReader
 from protocol import wire
-from protocol.apdu import SW_UNKNOWN
+from protocol.apdu import SW_UNKNOWN, redact
 from protocol.ccid import CcidMessage, MessageType, decode_message, xfr_block
 from protocol.display import TokenState
 from protocol.errors import MalformedCcidMessageError
@@ -460,7 +460,7 @@ class TokenManager:
         self.spec.mismatches += 1
         log.warning(
             "speculation.mismatch", token=self.name, client_id=sub.name, lease_epoch=epoch, step=index,
-            ins=f"{command[1]:02x}" if len(command) > 1 else "",
+            apdu=redact(command),
         )  # fmt: skip
         holder = self._holder or _who(sub, epoch)
         await self.rails.record(

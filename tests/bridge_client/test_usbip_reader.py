@@ -60,10 +60,9 @@ async def tunnel_and_server(nursery: trio.Nursery, certs: Certs) -> AsyncIterato
 
 
 async def test_the_device_list_shows_each_token_as_a_full_speed_ccid_device(
-    nursery: trio.Nursery, tunnel_and_server: tuple[Tunnel, FakeServer]
+    nursery: trio.Nursery, certs: Certs
 ) -> None:
-    tunnel, _ = tunnel_and_server
-    tunnel.tokens["spare"] = type(tunnel.tokens["codesign"])("spare")
+    tunnel, _, _ = await open_tunnel(nursery, certs, token_names=["codesign", "spare"])
     readers = [
         UsbipReader(tunnel, name, i, Address("127.0.0.1", 3240))
         for i, name in enumerate(["codesign", "spare"])

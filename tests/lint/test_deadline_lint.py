@@ -75,11 +75,12 @@ REVIEWED: dict[str, str] = {
     "bridge_client/tunnel.py::_heartbeat::send": "the tunnel's receive loop: a server that stops reading stops answering, and the loop's move_on_after(silence) ends the tunnel, cancelling the pinger",
     "bridge_client/tunnel.py::_dispatch::send": "caller: _receive_loop runs _dispatch under move_on_after(silence) (bridge_client/test_tunnel_send_deadline.py)",
     "bridge_client/tunnel.py::acquire_lease::send": "caller: vpcd_link runs acquire_lease under fail_after(queue_timeout_s)",
+    "bridge_client/tunnel.py::lease_exchange::send": "caller: vpcd_link runs lease_exchange under fail_after(queue_timeout_s)",
     "bridge_client/tunnel.py::release_lease::send": "gap: best-effort release; a server that stopped reading blocks it until the tunnel's heartbeat loss tears the connection down",
     "bridge_client/tunnel.py::exchange::send": "gap: the exchange waits for the server's answer as long as the tunnel lives (a slow card may take long); bounded by heartbeat loss, not by a deadline",
     "bridge_client/usbip/reader.py::send_loop::send_all": "the attachment: answers queue in a bounded channel; an importer that stops reading fills it, emit() raises and the attachment's scope is cancelled (bridge_client/test_usbip_reader.py)",
     "bridge_client/usbip/reader.py::receive_loop::receive_some": "by design: waiting for the importer's next URB is idle time, as with vpcd; a closed socket ends it",
-    "bridge_client/vpcd_link.py::_vpcd_loop::receive_some": "by design: waiting for pcscd's next command is idle time, not an operation; a closed vpcd socket ends it",
+    "bridge_client/vpcd_link.py::_receive::receive_some": "by design: waiting for pcscd's next command is idle time, not an operation; a closed vpcd socket ends it",
 }
 
 
