@@ -73,14 +73,15 @@ def max_payload(
 ) -> int:
     """The largest payload allowed for `frame_type` under the given limits.
 
-    `large_admin_response=False` holds ADMIN_RESPONSE to `max_control`: for a decoder on the
-    server, whose peer never sends one, so a client cannot make it buffer 1 MiB.
+    `large_admin_response=False` is a decoder on the server: it holds the large frames only a
+    server sends (ADMIN_RESPONSE, PREFETCHED, SPECULATION_PATHS) to `max_control`, so a client
+    cannot make it buffer more than its own largest frame (LEASE_EXCHANGE).
     """
     if frame_type is FrameType.CCID:
         return max_ccid
     if frame_type is FrameType.ADMIN_RESPONSE and large_admin_response:
         return max(max_control, MAX_ADMIN_RESPONSE_PAYLOAD)
-    if frame_type in _SPECULATION_FRAMES:
+    if frame_type in _SPECULATION_FRAMES and (large_admin_response or frame_type is FrameType.LEASE_EXCHANGE):
         return MAX_SPECULATION_PAYLOAD
     return max_control
 

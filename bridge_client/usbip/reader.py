@@ -311,6 +311,12 @@ class _Session:
         reader = self.reader
         with trio.fail_after(reader.queue_timeout_s):
             await reader.tunnel.acquire_lease(reader.token)
+        # The server may have fetched the GET RESPONSE chain already (issue 17): the card has
+        # answered those, so they are answered here, exactly as the vpcd link does.
+        prefetched = reader.tunnel.prefetched[reader.token].answer(bytes(command.data))
+        if prefetched is not None:
+            reader.status.apdus += 1
+            return ccid.data_block(command.seq, prefetched)
         if debug_enabled(__name__):
             log.debug("apdu.sent", token=reader.token, apdu=redact(command.data))
         response = await reader.tunnel.exchange(reader.token, lambda s: ccid.xfr_block(s, command.data))
