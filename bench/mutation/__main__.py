@@ -130,7 +130,7 @@ def _keep_kills(cache: Path) -> None:
         # and the survivors always again: a test file added to targets.toml leaves tests/ as it
         # was, and mutmut (which hashes tests/, not the runner) would otherwise skip them
         db.execute(
-            "UPDATE Mutant SET tested_against_hash = NULL WHERE status IN ('bad_survived', 'untested')"
+            "UPDATE Mutant SET tested_against_hash = 'retest' WHERE status IN ('bad_survived', 'untested')"
         )
 
 
