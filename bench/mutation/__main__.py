@@ -127,6 +127,11 @@ def _keep_kills(cache: Path) -> None:
             "UPDATE Mutant SET tested_against_hash = ? WHERE status NOT IN ('bad_survived', 'untested')",
             (current,),
         )
+        # and the survivors always again: a test file added to targets.toml leaves tests/ as it
+        # was, and mutmut (which hashes tests/, not the runner) would otherwise skip them
+        db.execute(
+            "UPDATE Mutant SET tested_against_hash = 'retest' WHERE status IN ('bad_survived', 'untested')"
+        )
 
 
 def _not_retested(cache: Path, current: str) -> list[str]:
