@@ -32,7 +32,7 @@ from protocol.runtime.cli import (
     print_error,
 )
 from protocol.runtime.logging import configure_logging
-from protocol.runtime.tls import validity_problem
+from protocol.runtime.tls import client_context, validity_problem
 
 log = structlog.get_logger(__name__)
 
@@ -147,6 +147,11 @@ def check_report(path: Path) -> dict[str, object]:
     problem = validity_problem(cert, datetime.now(UTC)) if cert.is_file() else None
     if problem is not None:
         report["problem"] = f"{path}: tls.cert: {problem}"
+        return report
+    try:  # the CA, certificate and key load together, as the daemon will load them
+        client_context(ca=config.tls.ca, cert=config.tls.cert, key=config.tls.key)
+    except BridgeError as exc:
+        report["problem"] = f"{path}: tls: {exc}"
         return report
     report.update(ok=True, server=str(config.server_address), readers=[r.token for r in config.readers])
     return report

@@ -17,6 +17,7 @@ from admin_fixtures import Certs, running
 from cli_lines import read_lines
 
 from bridge_admin.cli import main as tokenbridge
+from bridge_admin.pki import Pki
 from bridge_client.cli import main as client
 from bridge_server.cli import main as server
 
@@ -104,9 +105,14 @@ def test_server_check_config_json_names_listen_and_tokens(
 def test_client_check_config_json_names_server_and_readers(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    pki = Pki(tmp_path / "pki")
+    pki.init()
+    issued = pki.issue_client("build-vm-01")  # no client.yaml: the test writes its own
+    assert issued.key is not None
     config = tmp_path / "client.yaml"
     config.write_text(
-        'server: "tokenhost.example"\ntls: {ca: a, cert: b, key: c}\nreaders: [{token: codesign}]\n'
+        f'server: "tokenhost.example"\ntls: {{ca: "{pki.folder / "ca.pem"}", cert: "{issued.cert}", '
+        f'key: "{issued.key}"}}\nreaders: [{{token: codesign}}]\n'
     )
     assert client(["check-config", "--json", "--config", str(config)]) == 0
     doc = json.loads(capsys.readouterr().out)

@@ -175,11 +175,13 @@ def test_check_config_reports_the_file_and_key_and_exits_1(
     err = capsys.readouterr().err
     assert f"{path}: readers[0].vpcd.connect: 192.0.2.1 is not a loopback address" in err
 
+    # A well-formed file whose TLS files do not exist is a problem too: the daemon could not start.
     path.write_text(
         'server: "tokenhost.example"\ntls: {ca: a, cert: b, key: c}\nreaders: [{token: codesign}]\n'
     )
-    assert main(["--config", str(path), "check-config"]) == 0
-    assert "ok (1 reader(s), server tokenhost.example:7447)" in capsys.readouterr().out
+    assert main(["--config", str(path), "check-config"]) == 1
+    err = capsys.readouterr().err
+    assert f"{path}: tls: " in err and str(tmp_path / "a") in err
 
 
 def test_a_reload_reads_only_the_tls_section(tmp_path: Path) -> None:
