@@ -92,6 +92,9 @@ for _ in $(seq 200); do ip -4 addr show tap0 2>/dev/null | grep -q inet && break
 ip -4 addr show tap0 | grep -q inet || { echo "fresh-debian: no network in the namespace" >&2; exit 1; }
 ip link set lo up
 mount --make-rprivate /
+# A machine's / is a mount point; a bare chroot folder is not, and `ip -n`/`ip netns exec`
+# (which make / a slave mount) fail there with "mount --make-rslave /: Invalid argument".
+mount --bind "$root" "$root"
 mount -t proc proc "$root/proc"
 mount -t sysfs sysfs "$root/sys"
 mount --rbind /dev "$root/dev"
