@@ -14,7 +14,7 @@ from admin_stack import admin_stack
 
 from bridge_admin.client import Target, call_sync
 from bridge_admin.doctor import run_checks
-from bridge_admin.local_stack import BridgeStack
+from bridge_admin.local_stack import BridgeStack, wait_for
 from bridge_admin.pki import Pki
 
 
@@ -78,10 +78,13 @@ def test_token_absent_is_reported(stack: BridgeStack) -> None:
     sock = Target(socket=stack.workdir / "control.sock")
     assert call_sync(sock, "simulator.unplug", {"token": "codesign"})["ok"]
     try:
-        for _ in range(50):
+        # The server notices the unplug at its next presence poll: wait on time, not on a count
+        # of doctor runs (fast runs outpaced the poll on a loaded machine).
+        def absent() -> dict[str, tuple[str, str]] | None:
             status = _status(stack, "build-vm-01")
-            if status["token codesign"][0] == "fail":
-                break
+            return status if status["token codesign"][0] == "fail" else None
+
+        status = wait_for(absent, timeout=20, what="doctor to see the token unplugged")
         assert "not plugged in" in status["token codesign"][1]
     finally:
         call_sync(sock, "simulator.replug", {"token": "codesign"})
