@@ -57,7 +57,6 @@ CONTENT_SAFE_INS: Final = frozenset(
 )
 
 
-# /metrics (bridge_server/observe/metrics.py) per token: name -> (type, help).
 def may_change_content(command: bytes) -> bool:
     """True when `command`, having reached the card, may change what a later read returns."""
     return len(command) < 2 or command[1] not in CONTENT_SAFE_INS
